@@ -1,0 +1,120 @@
+//! `kwq bench ...`: measurements printed as tables, never asserted in tests.
+
+use super::CliError;
+use crate::examples;
+use crate::model::{ModuleId, TaskLimits};
+use crate::runtime::{Runtime, RuntimeConfig, TaskSpec, Worker};
+use std::time::{Duration, Instant};
+
+/// Which benchmark to run.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Per-task overhead of a no-op task (cold and warm) and Monte Carlo
+    /// pricer speed in Wasm against the same Rust code compiled natively.
+    Runtime {
+        /// No-op tasks per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        tasks: u32,
+        /// Monte Carlo paths for the pricer comparison.
+        #[arg(long, default_value_t = 4_000_000)]
+        paths: u64,
+    },
+}
+
+/// Run a benchmark.
+pub(super) fn run(command: BenchCommand) -> Result<(), CliError> {
+    match command {
+        BenchCommand::Runtime { tasks, paths } => runtime_bench(tasks, paths),
+    }
+}
+
+fn bundled(name: &str) -> &'static [u8] {
+    examples::BUNDLED.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).expect("bundled module")
+}
+
+fn runtime_bench(tasks: u32, paths: u64) -> Result<(), CliError> {
+    let runtime = Runtime::new(RuntimeConfig::default()).map_err(|e| CliError::failed(e.to_string()))?;
+    let compile = |name: &str| {
+        runtime.compile(bundled(name)).map(|m| m.id.clone()).map_err(|e| CliError::failed(format!("{name}: {e}")))
+    };
+    let noop = compile("noop")?;
+    let pricer = compile("option-pricer")?;
+    // One core: a single-threaded executor drives one worker.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(e.to_string()))?;
+
+    let mut worker = runtime.worker(8);
+    let cold = rt.block_on(time_tasks(&mut worker, &noop, None, tasks))?;
+    let warm = rt.block_on(time_tasks(&mut worker, &noop, Some("bench"), tasks))?;
+
+    let contract = mc_math::Contract {
+        spot: 42.0,
+        strike: 40.0,
+        rate: 0.1,
+        vol: 0.2,
+        maturity: 0.5,
+        kind: mc_math::OptionKind::Call,
+    };
+    let payload = serde_json::json!({
+        "spot": contract.spot, "strike": contract.strike, "rate": contract.rate, "vol": contract.vol,
+        "maturity": contract.maturity, "kind": "call", "paths": paths, "seed": 7
+    });
+    let started = Instant::now();
+    let report = rt.block_on(worker.run(spec(&pricer, payload.to_string().into_bytes(), None)));
+    let wasm_time = started.elapsed();
+    let wasm_result = report.outcome.map_err(|e| CliError::failed(format!("pricer failed: {e}")))?;
+    let wasm_estimate: mc_math::Estimate =
+        serde_json::from_slice(&wasm_result).map_err(|e| CliError::failed(format!("pricer result: {e}")))?;
+    let started = Instant::now();
+    let native_estimate = mc_math::price_european(&contract, paths, 7, |_| {});
+    let native_time = started.elapsed();
+
+    println!("KWQ runtime benchmark ({})", machine());
+    println!("{:<44} {:>14} {:>14}", "measurement", "per task", "tasks/s");
+    for (name, per_task) in [("no-op task, cold (instantiate + init + run)", cold), ("no-op task, warm (reused instance)", warm)] {
+        println!("{:<44} {:>11.1} us {:>14.0}", name, per_task.as_secs_f64() * 1e6, 1.0 / per_task.as_secs_f64());
+    }
+    println!();
+    println!("{:<44} {:>14} {:>14}", "option pricer, paths", "time", "price");
+    println!("{:<44} {:>11.1} ms {:>14.6}", format!("native Rust, {paths}"), native_time.as_secs_f64() * 1e3, native_estimate.price);
+    println!("{:<44} {:>11.1} ms {:>14.6}", format!("Wasm (epoch timeouts on), {paths}"), wasm_time.as_secs_f64() * 1e3, wasm_estimate.price);
+    println!("{:<44} {:>14.2}x", "Wasm speed as a fraction of native", native_time.as_secs_f64() / wasm_time.as_secs_f64());
+    Ok(())
+}
+
+fn spec(module: &ModuleId, payload: Vec<u8>, affinity: Option<&str>) -> TaskSpec {
+    TaskSpec {
+        task_id: "bench".into(),
+        attempt: 1,
+        module: module.clone(),
+        payload,
+        affinity: affinity.map(str::to_string),
+        limits: TaskLimits { timeout: Duration::from_secs(600), ..TaskLimits::default() },
+        on_progress: None,
+    }
+}
+
+/// Mean wall time per task over `tasks` sequential runs (after a warm-up).
+async fn time_tasks(worker: &mut Worker, module: &ModuleId, affinity: Option<&str>, tasks: u32) -> Result<Duration, CliError> {
+    let one = spec(module, Vec::new(), affinity);
+    for _ in 0..tasks.min(200) {
+        worker.run(one.clone()).await.outcome.map_err(|e| CliError::failed(format!("no-op task failed: {e}")))?;
+    }
+    let started = Instant::now();
+    for _ in 0..tasks {
+        worker.run(one.clone()).await.outcome.map_err(|e| CliError::failed(format!("no-op task failed: {e}")))?;
+    }
+    Ok(started.elapsed() / tasks.max(1))
+}
+
+/// "N cores, CPU model" for the table header.
+pub(crate) fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cores} cores, {model}")
+}

@@ -1,0 +1,79 @@
+//! The `kwq` command line. Exit codes: 0 success, 1 the task (or service)
+//! failed, 2 bad input (unreadable file, invalid module, bad flag value).
+
+mod bench;
+mod parse;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// KWQ: a WebAssembly compute grid.
+#[derive(Debug, Parser)]
+#[command(name = "kwq", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one task module locally, without a server, and print its result.
+    Run(run::RunArgs),
+    /// Measure KWQ on this machine and print a table.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// A CLI failure: what to print and which exit code to use.
+#[derive(Debug)]
+pub struct CliError {
+    /// 1: the task or service failed; 2: the user's input is wrong.
+    pub code: u8,
+    /// One readable line.
+    pub message: String,
+}
+
+impl CliError {
+    /// The user's input is wrong (exit code 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError { code: 2, message: message.into() }
+    }
+
+    /// The task or the service failed (exit code 1).
+    pub fn failed(message: impl Into<String>) -> Self {
+        CliError { code: 1, message: message.into() }
+    }
+}
+
+/// Run a parsed command line and turn its outcome into an exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    init_logging();
+    let outcome = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(command) => bench::run(command),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error.message.replace('\n', " "));
+            ExitCode::from(error.code)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KWQ_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// A tokio runtime for a CLI command.
+fn tokio_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))
+}

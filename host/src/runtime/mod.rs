@@ -1,0 +1,93 @@
+//! The one place that knows wasmtime: engine settings, compiled-module
+//! cache, sandbox, per-task limits and warm instances.
+//!
+//! Why async wasmtime rather than `spawn_blocking`: a task may sleep or wait
+//! inside a WASI call, and only an async call can be abandoned there when its
+//! timeout passes (a blocked thread cannot be interrupted). CPU-bound guest
+//! code yields to the executor at every epoch tick (5 ms), so a worker never
+//! holds a tokio thread for longer than one tick, and the same epoch check
+//! enforces the wall-clock deadline inside tight loops. The measured cost of
+//! the async path is in the README's performance table.
+
+mod capture;
+mod command;
+mod component;
+mod engine;
+mod error;
+mod guest;
+mod modules;
+mod worker;
+
+pub use engine::RuntimeConfig;
+pub use error::{RuntimeError, TaskError};
+pub use modules::{CompiledModule, ModuleSource, ModuleStats};
+pub use worker::{ProgressSink, TaskReport, TaskSpec, Worker, WorkerStats};
+
+use crate::model::ModuleId;
+use std::sync::{Arc, RwLock};
+
+/// A host's Wasm runtime: one engine, one module cache, many workers.
+/// Cheap to clone; every clone shares the same engine and caches.
+#[derive(Clone)]
+pub struct Runtime {
+    shared: Arc<Shared>,
+}
+
+/// What every worker of a runtime shares.
+struct Shared {
+    engine: engine::EngineHandle,
+    modules: modules::ModuleCache,
+    source: RwLock<Option<Arc<dyn ModuleSource>>>,
+}
+
+impl Runtime {
+    /// Build the engine (pooling allocator, epoch ticker, optional fuel and
+    /// on-disk compilation cache) and empty caches.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let engine = engine::EngineHandle::new(&config)?;
+        let modules = modules::ModuleCache::new(&engine, config.compiled_cache_bytes)?;
+        Ok(Runtime { shared: Arc::new(Shared { engine, modules, source: RwLock::new(None) }) })
+    }
+
+    /// Where to fetch module bytes that are not compiled on this host yet
+    /// (or were evicted from the compiled cache).
+    pub fn set_module_source(&self, source: Arc<dyn ModuleSource>) {
+        *self.shared.source.write().expect("module source lock") = Some(source);
+    }
+
+    /// Validate and compile module bytes (or find them already compiled).
+    /// CPU-heavy on a miss: call it from a blocking context.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Arc<CompiledModule>, TaskError> {
+        self.shared.modules.compile(&self.shared.engine, bytes)
+    }
+
+    /// A compiled module by id, compiling it from the module source on a miss.
+    pub fn module(&self, id: &ModuleId) -> Result<Arc<CompiledModule>, TaskError> {
+        if let Some(found) = self.shared.modules.get(id) {
+            return Ok(found);
+        }
+        let source = self.shared.source.read().expect("module source lock").clone();
+        let bytes = source
+            .and_then(|s| s.module_bytes(id))
+            .ok_or_else(|| TaskError::UnknownModule(id.clone()))?;
+        if ModuleId::of(&bytes) != *id {
+            return Err(TaskError::InvalidModule(format!("stored bytes of module {id} do not match its hash")));
+        }
+        self.compile(&bytes)
+    }
+
+    /// A new worker with room for `max_warm` warm instances.
+    pub fn worker(&self, max_warm: usize) -> Worker {
+        Worker::new(self.clone(), max_warm)
+    }
+
+    /// Compiled-module cache statistics.
+    pub fn module_stats(&self) -> ModuleStats {
+        self.shared.modules.stats(&self.shared.engine)
+    }
+
+    /// Whether the engine meters fuel (needed for `TaskLimits::fuel`).
+    pub fn fuel_enabled(&self) -> bool {
+        self.shared.engine.fuel_enabled
+    }
+}

@@ -1,0 +1,171 @@
+//! Compiled modules: content-addressed by SHA-256, validated and compiled
+//! once, kept in an LRU bounded by compiled bytes. With a cache directory,
+//! wasmtime's own compilation cache stores the artefacts on disk, so a
+//! module compiled before a restart is loaded, not recompiled.
+
+use super::command::{self, CommandState};
+use super::component::{self, ComponentState, KwqTaskPre};
+use super::engine::EngineHandle;
+use super::error::TaskError;
+use crate::model::{ModuleId, ModuleKind};
+use lru::LruCache;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where a runtime gets module bytes it has not compiled (the host's module store).
+pub trait ModuleSource: Send + Sync {
+    /// The module's bytes, if this source has them.
+    fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>>;
+}
+
+/// A module ready to instantiate in microseconds.
+pub struct CompiledModule {
+    /// SHA-256 of the module bytes.
+    pub id: ModuleId,
+    /// Component or WASI command.
+    pub kind: ModuleKind,
+    /// Size of the compiled code, what the LRU bound counts.
+    pub compiled_bytes: usize,
+    /// How long validation + compilation (or loading from disk) took.
+    pub compile_time: Duration,
+    pub(super) ready: Ready,
+}
+
+/// The pre-linked form of each guest kind.
+pub(super) enum Ready {
+    Component(KwqTaskPre<ComponentState>),
+    Command(wasmtime::InstancePre<CommandState>),
+}
+
+/// Counters of the compiled-module cache.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ModuleStats {
+    /// Lookups answered from memory.
+    pub hits: u64,
+    /// Lookups that had to compile (or load from disk).
+    pub misses: u64,
+    /// Modules dropped to stay under the byte bound.
+    pub evictions: u64,
+    /// Compiled bytes held now.
+    pub bytes: usize,
+    /// Modules held now.
+    pub modules: usize,
+    /// Compilations answered by the on-disk cache.
+    pub disk_hits: u64,
+    /// Compilations the on-disk cache did not have.
+    pub disk_misses: u64,
+}
+
+pub(super) struct ModuleCache {
+    component_linker: wasmtime::component::Linker<ComponentState>,
+    command_linker: wasmtime::Linker<CommandState>,
+    cap_bytes: usize,
+    lru: Mutex<Lru>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+}
+
+struct Lru {
+    entries: LruCache<ModuleId, Arc<CompiledModule>>,
+    bytes: usize,
+}
+
+impl ModuleCache {
+    pub(super) fn new(engine: &EngineHandle, cap_bytes: usize) -> Result<Self, super::RuntimeError> {
+        let err = |e: wasmtime::Error| super::RuntimeError::Engine(format!("cannot link WASI: {e:#}"));
+        Ok(ModuleCache {
+            component_linker: component::linker(&engine.engine).map_err(err)?,
+            command_linker: command::linker(&engine.engine).map_err(err)?,
+            cap_bytes,
+            lru: Mutex::new(Lru { entries: LruCache::unbounded(), bytes: 0 }),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        })
+    }
+
+    pub(super) fn get(&self, id: &ModuleId) -> Option<Arc<CompiledModule>> {
+        let found = self.lock().entries.get(id).cloned();
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    pub(super) fn compile(&self, engine: &EngineHandle, bytes: &[u8]) -> Result<Arc<CompiledModule>, TaskError> {
+        let id = ModuleId::of(bytes);
+        if let Some(found) = self.lock().entries.get(&id).cloned() {
+            return Ok(found);
+        }
+        let started = Instant::now();
+        let invalid = |what: &str, e: wasmtime::Error| TaskError::InvalidModule(format!("{what}: {e:#}"));
+        let (kind, ready, compiled_bytes) = if wasmparser::Parser::is_component(bytes) {
+            let component = wasmtime::component::Component::new(&engine.engine, bytes)
+                .map_err(|e| invalid("not a valid component", e))?;
+            let pre = self
+                .component_linker
+                .instantiate_pre(&component)
+                .map_err(|e| invalid("component imports something a task may not have", e))?;
+            let pre = KwqTaskPre::new(pre).map_err(|e| invalid("component does not export kwq:task/task", e))?;
+            let size = image_len(component.image_range());
+            (ModuleKind::Component, Ready::Component(pre), size)
+        } else if wasmparser::Parser::is_core_wasm(bytes) {
+            let module = wasmtime::Module::new(&engine.engine, bytes).map_err(|e| invalid("not a valid module", e))?;
+            if !module.exports().any(|e| e.name() == "_start" && e.ty().func().is_some()) {
+                return Err(TaskError::InvalidModule(
+                    "core module has no _start function: only WASI preview-1 commands are accepted".into(),
+                ));
+            }
+            let pre = self
+                .command_linker
+                .instantiate_pre(&module)
+                .map_err(|e| invalid("module imports something other than WASI preview 1", e))?;
+            let size = image_len(module.image_range());
+            (ModuleKind::WasiCommand, Ready::Command(pre), size)
+        } else {
+            return Err(TaskError::InvalidModule("not a WebAssembly module or component (bad magic or version)".into()));
+        };
+        let compiled = Arc::new(CompiledModule { id: id.clone(), kind, compiled_bytes, compile_time: started.elapsed(), ready });
+        self.insert(compiled.clone());
+        Ok(compiled)
+    }
+
+    fn insert(&self, module: Arc<CompiledModule>) {
+        let mut lru = self.lock();
+        lru.bytes += module.compiled_bytes;
+        if let Some(old) = lru.entries.put(module.id.clone(), module) {
+            lru.bytes -= old.compiled_bytes;
+        }
+        // Keep at least the newest module, however large.
+        while lru.bytes > self.cap_bytes && lru.entries.len() > 1 {
+            if let Some((_, evicted)) = lru.entries.pop_lru() {
+                lru.bytes -= evicted.compiled_bytes;
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(super) fn stats(&self, engine: &EngineHandle) -> ModuleStats {
+        let lru = self.lock();
+        ModuleStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            bytes: lru.bytes,
+            modules: lru.entries.len(),
+            disk_hits: engine.disk_cache.as_ref().map_or(0, |c| c.cache_hits() as u64),
+            disk_misses: engine.disk_cache.as_ref().map_or(0, |c| c.cache_misses() as u64),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Bytes of a compiled image, what the LRU bound counts.
+fn image_len(range: std::ops::Range<*const u8>) -> usize {
+    range.end.addr() - range.start.addr()
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the `kwq` crate, in one binary so the linker runs once.
+
+mod runtime;
