@@ -101,7 +101,10 @@ pub mod __private {
     }
 
     /// `run` of a stateless JSON task.
-    pub fn run_json<I, O, E>(f: impl FnOnce(I) -> Result<O, E>, payload: Vec<u8>) -> Result<Vec<u8>, String>
+    pub fn run_json<I, O, E>(
+        f: impl FnOnce(I) -> Result<O, E>,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, String>
     where
         I: DeserializeOwned,
         O: Serialize,

@@ -170,7 +170,10 @@ mod tests {
     #[test]
     fn module_id_is_sha256_hex_and_parses_back() {
         let id = ModuleId::of(b"abc");
-        assert_eq!(id.as_str(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            id.as_str(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(ModuleId::parse(&id.as_str().to_uppercase()), Some(id));
         assert_eq!(ModuleId::parse("xyz"), None);
     }

@@ -1,3 +1,5 @@
 //! Integration tests of the `kwq` crate, in one binary so the linker runs once.
 
+mod cli_run;
 mod runtime;
+mod support;

@@ -29,13 +29,21 @@ pub(super) fn run(command: BenchCommand) -> Result<(), CliError> {
 }
 
 fn bundled(name: &str) -> &'static [u8] {
-    examples::BUNDLED.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).expect("bundled module")
+    examples::BUNDLED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, b)| *b)
+        .expect("bundled module")
 }
 
 fn runtime_bench(tasks: u32, paths: u64) -> Result<(), CliError> {
-    let runtime = Runtime::new(RuntimeConfig::default()).map_err(|e| CliError::failed(e.to_string()))?;
+    let runtime =
+        Runtime::new(RuntimeConfig::default()).map_err(|e| CliError::failed(e.to_string()))?;
     let compile = |name: &str| {
-        runtime.compile(bundled(name)).map(|m| m.id.clone()).map_err(|e| CliError::failed(format!("{name}: {e}")))
+        runtime
+            .compile(bundled(name))
+            .map(|m| m.id.clone())
+            .map_err(|e| CliError::failed(format!("{name}: {e}")))
     };
     let noop = compile("noop")?;
     let pricer = compile("option-pricer")?;
@@ -64,23 +72,50 @@ fn runtime_bench(tasks: u32, paths: u64) -> Result<(), CliError> {
     let started = Instant::now();
     let report = rt.block_on(worker.run(spec(&pricer, payload.to_string().into_bytes(), None)));
     let wasm_time = started.elapsed();
-    let wasm_result = report.outcome.map_err(|e| CliError::failed(format!("pricer failed: {e}")))?;
-    let wasm_estimate: mc_math::Estimate =
-        serde_json::from_slice(&wasm_result).map_err(|e| CliError::failed(format!("pricer result: {e}")))?;
+    let wasm_result = report
+        .outcome
+        .map_err(|e| CliError::failed(format!("pricer failed: {e}")))?;
+    let wasm_estimate: mc_math::Estimate = serde_json::from_slice(&wasm_result)
+        .map_err(|e| CliError::failed(format!("pricer result: {e}")))?;
     let started = Instant::now();
     let native_estimate = mc_math::price_european(&contract, paths, 7, |_| {});
     let native_time = started.elapsed();
 
     println!("KWQ runtime benchmark ({})", machine());
     println!("{:<44} {:>14} {:>14}", "measurement", "per task", "tasks/s");
-    for (name, per_task) in [("no-op task, cold (instantiate + init + run)", cold), ("no-op task, warm (reused instance)", warm)] {
-        println!("{:<44} {:>11.1} us {:>14.0}", name, per_task.as_secs_f64() * 1e6, 1.0 / per_task.as_secs_f64());
+    for (name, per_task) in [
+        ("no-op task, cold (instantiate + init + run)", cold),
+        ("no-op task, warm (reused instance)", warm),
+    ] {
+        println!(
+            "{:<44} {:>11.1} us {:>14.0}",
+            name,
+            per_task.as_secs_f64() * 1e6,
+            1.0 / per_task.as_secs_f64()
+        );
     }
     println!();
-    println!("{:<44} {:>14} {:>14}", "option pricer, paths", "time", "price");
-    println!("{:<44} {:>11.1} ms {:>14.6}", format!("native Rust, {paths}"), native_time.as_secs_f64() * 1e3, native_estimate.price);
-    println!("{:<44} {:>11.1} ms {:>14.6}", format!("Wasm (epoch timeouts on), {paths}"), wasm_time.as_secs_f64() * 1e3, wasm_estimate.price);
-    println!("{:<44} {:>14.2}x", "Wasm speed as a fraction of native", native_time.as_secs_f64() / wasm_time.as_secs_f64());
+    println!(
+        "{:<44} {:>14} {:>14}",
+        "option pricer, paths", "time", "price"
+    );
+    println!(
+        "{:<44} {:>11.1} ms {:>14.6}",
+        format!("native Rust, {paths}"),
+        native_time.as_secs_f64() * 1e3,
+        native_estimate.price
+    );
+    println!(
+        "{:<44} {:>11.1} ms {:>14.6}",
+        format!("Wasm (epoch timeouts on), {paths}"),
+        wasm_time.as_secs_f64() * 1e3,
+        wasm_estimate.price
+    );
+    println!(
+        "{:<44} {:>14.2}x",
+        "Wasm speed as a fraction of native",
+        native_time.as_secs_f64() / wasm_time.as_secs_f64()
+    );
     Ok(())
 }
 
@@ -91,20 +126,36 @@ fn spec(module: &ModuleId, payload: Vec<u8>, affinity: Option<&str>) -> TaskSpec
         module: module.clone(),
         payload,
         affinity: affinity.map(str::to_string),
-        limits: TaskLimits { timeout: Duration::from_secs(600), ..TaskLimits::default() },
+        limits: TaskLimits {
+            timeout: Duration::from_secs(600),
+            ..TaskLimits::default()
+        },
         on_progress: None,
     }
 }
 
 /// Mean wall time per task over `tasks` sequential runs (after a warm-up).
-async fn time_tasks(worker: &mut Worker, module: &ModuleId, affinity: Option<&str>, tasks: u32) -> Result<Duration, CliError> {
+async fn time_tasks(
+    worker: &mut Worker,
+    module: &ModuleId,
+    affinity: Option<&str>,
+    tasks: u32,
+) -> Result<Duration, CliError> {
     let one = spec(module, Vec::new(), affinity);
     for _ in 0..tasks.min(200) {
-        worker.run(one.clone()).await.outcome.map_err(|e| CliError::failed(format!("no-op task failed: {e}")))?;
+        worker
+            .run(one.clone())
+            .await
+            .outcome
+            .map_err(|e| CliError::failed(format!("no-op task failed: {e}")))?;
     }
     let started = Instant::now();
     for _ in 0..tasks {
-        worker.run(one.clone()).await.outcome.map_err(|e| CliError::failed(format!("no-op task failed: {e}")))?;
+        worker
+            .run(one.clone())
+            .await
+            .outcome
+            .map_err(|e| CliError::failed(format!("no-op task failed: {e}")))?;
     }
     Ok(started.elapsed() / tasks.max(1))
 }
@@ -114,7 +165,11 @@ pub(crate) fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cores} cores, {model}")
 }

@@ -40,8 +40,9 @@ pub struct RunArgs {
 
 /// Run `kwq run`.
 pub(super) fn run(args: RunArgs) -> Result<(), CliError> {
-    let bytes = std::fs::read(&args.module)
-        .map_err(|e| CliError::usage(format!("cannot read module {}: {e}", args.module.display())))?;
+    let bytes = std::fs::read(&args.module).map_err(|e| {
+        CliError::usage(format!("cannot read module {}: {e}", args.module.display()))
+    })?;
     let payload = read_payload(&args.payload)?;
     let config = RuntimeConfig {
         cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
@@ -52,8 +53,19 @@ pub(super) fn run(args: RunArgs) -> Result<(), CliError> {
     let module = runtime
         .compile(&bytes)
         .map_err(|e| CliError::usage(format!("{}: {e}", args.module.display())))?;
-    let limits = TaskLimits { timeout: args.timeout, memory_bytes: args.memory, fuel: args.fuel, ..TaskLimits::default() };
-    let reports = tokio_runtime()?.block_on(run_repeated(&runtime, module.id.clone(), payload, &args, limits));
+    let limits = TaskLimits {
+        timeout: args.timeout,
+        memory_bytes: args.memory,
+        fuel: args.fuel,
+        ..TaskLimits::default()
+    };
+    let reports = tokio_runtime()?.block_on(run_repeated(
+        &runtime,
+        module.id.clone(),
+        payload,
+        &args,
+        limits,
+    ));
     if args.repeat > 1 {
         print_timing(&reports);
     }
@@ -64,12 +76,19 @@ pub(super) fn run(args: RunArgs) -> Result<(), CliError> {
     match &last.outcome {
         Ok(result) => {
             let mut out = std::io::stdout().lock();
-            let newline = if result.ends_with(b"\n") { &b""[..] } else { &b"\n"[..] };
+            let newline = if result.ends_with(b"\n") {
+                &b""[..]
+            } else {
+                &b"\n"[..]
+            };
             out.write_all(result)
                 .and_then(|()| out.write_all(newline))
                 .map_err(|e| CliError::failed(format!("cannot write the result: {e}")))
         }
-        Err(error) => Err(CliError::failed(format!("task failed ({}): {error}", error.kind()))),
+        Err(error) => Err(CliError::failed(format!(
+            "task failed ({}): {error}",
+            error.kind()
+        ))),
     }
 }
 
@@ -105,11 +124,14 @@ async fn run_repeated(
 fn read_payload(arg: &str) -> Result<Vec<u8>, CliError> {
     if arg == "-" {
         let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?;
         return Ok(buf);
     }
     if let Some(path) = arg.strip_prefix('@') {
-        return std::fs::read(path).map_err(|e| CliError::usage(format!("cannot read payload file {path}: {e}")));
+        return std::fs::read(path)
+            .map_err(|e| CliError::usage(format!("cannot read payload file {path}: {e}")));
     }
     Ok(arg.as_bytes().to_vec())
 }
@@ -128,13 +150,19 @@ fn show_logs(report: &TaskReport) {
     }
     for (name, bytes) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
         if !bytes.is_empty() {
-            eprintln!("--- guest {name} ---\n{}", String::from_utf8_lossy(bytes).trim_end());
+            eprintln!(
+                "--- guest {name} ---\n{}",
+                String::from_utf8_lossy(bytes).trim_end()
+            );
         }
     }
 }
 
 fn print_timing(reports: &[TaskReport]) {
-    let mut micros: Vec<f64> = reports.iter().map(|r| r.elapsed.as_secs_f64() * 1e6).collect();
+    let mut micros: Vec<f64> = reports
+        .iter()
+        .map(|r| r.elapsed.as_secs_f64() * 1e6)
+        .collect();
     micros.sort_by(f64::total_cmp);
     let pick = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize];
     let mean = micros.iter().sum::<f64>() / micros.len() as f64;

@@ -29,12 +29,18 @@ struct OutputOverflow(usize);
 
 impl OutputCapture {
     pub(super) fn new(limit: usize) -> Self {
-        OutputCapture(Arc::new(Mutex::new(Buffer { limit, ..Buffer::default() })))
+        OutputCapture(Arc::new(Mutex::new(Buffer {
+            limit,
+            ..Buffer::default()
+        })))
     }
 
     /// Start a new task: empty buffer, fresh limit.
     pub(super) fn reset(&self, limit: usize) {
-        *self.lock() = Buffer { limit, ..Buffer::default() };
+        *self.lock() = Buffer {
+            limit,
+            ..Buffer::default()
+        };
     }
 
     /// The captured bytes, leaving the buffer empty.
@@ -109,7 +115,11 @@ impl Pollable for OutputCapture {
 }
 
 impl AsyncWrite for OutputCapture {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Poll::Ready(
             self.append(data)
                 .map(|()| data.len())

@@ -24,12 +24,17 @@ impl HasGuest for CommandState {
 /// The linker every command module is instantiated with: WASI preview 1 only.
 pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<CommandState>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut CommandState| &mut state.wasi)?;
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut CommandState| {
+        &mut state.wasi
+    })?;
     Ok(linker)
 }
 
 /// A fresh store for one command run, with the payload on stdin.
 pub(super) fn store(engine: &Engine, guest: GuestContext, payload: Vec<u8>) -> Store<CommandState> {
-    let wasi = guest.sandbox().stdin(MemoryInputPipe::new(payload)).build_p1();
+    let wasi = guest
+        .sandbox()
+        .stdin(MemoryInputPipe::new(payload))
+        .build_p1();
     Store::new(engine, CommandState { wasi, guest })
 }

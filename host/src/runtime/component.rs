@@ -16,8 +16,8 @@ mod bindings {
     });
 }
 
-pub(super) use bindings::{KwqTask, KwqTaskPre};
 use bindings::kwq::task::context::{Host as ContextHost, Level};
+pub(super) use bindings::{KwqTask, KwqTaskPre};
 
 /// Store data of a component instance.
 pub(super) struct ComponentState {
@@ -29,7 +29,11 @@ pub(super) struct ComponentState {
 impl ComponentState {
     pub(super) fn new(guest: GuestContext) -> Self {
         let wasi = guest.sandbox().build();
-        ComponentState { wasi, table: ResourceTable::new(), guest }
+        ComponentState {
+            wasi,
+            table: ResourceTable::new(),
+            guest,
+        }
     }
 }
 
@@ -44,7 +48,10 @@ impl HasGuest for ComponentState {
 
 impl WasiView for ComponentState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 

@@ -4,7 +4,9 @@ use super::error::RuntimeError;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
-use wasmtime::{Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
 
 /// Host-wide runtime settings, fixed for the life of the engine.
 #[derive(Debug, Clone)]
@@ -75,10 +77,12 @@ impl EngineHandle {
 
         let disk_cache = match &config.cache_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| RuntimeError::CacheDir(dir.clone(), e.to_string()))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| RuntimeError::CacheDir(dir.clone(), e.to_string()))?;
                 let mut cache_config = CacheConfig::new();
                 cache_config.with_directory(dir);
-                let cache = Cache::new(cache_config).map_err(|e| RuntimeError::CacheDir(dir.clone(), e.to_string()))?;
+                let cache = Cache::new(cache_config)
+                    .map_err(|e| RuntimeError::CacheDir(dir.clone(), e.to_string()))?;
                 wasm.cache(Some(cache.clone()));
                 Some(cache)
             }

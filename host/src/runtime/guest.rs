@@ -71,8 +71,17 @@ impl GuestContext {
     }
 
     /// Make the context ready for a new task.
-    pub(super) fn begin(&mut self, task_id: &str, attempt: u32, limits: &TaskLimits, on_progress: Option<ProgressSink>) {
-        self.limiter = MemoryLimiter { cap: limits.memory_bytes as usize, hit: false };
+    pub(super) fn begin(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        limits: &TaskLimits,
+        on_progress: Option<ProgressSink>,
+    ) {
+        self.limiter = MemoryLimiter {
+            cap: limits.memory_bytes as usize,
+            hit: false,
+        };
         self.stdout.reset(limits.max_output_bytes);
         self.stderr.reset(limits.max_output_bytes);
         self.logs.clear();
@@ -96,11 +105,21 @@ impl GuestContext {
         }
         let (task, attempt, module) = (&self.task_id, self.attempt, &self.module);
         match level {
-            LogLevel::Trace => tracing::trace!(task_id = %task, attempt, module = %module, "{message}"),
-            LogLevel::Debug => tracing::debug!(task_id = %task, attempt, module = %module, "{message}"),
-            LogLevel::Info => tracing::info!(task_id = %task, attempt, module = %module, "{message}"),
-            LogLevel::Warn => tracing::warn!(task_id = %task, attempt, module = %module, "{message}"),
-            LogLevel::Error => tracing::error!(task_id = %task, attempt, module = %module, "{message}"),
+            LogLevel::Trace => {
+                tracing::trace!(task_id = %task, attempt, module = %module, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(task_id = %task, attempt, module = %module, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(task_id = %task, attempt, module = %module, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(task_id = %task, attempt, module = %module, "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(task_id = %task, attempt, module = %module, "{message}")
+            }
         }
         if self.log_bytes + message.len() > self.log_limit {
             self.logs_overflowed = true;
@@ -111,7 +130,11 @@ impl GuestContext {
     }
 
     pub(super) fn set_progress(&mut self, fraction: f32) {
-        let fraction = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
+        let fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self.progress = fraction;
         if let Some(sink) = &self.on_progress {
             sink(fraction);
@@ -127,13 +150,21 @@ impl GuestContext {
     /// itself are checked first: their traps would otherwise look generic.
     pub(super) fn classify(&self, err: wasmtime::Error, limits: &TaskLimits) -> TaskError {
         if self.stdout.overflowed() {
-            return TaskError::OutputTooLarge { stream: "stdout", limit: limits.max_output_bytes };
+            return TaskError::OutputTooLarge {
+                stream: "stdout",
+                limit: limits.max_output_bytes,
+            };
         }
         if self.stderr.overflowed() {
-            return TaskError::OutputTooLarge { stream: "stderr", limit: limits.max_output_bytes };
+            return TaskError::OutputTooLarge {
+                stream: "stderr",
+                limit: limits.max_output_bytes,
+            };
         }
         if self.limiter.hit {
-            return TaskError::MemoryLimit { limit: limits.memory_bytes };
+            return TaskError::MemoryLimit {
+                limit: limits.memory_bytes,
+            };
         }
         match err.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => TaskError::Timeout(limits.timeout),
@@ -146,7 +177,10 @@ impl GuestContext {
                 let backtrace = err.downcast_ref::<WasmBacktrace>().map(|bt| bt.to_string());
                 TaskError::Trap { message, backtrace }
             }
-            None => TaskError::Trap { message: format!("{err:#}"), backtrace: None },
+            None => TaskError::Trap {
+                message: format!("{err:#}"),
+                backtrace: None,
+            },
         }
     }
 }
@@ -167,7 +201,12 @@ pub(super) struct MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.cap {
             self.hit = true;
             return Ok(false);
@@ -175,7 +214,12 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -183,7 +227,11 @@ impl ResourceLimiter for MemoryLimiter {
 /// Apply a task's limits to a store before calling into it: memory cap,
 /// deadline checked at every epoch tick (yielding to the executor in
 /// between), and fuel when the engine meters it.
-pub(super) fn arm_store<T: HasGuest>(store: &mut Store<T>, limits: &TaskLimits, fuel_enabled: bool) -> Result<(), TaskError> {
+pub(super) fn arm_store<T: HasGuest>(
+    store: &mut Store<T>,
+    limits: &TaskLimits,
+    fuel_enabled: bool,
+) -> Result<(), TaskError> {
     store.limiter(|data| &mut data.guest_mut().limiter);
     store.epoch_deadline_callback(|ctx| {
         Ok(if Instant::now() >= ctx.data().guest().deadline {
@@ -195,12 +243,16 @@ pub(super) fn arm_store<T: HasGuest>(store: &mut Store<T>, limits: &TaskLimits, 
     store.set_epoch_deadline(1);
     if fuel_enabled {
         let fuel = limits.fuel.unwrap_or(u64::MAX);
-        store.set_fuel(fuel).map_err(|e| TaskError::Internal(format!("cannot set fuel: {e}")))?;
+        store
+            .set_fuel(fuel)
+            .map_err(|e| TaskError::Internal(format!("cannot set fuel: {e}")))?;
         store
             .fuel_async_yield_interval(Some(10_000_000))
             .map_err(|e| TaskError::Internal(format!("cannot set fuel yield: {e}")))?;
     } else if limits.fuel.is_some() {
-        return Err(TaskError::Internal("this host does not meter fuel; start it with fuel enabled".into()));
+        return Err(TaskError::Internal(
+            "this host does not meter fuel; start it with fuel enabled".into(),
+        ));
     }
     Ok(())
 }
@@ -208,7 +260,11 @@ pub(super) fn arm_store<T: HasGuest>(store: &mut Store<T>, limits: &TaskLimits, 
 /// Run a guest call under the task's wall-clock limit. The epoch check
 /// stops guest code; this outer timeout stops a guest blocked in a host
 /// call (a WASI sleep, say), which the epoch cannot interrupt.
-pub(super) async fn within_deadline<F, R>(limits: &TaskLimits, tick: Duration, call: F) -> Result<R, TaskError>
+pub(super) async fn within_deadline<F, R>(
+    limits: &TaskLimits,
+    tick: Duration,
+    call: F,
+) -> Result<R, TaskError>
 where
     F: std::future::Future<Output = R>,
 {

@@ -46,7 +46,13 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let engine = engine::EngineHandle::new(&config)?;
         let modules = modules::ModuleCache::new(&engine, config.compiled_cache_bytes)?;
-        Ok(Runtime { shared: Arc::new(Shared { engine, modules, source: RwLock::new(None) }) })
+        Ok(Runtime {
+            shared: Arc::new(Shared {
+                engine,
+                modules,
+                source: RwLock::new(None),
+            }),
+        })
     }
 
     /// Where to fetch module bytes that are not compiled on this host yet
@@ -66,12 +72,19 @@ impl Runtime {
         if let Some(found) = self.shared.modules.get(id) {
             return Ok(found);
         }
-        let source = self.shared.source.read().expect("module source lock").clone();
+        let source = self
+            .shared
+            .source
+            .read()
+            .expect("module source lock")
+            .clone();
         let bytes = source
             .and_then(|s| s.module_bytes(id))
             .ok_or_else(|| TaskError::UnknownModule(id.clone()))?;
         if ModuleId::of(&bytes) != *id {
-            return Err(TaskError::InvalidModule(format!("stored bytes of module {id} do not match its hash")));
+            return Err(TaskError::InvalidModule(format!(
+                "stored bytes of module {id} do not match its hash"
+            )));
         }
         self.compile(&bytes)
     }

@@ -9,9 +9,9 @@ use super::engine::EngineHandle;
 use super::error::TaskError;
 use crate::model::{ModuleId, ModuleKind};
 use lru::LruCache;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Where a runtime gets module bytes it has not compiled (the host's module store).
@@ -74,13 +74,20 @@ struct Lru {
 }
 
 impl ModuleCache {
-    pub(super) fn new(engine: &EngineHandle, cap_bytes: usize) -> Result<Self, super::RuntimeError> {
-        let err = |e: wasmtime::Error| super::RuntimeError::Engine(format!("cannot link WASI: {e:#}"));
+    pub(super) fn new(
+        engine: &EngineHandle,
+        cap_bytes: usize,
+    ) -> Result<Self, super::RuntimeError> {
+        let err =
+            |e: wasmtime::Error| super::RuntimeError::Engine(format!("cannot link WASI: {e:#}"));
         Ok(ModuleCache {
             component_linker: component::linker(&engine.engine).map_err(err)?,
             command_linker: command::linker(&engine.engine).map_err(err)?,
             cap_bytes,
-            lru: Mutex::new(Lru { entries: LruCache::unbounded(), bytes: 0 }),
+            lru: Mutex::new(Lru {
+                entries: LruCache::unbounded(),
+                bytes: 0,
+            }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -89,18 +96,27 @@ impl ModuleCache {
 
     pub(super) fn get(&self, id: &ModuleId) -> Option<Arc<CompiledModule>> {
         let found = self.lock().entries.get(id).cloned();
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         found
     }
 
-    pub(super) fn compile(&self, engine: &EngineHandle, bytes: &[u8]) -> Result<Arc<CompiledModule>, TaskError> {
+    pub(super) fn compile(
+        &self,
+        engine: &EngineHandle,
+        bytes: &[u8],
+    ) -> Result<Arc<CompiledModule>, TaskError> {
         let id = ModuleId::of(bytes);
         if let Some(found) = self.lock().entries.get(&id).cloned() {
             return Ok(found);
         }
         let started = Instant::now();
-        let invalid = |what: &str, e: wasmtime::Error| TaskError::InvalidModule(format!("{what}: {e:#}"));
+        let invalid =
+            |what: &str, e: wasmtime::Error| TaskError::InvalidModule(format!("{what}: {e:#}"));
         let (kind, ready, compiled_bytes) = if wasmparser::Parser::is_component(bytes) {
             let component = wasmtime::component::Component::new(&engine.engine, bytes)
                 .map_err(|e| invalid("not a valid component", e))?;
@@ -108,14 +124,20 @@ impl ModuleCache {
                 .component_linker
                 .instantiate_pre(&component)
                 .map_err(|e| invalid("component imports something a task may not have", e))?;
-            let pre = KwqTaskPre::new(pre).map_err(|e| invalid("component does not export kwq:task/task", e))?;
+            let pre = KwqTaskPre::new(pre)
+                .map_err(|e| invalid("component does not export kwq:task/task", e))?;
             let size = image_len(component.image_range());
             (ModuleKind::Component, Ready::Component(pre), size)
         } else if wasmparser::Parser::is_core_wasm(bytes) {
-            let module = wasmtime::Module::new(&engine.engine, bytes).map_err(|e| invalid("not a valid module", e))?;
-            if !module.exports().any(|e| e.name() == "_start" && e.ty().func().is_some()) {
+            let module = wasmtime::Module::new(&engine.engine, bytes)
+                .map_err(|e| invalid("not a valid module", e))?;
+            if !module
+                .exports()
+                .any(|e| e.name() == "_start" && e.ty().func().is_some())
+            {
                 return Err(TaskError::InvalidModule(
-                    "core module has no _start function: only WASI preview-1 commands are accepted".into(),
+                    "core module has no _start function: only WASI preview-1 commands are accepted"
+                        .into(),
                 ));
             }
             let pre = self
@@ -125,9 +147,17 @@ impl ModuleCache {
             let size = image_len(module.image_range());
             (ModuleKind::WasiCommand, Ready::Command(pre), size)
         } else {
-            return Err(TaskError::InvalidModule("not a WebAssembly module or component (bad magic or version)".into()));
+            return Err(TaskError::InvalidModule(
+                "not a WebAssembly module or component (bad magic or version)".into(),
+            ));
         };
-        let compiled = Arc::new(CompiledModule { id: id.clone(), kind, compiled_bytes, compile_time: started.elapsed(), ready });
+        let compiled = Arc::new(CompiledModule {
+            id: id.clone(),
+            kind,
+            compiled_bytes,
+            compile_time: started.elapsed(),
+            ready,
+        });
         self.insert(compiled.clone());
         Ok(compiled)
     }
@@ -155,8 +185,14 @@ impl ModuleCache {
             evictions: self.evictions.load(Ordering::Relaxed),
             bytes: lru.bytes,
             modules: lru.entries.len(),
-            disk_hits: engine.disk_cache.as_ref().map_or(0, |c| c.cache_hits() as u64),
-            disk_misses: engine.disk_cache.as_ref().map_or(0, |c| c.cache_misses() as u64),
+            disk_hits: engine
+                .disk_cache
+                .as_ref()
+                .map_or(0, |c| c.cache_hits() as u64),
+            disk_misses: engine
+                .disk_cache
+                .as_ref()
+                .map_or(0, |c| c.cache_misses() as u64),
         }
     }
 

@@ -86,7 +86,12 @@ pub struct Worker {
 
 impl Worker {
     pub(super) fn new(runtime: Runtime, max_warm: usize) -> Self {
-        Worker { runtime, warm: LruCache::unbounded(), max_warm, stats: WorkerStats::default() }
+        Worker {
+            runtime,
+            warm: LruCache::unbounded(),
+            max_warm,
+            stats: WorkerStats::default(),
+        }
     }
 
     /// This worker's counters.
@@ -122,7 +127,10 @@ impl Worker {
     }
 
     async fn run_component(&mut self, module: &Arc<CompiledModule>, spec: &TaskSpec) -> TaskReport {
-        let key = spec.affinity.as_ref().map(|affinity| (module.id.clone(), affinity.clone()));
+        let key = spec
+            .affinity
+            .as_ref()
+            .map(|affinity| (module.id.clone(), affinity.clone()));
         let warm = key.as_ref().and_then(|key| self.warm.pop(key));
         let reused = warm.is_some();
         let mut instance = match warm {
@@ -137,10 +145,16 @@ impl Worker {
             self.begin(&mut instance.store, spec);
         }
         let tick = self.runtime.shared.engine.epoch_tick;
-        let call = instance.bindings.kwq_task_task().call_run(&mut instance.store, &spec.payload);
+        let call = instance
+            .bindings
+            .kwq_task_task()
+            .call_run(&mut instance.store, &spec.payload);
         let outcome = match within_deadline(&spec.limits, tick, call).await {
             Ok(Ok(Ok(result))) if result.len() > spec.limits.max_result_bytes => {
-                Err(TaskError::OutputTooLarge { stream: "result", limit: spec.limits.max_result_bytes })
+                Err(TaskError::OutputTooLarge {
+                    stream: "result",
+                    limit: spec.limits.max_result_bytes,
+                })
             }
             Ok(Ok(Ok(result))) => Ok(result),
             Ok(Ok(Err(message))) => Err(TaskError::Guest(message)),
@@ -157,22 +171,33 @@ impl Worker {
     }
 
     /// A new instance with `init` run for the task's affinity key.
-    async fn instantiate(&mut self, module: &Arc<CompiledModule>, spec: &TaskSpec) -> Result<WarmInstance, TaskReport> {
-        let Ready::Component(pre) = &module.ready else { unreachable!("checked by caller") };
+    async fn instantiate(
+        &mut self,
+        module: &Arc<CompiledModule>,
+        spec: &TaskSpec,
+    ) -> Result<WarmInstance, TaskReport> {
+        let Ready::Component(pre) = &module.ready else {
+            unreachable!("checked by caller")
+        };
         let shared = &self.runtime.shared;
-        let mut store = component::store(&shared.engine.engine, GuestContext::new(module.id.to_string()));
+        let mut store = component::store(
+            &shared.engine.engine,
+            GuestContext::new(module.id.to_string()),
+        );
         self.begin(&mut store, spec);
-        arm_store(&mut store, &spec.limits, shared.engine.fuel_enabled).map_err(|e| failed_in(&mut store, e))?;
+        arm_store(&mut store, &spec.limits, shared.engine.fuel_enabled)
+            .map_err(|e| failed_in(&mut store, e))?;
         self.stats.instantiations += 1;
         let tick = shared.engine.epoch_tick;
-        let bindings = match within_deadline(&spec.limits, tick, pre.instantiate_async(&mut store)).await {
-            Ok(Ok(bindings)) => bindings,
-            Ok(Err(e)) => {
-                let error = store.data().guest().classify(e, &spec.limits);
-                return Err(failed_in(&mut store, error));
-            }
-            Err(timeout) => return Err(failed_in(&mut store, timeout)),
-        };
+        let bindings =
+            match within_deadline(&spec.limits, tick, pre.instantiate_async(&mut store)).await {
+                Ok(Ok(bindings)) => bindings,
+                Ok(Err(e)) => {
+                    let error = store.data().guest().classify(e, &spec.limits);
+                    return Err(failed_in(&mut store, error));
+                }
+                Err(timeout) => return Err(failed_in(&mut store, timeout)),
+            };
         self.stats.inits += 1;
         let config = spec.affinity.clone().unwrap_or_default().into_bytes();
         let init = bindings.kwq_task_task().call_init(&mut store, &config);
@@ -186,12 +211,22 @@ impl Worker {
     }
 
     async fn run_command(&mut self, module: &Arc<CompiledModule>, spec: &TaskSpec) -> TaskReport {
-        let Ready::Command(pre) = &module.ready else { unreachable!("checked by caller") };
+        let Ready::Command(pre) = &module.ready else {
+            unreachable!("checked by caller")
+        };
         let shared = &self.runtime.shared;
         let mut guest = GuestContext::new(module.id.to_string());
-        guest.begin(&spec.task_id, spec.attempt, &spec.limits, spec.on_progress.clone());
+        guest.begin(
+            &spec.task_id,
+            spec.attempt,
+            &spec.limits,
+            spec.on_progress.clone(),
+        );
         // A command's result is its stdout, so stdout gets the result's bound.
-        let limits = TaskLimits { max_output_bytes: spec.limits.max_result_bytes, ..spec.limits.clone() };
+        let limits = TaskLimits {
+            max_output_bytes: spec.limits.max_result_bytes,
+            ..spec.limits.clone()
+        };
         guest.stdout.reset(limits.max_output_bytes);
         let mut store = command::store(&shared.engine.engine, guest, spec.payload.clone());
         if let Err(e) = arm_store(&mut store, &spec.limits, shared.engine.fuel_enabled) {
@@ -208,7 +243,10 @@ impl Worker {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 Some(exit) if exit.0 == 0 => Ok(()),
-                Some(exit) => Err(TaskError::Guest(exit_message(exit.0, &store.data().guest().stderr.snapshot()))),
+                Some(exit) => Err(TaskError::Guest(exit_message(
+                    exit.0,
+                    &store.data().guest().stderr.snapshot(),
+                ))),
                 None => Err(store.data().guest().classify(e, &limits)),
             },
             Err(timeout) => Err(timeout),
@@ -222,7 +260,12 @@ impl Worker {
     }
 
     fn begin<T: HasGuest>(&self, store: &mut Store<T>, spec: &TaskSpec) {
-        store.data_mut().guest_mut().begin(&spec.task_id, spec.attempt, &spec.limits, spec.on_progress.clone());
+        store.data_mut().guest_mut().begin(
+            &spec.task_id,
+            spec.attempt,
+            &spec.limits,
+            spec.on_progress.clone(),
+        );
         // The deadline is re-read from the context at each tick; re-arm the tick.
         store.set_epoch_deadline(1);
         if self.runtime.shared.engine.fuel_enabled {
@@ -243,9 +286,16 @@ impl Worker {
 }
 
 /// Gather what the guest produced into a report.
-fn collect(guest: &mut GuestContext, mut outcome: Result<Vec<u8>, TaskError>, warm: bool) -> TaskReport {
+fn collect(
+    guest: &mut GuestContext,
+    mut outcome: Result<Vec<u8>, TaskError>,
+    warm: bool,
+) -> TaskReport {
     if outcome.is_ok() && guest.logs_overflowed() {
-        outcome = Err(TaskError::OutputTooLarge { stream: "logs", limit: 0 });
+        outcome = Err(TaskError::OutputTooLarge {
+            stream: "logs",
+            limit: 0,
+        });
     }
     TaskReport {
         outcome,
@@ -276,7 +326,15 @@ fn failed_before_start(error: TaskError, started: Instant) -> TaskReport {
 
 fn exit_message(code: i32, stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-    if last.is_empty() { format!("exited with code {code}") } else { format!("exited with code {code}: {last}") }
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    if last.is_empty() {
+        format!("exited with code {code}")
+    } else {
+        format!("exited with code {code}: {last}")
+    }
 }
-

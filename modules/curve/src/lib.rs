@@ -37,7 +37,12 @@ fn build(config: &str) -> Result<Curve, String> {
         discount_sum += df;
         zero_rates.push(-df.ln() / t);
     }
-    Ok(Curve { currency, zero_rates, builds: 1, served: 0 })
+    Ok(Curve {
+        currency,
+        zero_rates,
+        builds: 1,
+        served: 0,
+    })
 }
 
 #[derive(Deserialize)]
@@ -62,7 +67,10 @@ struct Output {
 
 fn price(curve: &mut Curve, input: Input) -> Result<Output, String> {
     if !(input.maturity > 0.0 && input.maturity <= 30.0) {
-        return Err(format!("maturity must be in (0, 30] years, got {}", input.maturity));
+        return Err(format!(
+            "maturity must be in (0, 30] years, got {}",
+            input.maturity
+        ));
     }
     let index = ((input.maturity * 365.0).round() as usize).clamp(1, DAYS) - 1;
     let discount_factor = (-curve.zero_rates[index] * input.maturity).exp();

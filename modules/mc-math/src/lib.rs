@@ -47,7 +47,12 @@ pub struct Estimate {
 impl Contract {
     /// Reject contracts the models cannot price, with a reason a user can act on.
     pub fn validate(&self) -> Result<(), String> {
-        let positive = [("spot", self.spot), ("strike", self.strike), ("vol", self.vol), ("maturity", self.maturity)];
+        let positive = [
+            ("spot", self.spot),
+            ("strike", self.strike),
+            ("vol", self.vol),
+            ("maturity", self.maturity),
+        ];
         for (name, value) in positive {
             if !(value.is_finite() && value > 0.0) {
                 return Err(format!("{name} must be a positive number, got {value}"));
@@ -71,7 +76,12 @@ impl Contract {
 /// each normal draw `z` simulates the terminal price for `z` and `-z`, and
 /// the pair's mean payoff is one sample. `paths` is rounded up to even.
 /// `on_progress` is called with the fraction done roughly every 1/16 of the work.
-pub fn price_european(contract: &Contract, paths: u64, seed: u64, mut on_progress: impl FnMut(f32)) -> Estimate {
+pub fn price_european(
+    contract: &Contract,
+    paths: u64,
+    seed: u64,
+    mut on_progress: impl FnMut(f32),
+) -> Estimate {
     let pairs = paths.div_ceil(2).max(1);
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let drift = (contract.rate - 0.5 * contract.vol * contract.vol) * contract.maturity;
@@ -93,7 +103,11 @@ pub fn price_european(contract: &Contract, paths: u64, seed: u64, mut on_progres
     let mean = sum / n;
     let variance = ((sum_sq / n) - mean * mean).max(0.0) * n / (n - 1.0).max(1.0);
     let discount = (-contract.rate * contract.maturity).exp();
-    Estimate { price: discount * mean, std_error: discount * (variance / n).sqrt(), paths: pairs * 2 }
+    Estimate {
+        price: discount * mean,
+        std_error: discount * (variance / n).sqrt(),
+        paths: pairs * 2,
+    }
 }
 
 /// The Black-Scholes closed-form price, the reference the Monte Carlo price is tested against.
@@ -125,7 +139,8 @@ fn erfc(x: f64) -> f64 {
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
-                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     let r = t * poly.exp();
     if x >= 0.0 { r } else { 2.0 - r }
 }
@@ -151,15 +166,33 @@ pub fn estimate_pi(samples: u64, seed: u64) -> PiEstimate {
             x * x + y * y <= 1.0
         })
         .count() as u64;
-    PiEstimate { estimate: 4.0 * inside as f64 / samples.max(1) as f64, inside, samples }
+    PiEstimate {
+        estimate: 4.0 * inside as f64 / samples.max(1) as f64,
+        inside,
+        samples,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn contract(spot: f64, strike: f64, rate: f64, vol: f64, maturity: f64, kind: OptionKind) -> Contract {
-        Contract { spot, strike, rate, vol, maturity, kind }
+    fn contract(
+        spot: f64,
+        strike: f64,
+        rate: f64,
+        vol: f64,
+        maturity: f64,
+        kind: OptionKind,
+    ) -> Contract {
+        Contract {
+            spot,
+            strike,
+            rate,
+            vol,
+            maturity,
+            kind,
+        }
     }
 
     #[test]
@@ -206,7 +239,9 @@ mod tests {
 
     #[test]
     fn validate_names_the_bad_field() {
-        let err = contract(42.0, 40.0, 0.1, -0.2, 0.5, OptionKind::Call).validate().unwrap_err();
+        let err = contract(42.0, 40.0, 0.1, -0.2, 0.5, OptionKind::Call)
+            .validate()
+            .unwrap_err();
         assert!(err.contains("vol"), "{err}");
     }
 

@@ -78,7 +78,8 @@ fn run(action: Action) -> Result<Value, String> {
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(chunk.len());
-                out.write_all(&chunk[..n]).map_err(|e| format!("stdout write failed: {e}"))?;
+                out.write_all(&chunk[..n])
+                    .map_err(|e| format!("stdout write failed: {e}"))?;
                 left -= n;
             }
             Ok(json!({ "wrote": bytes }))
@@ -108,7 +109,9 @@ fn run(action: Action) -> Result<Value, String> {
             println!("to stdout");
             Ok(json!({ "lines": lines }))
         }
-        Action::Whoami => Ok(json!({ "task_id": kwq_guest::task_id(), "attempt": kwq_guest::attempt() })),
+        Action::Whoami => {
+            Ok(json!({ "task_id": kwq_guest::task_id(), "attempt": kwq_guest::attempt() }))
+        }
     }
 }
 

@@ -17,7 +17,12 @@ fn run(input: Input) -> Result<mc_math::Estimate, String> {
     if input.paths == 0 {
         return Err("paths must be at least 1".into());
     }
-    Ok(mc_math::price_european(&input.contract, input.paths, input.seed, kwq_guest::progress))
+    Ok(mc_math::price_european(
+        &input.contract,
+        input.paths,
+        input.seed,
+        kwq_guest::progress,
+    ))
 }
 
 kwq_guest::task!(run);
