@@ -2,8 +2,10 @@
 //! failed, 2 bad input (unreadable file, invalid module, bad flag value).
 
 mod bench;
+mod client;
 mod parse;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -20,8 +22,64 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a grid host: store, workers and the HTTP API.
+    Serve(serve::ServeArgs),
     /// Run one task module locally, without a server, and print its result.
     Run(run::RunArgs),
+    /// Upload or list modules on a server.
+    Module {
+        /// Server connection.
+        #[command(flatten)]
+        connection: client::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: client::ModuleCommand,
+    },
+    /// Submit one task to a server; prints its id.
+    Submit {
+        /// Server connection.
+        #[command(flatten)]
+        connection: client::Connection,
+        /// Task options.
+        #[command(flatten)]
+        task: client::TaskFlags,
+        /// The payload: JSON text, @FILE, or - for stdin.
+        #[arg(long, short, default_value = "null")]
+        payload: String,
+    },
+    /// Submit, pause, resume, cancel or list jobs.
+    Job {
+        /// Server connection.
+        #[command(flatten)]
+        connection: client::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: client::JobCommand,
+    },
+    /// Show a task (with its timeline) or a job.
+    Status {
+        /// Server connection.
+        #[command(flatten)]
+        connection: client::Connection,
+        /// Task id or job id.
+        id: String,
+    },
+    /// Follow a job with a progress bar until it finishes.
+    Watch {
+        /// Server connection.
+        #[command(flatten)]
+        connection: client::Connection,
+        /// Job id.
+        id: String,
+    },
+    /// Stream a job's results as NDJSON.
+    Results {
+        /// Server connection.
+        #[command(flatten)]
+        connection: client::Connection,
+        /// Job id.
+        id: String,
+    },
     /// Measure KWQ on this machine and print a table.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -56,9 +114,17 @@ impl CliError {
 
 /// Run a parsed command line and turn its outcome into an exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging();
+    // A server logs what it does; one-shot commands only what went wrong.
+    init_logging(if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" });
     let outcome = match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Run(args) => run::run(args),
+        Command::Module { connection, command } => client::module(connection, command),
+        Command::Submit { connection, task, payload } => client::submit(connection, task, payload),
+        Command::Job { connection, command } => client::job(connection, command),
+        Command::Status { connection, id } => client::status(connection, id),
+        Command::Watch { connection, id } => client::watch(connection, id),
+        Command::Results { connection, id } => client::results(connection, id),
         Command::Bench(command) => bench::run(command),
     };
     match outcome {
@@ -70,9 +136,9 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KWQ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

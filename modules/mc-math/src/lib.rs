@@ -86,19 +86,23 @@ pub fn price_european(
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let drift = (contract.rate - 0.5 * contract.vol * contract.vol) * contract.maturity;
     let diffusion = contract.vol * contract.maturity.sqrt();
+    // S_T = S_0 e^(drift) e^(+-diffusion z): one exp per antithetic pair.
+    let forward = contract.spot * drift.exp();
     let report_every = (pairs / 16).max(1);
     let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
     for i in 0..pairs {
         let z: f64 = StandardNormal.sample(&mut rng);
-        let up = contract.spot * (drift + diffusion * z).exp();
-        let down = contract.spot * (drift - diffusion * z).exp();
+        let shock = (diffusion * z).exp();
+        let up = forward * shock;
+        let down = forward / shock;
         let sample = 0.5 * (contract.payoff(up) + contract.payoff(down));
         sum += sample;
         sum_sq += sample * sample;
-        if (i + 1) % report_every == 0 {
+        if (i + 1) % report_every == 0 && i + 1 < pairs {
             on_progress((i + 1) as f32 / pairs as f32);
         }
     }
+    on_progress(1.0);
     let n = pairs as f64;
     let mean = sum / n;
     let variance = ((sum_sq / n) - mean * mean).max(0.0) * n / (n - 1.0).max(1.0);

@@ -1,5 +1,13 @@
 //! Plain data types shared by every layer: no I/O, no Wasm, no queues.
 
+mod sweep;
+mod task;
+
+pub use sweep::{MAX_SWEEP_POINTS, Sweep, SweepAxis, SweepError};
+pub use task::{
+    Event, JobCounts, JobId, JobRecord, Millis, NewJob, NewTask, TaskId, TaskOptions, TaskRecord, TaskState, now_ms,
+};
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;

@@ -1,0 +1,130 @@
+//! `/v1/jobs`: submit a job (explicit payloads or a sweep), look it up,
+//! stream its results, pause, resume, cancel.
+
+use super::error::{ApiJson, ApiQuery, AppError};
+use super::tasks::{OptionsRequest, payload_bytes};
+use super::{AppState, modules, views};
+use crate::model::{NewJob, Sweep};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+/// Body of `POST /v1/jobs`: `payloads` (a list) or `sweep`, not both.
+#[derive(Debug, Deserialize)]
+pub(super) struct JobRequest {
+    module: String,
+    name: Option<String>,
+    payloads: Option<Vec<Value>>,
+    payloads_base64: Option<Vec<String>>,
+    sweep: Option<Sweep>,
+    #[serde(flatten)]
+    options: OptionsRequest,
+}
+
+/// `POST /v1/jobs`: 201 with the job once it (and its explicit tasks) are durable.
+pub(super) async fn submit(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<JobRequest>,
+) -> Result<(StatusCode, Json<Value>), AppError> {
+    let options = request.options.into_options()?;
+    let payloads: Vec<Vec<u8>> = match (request.payloads, request.payloads_base64, &request.sweep) {
+        (Some(list), None, None) => list.into_iter().map(|p| payload_bytes(Some(p), None)).collect::<Result<_, _>>()?,
+        (None, Some(list), None) => list.into_iter().map(|p| payload_bytes(None, Some(p))).collect::<Result<_, _>>()?,
+        (None, None, Some(sweep)) => {
+            sweep.validate().map_err(|e| AppError::bad_request("invalid_sweep", e.to_string()))?;
+            Vec::new()
+        }
+        _ => {
+            return Err(AppError::bad_request("invalid_job", "give exactly one of payloads, payloads_base64 or sweep"));
+        }
+    };
+    if request.sweep.is_none() && payloads.is_empty() {
+        return Err(AppError::bad_request("invalid_job", "a job needs at least one payload"));
+    }
+    if payloads.len() > state.limits.job_tasks {
+        return Err(AppError::bad_request(
+            "invalid_job",
+            format!("at most {} payloads per job; use a sweep or several jobs", state.limits.job_tasks),
+        ));
+    }
+    let module = modules::resolve(&state, &request.module).await?;
+    let id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let job = NewJob { id, name: request.name, module, options, payloads, sweep: request.sweep };
+    let record = state.queue.submit_job(job).await?;
+    let stats = state.tracker.job(&record.id);
+    Ok((StatusCode::CREATED, Json(views::job(&record, &stats))))
+}
+
+/// `GET /v1/jobs/{id}`: counts per state, progress, throughput, run times.
+pub(super) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    let job = state.queue.job(&id).await?;
+    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+}
+
+/// Query of `GET /v1/jobs`.
+#[derive(Debug, Deserialize)]
+pub(super) struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/jobs`: newest first.
+pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Value>, AppError> {
+    let jobs = state.queue.jobs(q.limit.unwrap_or(100).clamp(1, 1000)).await?;
+    Ok(Json(Value::Array(jobs.iter().map(|j| views::job(j, &state.tracker.job(&j.id))).collect())))
+}
+
+/// `GET /v1/jobs/{id}/results`: NDJSON, one line per completed task, in
+/// task order: `{"task_id": ..., "result": ...}`. Streams in pages, so a
+/// result set of any size is served in bounded memory.
+pub(super) async fn results(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, AppError> {
+    state.queue.job(&id).await?;
+    let queue = state.queue.clone();
+    let pages = futures::stream::unfold(Some(0u64), move |cursor| {
+        let (queue, id) = (queue.clone(), id.clone());
+        async move {
+            let after = cursor?;
+            match queue.results(&id, after, 1000).await {
+                Ok(page) if page.is_empty() => None,
+                Ok(page) => {
+                    let next = page.last().map(|r| r.seq);
+                    let mut chunk = Vec::new();
+                    for result in page {
+                        let mut line = Map::new();
+                        line.insert("task_id".into(), json!(result.task_id));
+                        views::bytes_field(&mut line, "result", &result.result);
+                        serde_json::to_writer(&mut chunk, &Value::Object(line)).unwrap_or_default();
+                        chunk.push(b'\n');
+                    }
+                    Some((Ok::<_, std::io::Error>(chunk), next))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(pages))
+        .map_err(|e| AppError::internal(e.to_string()))
+}
+
+/// `POST /v1/jobs/{id}/pause`.
+pub(super) async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    let job = state.queue.pause_job(&id).await?;
+    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+}
+
+/// `POST /v1/jobs/{id}/resume`.
+pub(super) async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    let job = state.queue.resume_job(&id).await?;
+    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+}
+
+/// `POST /v1/jobs/{id}/cancel`.
+pub(super) async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    let job = state.queue.cancel_job(&id).await?;
+    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+}

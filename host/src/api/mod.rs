@@ -1,0 +1,114 @@
+//! The HTTP API under `/v1` (axum): modules, tasks, jobs, results, events,
+//! statistics. `app(state)` builds the router without a socket so tests
+//! drive it with `oneshot`; `serve` runs it on a listener until shutdown.
+
+mod error;
+mod events;
+mod jobs;
+mod modules;
+mod system;
+mod tasks;
+mod views;
+
+pub use error::AppError;
+
+use crate::dispatch::WorkerBoard;
+use crate::queue::Queue;
+use crate::runtime::Runtime;
+use crate::tracker::Tracker;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use std::future::Future;
+use std::sync::Arc;
+
+/// Limits on what one request may carry.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Largest module upload, bytes.
+    pub module_bytes: usize,
+    /// Largest job submission body, bytes.
+    pub job_bytes: usize,
+    /// Largest body of every other request, bytes.
+    pub other_bytes: usize,
+    /// Most explicit payloads in one job.
+    pub job_tasks: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits { module_bytes: 64 << 20, job_bytes: 256 << 20, other_bytes: 4 << 20, job_tasks: 1_000_000 }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The task store.
+    pub queue: Arc<dyn Queue>,
+    /// The Wasm runtime (uploads are validated by compiling them).
+    pub runtime: Runtime,
+    /// Live statistics.
+    pub tracker: Arc<Tracker>,
+    /// Worker status, when this host runs workers.
+    pub board: Option<Arc<WorkerBoard>>,
+    /// Bearer token required on write endpoints, if set.
+    pub token: Option<String>,
+    /// Request limits.
+    pub limits: ApiLimits,
+}
+
+/// The router with every endpoint.
+pub fn app(state: AppState) -> Router {
+    let limits = state.limits.clone();
+    let writes = Router::new()
+        .route("/v1/modules", post(modules::upload).layer(DefaultBodyLimit::max(limits.module_bytes)))
+        .route("/v1/jobs", post(jobs::submit).layer(DefaultBodyLimit::max(limits.job_bytes)))
+        .route("/v1/tasks", post(tasks::submit))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/priority", post(tasks::set_priority))
+        .route("/v1/jobs/{id}/pause", post(jobs::pause))
+        .route("/v1/jobs/{id}/resume", post(jobs::resume))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .layer(DefaultBodyLimit::max(limits.other_bytes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let reads = Router::new()
+        .route("/v1/modules", get(modules::list))
+        .route("/v1/modules/{id}", get(modules::get))
+        .route("/v1/tasks", get(tasks::list))
+        .route("/v1/tasks/{id}", get(tasks::get))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/results", get(jobs::results))
+        .route("/v1/events", get(events::stream))
+        .route("/v1/stats", get(system::stats))
+        .route("/v1/healthz", get(system::healthz))
+        .route("/healthz", get(system::healthz));
+    writes.merge(reads).fallback(system::not_found).with_state(state)
+}
+
+/// Reject writes without the configured bearer token.
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, AppError> {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return Err(AppError::unauthorized());
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// Serve the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,79 @@
+//! `/v1/modules`: upload (validated by compiling it), list, get.
+
+use super::error::{ApiQuery, AppError};
+use super::AppState;
+use crate::model::{ModuleId, now_ms};
+use crate::queue::ModuleRecord;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+
+/// Query of an upload.
+#[derive(Debug, Deserialize)]
+pub(super) struct UploadQuery {
+    name: Option<String>,
+}
+
+/// `POST /v1/modules?name=`: raw Wasm bytes in the body. The same bytes
+/// always get the same id; bytes that do not compile get 400 with the reason.
+pub(super) async fn upload(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(StatusCode, Json<ModuleRecord>), AppError> {
+    let body = body?;
+    if body.is_empty() {
+        return Err(AppError::bad_request("invalid_module", "the body is empty: send the module's .wasm bytes"));
+    }
+    if let Some(name) = &query.name
+        && (name.is_empty() || name.len() > 128)
+    {
+        return Err(AppError::bad_request("invalid_name", "name must be 1 to 128 characters"));
+    }
+    let runtime = state.runtime.clone();
+    let bytes = body.to_vec();
+    let (compiled, bytes) = tokio::task::spawn_blocking(move || runtime.compile(&bytes).map(|c| (c, bytes)))
+        .await
+        .map_err(|e| AppError::internal(e.to_string()))??;
+    let existed = state.queue.module(&compiled.id).await.is_ok();
+    let record = ModuleRecord {
+        id: compiled.id.clone(),
+        name: query.name,
+        kind: compiled.kind,
+        size: bytes.len() as u64,
+        created_at: now_ms(),
+    };
+    let stored = state.queue.put_module(record, bytes).await?;
+    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(stored)))
+}
+
+/// `GET /v1/modules`.
+pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<ModuleRecord>>, AppError> {
+    Ok(Json(state.queue.modules().await?))
+}
+
+/// `GET /v1/modules/{id}` (id or name).
+pub(super) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModuleRecord>, AppError> {
+    let id = resolve(&state, &id).await?;
+    Ok(Json(state.queue.module(&id).await?))
+}
+
+/// A module named by its id (64 hex digits) or by its upload name (the latest upload wins).
+pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, AppError> {
+    if let Some(id) = ModuleId::parse(module) {
+        return match state.queue.module(&id).await {
+            Ok(_) => Ok(id),
+            Err(_) => Err(AppError::bad_request("unknown_module", format!("no module with id {id} was uploaded"))),
+        };
+    }
+    let modules = state.queue.modules().await?;
+    modules
+        .into_iter()
+        .filter(|m| m.name.as_deref() == Some(module))
+        .max_by_key(|m| m.created_at)
+        .map(|m| m.id)
+        .ok_or_else(|| AppError::bad_request("unknown_module", format!("no module named {module:?}: upload it first")))
+}

@@ -1,0 +1,35 @@
+//! `/v1/stats`, health, and the JSON 404.
+
+use super::AppState;
+use super::error::AppError;
+use axum::Json;
+use axum::extract::State;
+use axum::http::Uri;
+use serde_json::{Value, json};
+
+/// `GET /v1/stats`: counts per state and tag, queue depth per priority,
+/// throughput, retries, dead letters, workers, module cache.
+pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
+    let overview = state.tracker.overview(state.queue.depth());
+    let mut value = serde_json::to_value(&overview).unwrap_or(Value::Null);
+    value["counts"] = json!(overview.counts.by_name());
+    value["tags"] = Value::Array(
+        overview.tags.iter().map(|t| json!({"tag": t.tag, "counts": t.counts.by_name()})).collect(),
+    );
+    if let Some(board) = &state.board {
+        value["workers"] = json!(board.snapshot());
+        value["busy_ratio"] = json!(board.busy_ratio());
+    }
+    value["module_cache"] = json!(state.runtime.module_stats());
+    Json(value)
+}
+
+/// `GET /healthz`.
+pub(super) async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Any unknown path.
+pub(super) async fn not_found(uri: Uri) -> AppError {
+    AppError::not_found(format!("no endpoint at {}", uri.path()))
+}

@@ -1,0 +1,97 @@
+//! `kwq serve`: run a grid host.
+
+use super::{CliError, parse};
+use crate::dispatch::DispatchConfig;
+use crate::queue::embedded::EmbeddedConfig;
+use crate::runtime::RuntimeConfig;
+use crate::server::{ServerConfig, StoreUrl};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Arguments of `kwq serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KWQ_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Where tasks live: sqlite://PATH (default: DATA_DIR/kwq.db).
+    #[arg(long, env = "KWQ_STORE")]
+    store: Option<String>,
+    /// Directory for the store and the compiled-module cache.
+    #[arg(long, env = "KWQ_DATA_DIR", default_value = "kwq-data")]
+    data_dir: PathBuf,
+    /// Concurrent workers (default: number of cores; 0 for an API-only host).
+    #[arg(long, env = "KWQ_WORKERS")]
+    workers: Option<usize>,
+    /// Warm instances kept per worker.
+    #[arg(long, default_value_t = 16)]
+    max_warm: usize,
+    /// Bearer token required on every write endpoint.
+    #[arg(long, env = "KWQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Upload the bundled example modules at start.
+    #[arg(long)]
+    examples: bool,
+    /// How long a task waits for the worker that is warm for its affinity key.
+    #[arg(long, value_parser = parse::duration, default_value = "500ms")]
+    affinity_window: Duration,
+    /// Waiting this long raises a task's effective priority by one.
+    #[arg(long, value_parser = parse::duration, default_value = "30s")]
+    aging: Duration,
+    /// Meter fuel so tasks may carry a fuel budget.
+    #[arg(long)]
+    fuel: bool,
+}
+
+/// Run `kwq serve`.
+pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
+    let store = match &args.store {
+        Some(url) => StoreUrl::parse(url).map_err(|e| CliError::usage(e.to_string()))?,
+        None => StoreUrl::Sqlite(args.data_dir.join("kwq.db")),
+    };
+    let mut dispatch = DispatchConfig { max_warm: args.max_warm, ..DispatchConfig::default() };
+    if let Some(workers) = args.workers {
+        dispatch.workers = workers;
+    }
+    let config = ServerConfig {
+        store,
+        runtime: RuntimeConfig { cache_dir: Some(args.data_dir.join("compiled")), fuel: args.fuel, ..RuntimeConfig::default() },
+        dispatch,
+        queue: EmbeddedConfig { affinity_window: args.affinity_window, aging: args.aging, ..EmbeddedConfig::default() },
+        token: args.token,
+        examples: args.examples,
+        limits: Default::default(),
+        host: hostname(),
+    };
+    let rt = super::tokio_runtime()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| CliError::usage(format!("cannot listen on {}: {e}", args.listen)))?;
+        let address = listener.local_addr().map_err(|e| CliError::failed(e.to_string()))?;
+        println!("kwq serving on http://{address} (API under /v1, health at /healthz)");
+        println!("store: {:?}, workers: {}", config.store, config.dispatch.workers);
+        crate::server::run(config, listener, shutdown_signal()).await.map_err(|e| CliError::failed(format!("{e:#}")))
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    eprintln!("shutting down: finishing running tasks");
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "host".into())
+}

@@ -1,0 +1,192 @@
+//! The worker pool: each worker leases the best task for what it has warm,
+//! runs it in the Wasm runtime, and reports the outcome: complete, retry
+//! with backoff, or dead-letter. Leases are kept alive while a task runs,
+//! and a cancelled task is stopped where it is.
+
+mod board;
+mod retry;
+
+pub use board::{WorkerBoard, WorkerStatus};
+pub use retry::RetryPolicy;
+
+use crate::model::{ErrorKind, TaskLimits, now_ms};
+use crate::queue::{Completion, Failure, Lease, Queue, WorkerView};
+use crate::runtime::{Runtime, TaskSpec, Worker};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How the pool runs.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Concurrent workers (default: cores).
+    pub workers: usize,
+    /// Warm instances kept per worker.
+    pub max_warm: usize,
+    /// Backoff between attempts.
+    pub retry: RetryPolicy,
+    /// Output and result bounds applied to every task.
+    pub limits: TaskLimits,
+    /// How often a running task's lease is renewed.
+    pub heartbeat: Duration,
+    /// How long a stopping worker lets its task finish before returning it.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_warm: 16,
+            retry: RetryPolicy::default(),
+            limits: TaskLimits::default(),
+            heartbeat: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running pool; dropping it does not stop it, [`Dispatcher::stop`] does.
+pub struct Dispatcher {
+    stop: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    board: Arc<WorkerBoard>,
+}
+
+impl Dispatcher {
+    /// Start `config.workers` workers on the current tokio runtime.
+    pub fn start(runtime: Runtime, queue: Arc<dyn Queue>, config: DispatchConfig, host: &str) -> Self {
+        let (stop, stopping) = watch::channel(false);
+        let board = Arc::new(WorkerBoard::new(config.workers, host));
+        let workers = (0..config.workers)
+            .map(|index| {
+                let worker = runtime.worker(config.max_warm);
+                let context = WorkerContext {
+                    index,
+                    id: board.id(index),
+                    queue: queue.clone(),
+                    board: board.clone(),
+                    config: config.clone(),
+                    stopping: stopping.clone(),
+                };
+                tokio::spawn(context.run(worker))
+            })
+            .collect();
+        Dispatcher { stop, workers, board }
+    }
+
+    /// What each worker is doing.
+    pub fn board(&self) -> Arc<WorkerBoard> {
+        self.board.clone()
+    }
+
+    /// Stop leasing, let running tasks finish within the grace period (or
+    /// return them to the queue), and wait for every worker to exit.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+    }
+}
+
+struct WorkerContext {
+    index: usize,
+    id: String,
+    queue: Arc<dyn Queue>,
+    board: Arc<WorkerBoard>,
+    config: DispatchConfig,
+    stopping: watch::Receiver<bool>,
+}
+
+enum Ending {
+    Finished(crate::runtime::TaskReport),
+    Cancelled,
+    Abandoned,
+}
+
+impl WorkerContext {
+    async fn run(mut self, mut worker: Worker) {
+        loop {
+            if *self.stopping.borrow() {
+                break;
+            }
+            let view = WorkerView { id: self.id.clone(), warm: worker.warm_keys() };
+            let lease = tokio::select! {
+                lease = self.queue.lease(&view) => lease,
+                _ = self.stopping.changed() => None,
+            };
+            let Some(lease) = lease else { break };
+            self.queue.started(&lease);
+            self.board.begin(self.index, &lease);
+            let ending = self.run_one(&mut worker, &lease).await;
+            self.finish(&lease, ending);
+            self.board.end(self.index, worker.warm_keys(), worker.stats());
+        }
+    }
+
+    async fn run_one(&mut self, worker: &mut Worker, lease: &Lease) -> Ending {
+        let board = self.board.clone();
+        let index = self.index;
+        let spec = TaskSpec {
+            task_id: lease.task_id.clone(),
+            attempt: lease.attempt,
+            module: lease.module.clone(),
+            payload: lease.payload.to_vec(),
+            affinity: lease.affinity.clone(),
+            limits: TaskLimits { timeout: lease.timeout, memory_bytes: lease.memory_bytes, ..self.config.limits.clone() },
+            on_progress: Some(Arc::new(move |p| board.progress(index, p))),
+        };
+        let span = tracing::info_span!("task", task_id = %lease.task_id, job_id = lease.job_id.as_deref().unwrap_or(""),
+            attempt = lease.attempt, module = %lease.module);
+        let _enter = span.enter();
+        let run = worker.run(spec);
+        tokio::pin!(run);
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat);
+        heartbeat.tick().await;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let never = tokio::time::Instant::now() + Duration::from_secs(365 * 86_400);
+            tokio::select! {
+                report = &mut run => return Ending::Finished(report),
+                _ = heartbeat.tick() => {
+                    if self.queue.heartbeat(lease).is_err() {
+                        tracing::warn!("lease lost while running; the result will be discarded");
+                    }
+                }
+                _ = lease.cancelled.notified() => return Ending::Cancelled,
+                _ = self.stopping.changed(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + self.config.shutdown_grace);
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or(never)), if deadline.is_some() => return Ending::Abandoned,
+            }
+        }
+    }
+
+    fn finish(&self, lease: &Lease, ending: Ending) {
+        let report = match ending {
+            Ending::Finished(report) => report,
+            Ending::Cancelled => return self.queue.release(lease, true),
+            Ending::Abandoned => return self.queue.release(lease, false),
+        };
+        let run_ms = report.elapsed.as_millis() as u64;
+        let outcome = match report.outcome {
+            Ok(result) => self.queue.complete(lease, Completion { result, logs: report.logs, progress: report.progress, run_ms }),
+            Err(error) => {
+                let kind = error.kind();
+                let retryable = kind != ErrorKind::InvalidModule && lease.attempt < lease.max_attempts;
+                let retry_at = retryable.then(|| now_ms() + self.config.retry.delay(lease.attempt).as_millis() as u64);
+                tracing::info!(error = %error, kind = %kind, retry = retryable, "task attempt failed");
+                let mut message = error.to_string();
+                if let crate::runtime::TaskError::Trap { backtrace: Some(bt), .. } = &error {
+                    message = format!("{message}\n{bt}");
+                }
+                self.queue.fail(lease, Failure { kind, message, logs: report.logs, run_ms, retry_at })
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "outcome not recorded");
+        }
+    }
+}

@@ -1,0 +1,669 @@
+//! The embedded backend: SQLite (WAL, group commit) as the durable record,
+//! an in-memory ready index for leasing in microseconds, and lazy sweep
+//! expansion. One process owns the store; start-up rebuilds the index from
+//! it, so `kill -9` loses nothing that was acknowledged.
+
+mod reader;
+mod ready;
+mod schema;
+mod writer;
+
+use super::{
+    CensusRow, CommitObserver, Completion, Failure, Lease, ModuleRecord, Page, Queue, QueueError, TaskFilter,
+    TaskResult, WorkerView,
+};
+use crate::model::{
+    Event, JobId, JobRecord, Millis, ModuleId, NewJob, NewTask, Sweep, TaskId, TaskRecord, TaskState, now_ms,
+};
+use async_trait::async_trait;
+use ready::{Entry, Pick, Policy, ReadyIndex};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{Notify, broadcast};
+use writer::{Op, Tags, Transition, Writer};
+
+/// Tuning of the embedded queue.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// A waiting task's effective priority rises by one per this much waiting.
+    pub aging: Duration,
+    /// How long a task waits for the worker already warm for its affinity key.
+    pub affinity_window: Duration,
+    /// A lease not renewed within this time is re-offered.
+    pub lease_ttl: Duration,
+    /// Sweep points created per expansion step.
+    pub sweep_chunk: u64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            aging: Duration::from_secs(30),
+            affinity_window: Duration::from_millis(500),
+            lease_ttl: Duration::from_secs(30),
+            sweep_chunk: 4096,
+        }
+    }
+}
+
+/// The SQLite-backed queue. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Writer,
+    reader: reader::Reader,
+    sched: Mutex<Sched>,
+    wake: Notify,
+    closed: AtomicBool,
+    events: broadcast::Sender<Event>,
+    observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
+    config: EmbeddedConfig,
+}
+
+/// Everything about scheduling that lives in memory.
+#[derive(Default)]
+struct Sched {
+    ready: ReadyIndex,
+    leased: HashMap<Arc<str>, Leased>,
+    workers: HashMap<String, Vec<(ModuleId, String)>>,
+    sweeps: Vec<SweepCursor>,
+    jobs: HashMap<Arc<str>, JobFlags>,
+    next_token: u64,
+}
+
+struct Leased {
+    entry: Entry,
+    token: u64,
+    worker: String,
+    expires: Millis,
+    state: TaskState,
+    cancelled: Arc<Notify>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct JobFlags {
+    paused: bool,
+    cancelled: bool,
+}
+
+struct SweepCursor {
+    job: Arc<str>,
+    module: ModuleId,
+    options: crate::model::TaskOptions,
+    tags: Tags,
+    sweep: Sweep,
+    next: u64,
+    total: u64,
+}
+
+impl EmbeddedQueue {
+    /// Open (or create) the store at `path` and rebuild the ready index:
+    /// tasks that were Allocated or Running when the last process died are
+    /// Pending again.
+    pub fn open(path: &Path, config: EmbeddedConfig) -> Result<Self, QueueError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let conn = schema::open(path, true).map_err(|e| QueueError::Storage(format!("cannot open {}: {e}", path.display())))?;
+        let (events, _) = broadcast::channel(65_536);
+        let observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>> = Arc::default();
+        let writer = Writer::start(conn, events.clone(), observers.clone());
+        let reader = reader::Reader::new(PathBuf::from(path));
+        let queue = EmbeddedQueue {
+            inner: Arc::new(Inner {
+                writer,
+                reader,
+                sched: Mutex::new(Sched::default()),
+                wake: Notify::new(),
+                closed: AtomicBool::new(false),
+                events,
+                observers,
+                config,
+            }),
+        };
+        queue.recover()?;
+        Ok(queue)
+    }
+
+    fn recover(&self) -> Result<(), QueueError> {
+        let (jobs, tasks) = self.inner.reader.with(|conn| Ok((reader::jobs(conn, usize::MAX >> 1)?, reader::unfinished(conn)?)))?;
+        let now = now_ms();
+        let mut sched = self.sched();
+        for job in jobs {
+            let id: Arc<str> = Arc::from(job.id.as_str());
+            sched.jobs.insert(id.clone(), JobFlags { paused: job.paused, cancelled: job.cancelled });
+            if job.paused {
+                sched.ready.pause(id.clone());
+            }
+            if let Some(sweep) = job.sweep.filter(|_| !job.cancelled && job.expanded < job.total) {
+                sched.sweeps.push(SweepCursor {
+                    job: id,
+                    module: job.module,
+                    tags: Arc::new(job.options.tags.clone()),
+                    options: job.options,
+                    sweep,
+                    next: job.expanded,
+                    total: job.total,
+                });
+            }
+        }
+        let mut requeued = Vec::new();
+        for task in tasks {
+            let mut entry = entry_from_record(&task, now);
+            if matches!(task.state, TaskState::Allocated | TaskState::Running) {
+                entry.state = TaskState::Pending;
+                let mut t = transition(&entry, Some(task.state), TaskState::Pending, task.attempts);
+                t.message = Some("requeued: the host stopped while the task was leased".into());
+                requeued.push(Op::Transition(Box::new(t)));
+            }
+            sched.ready.insert(entry, now);
+        }
+        if !requeued.is_empty() {
+            tracing::info!(tasks = requeued.len(), "requeued tasks leased before the restart");
+            self.inner.writer.send(requeued);
+        }
+        Ok(())
+    }
+
+    fn sched(&self) -> std::sync::MutexGuard<'_, Sched> {
+        self.inner.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn policy(&self) -> Policy {
+        Policy {
+            aging_ms: self.inner.config.aging.as_millis() as u64,
+            affinity_window_ms: self.inner.config.affinity_window.as_millis() as u64,
+        }
+    }
+
+    /// Create the next points of sweeps that are running low on waiting tasks.
+    fn refill_sweeps(&self, sched: &mut Sched, now: Millis) {
+        let chunk = self.inner.config.sweep_chunk.max(1);
+        let mut ops = Vec::new();
+        let Sched { sweeps, ready, jobs, .. } = sched;
+        for cursor in sweeps.iter_mut() {
+            let flags = jobs.get(&cursor.job).copied().unwrap_or_default();
+            if flags.paused || flags.cancelled || cursor.next >= cursor.total || ready.job_waiting(&cursor.job) >= chunk / 2 {
+                continue;
+            }
+            let end = (cursor.next + chunk).min(cursor.total);
+            let mut tasks = Vec::with_capacity((end - cursor.next) as usize);
+            for index in cursor.next..end {
+                let task = NewTask {
+                    id: format!("{}.{index}", cursor.job),
+                    job_id: Some(cursor.job.to_string()),
+                    module: cursor.module.clone(),
+                    payload: serde_json::to_vec(&cursor.sweep.point(index)).unwrap_or_default(),
+                    options: cursor.options.clone(),
+                };
+                ready.insert(entry_from_new(&task, cursor.tags.clone(), now), now);
+                tasks.push((task, cursor.tags.clone()));
+            }
+            cursor.next = end;
+            ops.push(Op::NewTasks(tasks, now));
+            ops.push(Op::JobExpanded(cursor.job.to_string(), end));
+        }
+        sweeps.retain(|c| c.next < c.total && !jobs.get(&c.job).is_some_and(|f| f.cancelled));
+        if !ops.is_empty() {
+            self.inner.writer.send(ops);
+        }
+    }
+
+    /// Re-offer tasks whose lease was not renewed in time.
+    fn expire_leases(&self, sched: &mut Sched, now: Millis) {
+        let expired: Vec<Arc<str>> = sched.leased.iter().filter(|(_, l)| l.expires <= now).map(|(id, _)| id.clone()).collect();
+        let mut ops = Vec::new();
+        for id in expired {
+            if let Some(lease) = sched.leased.remove(&id) {
+                let mut t = transition(&lease.entry, Some(lease.state), TaskState::Pending, lease.entry.attempts);
+                t.message = Some(format!("requeued: lease held by {} expired", lease.worker));
+                ops.push(Op::Transition(Box::new(t)));
+                sched.ready.insert(Entry { queued_at: now, state: TaskState::Pending, ..lease.entry }, now);
+            }
+        }
+        if !ops.is_empty() {
+            self.inner.writer.send(ops);
+        }
+    }
+
+    fn take_lease(&self, id: &str, token: u64) -> Result<Leased, QueueError> {
+        let mut sched = self.sched();
+        match sched.leased.get(id) {
+            Some(l) if l.token == token => Ok(sched.leased.remove(id).expect("present")),
+            _ => Err(QueueError::StaleLease(id.to_string())),
+        }
+    }
+
+    fn job_flags(&self, job: &JobId) -> Result<JobFlags, QueueError> {
+        self.sched().jobs.get(job.as_str()).copied().ok_or_else(|| QueueError::NotFound(format!("job {job}")))
+    }
+
+    async fn set_job_flags(&self, job: &JobId, flags: JobFlags) -> Result<(), QueueError> {
+        self.inner
+            .writer
+            .write(vec![Op::JobFlags { job: job.clone(), paused: flags.paused, cancelled: flags.cancelled }])
+            .await?;
+        self.sched().jobs.insert(Arc::from(job.as_str()), flags);
+        Ok(())
+    }
+}
+
+fn entry_from_new(task: &NewTask, tags: Tags, now: Millis) -> Entry {
+    Entry {
+        id: Arc::from(task.id.as_str()),
+        job: task.job_id.as_deref().map(Arc::from),
+        module: task.module.clone(),
+        payload: Arc::from(task.payload.as_slice()),
+        affinity: task.options.affinity.as_deref().map(Arc::from),
+        priority: task.options.priority,
+        tags,
+        timeout_ms: task.options.timeout_ms,
+        memory_bytes: task.options.memory_bytes,
+        max_attempts: task.options.max_attempts,
+        attempts: 0,
+        queued_at: now,
+        not_before: task.options.not_before,
+        state: TaskState::Pending,
+    }
+}
+
+fn entry_from_record(task: &TaskRecord, now: Millis) -> Entry {
+    Entry {
+        id: Arc::from(task.id.as_str()),
+        job: task.job_id.as_deref().map(Arc::from),
+        module: task.module.clone(),
+        payload: Arc::from(task.payload.as_slice()),
+        affinity: task.options.affinity.as_deref().map(Arc::from),
+        priority: task.options.priority,
+        tags: Arc::new(task.options.tags.clone()),
+        timeout_ms: task.options.timeout_ms,
+        memory_bytes: task.options.memory_bytes,
+        max_attempts: task.options.max_attempts,
+        attempts: task.attempts,
+        queued_at: task.timestamps.get(&TaskState::Pending).copied().unwrap_or(now),
+        not_before: task.options.not_before,
+        state: if task.state == TaskState::Error { TaskState::Error } else { TaskState::Pending },
+    }
+}
+
+fn transition(entry: &Entry, from: Option<TaskState>, to: TaskState, attempt: u32) -> Transition {
+    Transition::new(entry.id.clone(), entry.job.clone(), entry.module.clone(), entry.tags.clone(), from, to, attempt)
+}
+
+#[async_trait]
+impl Queue for EmbeddedQueue {
+    async fn put_module(&self, record: ModuleRecord, bytes: Vec<u8>) -> Result<ModuleRecord, QueueError> {
+        let id = record.id.clone();
+        self.inner.writer.write(vec![Op::Module(record, bytes)]).await?;
+        self.module(&id).await
+    }
+
+    async fn module(&self, id: &ModuleId) -> Result<ModuleRecord, QueueError> {
+        let id = id.to_string();
+        self.inner.reader.read(move |c| reader::module(c, &id)).await
+    }
+
+    async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError> {
+        self.inner.reader.read(reader::modules).await
+    }
+
+    fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {
+        self.inner.reader.with(|c| reader::module_bytes(c, id.as_str())).ok().flatten()
+    }
+
+    async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError> {
+        let now = now_ms();
+        let tagged: Vec<(NewTask, Tags)> = tasks.into_iter().map(|t| {
+            let tags = Arc::new(t.options.tags.clone());
+            (t, tags)
+        }).collect();
+        let entries: Vec<Entry> = tagged.iter().map(|(t, tags)| entry_from_new(t, tags.clone(), now)).collect();
+        self.inner.writer.write(vec![Op::NewTasks(tagged, now)]).await?;
+        {
+            let mut sched = self.sched();
+            for entry in entries {
+                sched.ready.insert(entry, now);
+            }
+        }
+        self.inner.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError> {
+        let now = now_ms();
+        let total = match &job.sweep {
+            Some(sweep) => sweep.validate().map_err(|e| QueueError::Conflict(e.to_string()))?,
+            None => job.payloads.len() as u64,
+        };
+        let record = JobRecord {
+            id: job.id.clone(),
+            name: job.name.clone(),
+            module: job.module.clone(),
+            options: job.options.clone(),
+            total,
+            expanded: if job.sweep.is_some() { 0 } else { total },
+            paused: false,
+            cancelled: false,
+            created_at: now,
+            sweep: job.sweep.clone(),
+        };
+        let tags: Tags = Arc::new(job.options.tags.clone());
+        let tasks: Vec<(NewTask, Tags)> = job
+            .payloads
+            .into_iter()
+            .enumerate()
+            .map(|(index, payload)| {
+                let task = NewTask {
+                    id: format!("{}.{index}", job.id),
+                    job_id: Some(job.id.clone()),
+                    module: job.module.clone(),
+                    payload,
+                    options: job.options.clone(),
+                };
+                (task, tags.clone())
+            })
+            .collect();
+        let entries: Vec<Entry> = tasks.iter().map(|(t, tags)| entry_from_new(t, tags.clone(), now)).collect();
+        let mut ops = vec![Op::Job(record.clone())];
+        if !tasks.is_empty() {
+            ops.push(Op::NewTasks(tasks, now));
+        }
+        self.inner.writer.write(ops).await?;
+        {
+            let mut sched = self.sched();
+            let id: Arc<str> = Arc::from(job.id.as_str());
+            sched.jobs.insert(id.clone(), JobFlags::default());
+            for entry in entries {
+                sched.ready.insert(entry, now);
+            }
+            if let Some(sweep) = job.sweep {
+                sched.sweeps.push(SweepCursor { job: id, module: job.module, options: job.options, tags, sweep, next: 0, total });
+            }
+        }
+        self.inner.wake.notify_waiters();
+        Ok(record)
+    }
+
+    async fn lease(&self, worker: &WorkerView) -> Option<Lease> {
+        loop {
+            let notified = self.inner.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            let now = now_ms();
+            let wake_at = {
+                let mut sched = self.sched();
+                sched.workers.insert(worker.id.clone(), worker.warm.clone());
+                self.expire_leases(&mut sched, now);
+                self.refill_sweeps(&mut sched, now);
+                sched.ready.promote_due(now);
+                let warm_elsewhere: Vec<(ModuleId, String)> = sched
+                    .workers
+                    .iter()
+                    .filter(|(id, _)| **id != worker.id)
+                    .flat_map(|(_, warm)| warm.iter().cloned())
+                    .collect();
+                let check = |module: &ModuleId, key: &str| warm_elsewhere.iter().any(|(m, k)| m == module && k == key);
+                match sched.ready.pick(&worker.warm, &check, now, self.policy()) {
+                    Pick::Task(entry, warm_hit) => {
+                        sched.next_token += 1;
+                        let token = sched.next_token;
+                        let attempt = entry.attempts + 1;
+                        let cancelled = Arc::new(Notify::new());
+                        let lease = Lease {
+                            task_id: entry.id.to_string(),
+                            job_id: entry.job.as_deref().map(str::to_string),
+                            module: entry.module.clone(),
+                            payload: entry.payload.clone(),
+                            affinity: entry.affinity.as_deref().map(str::to_string),
+                            attempt,
+                            max_attempts: entry.max_attempts,
+                            timeout: Duration::from_millis(entry.timeout_ms),
+                            memory_bytes: entry.memory_bytes,
+                            worker: worker.id.clone(),
+                            token,
+                            queued_at: entry.queued_at,
+                            warm_hit,
+                            cancelled: cancelled.clone(),
+                        };
+                        let mut t = transition(&entry, Some(entry.state), TaskState::Allocated, attempt);
+                        t.worker = Some(worker.id.clone());
+                        t.wait_ms = Some(now.saturating_sub(entry.queued_at));
+                        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+                        let expires = now + self.inner.config.lease_ttl.as_millis() as u64;
+                        let leased = Leased { entry: Entry { attempts: attempt, ..entry }, token, worker: worker.id.clone(), expires, state: TaskState::Allocated, cancelled };
+                        sched.leased.insert(leased.entry.id.clone(), leased);
+                        return Some(lease);
+                    }
+                    Pick::Wait(at) => at,
+                }
+            };
+            let lease_check = now + self.inner.config.lease_ttl.as_millis() as u64;
+            let until = wake_at.unwrap_or(lease_check).min(lease_check).max(now + 1);
+            let sleep = tokio::time::sleep(Duration::from_millis(until - now));
+            tokio::select! {
+                _ = notified => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    fn started(&self, lease: &Lease) {
+        let mut sched = self.sched();
+        let Some(leased) = sched.leased.get_mut(lease.task_id.as_str()).filter(|l| l.token == lease.token) else { return };
+        leased.state = TaskState::Running;
+        let mut t = transition(&leased.entry, Some(TaskState::Allocated), TaskState::Running, lease.attempt);
+        t.worker = Some(lease.worker.clone());
+        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+    }
+
+    fn heartbeat(&self, lease: &Lease) -> Result<(), QueueError> {
+        let mut sched = self.sched();
+        let leased = sched
+            .leased
+            .get_mut(lease.task_id.as_str())
+            .filter(|l| l.token == lease.token)
+            .ok_or_else(|| QueueError::StaleLease(lease.task_id.clone()))?;
+        leased.expires = now_ms() + self.inner.config.lease_ttl.as_millis() as u64;
+        Ok(())
+    }
+
+    fn complete(&self, lease: &Lease, completion: Completion) -> Result<(), QueueError> {
+        let leased = self.take_lease(&lease.task_id, lease.token)?;
+        let mut t = transition(&leased.entry, Some(leased.state), TaskState::Completed, lease.attempt);
+        t.worker = Some(lease.worker.clone());
+        t.result = Some(completion.result);
+        t.logs = Some(completion.logs);
+        t.progress = Some(completion.progress);
+        t.run_ms = Some(completion.run_ms);
+        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+        Ok(())
+    }
+
+    fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), QueueError> {
+        let leased = self.take_lease(&lease.task_id, lease.token)?;
+        let to = if failure.retry_at.is_some() { TaskState::Error } else { TaskState::Dead };
+        let mut t = transition(&leased.entry, Some(leased.state), to, lease.attempt);
+        t.worker = Some(lease.worker.clone());
+        t.error = Some((failure.kind, failure.message));
+        t.logs = Some(failure.logs);
+        t.run_ms = Some(failure.run_ms);
+        t.not_before = failure.retry_at;
+        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+        if let Some(retry_at) = failure.retry_at {
+            let now = now_ms();
+            self.sched().ready.insert(Entry { not_before: Some(retry_at), queued_at: now, state: TaskState::Error, ..leased.entry }, now);
+            self.inner.wake.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn release(&self, lease: &Lease, cancelled: bool) {
+        let Ok(leased) = self.take_lease(&lease.task_id, lease.token) else { return };
+        let to = if cancelled { TaskState::Cancelled } else { TaskState::Pending };
+        // A released attempt does not count: the task was stopped, not failed.
+        let attempts = if cancelled { lease.attempt } else { lease.attempt - 1 };
+        let mut t = transition(&leased.entry, Some(leased.state), to, attempts);
+        t.message = Some(if cancelled { "cancelled while running".into() } else { "released by a stopping worker".into() });
+        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+        if !cancelled {
+            let now = now_ms();
+            self.sched().ready.insert(Entry { attempts, state: TaskState::Pending, ..leased.entry }, now);
+            self.inner.wake.notify_waiters();
+        }
+    }
+
+    async fn pause_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
+        let flags = self.job_flags(job)?;
+        if flags.cancelled {
+            return Err(QueueError::Conflict(format!("job {job} is cancelled")));
+        }
+        self.set_job_flags(job, JobFlags { paused: true, ..flags }).await?;
+        self.sched().ready.pause(Arc::from(job.as_str()));
+        self.job(job).await
+    }
+
+    async fn resume_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
+        let flags = self.job_flags(job)?;
+        if flags.cancelled {
+            return Err(QueueError::Conflict(format!("job {job} is cancelled")));
+        }
+        self.set_job_flags(job, JobFlags { paused: false, ..flags }).await?;
+        self.sched().ready.resume(job, now_ms());
+        self.inner.wake.notify_waiters();
+        self.job(job).await
+    }
+
+    async fn cancel_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
+        self.job_flags(job)?;
+        self.set_job_flags(job, JobFlags { cancelled: true, paused: false }).await?;
+        let ops = {
+            let mut sched = self.sched();
+            sched.sweeps.retain(|c| &*c.job != job.as_str());
+            for leased in sched.leased.values().filter(|l| l.entry.job.as_deref() == Some(job.as_str())) {
+                leased.cancelled.notify_one();
+            }
+            sched
+                .ready
+                .remove_job(job)
+                .into_iter()
+                .map(|entry| Op::Transition(Box::new(transition(&entry, Some(entry.state), TaskState::Cancelled, entry.attempts))))
+                .collect::<Vec<_>>()
+        };
+        self.inner.writer.write(ops).await?;
+        self.job(job).await
+    }
+
+    async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError> {
+        let op = {
+            let mut sched = self.sched();
+            if let Some(leased) = sched.leased.get(task.as_str()) {
+                leased.cancelled.notify_one();
+                return Ok(());
+            }
+            sched.ready.remove(task).map(|entry| {
+                Op::Transition(Box::new(transition(&entry, Some(entry.state), TaskState::Cancelled, entry.attempts)))
+            })
+        };
+        match op {
+            Some(op) => self.inner.writer.write(vec![op]).await,
+            None => {
+                let record = self.task(task).await?;
+                Err(QueueError::Conflict(format!("task {task} is already {}", record.state)))
+            }
+        }
+    }
+
+    async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError> {
+        let known = {
+            let mut sched = self.sched();
+            let waiting = sched.ready.set_priority(task, priority, now_ms());
+            if let Some(leased) = sched.leased.get_mut(task.as_str()) {
+                leased.entry.priority = priority;
+            }
+            waiting || sched.leased.contains_key(task.as_str())
+        };
+        if !known {
+            let record = self.task(task).await?;
+            return Err(QueueError::Conflict(format!("task {task} is already {}", record.state)));
+        }
+        self.inner.writer.write(vec![Op::Priority(task.clone(), priority)]).await?;
+        self.inner.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError> {
+        let id = id.clone();
+        self.inner.reader.read(move |c| reader::task(c, &id)).await
+    }
+
+    async fn timeline(&self, id: &TaskId) -> Result<Vec<Event>, QueueError> {
+        let id = id.clone();
+        self.inner.reader.read(move |c| reader::timeline(c, &id)).await
+    }
+
+    async fn tasks(&self, filter: TaskFilter) -> Result<Page<TaskRecord>, QueueError> {
+        self.inner.reader.read(move |c| reader::tasks(c, &filter)).await
+    }
+
+    async fn job(&self, id: &JobId) -> Result<JobRecord, QueueError> {
+        let id = id.clone();
+        let mut job = self.inner.reader.read(move |c| reader::job(c, &id)).await?;
+        // Sweep expansion is written lazily; the cursor in memory is ahead of the row.
+        if let Some(cursor) = self.sched().sweeps.iter().find(|c| *c.job == *job.id) {
+            job.expanded = job.expanded.max(cursor.next);
+        }
+        Ok(job)
+    }
+
+    async fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
+        self.inner.reader.read(move |c| reader::jobs(c, limit)).await
+    }
+
+    async fn results(&self, job: &JobId, after: u64, limit: usize) -> Result<Vec<TaskResult>, QueueError> {
+        let job = job.clone();
+        self.inner.reader.read(move |c| reader::results(c, &job, after, limit)).await
+    }
+
+    async fn events_since(&self, offset: u64, limit: usize) -> Result<Vec<Event>, QueueError> {
+        self.inner.reader.read(move |c| reader::events_since(c, offset, limit)).await
+    }
+
+    async fn census(&self) -> Result<Vec<CensusRow>, QueueError> {
+        self.inner.reader.read(reader::census).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn observe(&self, observer: Arc<dyn CommitObserver>) {
+        self.inner.observers.write().expect("observers lock").push(observer);
+    }
+
+    fn depth(&self) -> [u64; 10] {
+        let sched = self.sched();
+        let mut depth = sched.ready.depth();
+        for cursor in &sched.sweeps {
+            depth[cursor.options.priority as usize] += cursor.total - cursor.next;
+        }
+        depth
+    }
+
+    fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.wake.notify_waiters();
+    }
+
+    async fn flush(&self) -> Result<(), QueueError> {
+        self.inner.writer.write(Vec::new()).await
+    }
+}

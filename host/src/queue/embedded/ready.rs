@@ -1,0 +1,412 @@
+//! The in-memory index of tasks waiting to run: strict priority with
+//! aging, soft affinity, delayed starts, held (priority 0) and paused tasks.
+//! The durable truth is the store; this index is rebuilt from it at start.
+//!
+//! Queues hold `(id, generation)` and entries are removed lazily: a queue
+//! slot whose entry is gone, re-queued or moved is skipped when reached.
+
+use super::writer::Tags;
+use crate::model::{Millis, ModuleId};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// A waiting task with everything needed to lease it without a store read.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub(super) id: Arc<str>,
+    pub(super) job: Option<Arc<str>>,
+    pub(super) module: ModuleId,
+    pub(super) payload: Arc<[u8]>,
+    pub(super) affinity: Option<Arc<str>>,
+    pub(super) priority: u8,
+    pub(super) tags: Tags,
+    pub(super) timeout_ms: u64,
+    pub(super) memory_bytes: u64,
+    pub(super) max_attempts: u32,
+    /// Attempts already made.
+    pub(super) attempts: u32,
+    /// When it became ready to wait (for aging and queue-wait time).
+    pub(super) queued_at: Millis,
+    pub(super) not_before: Option<Millis>,
+    /// Pending, or Error while it waits for a retry (what the store says).
+    pub(super) state: crate::model::TaskState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Queued,
+    Delayed,
+    Held,
+    Parked,
+}
+
+struct Waiting {
+    entry: Entry,
+    slot: Slot,
+    generation: u64,
+}
+
+/// How the index trades priority against affinity and age.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Policy {
+    /// A task's effective priority rises by one per this many ms of waiting.
+    pub(super) aging_ms: u64,
+    /// How long a task may wait for the worker that is warm for it.
+    pub(super) affinity_window_ms: u64,
+}
+
+/// What a free worker gets.
+pub(super) enum Pick {
+    /// This task; `true` if its (module, key) was warm on the worker.
+    Task(Entry, bool),
+    /// Nothing now; look again by this time (or when notified).
+    Wait(Option<Millis>),
+}
+
+type Key = (ModuleId, Arc<str>);
+
+#[derive(Default)]
+pub(super) struct ReadyIndex {
+    waiting: HashMap<Arc<str>, Waiting>,
+    by_priority: [VecDeque<(Arc<str>, u64)>; 10],
+    by_key: HashMap<Key, VecDeque<(Arc<str>, u64)>>,
+    delayed: BinaryHeap<Reverse<(Millis, Arc<str>, u64)>>,
+    paused: HashSet<Arc<str>>,
+    next_generation: u64,
+    depth: [u64; 10],
+    per_job: HashMap<Arc<str>, u64>,
+}
+
+impl ReadyIndex {
+    /// Tasks waiting per priority (queued, delayed, held or parked).
+    pub(super) fn depth(&self) -> [u64; 10] {
+        self.depth
+    }
+
+    /// Tasks of a job waiting here.
+    pub(super) fn job_waiting(&self, job: &str) -> u64 {
+        self.per_job.get(job).copied().unwrap_or(0)
+    }
+
+    /// Add a task (or put it back).
+    pub(super) fn insert(&mut self, entry: Entry, now: Millis) {
+        self.depth[entry.priority as usize] += 1;
+        if let Some(job) = &entry.job {
+            *self.per_job.entry(job.clone()).or_default() += 1;
+        }
+        self.place(entry, now);
+    }
+
+    fn place(&mut self, entry: Entry, now: Millis) {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let id = entry.id.clone();
+        let slot = if entry.priority == 0 {
+            Slot::Held
+        } else if entry.not_before.is_some_and(|t| t > now) {
+            self.delayed.push(Reverse((entry.not_before.unwrap_or(now), id.clone(), generation)));
+            Slot::Delayed
+        } else if entry.job.as_ref().is_some_and(|j| self.paused.contains(j)) {
+            Slot::Parked
+        } else {
+            self.by_priority[entry.priority as usize].push_back((id.clone(), generation));
+            if let Some(key) = &entry.affinity {
+                self.by_key.entry((entry.module.clone(), key.clone())).or_default().push_back((id.clone(), generation));
+            }
+            Slot::Queued
+        };
+        self.waiting.insert(id, Waiting { entry, slot, generation });
+    }
+
+    /// Take a task out of the index, wherever it waits.
+    pub(super) fn remove(&mut self, id: &str) -> Option<Entry> {
+        let waiting = self.waiting.remove(id)?;
+        self.depth[waiting.entry.priority as usize] -= 1;
+        if let Some(job) = &waiting.entry.job
+            && let Some(count) = self.per_job.get_mut(job)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.per_job.remove(job);
+            }
+        }
+        Some(waiting.entry)
+    }
+
+    /// Change a waiting task's priority; 0 holds it, raising releases it.
+    pub(super) fn set_priority(&mut self, id: &str, priority: u8, now: Millis) -> bool {
+        let Some(mut entry) = self.remove(id) else { return false };
+        entry.priority = priority;
+        self.insert(entry, now);
+        true
+    }
+
+    /// Every waiting task of a job, removed.
+    pub(super) fn remove_job(&mut self, job: &str) -> Vec<Entry> {
+        let ids: Vec<Arc<str>> =
+            self.waiting.values().filter(|w| w.entry.job.as_deref() == Some(job)).map(|w| w.entry.id.clone()).collect();
+        ids.iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Stop offering a job's tasks (they are parked when reached).
+    pub(super) fn pause(&mut self, job: Arc<str>) {
+        self.paused.insert(job);
+    }
+
+    /// Offer a paused job's tasks again.
+    pub(super) fn resume(&mut self, job: &str, now: Millis) {
+        self.paused.remove(job);
+        let parked: Vec<Arc<str>> = self
+            .waiting
+            .values()
+            .filter(|w| w.slot == Slot::Parked && w.entry.job.as_deref() == Some(job))
+            .map(|w| w.entry.id.clone())
+            .collect();
+        for id in parked {
+            if let Some(waiting) = self.waiting.remove(&id) {
+                self.place(waiting.entry, now);
+            }
+        }
+    }
+
+    /// Move delayed tasks whose time has come into the queues.
+    pub(super) fn promote_due(&mut self, now: Millis) {
+        while let Some(Reverse((at, id, generation))) = self.delayed.peek().cloned() {
+            if at > now {
+                break;
+            }
+            self.delayed.pop();
+            let current = self.waiting.get(&id).is_some_and(|w| w.generation == generation && w.slot == Slot::Delayed);
+            if current && let Some(mut waiting) = self.waiting.remove(&id) {
+                waiting.entry.not_before = None;
+                self.place(waiting.entry, now);
+            }
+        }
+    }
+
+    /// When the next delayed task becomes due.
+    pub(super) fn next_due(&self) -> Option<Millis> {
+        self.delayed.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The oldest live queued entry of a queue, dropping stale slots and
+    /// parking tasks of paused jobs on the way.
+    fn head(&mut self, queue: QueueRef) -> Option<Arc<str>> {
+        loop {
+            let (id, generation) = match &queue {
+                QueueRef::Priority(p) => self.by_priority[*p].front().cloned()?,
+                QueueRef::Key(key) => self.by_key.get(key).and_then(|q| q.front().cloned())?,
+            };
+            let live = self.waiting.get(&id).is_some_and(|w| w.generation == generation && w.slot == Slot::Queued);
+            if live {
+                let paused = self.waiting[&id].entry.job.as_ref().is_some_and(|j| self.paused.contains(j));
+                if !paused {
+                    return Some(id);
+                }
+                if let Some(w) = self.waiting.get_mut(&id) {
+                    w.slot = Slot::Parked;
+                }
+            }
+            match &queue {
+                QueueRef::Priority(p) => {
+                    self.by_priority[*p].pop_front();
+                }
+                QueueRef::Key(key) => {
+                    if let Some(q) = self.by_key.get_mut(key) {
+                        q.pop_front();
+                        if q.is_empty() {
+                            self.by_key.remove(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn effective(&self, id: &str, now: Millis, policy: Policy) -> (f64, Reverse<Millis>) {
+        let entry = &self.waiting[id].entry;
+        let waited = now.saturating_sub(entry.queued_at);
+        (entry.priority as f64 + waited as f64 / policy.aging_ms.max(1) as f64, Reverse(entry.queued_at))
+    }
+
+    /// The best task for a worker with these warm pairs, given which pairs
+    /// are warm on other workers.
+    pub(super) fn pick(
+        &mut self,
+        warm_here: &[(ModuleId, String)],
+        warm_elsewhere: &dyn Fn(&ModuleId, &str) -> bool,
+        now: Millis,
+        policy: Policy,
+    ) -> Pick {
+        let cmp = |a: &(f64, Reverse<Millis>), b: &(f64, Reverse<Millis>)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        let mut best_warm: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
+        for (module, key) in warm_here {
+            if let Some(id) = self.head(QueueRef::Key((module.clone(), Arc::from(key.as_str())))) {
+                let score = self.effective(&id, now, policy);
+                if best_warm.as_ref().is_none_or(|(_, best)| cmp(&score, best).is_gt()) {
+                    best_warm = Some((id, score));
+                }
+            }
+        }
+        // Best head per priority, skipping tasks reserved for a warm worker elsewhere.
+        let mut best_global: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
+        let mut best_any: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
+        let mut wake: Option<Millis> = None;
+        for p in 1..10 {
+            let Some(id) = self.head(QueueRef::Priority(p)) else { continue };
+            let score = self.effective(&id, now, policy);
+            if best_any.as_ref().is_none_or(|(_, best)| cmp(&score, best).is_gt()) {
+                best_any = Some((id.clone(), score));
+            }
+            let entry = &self.waiting[&id].entry;
+            let reserved_until = entry.queued_at + policy.affinity_window_ms;
+            let reserved = entry.affinity.as_ref().is_some_and(|k| warm_elsewhere(&entry.module, k)) && now < reserved_until;
+            if reserved {
+                wake = Some(wake.map_or(reserved_until, |w: Millis| w.min(reserved_until)));
+                continue;
+            }
+            if best_global.as_ref().is_none_or(|(_, best)| cmp(&score, best).is_gt()) {
+                best_global = Some((id, score));
+            }
+        }
+        let chosen = match (best_warm, best_global, best_any) {
+            (Some((warm, warm_score)), _, Some((any, any_score))) => {
+                let any_entry = &self.waiting[&any].entry;
+                let overdue = now.saturating_sub(any_entry.queued_at) >= policy.affinity_window_ms;
+                if cmp(&any_score, &warm_score).is_gt() && overdue { Some((any, false)) } else { Some((warm, true)) }
+            }
+            (Some((warm, _)), _, None) => Some((warm, true)),
+            (None, Some((global, _)), _) => Some((global, false)),
+            (None, None, _) => None,
+        };
+        match chosen {
+            Some((id, warm_hit)) => {
+                let entry = self.remove(&id).expect("picked entry is waiting");
+                let warm_hit = warm_hit
+                    || entry.affinity.as_ref().is_some_and(|k| warm_here.iter().any(|(m, w)| *m == entry.module && w == &**k));
+                Pick::Task(entry, warm_hit)
+            }
+            None => {
+                let due = self.next_due();
+                Pick::Wait(match (wake, due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                })
+            }
+        }
+    }
+}
+
+enum QueueRef {
+    Priority(usize),
+    Key(Key),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: Policy = Policy { aging_ms: 10_000, affinity_window_ms: 1_000 };
+
+    fn entry(id: &str, priority: u8, queued_at: Millis, affinity: Option<&str>) -> Entry {
+        Entry {
+            id: Arc::from(id),
+            job: Some(Arc::from("j")),
+            module: ModuleId::of(b"m"),
+            payload: Arc::from(&b""[..]),
+            affinity: affinity.map(Arc::from),
+            priority,
+            tags: Arc::default(),
+            timeout_ms: 1000,
+            memory_bytes: 1 << 20,
+            max_attempts: 1,
+            attempts: 0,
+            queued_at,
+            not_before: None,
+            state: crate::model::TaskState::Pending,
+        }
+    }
+
+    fn take(index: &mut ReadyIndex, warm: &[(ModuleId, String)], elsewhere: bool, now: Millis) -> Option<String> {
+        match index.pick(warm, &|_, _| elsewhere, now, POLICY) {
+            Pick::Task(e, _) => Some(e.id.to_string()),
+            Pick::Wait(_) => None,
+        }
+    }
+
+    #[test]
+    fn strict_priority_then_fifo() {
+        let mut index = ReadyIndex::default();
+        for (id, p, t) in [("a", 3, 0), ("b", 9, 1), ("c", 3, 2), ("d", 9, 3), ("e", 1, 4)] {
+            index.insert(entry(id, p, t, None), 10);
+        }
+        let order: Vec<String> = std::iter::from_fn(|| take(&mut index, &[], false, 10)).collect();
+        assert_eq!(order, ["b", "d", "a", "c", "e"]);
+        assert_eq!(index.depth(), [0; 10]);
+    }
+
+    #[test]
+    fn aging_lets_an_old_low_priority_task_through() {
+        let mut index = ReadyIndex::default();
+        index.insert(entry("old", 1, 0, None), 0);
+        index.insert(entry("new", 9, 100_000, None), 100_000);
+        // 100 s of waiting at 10 s per level: effective 11 > 9.
+        assert_eq!(take(&mut index, &[], false, 100_000).as_deref(), Some("old"));
+    }
+
+    #[test]
+    fn held_tasks_wait_until_raised_and_delayed_ones_until_due() {
+        let mut index = ReadyIndex::default();
+        index.insert(entry("held", 0, 0, None), 0);
+        let mut later = entry("later", 5, 0, None);
+        later.not_before = Some(500);
+        index.insert(later, 0);
+        assert!(matches!(index.pick(&[], &|_, _| false, 0, POLICY), Pick::Wait(Some(500))));
+        index.promote_due(500);
+        assert_eq!(take(&mut index, &[], false, 500).as_deref(), Some("later"));
+        assert_eq!(take(&mut index, &[], false, 500), None);
+        assert!(index.set_priority("held", 4, 600));
+        assert_eq!(take(&mut index, &[], false, 600).as_deref(), Some("held"));
+    }
+
+    #[test]
+    fn warm_worker_prefers_its_key_and_others_leave_it_alone_for_the_window() {
+        let mut index = ReadyIndex::default();
+        index.insert(entry("plain", 5, 0, None), 0);
+        index.insert(entry("usd", 5, 10, Some("curve=USD")), 10);
+        let warm = vec![(ModuleId::of(b"m"), "curve=USD".to_string())];
+        assert_eq!(take(&mut index, &warm, false, 20).as_deref(), Some("usd"), "warm match beats an older equal");
+        index.insert(entry("usd2", 5, 30, Some("curve=USD")), 30);
+        // A cold worker skips the task reserved for the warm one...
+        assert_eq!(take(&mut index, &[], true, 40).as_deref(), Some("plain"));
+        assert!(matches!(index.pick(&[], &|_, _| true, 40, POLICY), Pick::Wait(Some(1030))));
+        // ...until the affinity window has passed.
+        assert_eq!(take(&mut index, &[], true, 1030).as_deref(), Some("usd2"));
+    }
+
+    #[test]
+    fn warm_preference_yields_to_an_overdue_higher_priority_task() {
+        let mut index = ReadyIndex::default();
+        let warm = vec![(ModuleId::of(b"m"), "k".to_string())];
+        index.insert(entry("urgent", 9, 0, None), 0);
+        index.insert(entry("warm", 2, 0, Some("k")), 0);
+        assert_eq!(take(&mut index, &warm, false, 500).as_deref(), Some("warm"), "within the window");
+        index.insert(entry("warm2", 2, 0, Some("k")), 0);
+        assert_eq!(take(&mut index, &warm, false, 1500).as_deref(), Some("urgent"), "overdue");
+    }
+
+    #[test]
+    fn paused_jobs_park_and_resume() {
+        let mut index = ReadyIndex::default();
+        index.insert(entry("a", 5, 0, None), 0);
+        index.pause(Arc::from("j"));
+        assert_eq!(take(&mut index, &[], false, 1), None);
+        assert_eq!(index.job_waiting("j"), 1);
+        index.resume("j", 2);
+        assert_eq!(take(&mut index, &[], false, 2).as_deref(), Some("a"));
+        index.insert(entry("b", 5, 0, None), 0);
+        assert_eq!(index.remove_job("j").len(), 1);
+        assert_eq!(take(&mut index, &[], false, 3), None);
+    }
+}

@@ -1,0 +1,79 @@
+//! The SQLite schema of the embedded store, and how connections are set up.
+
+use rusqlite::Connection;
+
+/// Tables: modules (bytes by SHA-256), jobs (one row per job, sweeps with a
+/// cursor), tasks (one row per created task: the durable record), events
+/// (the tracker log; its rowid is the event offset).
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS modules (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    bytes BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    module TEXT NOT NULL,
+    options TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    expanded INTEGER NOT NULL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    sweep TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    job_id TEXT,
+    module TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    priority INTEGER NOT NULL,
+    options TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    not_before INTEGER,
+    pending_at INTEGER, allocated_at INTEGER, running_at INTEGER, completed_at INTEGER,
+    error_at INTEGER, dead_at INTEGER, cancelled_at INTEGER,
+    error_kind TEXT,
+    error_message TEXT,
+    result BLOB,
+    logs TEXT,
+    progress REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS tasks_by_job_state ON tasks(job_id, state);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state);
+CREATE TABLE IF NOT EXISTS events (
+    offset INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    job_id TEXT,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT,
+    at INTEGER NOT NULL,
+    error_kind TEXT,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_task ON events(task_id);
+";
+
+/// Open a connection with the settings every connection needs. WAL lets
+/// readers run beside the one writer; `synchronous = FULL` makes every
+/// commit durable even against power loss (the writer groups many
+/// operations per commit, so the fsync is paid once per batch).
+pub(super) fn open(path: &std::path::Path, writer: bool) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    if writer {
+        conn.execute_batch(SCHEMA)?;
+    }
+    Ok(conn)
+}

@@ -1,0 +1,328 @@
+//! The store's single writer: a thread that owns the write connection,
+//! applies queued operations in large transactions (group commit), then
+//! tells observers and subscribers what became durable, in order.
+//!
+//! Because every change goes through this one ordered channel, an
+//! operation queued after another is never durable before it: a task's
+//! insert always commits before any of its transitions.
+
+use super::super::{CommitObserver, Committed, ModuleRecord, QueueError};
+use crate::model::{ErrorKind, Event, JobRecord, LogLine, Millis, ModuleId, NewTask, TaskState};
+use rusqlite::{Connection, params};
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Operations per transaction at most; more wait for the next commit.
+const MAX_BATCH_OPS: usize = 50_000;
+
+/// Tags shared between a task's in-memory entry and its transitions.
+pub(super) type Tags = Arc<BTreeMap<String, String>>;
+
+/// One change to the store.
+pub(super) enum Op {
+    Module(ModuleRecord, Vec<u8>),
+    Job(JobRecord),
+    NewTasks(Vec<(NewTask, Tags)>, Millis),
+    JobExpanded(String, u64),
+    JobFlags { job: String, paused: bool, cancelled: bool },
+    Transition(Box<Transition>),
+    Priority(String, u8),
+}
+
+/// A task entering a state.
+pub(super) struct Transition {
+    pub(super) task_id: Arc<str>,
+    pub(super) job_id: Option<Arc<str>>,
+    pub(super) module: ModuleId,
+    pub(super) tags: Tags,
+    pub(super) from: Option<TaskState>,
+    pub(super) to: TaskState,
+    pub(super) attempt: u32,
+    pub(super) worker: Option<String>,
+    pub(super) at: Millis,
+    pub(super) error: Option<(ErrorKind, String)>,
+    pub(super) message: Option<String>,
+    pub(super) result: Option<Vec<u8>>,
+    pub(super) logs: Option<Vec<LogLine>>,
+    pub(super) progress: Option<f32>,
+    pub(super) not_before: Option<Millis>,
+    pub(super) run_ms: Option<u64>,
+    pub(super) wait_ms: Option<u64>,
+}
+
+impl Transition {
+    /// A bare transition; callers fill in what the state carries.
+    pub(super) fn new(task_id: Arc<str>, job_id: Option<Arc<str>>, module: ModuleId, tags: Tags, from: Option<TaskState>, to: TaskState, attempt: u32) -> Self {
+        Transition {
+            task_id,
+            job_id,
+            module,
+            tags,
+            from,
+            to,
+            attempt,
+            worker: None,
+            at: crate::model::now_ms(),
+            error: None,
+            message: None,
+            result: None,
+            logs: None,
+            progress: None,
+            not_before: None,
+            run_ms: None,
+            wait_ms: None,
+        }
+    }
+}
+
+struct Command {
+    ops: Vec<Op>,
+    done: Option<oneshot::Sender<Result<(), QueueError>>>,
+}
+
+/// Handle to the writer thread.
+pub(super) struct Writer {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Writer {
+    pub(super) fn start(
+        conn: Connection,
+        events: broadcast::Sender<Event>,
+        observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("kwq-store-writer".into())
+            .spawn(move || run(conn, rx, events, observers))
+            .expect("cannot start the store writer thread");
+        Writer { tx }
+    }
+
+    /// Queue operations without waiting for them to be durable.
+    pub(super) fn send(&self, ops: Vec<Op>) {
+        let _ = self.tx.send(Command { ops, done: None });
+    }
+
+    /// Queue operations and wait until they are durable.
+    pub(super) async fn write(&self, ops: Vec<Op>) -> Result<(), QueueError> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Command { ops, done: Some(done) }).map_err(|_| QueueError::Closed)?;
+        wait.await.map_err(|_| QueueError::Closed)?
+    }
+}
+
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    events: broadcast::Sender<Event>,
+    observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        let mut ops = batch[0].ops.len();
+        while ops < MAX_BATCH_OPS {
+            match rx.try_recv() {
+                Ok(command) => {
+                    ops += command.ops.len();
+                    batch.push(command);
+                }
+                Err(_) => break,
+            }
+        }
+        match apply(&mut conn, &batch) {
+            Ok(committed) => {
+                for command in batch {
+                    if let Some(done) = command.done {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                if !committed.is_empty() {
+                    for observer in observers.read().expect("observers lock").iter() {
+                        observer.committed(&committed);
+                    }
+                    for c in committed {
+                        let _ = events.send(c.event);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store write failed; {} operations lost", ops);
+                for command in batch {
+                    if let Some(done) = command.done {
+                        let _ = done.send(Err(QueueError::Storage(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn state_column(state: TaskState) -> &'static str {
+    match state {
+        TaskState::Pending => "pending_at",
+        TaskState::Allocated => "allocated_at",
+        TaskState::Running => "running_at",
+        TaskState::Completed => "completed_at",
+        TaskState::Error => "error_at",
+        TaskState::Dead => "dead_at",
+        TaskState::Cancelled => "cancelled_at",
+    }
+}
+
+fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Committed>> {
+    let tx = conn.transaction()?;
+    let mut committed = Vec::new();
+    for op in batch.iter().flat_map(|c| c.ops.iter()) {
+        match op {
+            Op::Module(record, bytes) => {
+                tx.prepare_cached(
+                    "INSERT INTO modules (id, name, kind, size, bytes, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(id) DO UPDATE SET name = COALESCE(excluded.name, name)",
+                )?
+                .execute(params![
+                    record.id.as_str(),
+                    record.name,
+                    serde_json::to_string(&record.kind).unwrap_or_default(),
+                    record.size as i64,
+                    bytes,
+                    record.created_at as i64
+                ])?;
+            }
+            Op::Job(job) => {
+                tx.prepare_cached(
+                    "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?
+                .execute(params![
+                    job.id,
+                    job.name,
+                    job.module.as_str(),
+                    serde_json::to_string(&job.options).unwrap_or_default(),
+                    job.total as i64,
+                    job.expanded as i64,
+                    job.paused,
+                    job.cancelled,
+                    job.sweep.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()),
+                    job.created_at as i64
+                ])?;
+            }
+            Op::NewTasks(tasks, at) => {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8)",
+                )?;
+                for (task, tags) in tasks {
+                    insert.execute(params![
+                        task.id,
+                        task.job_id,
+                        task.module.as_str(),
+                        task.payload,
+                        task.options.priority,
+                        serde_json::to_string(&task.options).unwrap_or_default(),
+                        task.options.not_before.map(|t| t as i64),
+                        *at as i64
+                    ])?;
+                    let event = insert_event(&tx, &task.id, task.job_id.as_deref(), TaskState::Pending, 0, None, *at, None, None)?;
+                    committed.push(Committed {
+                        event,
+                        from: None,
+                        module: task.module.clone(),
+                        tags: tags.clone(),
+                        run_ms: None,
+                        wait_ms: None,
+                    });
+                }
+            }
+            Op::JobExpanded(job, expanded) => {
+                tx.prepare_cached("UPDATE jobs SET expanded = ?2 WHERE id = ?1")?.execute(params![job, *expanded as i64])?;
+            }
+            Op::JobFlags { job, paused, cancelled } => {
+                tx.prepare_cached("UPDATE jobs SET paused = ?2, cancelled = ?3 WHERE id = ?1")?
+                    .execute(params![job, paused, cancelled])?;
+            }
+            Op::Priority(task, priority) => {
+                tx.prepare_cached("UPDATE tasks SET priority = ?2 WHERE id = ?1")?.execute(params![task, priority])?;
+            }
+            Op::Transition(t) => {
+                let sql = format!(
+                    "UPDATE tasks SET state = ?2, attempts = ?3, worker = COALESCE(?4, worker), {} = ?5,
+                     error_kind = CASE WHEN ?6 IS NULL THEN error_kind ELSE ?6 END,
+                     error_message = CASE WHEN ?7 IS NULL THEN error_message ELSE ?7 END,
+                     result = COALESCE(?8, result), logs = COALESCE(?9, logs),
+                     progress = COALESCE(?10, progress), not_before = ?11
+                     WHERE id = ?1",
+                    state_column(t.to)
+                );
+                let (kind, message) = match &t.error {
+                    Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
+                    None => (None, None),
+                };
+                tx.prepare_cached(&sql)?.execute(params![
+                    &*t.task_id,
+                    t.to.as_str(),
+                    t.attempt,
+                    t.worker,
+                    t.at as i64,
+                    kind,
+                    message,
+                    t.result,
+                    t.logs.as_ref().map(|l| serde_json::to_string(l).unwrap_or_default()),
+                    t.progress.map(f64::from),
+                    t.not_before.map(|n| n as i64)
+                ])?;
+                let event = insert_event(
+                    &tx,
+                    &t.task_id,
+                    t.job_id.as_deref(),
+                    t.to,
+                    t.attempt,
+                    t.worker.as_deref(),
+                    t.at,
+                    t.error.as_ref().map(|e| e.0),
+                    message.or(t.message.as_deref()),
+                )?;
+                committed.push(Committed {
+                    event,
+                    from: t.from,
+                    module: t.module.clone(),
+                    tags: t.tags.clone(),
+                    run_ms: t.run_ms,
+                    wait_ms: t.wait_ms,
+                });
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(committed)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_event(
+    tx: &rusqlite::Transaction<'_>,
+    task_id: &str,
+    job_id: Option<&str>,
+    state: TaskState,
+    attempt: u32,
+    worker: Option<&str>,
+    at: Millis,
+    error_kind: Option<ErrorKind>,
+    message: Option<&str>,
+) -> rusqlite::Result<Event> {
+    tx.prepare_cached(
+        "INSERT INTO events (task_id, job_id, state, attempt, worker, at, error_kind, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![task_id, job_id, state.as_str(), attempt, worker, at as i64, error_kind.map(|k| k.as_str()), message])?;
+    Ok(Event {
+        offset: tx.last_insert_rowid() as u64,
+        task_id: task_id.to_string(),
+        job_id: job_id.map(str::to_string),
+        state,
+        attempt,
+        worker: worker.map(str::to_string),
+        at,
+        error_kind,
+        message: message.map(str::to_string),
+    })
+}

@@ -1,0 +1,265 @@
+//! The task store: one small trait the dispatcher and the API use, and its
+//! backends. `embedded` (SQLite, the default) keeps a durable log of every
+//! task and event and an in-memory ready index for fast leasing.
+//!
+//! The queue knows nothing about Wasm: a task is a module id and bytes.
+
+pub mod embedded;
+
+use crate::model::{
+    ErrorKind, Event, JobId, JobRecord, LogLine, Millis, ModuleId, ModuleKind, NewJob, NewTask, TaskId, TaskRecord,
+    TaskState,
+};
+use async_trait::async_trait;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Why a queue operation failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QueueError {
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request cannot be carried out in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The lease is no longer held (it expired and the task was re-offered).
+    #[error("lease on task {0} is no longer held")]
+    StaleLease(TaskId),
+    /// The store failed.
+    #[error("store error: {0}")]
+    Storage(String),
+    /// The queue is shutting down.
+    #[error("queue is shutting down")]
+    Closed,
+}
+
+/// A module as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModuleRecord {
+    /// SHA-256 of its bytes.
+    pub id: ModuleId,
+    /// A name for people (the last one given).
+    pub name: Option<String>,
+    /// Component or WASI command.
+    pub kind: ModuleKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// When first uploaded.
+    pub created_at: Millis,
+}
+
+/// What a free worker tells the queue when it asks for work.
+#[derive(Debug, Clone)]
+pub struct WorkerView {
+    /// Worker id, unique on this host.
+    pub id: String,
+    /// (module, affinity key) pairs warm on this worker.
+    pub warm: Vec<(ModuleId, String)>,
+}
+
+/// A task leased to a worker.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its job.
+    pub job_id: Option<JobId>,
+    /// Module to run.
+    pub module: ModuleId,
+    /// Input bytes.
+    pub payload: Arc<[u8]>,
+    /// Warm-instance key.
+    pub affinity: Option<String>,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Attempts allowed in all.
+    pub max_attempts: u32,
+    /// Wall-clock limit of this attempt.
+    pub timeout: Duration,
+    /// Memory cap of this attempt.
+    pub memory_bytes: u64,
+    /// Worker holding it.
+    pub worker: String,
+    /// Distinguishes this lease from earlier ones of the same task.
+    pub token: u64,
+    /// When the task was queued (for queue-wait time).
+    pub queued_at: Millis,
+    /// Whether the task's (module, key) was warm on the worker.
+    pub warm_hit: bool,
+    /// Fires when the task is cancelled while leased.
+    pub cancelled: Arc<tokio::sync::Notify>,
+}
+
+/// What a successful attempt produced.
+#[derive(Debug, Clone, Default)]
+pub struct Completion {
+    /// Result bytes.
+    pub result: Vec<u8>,
+    /// Guest log lines.
+    pub logs: Vec<LogLine>,
+    /// Last progress.
+    pub progress: f32,
+    /// Run time of the attempt.
+    pub run_ms: u64,
+}
+
+/// What a failed attempt left behind.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Why it failed.
+    pub kind: ErrorKind,
+    /// The message.
+    pub message: String,
+    /// Guest log lines.
+    pub logs: Vec<LogLine>,
+    /// Run time of the attempt.
+    pub run_ms: u64,
+    /// When to retry; `None` parks the task as Dead.
+    pub retry_at: Option<Millis>,
+}
+
+/// Filters of a task listing; all optional.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only this job's tasks.
+    pub job: Option<JobId>,
+    /// Only tasks in this state.
+    pub state: Option<TaskState>,
+    /// Only tasks with this tag key and value.
+    pub tag: Option<(String, String)>,
+    /// Tasks after this cursor (from the previous page).
+    pub after: Option<u64>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Cursor for the next page, if there may be one.
+    pub next: Option<u64>,
+}
+
+/// One completed task's result, as `GET /jobs/{id}/results` streams it.
+#[derive(Debug, Clone)]
+pub struct TaskResult {
+    /// Cursor position.
+    pub seq: u64,
+    /// The task.
+    pub task_id: TaskId,
+    /// Result bytes.
+    pub result: Vec<u8>,
+}
+
+/// Extra facts about a committed event, for statistics.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The event as stored.
+    pub event: Event,
+    /// State the task left (None for a new task).
+    pub from: Option<TaskState>,
+    /// Module of the task.
+    pub module: ModuleId,
+    /// Tags of the task.
+    pub tags: Arc<BTreeMap<String, String>>,
+    /// Run time, for Completed/Error/Dead.
+    pub run_ms: Option<u64>,
+    /// Time queued before the lease, for Allocated.
+    pub wait_ms: Option<u64>,
+}
+
+/// One task's facts for rebuilding statistics after a restart.
+#[derive(Debug, Clone)]
+pub struct CensusRow {
+    /// Its job.
+    pub job_id: Option<JobId>,
+    /// Its module.
+    pub module: ModuleId,
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
+    /// Its state.
+    pub state: TaskState,
+    /// Run time, if Completed.
+    pub run_ms: Option<u64>,
+}
+
+/// Told of every batch of events right after it is durably stored, in order.
+pub trait CommitObserver: Send + Sync {
+    /// Called from the store's writer; must be quick.
+    fn committed(&self, batch: &[Committed]);
+}
+
+/// The task store, as the dispatcher and the API see it.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Store a module's bytes (idempotent by id).
+    async fn put_module(&self, record: ModuleRecord, bytes: Vec<u8>) -> Result<ModuleRecord, QueueError>;
+    /// A module's record.
+    async fn module(&self, id: &ModuleId) -> Result<ModuleRecord, QueueError>;
+    /// Every module.
+    async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError>;
+    /// A module's bytes (blocking-safe: used by the runtime on a cache miss).
+    fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>>;
+
+    /// Durably accept tasks; they are Pending when this returns.
+    async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError>;
+    /// Durably accept a job (explicit payloads or a sweep).
+    async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError>;
+
+    /// Wait for the best task for this worker; `None` once the queue is closed.
+    async fn lease(&self, worker: &WorkerView) -> Option<Lease>;
+    /// The leased task started running.
+    fn started(&self, lease: &Lease);
+    /// Keep a long-running lease alive.
+    fn heartbeat(&self, lease: &Lease) -> Result<(), QueueError>;
+    /// The attempt succeeded.
+    fn complete(&self, lease: &Lease, completion: Completion) -> Result<(), QueueError>;
+    /// The attempt failed; retried at `failure.retry_at` or parked as Dead.
+    fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), QueueError>;
+    /// The attempt was abandoned (shutdown, cancellation): give the task back.
+    fn release(&self, lease: &Lease, cancelled: bool);
+
+    /// Stop leasing a job's tasks.
+    async fn pause_job(&self, job: &JobId) -> Result<JobRecord, QueueError>;
+    /// Lease a paused job's tasks again.
+    async fn resume_job(&self, job: &JobId) -> Result<JobRecord, QueueError>;
+    /// Cancel a job's unfinished tasks.
+    async fn cancel_job(&self, job: &JobId) -> Result<JobRecord, QueueError>;
+    /// Cancel one unfinished task.
+    async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError>;
+    /// Change an unfinished task's priority (0 holds it; raising releases it).
+    async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError>;
+
+    /// One task with its full record.
+    async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError>;
+    /// A task's events, oldest first.
+    async fn timeline(&self, id: &TaskId) -> Result<Vec<Event>, QueueError>;
+    /// Tasks matching a filter, one page.
+    async fn tasks(&self, filter: TaskFilter) -> Result<Page<TaskRecord>, QueueError>;
+    /// One job.
+    async fn job(&self, id: &JobId) -> Result<JobRecord, QueueError>;
+    /// Jobs, newest first.
+    async fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError>;
+    /// Completed results of a job after a cursor, in task order.
+    async fn results(&self, job: &JobId, after: u64, limit: usize) -> Result<Vec<TaskResult>, QueueError>;
+    /// Stored events after an offset.
+    async fn events_since(&self, offset: u64, limit: usize) -> Result<Vec<Event>, QueueError>;
+    /// One row per stored task, for rebuilding statistics at start.
+    async fn census(&self) -> Result<Vec<CensusRow>, QueueError>;
+    /// Live events, as they are stored.
+    fn subscribe(&self) -> broadcast::Receiver<Event>;
+    /// Register the statistics observer.
+    fn observe(&self, observer: Arc<dyn CommitObserver>);
+    /// Tasks waiting to be leased, per priority 0..=9 (including unexpanded sweep points).
+    fn depth(&self) -> [u64; 10];
+    /// Stop handing out leases; wake every waiting worker.
+    fn close(&self);
+    /// Wait until everything accepted so far is durable.
+    async fn flush(&self) -> Result<(), QueueError>;
+}

@@ -1,0 +1,139 @@
+//! `kwq serve` as a library call: open the store, start the runtime, the
+//! tracker, the worker pool and the HTTP API, and run until `shutdown`.
+//! Tests start it in-process on port 0; the binary starts it on its flag values.
+
+use crate::api::{self, ApiLimits, AppState};
+use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::examples;
+use crate::model::{ModuleId, now_ms};
+use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+use crate::queue::{ModuleRecord, Queue};
+use crate::runtime::{ModuleSource, Runtime, RuntimeConfig};
+use crate::tracker::Tracker;
+use anyhow::{Context, bail};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where tasks are stored, from `--store`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreUrl {
+    /// `sqlite://PATH`: the embedded durable store.
+    Sqlite(PathBuf),
+}
+
+impl StoreUrl {
+    /// Parse `sqlite://PATH` (or a bare path).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        if let Some(path) = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:")) {
+            if path.is_empty() {
+                bail!("store URL {text:?} has no path; use sqlite://PATH");
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if text.starts_with("kafka://") {
+            bail!("the Kafka backend is not available in this build yet; use sqlite://PATH");
+        }
+        if text.contains("://") {
+            bail!("unknown store URL {text:?}; use sqlite://PATH");
+        }
+        Ok(StoreUrl::Sqlite(PathBuf::from(text)))
+    }
+}
+
+/// Everything `kwq serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The store.
+    pub store: StoreUrl,
+    /// Runtime settings (compile cache, memory, fuel).
+    pub runtime: RuntimeConfig,
+    /// Worker pool settings; `workers = 0` runs an API-only host.
+    pub dispatch: DispatchConfig,
+    /// Queue tuning.
+    pub queue: EmbeddedConfig,
+    /// Bearer token for write endpoints.
+    pub token: Option<String>,
+    /// Upload the bundled example modules at start.
+    pub examples: bool,
+    /// Request limits.
+    pub limits: ApiLimits,
+    /// Name of this host in worker ids.
+    pub host: String,
+}
+
+/// The runtime fetches module bytes it has not compiled from the store.
+struct StoreModules(Arc<dyn Queue>);
+
+impl ModuleSource for StoreModules {
+    fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {
+        self.0.module_bytes(id)
+    }
+}
+
+/// Run a host until `shutdown` resolves, then stop cleanly: stop taking
+/// requests, let running tasks finish (or return them), flush the store.
+pub async fn run(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let StoreUrl::Sqlite(path) = &config.store;
+    let store = EmbeddedQueue::open(path, config.queue.clone()).with_context(|| format!("opening store {}", path.display()))?;
+    let queue: Arc<dyn Queue> = Arc::new(store);
+    let runtime = Runtime::new(config.runtime.clone()).context("starting the Wasm runtime")?;
+    runtime.set_module_source(Arc::new(StoreModules(queue.clone())));
+    let tracker = Tracker::attach(&queue).await.context("rebuilding statistics")?;
+    if config.examples {
+        upload_examples(&runtime, &queue).await?;
+    }
+    let dispatcher = (config.dispatch.workers > 0)
+        .then(|| Dispatcher::start(runtime.clone(), queue.clone(), config.dispatch.clone(), &config.host));
+    let state = AppState {
+        queue: queue.clone(),
+        runtime,
+        tracker,
+        board: dispatcher.as_ref().map(Dispatcher::board),
+        token: config.token.clone(),
+        limits: config.limits.clone(),
+    };
+    let served = api::serve(listener, state, shutdown).await;
+    if let Some(dispatcher) = dispatcher {
+        dispatcher.stop().await;
+    }
+    queue.close();
+    queue.flush().await.context("flushing the store")?;
+    served.context("serving HTTP")
+}
+
+/// Upload every bundled module under its crate name (idempotent).
+async fn upload_examples(runtime: &Runtime, queue: &Arc<dyn Queue>) -> anyhow::Result<()> {
+    for (name, bytes) in examples::BUNDLED {
+        let runtime = runtime.clone();
+        let compiled = tokio::task::spawn_blocking(move || runtime.compile(bytes))
+            .await?
+            .with_context(|| format!("compiling bundled module {name}"))?;
+        let record = ModuleRecord {
+            id: compiled.id.clone(),
+            name: Some(name.to_string()),
+            kind: compiled.kind,
+            size: bytes.len() as u64,
+            created_at: now_ms(),
+        };
+        queue.put_module(record, bytes.to_vec()).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(StoreUrl::parse("sqlite:///tmp/a.db").unwrap(), StoreUrl::Sqlite("/tmp/a.db".into()));
+        assert_eq!(StoreUrl::parse("data/kwq.db").unwrap(), StoreUrl::Sqlite("data/kwq.db".into()));
+        assert!(StoreUrl::parse("redis://x").is_err());
+        assert!(StoreUrl::parse("sqlite://").is_err());
+    }
+}

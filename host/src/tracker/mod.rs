@@ -1,0 +1,155 @@
+//! The tracker: statistics kept current from the stream of committed
+//! events (per job, per tag, per module), never by rescanning tasks.
+//! Rebuilt once from the store at start-up.
+
+mod stats;
+
+pub use stats::{JobStats, Overview, RunTimes, TagCounts};
+
+use crate::model::{JobCounts, JobId, TaskState, now_ms};
+use crate::queue::{CensusRow, CommitObserver, Committed, Queue, QueueError};
+use stats::Throughput;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Live statistics of a host's view of the grid.
+pub struct Tracker {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    totals: JobCounts,
+    jobs: HashMap<JobId, JobEntry>,
+    tags: HashMap<(String, String), JobCounts>,
+    modules: HashMap<String, RunTimes>,
+    throughput: Throughput,
+    retries: u64,
+    dead_letters: u64,
+}
+
+#[derive(Default)]
+struct JobEntry {
+    counts: JobCounts,
+    run: RunTimes,
+    first_finish: Option<u64>,
+    last_finish: Option<u64>,
+}
+
+impl Tracker {
+    /// A tracker rebuilt from the store and registered for its commits.
+    pub async fn attach(queue: &Arc<dyn Queue>) -> Result<Arc<Self>, QueueError> {
+        let tracker = Arc::new(Tracker { inner: Mutex::new(Inner::default()) });
+        // Register first so no commit is missed; the census may then count a
+        // few tasks twice for a moment at start-up, which is harmless for stats.
+        queue.observe(tracker.clone());
+        let census = queue.census().await?;
+        tracker.rebuild(&census);
+        Ok(tracker)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rebuild(&self, census: &[CensusRow]) {
+        let mut inner = self.lock();
+        for row in census {
+            inner.totals.transition(None, row.state);
+            if let Some(job) = &row.job_id {
+                let entry = inner.jobs.entry(job.clone()).or_default();
+                entry.counts.transition(None, row.state);
+                if let Some(ms) = row.run_ms {
+                    entry.run.record(ms);
+                }
+            }
+            for tag in &row.tags {
+                inner.tags.entry((tag.0.clone(), tag.1.clone())).or_default().transition(None, row.state);
+            }
+            if let Some(ms) = row.run_ms {
+                inner.modules.entry(row.module.to_string()).or_default().record(ms);
+            }
+        }
+    }
+
+    /// Counts and timings of one job, if it has any tasks yet.
+    pub fn job(&self, job: &str) -> JobStats {
+        let inner = self.lock();
+        let Some(entry) = inner.jobs.get(job) else { return JobStats::default() };
+        let rate = match (entry.first_finish, entry.last_finish) {
+            (Some(first), Some(last)) if last > first => entry.counts.finished() as f64 * 1000.0 / (last - first) as f64,
+            _ => 0.0,
+        };
+        JobStats {
+            counts: entry.counts,
+            throughput_per_s: rate,
+            mean_run_ms: entry.run.mean(),
+            p95_run_ms: entry.run.quantile(0.95),
+        }
+    }
+
+    /// Everything at once, for `/v1/stats` and the dashboard.
+    pub fn overview(&self, depth: [u64; 10]) -> Overview {
+        let inner = self.lock();
+        let now = now_ms();
+        Overview {
+            counts: inner.totals,
+            depth,
+            completed_per_s: inner.throughput.rate(now, 10, true),
+            failed_per_s: inner.throughput.rate(now, 10, false),
+            history: inner.throughput.history(now, 120),
+            retries: inner.retries,
+            dead_letters: inner.dead_letters,
+            tags: inner
+                .tags
+                .iter()
+                .map(|((k, v), counts)| TagCounts { tag: format!("{k}={v}"), counts: *counts })
+                .collect(),
+            modules: inner.modules.iter().map(|(m, r)| (m.clone(), r.summary())).collect(),
+        }
+    }
+}
+
+impl CommitObserver for Tracker {
+    fn committed(&self, batch: &[Committed]) {
+        let mut inner = self.lock();
+        let now = now_ms();
+        for c in batch {
+            let (from, to) = (c.from, c.event.state);
+            inner.totals.transition(from, to);
+            for tag in c.tags.iter() {
+                inner.tags.entry((tag.0.clone(), tag.1.clone())).or_default().transition(from, to);
+            }
+            match to {
+                TaskState::Completed => inner.throughput.add(now, true),
+                TaskState::Error => {
+                    inner.retries += 1;
+                    inner.throughput.add(now, false);
+                }
+                TaskState::Dead => {
+                    inner.dead_letters += 1;
+                    inner.throughput.add(now, false);
+                }
+                _ => {}
+            }
+            if to == TaskState::Completed
+                && let Some(ms) = c.run_ms
+            {
+                inner.modules.entry(c.module.to_string()).or_default().record(ms);
+            }
+            if let Some(job) = &c.event.job_id {
+                let entry = inner.jobs.entry(job.clone()).or_default();
+                entry.counts.transition(from, to);
+                if to.is_terminal() {
+                    entry.first_finish.get_or_insert(c.event.at);
+                    entry.last_finish = Some(c.event.at);
+                }
+                if to == TaskState::Completed
+                    && let Some(ms) = c.run_ms
+                {
+                    entry.run.record(ms);
+                }
+            }
+        }
+    }
+}
