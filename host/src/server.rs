@@ -25,7 +25,10 @@ pub enum StoreUrl {
 impl StoreUrl {
     /// Parse `sqlite://PATH` (or a bare path).
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        if let Some(path) = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:")) {
+        if let Some(path) = text
+            .strip_prefix("sqlite://")
+            .or_else(|| text.strip_prefix("sqlite:"))
+        {
             if path.is_empty() {
                 bail!("store URL {text:?} has no path; use sqlite://PATH");
             }
@@ -79,16 +82,25 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let StoreUrl::Sqlite(path) = &config.store;
-    let store = EmbeddedQueue::open(path, config.queue.clone()).with_context(|| format!("opening store {}", path.display()))?;
+    let store = EmbeddedQueue::open(path, config.queue.clone())
+        .with_context(|| format!("opening store {}", path.display()))?;
     let queue: Arc<dyn Queue> = Arc::new(store);
     let runtime = Runtime::new(config.runtime.clone()).context("starting the Wasm runtime")?;
     runtime.set_module_source(Arc::new(StoreModules(queue.clone())));
-    let tracker = Tracker::attach(&queue).await.context("rebuilding statistics")?;
+    let tracker = Tracker::attach(&queue)
+        .await
+        .context("rebuilding statistics")?;
     if config.examples {
         upload_examples(&runtime, &queue).await?;
     }
-    let dispatcher = (config.dispatch.workers > 0)
-        .then(|| Dispatcher::start(runtime.clone(), queue.clone(), config.dispatch.clone(), &config.host));
+    let dispatcher = (config.dispatch.workers > 0).then(|| {
+        Dispatcher::start(
+            runtime.clone(),
+            queue.clone(),
+            config.dispatch.clone(),
+            &config.host,
+        )
+    });
     let state = AppState {
         queue: queue.clone(),
         runtime,
@@ -131,8 +143,14 @@ mod tests {
 
     #[test]
     fn store_urls() {
-        assert_eq!(StoreUrl::parse("sqlite:///tmp/a.db").unwrap(), StoreUrl::Sqlite("/tmp/a.db".into()));
-        assert_eq!(StoreUrl::parse("data/kwq.db").unwrap(), StoreUrl::Sqlite("data/kwq.db".into()));
+        assert_eq!(
+            StoreUrl::parse("sqlite:///tmp/a.db").unwrap(),
+            StoreUrl::Sqlite("/tmp/a.db".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("data/kwq.db").unwrap(),
+            StoreUrl::Sqlite("data/kwq.db".into())
+        );
         assert!(StoreUrl::parse("redis://x").is_err());
         assert!(StoreUrl::parse("sqlite://").is_err());
     }

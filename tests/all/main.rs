@@ -1,5 +1,7 @@
 //! Integration tests of the `kwq` crate, in one binary so the linker runs once.
 
+mod api;
 mod cli_run;
+mod grid;
 mod runtime;
 mod support;

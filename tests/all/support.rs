@@ -76,3 +76,181 @@ pub(crate) async fn run_failing(worker: &mut Worker, spec: TaskSpec) -> TaskRepo
     );
     report
 }
+
+/// An in-process grid on a temporary embedded store: the API router driven
+/// with `oneshot`, and workers started when a test wants them.
+pub(crate) struct TestGrid {
+    pub(crate) state: kwq::api::AppState,
+    pub(crate) queue: std::sync::Arc<dyn kwq::queue::Queue>,
+    dispatcher: Option<kwq::dispatch::Dispatcher>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestGrid {
+    /// A grid with no workers yet.
+    pub(crate) async fn new(token: Option<&str>, limits: kwq::api::ApiLimits) -> Self {
+        Self::with_config(
+            token,
+            limits,
+            kwq::queue::embedded::EmbeddedConfig::default(),
+        )
+        .await
+    }
+
+    pub(crate) async fn with_config(
+        token: Option<&str>,
+        limits: kwq::api::ApiLimits,
+        config: kwq::queue::embedded::EmbeddedConfig,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            kwq::queue::embedded::EmbeddedQueue::open(&dir.path().join("kwq.db"), config).unwrap();
+        let queue: std::sync::Arc<dyn kwq::queue::Queue> = std::sync::Arc::new(store);
+        let tracker = kwq::tracker::Tracker::attach(&queue).await.unwrap();
+        let state = kwq::api::AppState {
+            queue: queue.clone(),
+            runtime: shared_runtime().clone(),
+            tracker,
+            board: None,
+            token: token.map(str::to_string),
+            limits,
+        };
+        TestGrid {
+            state,
+            queue,
+            dispatcher: None,
+            _dir: dir,
+        }
+    }
+
+    /// Start `workers` workers (fast retries for tests).
+    pub(crate) fn start_workers(&mut self, workers: usize) {
+        let config = kwq::dispatch::DispatchConfig {
+            workers,
+            retry: kwq::dispatch::RetryPolicy {
+                base: Duration::from_millis(5),
+                max: Duration::from_millis(50),
+                jitter: 0.5,
+            },
+            ..kwq::dispatch::DispatchConfig::default()
+        };
+        let dispatcher = kwq::dispatch::Dispatcher::start(
+            shared_runtime().clone(),
+            self.queue.clone(),
+            config,
+            "test",
+        );
+        self.state.board = Some(dispatcher.board());
+        self.dispatcher = Some(dispatcher);
+    }
+
+    /// Stop the workers cleanly.
+    pub(crate) async fn stop(mut self) {
+        if let Some(d) = self.dispatcher.take() {
+            d.stop().await;
+        }
+        self.queue.close();
+    }
+
+    /// Upload a module file under a name; returns its id.
+    pub(crate) async fn upload(&self, path: &str, name: &str) -> String {
+        let bytes = std::fs::read(path).unwrap();
+        let (status, body) = self
+            .call_raw("POST", &format!("/v1/modules?name={name}"), bytes, None)
+            .await;
+        assert!(status == 201 || status == 200, "{status}: {body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// One request with a JSON body (or none); returns status and JSON body.
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        self.call_raw(method, path, bytes, Some("application/json"))
+            .await
+    }
+
+    /// One request with raw bytes.
+    pub(crate) async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        self.request(method, path, body, content_type, None).await
+    }
+
+    /// One request with an optional bearer token.
+    pub(crate) async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        use tower::ServiceExt;
+        let mut builder = axum::http::Request::builder().method(method).uri(path);
+        if let Some(ct) = content_type {
+            builder = builder.header("content-type", ct);
+        }
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let request = builder.body(axum::body::Body::from(body)).unwrap();
+        let response = kwq::api::app(self.state.clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        });
+        (status, value)
+    }
+
+    /// Wait (on committed events, not on a clock) until a job has finished.
+    pub(crate) async fn wait_job(&self, job: &str) -> serde_json::Value {
+        let mut events = self.queue.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, body) = self.call("GET", &format!("/v1/jobs/{job}"), None).await;
+            assert_eq!(status, 200, "{body}");
+            if matches!(body["state"].as_str(), Some("Finished" | "Cancelled")) {
+                return body;
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(_) => {}
+                Err(_) => panic!("job {job} did not finish: {body}"),
+            }
+        }
+    }
+
+    /// Wait until a task reaches a terminal state.
+    pub(crate) async fn wait_task(&self, task: &str) -> serde_json::Value {
+        let mut events = self.queue.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, body) = self.call("GET", &format!("/v1/tasks/{task}"), None).await;
+            assert_eq!(status, 200, "{body}");
+            if matches!(
+                body["state"].as_str(),
+                Some("Completed" | "Dead" | "Cancelled")
+            ) {
+                return body;
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(_) => {}
+                Err(_) => panic!("task {task} did not finish: {body}"),
+            }
+        }
+    }
+}

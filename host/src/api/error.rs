@@ -22,12 +22,20 @@ pub struct AppError {
 impl AppError {
     /// 400 with a code.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        AppError { status: StatusCode::BAD_REQUEST, code, message: message.into() }
+        AppError {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message: message.into(),
+        }
     }
 
     /// 404.
     pub fn not_found(message: impl Into<String>) -> Self {
-        AppError { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into() }
+        AppError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
     }
 
     /// 401.
@@ -41,7 +49,11 @@ impl AppError {
 
     /// 500.
     pub fn internal(message: impl Into<String>) -> Self {
-        AppError { status: StatusCode::INTERNAL_SERVER_ERROR, code: "internal", message: message.into() }
+        AppError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: message.into(),
+        }
     }
 }
 
@@ -66,7 +78,11 @@ impl From<QueueError> for AppError {
             QueueError::Closed => "shutting_down",
             QueueError::Storage(_) => "storage",
         };
-        AppError { status, code, message: e.to_string() }
+        AppError {
+            status,
+            code,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -87,7 +103,11 @@ impl From<JsonRejection> for AppError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             _ => "invalid_json",
         };
-        AppError { status, code, message: rejection.body_text() }
+        AppError {
+            status,
+            code,
+            message: rejection.body_text(),
+        }
     }
 }
 
@@ -100,8 +120,16 @@ impl From<QueryRejection> for AppError {
 impl From<axum::extract::rejection::BytesRejection> for AppError {
     fn from(rejection: axum::extract::rejection::BytesRejection) -> Self {
         let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_body" };
-        AppError { status, code, message: rejection.body_text() }
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_body"
+        };
+        AppError {
+            status,
+            code,
+            message: rejection.body_text(),
+        }
     }
 }
 

@@ -28,7 +28,10 @@ pub(super) async fn stream(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, AppError> {
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let from = resume.or(query.from);
     // Subscribe before replaying, so nothing falls between the two.
     let live = state.queue.subscribe();
@@ -43,47 +46,61 @@ fn event_stream(
     live: tokio::sync::broadcast::Receiver<crate::model::Event>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     // State: (offset reached, replaying?, live receiver).
-    futures::stream::unfold((from.unwrap_or(u64::MAX), from.is_some(), live, Vec::new().into_iter()), move |(mut last, mut replaying, mut live, mut buffered)| {
-        let queue = queue.clone();
-        let job = job.clone();
-        async move {
-            loop {
-                if let Some(event) = buffered.next() {
-                    return Some((Ok(to_sse(&event)), (last, replaying, live, buffered)));
-                }
-                if replaying {
-                    match queue.events_since(last, 1000).await {
-                        Ok(page) if !page.is_empty() => {
-                            last = page.last().map(|e| e.offset).unwrap_or(last);
-                            let page: Vec<_> = page.into_iter().filter(|e| job.is_none() || e.job_id == job).collect();
-                            buffered = page.into_iter();
-                            continue;
-                        }
-                        Ok(_) => replaying = false,
-                        Err(_) => return None,
-                    }
-                }
-                match live.recv().await {
-                    Ok(event) => {
-                        if last != u64::MAX && event.offset <= last {
-                            continue;
-                        }
-                        last = event.offset;
-                        if job.is_some() && event.job_id != job {
-                            continue;
-                        }
+    futures::stream::unfold(
+        (
+            from.unwrap_or(u64::MAX),
+            from.is_some(),
+            live,
+            Vec::new().into_iter(),
+        ),
+        move |(mut last, mut replaying, mut live, mut buffered)| {
+            let queue = queue.clone();
+            let job = job.clone();
+            async move {
+                loop {
+                    if let Some(event) = buffered.next() {
                         return Some((Ok(to_sse(&event)), (last, replaying, live, buffered)));
                     }
-                    // Too slow a reader: catch up from the store.
-                    Err(RecvError::Lagged(_)) if last != u64::MAX => replaying = true,
-                    Err(RecvError::Lagged(_)) => continue,
-                    Err(RecvError::Closed) => return None,
+                    if replaying {
+                        match queue.events_since(last, 1000).await {
+                            Ok(page) if !page.is_empty() => {
+                                last = page.last().map(|e| e.offset).unwrap_or(last);
+                                let page: Vec<_> = page
+                                    .into_iter()
+                                    .filter(|e| job.is_none() || e.job_id == job)
+                                    .collect();
+                                buffered = page.into_iter();
+                                continue;
+                            }
+                            Ok(_) => replaying = false,
+                            Err(_) => return None,
+                        }
+                    }
+                    match live.recv().await {
+                        Ok(event) => {
+                            if last != u64::MAX && event.offset <= last {
+                                continue;
+                            }
+                            last = event.offset;
+                            if job.is_some() && event.job_id != job {
+                                continue;
+                            }
+                            return Some((Ok(to_sse(&event)), (last, replaying, live, buffered)));
+                        }
+                        // Too slow a reader: catch up from the store.
+                        Err(RecvError::Lagged(_)) if last != u64::MAX => replaying = true,
+                        Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => return None,
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 fn to_sse(event: &crate::model::Event) -> SseEvent {
-    SseEvent::default().id(event.offset.to_string()).event("task").data(views::event(event).to_string())
+    SseEvent::default()
+        .id(event.offset.to_string())
+        .event("task")
+        .data(views::event(event).to_string())
 }

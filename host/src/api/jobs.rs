@@ -32,35 +32,62 @@ pub(super) async fn submit(
 ) -> Result<(StatusCode, Json<Value>), AppError> {
     let options = request.options.into_options()?;
     let payloads: Vec<Vec<u8>> = match (request.payloads, request.payloads_base64, &request.sweep) {
-        (Some(list), None, None) => list.into_iter().map(|p| payload_bytes(Some(p), None)).collect::<Result<_, _>>()?,
-        (None, Some(list), None) => list.into_iter().map(|p| payload_bytes(None, Some(p))).collect::<Result<_, _>>()?,
+        (Some(list), None, None) => list
+            .into_iter()
+            .map(|p| payload_bytes(Some(p), None))
+            .collect::<Result<_, _>>()?,
+        (None, Some(list), None) => list
+            .into_iter()
+            .map(|p| payload_bytes(None, Some(p)))
+            .collect::<Result<_, _>>()?,
         (None, None, Some(sweep)) => {
-            sweep.validate().map_err(|e| AppError::bad_request("invalid_sweep", e.to_string()))?;
+            sweep
+                .validate()
+                .map_err(|e| AppError::bad_request("invalid_sweep", e.to_string()))?;
             Vec::new()
         }
         _ => {
-            return Err(AppError::bad_request("invalid_job", "give exactly one of payloads, payloads_base64 or sweep"));
+            return Err(AppError::bad_request(
+                "invalid_job",
+                "give exactly one of payloads, payloads_base64 or sweep",
+            ));
         }
     };
     if request.sweep.is_none() && payloads.is_empty() {
-        return Err(AppError::bad_request("invalid_job", "a job needs at least one payload"));
+        return Err(AppError::bad_request(
+            "invalid_job",
+            "a job needs at least one payload",
+        ));
     }
     if payloads.len() > state.limits.job_tasks {
         return Err(AppError::bad_request(
             "invalid_job",
-            format!("at most {} payloads per job; use a sweep or several jobs", state.limits.job_tasks),
+            format!(
+                "at most {} payloads per job; use a sweep or several jobs",
+                state.limits.job_tasks
+            ),
         ));
     }
     let module = modules::resolve(&state, &request.module).await?;
     let id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let job = NewJob { id, name: request.name, module, options, payloads, sweep: request.sweep };
+    let job = NewJob {
+        id,
+        name: request.name,
+        module,
+        options,
+        payloads,
+        sweep: request.sweep,
+    };
     let record = state.queue.submit_job(job).await?;
     let stats = state.tracker.job(&record.id);
     Ok((StatusCode::CREATED, Json(views::job(&record, &stats))))
 }
 
 /// `GET /v1/jobs/{id}`: counts per state, progress, throughput, run times.
-pub(super) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let job = state.queue.job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }
@@ -72,15 +99,28 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/jobs`: newest first.
-pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Value>, AppError> {
-    let jobs = state.queue.jobs(q.limit.unwrap_or(100).clamp(1, 1000)).await?;
-    Ok(Json(Value::Array(jobs.iter().map(|j| views::job(j, &state.tracker.job(&j.id))).collect())))
+pub(super) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Value>, AppError> {
+    let jobs = state
+        .queue
+        .jobs(q.limit.unwrap_or(100).clamp(1, 1000))
+        .await?;
+    Ok(Json(Value::Array(
+        jobs.iter()
+            .map(|j| views::job(j, &state.tracker.job(&j.id)))
+            .collect(),
+    )))
 }
 
 /// `GET /v1/jobs/{id}/results`: NDJSON, one line per completed task, in
 /// task order: `{"task_id": ..., "result": ...}`. Streams in pages, so a
 /// result set of any size is served in bounded memory.
-pub(super) async fn results(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, AppError> {
+pub(super) async fn results(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
     state.queue.job(&id).await?;
     let queue = state.queue.clone();
     let pages = futures::stream::unfold(Some(0u64), move |cursor| {
@@ -112,19 +152,28 @@ pub(super) async fn results(State(state): State<AppState>, Path(id): Path<String
 }
 
 /// `POST /v1/jobs/{id}/pause`.
-pub(super) async fn pause(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn pause(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let job = state.queue.pause_job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }
 
 /// `POST /v1/jobs/{id}/resume`.
-pub(super) async fn resume(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn resume(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let job = state.queue.resume_job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }
 
 /// `POST /v1/jobs/{id}/cancel`.
-pub(super) async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let job = state.queue.cancel_job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }

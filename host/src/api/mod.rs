@@ -39,7 +39,12 @@ pub struct ApiLimits {
 
 impl Default for ApiLimits {
     fn default() -> Self {
-        ApiLimits { module_bytes: 64 << 20, job_bytes: 256 << 20, other_bytes: 4 << 20, job_tasks: 1_000_000 }
+        ApiLimits {
+            module_bytes: 64 << 20,
+            job_bytes: 256 << 20,
+            other_bytes: 4 << 20,
+            job_tasks: 1_000_000,
+        }
     }
 }
 
@@ -64,8 +69,14 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let limits = state.limits.clone();
     let writes = Router::new()
-        .route("/v1/modules", post(modules::upload).layer(DefaultBodyLimit::max(limits.module_bytes)))
-        .route("/v1/jobs", post(jobs::submit).layer(DefaultBodyLimit::max(limits.job_bytes)))
+        .route(
+            "/v1/modules",
+            post(modules::upload).layer(DefaultBodyLimit::max(limits.module_bytes)),
+        )
+        .route(
+            "/v1/jobs",
+            post(jobs::submit).layer(DefaultBodyLimit::max(limits.job_bytes)),
+        )
         .route("/v1/tasks", post(tasks::submit))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/priority", post(tasks::set_priority))
@@ -86,11 +97,18 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/stats", get(system::stats))
         .route("/v1/healthz", get(system::healthz))
         .route("/healthz", get(system::healthz));
-    writes.merge(reads).fallback(system::not_found).with_state(state)
+    writes
+        .merge(reads)
+        .fallback(system::not_found)
+        .with_state(state)
 }
 
 /// Reject writes without the configured bearer token.
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, AppError> {
+async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
     if let Some(token) = &state.token {
         let given = request
             .headers()
@@ -110,5 +128,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -1,7 +1,7 @@
 //! `/v1/modules`: upload (validated by compiling it), list, get.
 
-use super::error::{ApiQuery, AppError};
 use super::AppState;
+use super::error::{ApiQuery, AppError};
 use crate::model::{ModuleId, now_ms};
 use crate::queue::ModuleRecord;
 use axum::Json;
@@ -25,18 +25,25 @@ pub(super) async fn upload(
 ) -> Result<(StatusCode, Json<ModuleRecord>), AppError> {
     let body = body?;
     if body.is_empty() {
-        return Err(AppError::bad_request("invalid_module", "the body is empty: send the module's .wasm bytes"));
+        return Err(AppError::bad_request(
+            "invalid_module",
+            "the body is empty: send the module's .wasm bytes",
+        ));
     }
     if let Some(name) = &query.name
         && (name.is_empty() || name.len() > 128)
     {
-        return Err(AppError::bad_request("invalid_name", "name must be 1 to 128 characters"));
+        return Err(AppError::bad_request(
+            "invalid_name",
+            "name must be 1 to 128 characters",
+        ));
     }
     let runtime = state.runtime.clone();
     let bytes = body.to_vec();
-    let (compiled, bytes) = tokio::task::spawn_blocking(move || runtime.compile(&bytes).map(|c| (c, bytes)))
-        .await
-        .map_err(|e| AppError::internal(e.to_string()))??;
+    let (compiled, bytes) =
+        tokio::task::spawn_blocking(move || runtime.compile(&bytes).map(|c| (c, bytes)))
+            .await
+            .map_err(|e| AppError::internal(e.to_string()))??;
     let existed = state.queue.module(&compiled.id).await.is_ok();
     let record = ModuleRecord {
         id: compiled.id.clone(),
@@ -46,17 +53,26 @@ pub(super) async fn upload(
         created_at: now_ms(),
     };
     let stored = state.queue.put_module(record, bytes).await?;
-    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     Ok((status, Json(stored)))
 }
 
 /// `GET /v1/modules`.
-pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Vec<ModuleRecord>>, AppError> {
+pub(super) async fn list(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<ModuleRecord>>, AppError> {
     Ok(Json(state.queue.modules().await?))
 }
 
 /// `GET /v1/modules/{id}` (id or name).
-pub(super) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModuleRecord>, AppError> {
+pub(super) async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModuleRecord>, AppError> {
     let id = resolve(&state, &id).await?;
     Ok(Json(state.queue.module(&id).await?))
 }
@@ -66,7 +82,10 @@ pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, 
     if let Some(id) = ModuleId::parse(module) {
         return match state.queue.module(&id).await {
             Ok(_) => Ok(id),
-            Err(_) => Err(AppError::bad_request("unknown_module", format!("no module with id {id} was uploaded"))),
+            Err(_) => Err(AppError::bad_request(
+                "unknown_module",
+                format!("no module with id {id} was uploaded"),
+            )),
         };
     }
     let modules = state.queue.modules().await?;
@@ -75,5 +94,10 @@ pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, 
         .filter(|m| m.name.as_deref() == Some(module))
         .max_by_key(|m| m.created_at)
         .map(|m| m.id)
-        .ok_or_else(|| AppError::bad_request("unknown_module", format!("no module named {module:?}: upload it first")))
+        .ok_or_else(|| {
+            AppError::bad_request(
+                "unknown_module",
+                format!("no module named {module:?}: upload it first"),
+            )
+        })
 }

@@ -14,7 +14,11 @@ pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
     let mut value = serde_json::to_value(&overview).unwrap_or(Value::Null);
     value["counts"] = json!(overview.counts.by_name());
     value["tags"] = Value::Array(
-        overview.tags.iter().map(|t| json!({"tag": t.tag, "counts": t.counts.by_name()})).collect(),
+        overview
+            .tags
+            .iter()
+            .map(|t| json!({"tag": t.tag, "counts": t.counts.by_name()}))
+            .collect(),
     );
     if let Some(board) = &state.board {
         value["workers"] = json!(board.snapshot());

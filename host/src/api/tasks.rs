@@ -17,17 +17,19 @@ use std::collections::BTreeMap;
 /// flattened into request bodies, so it also catches their unknown fields.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct OptionsRequest {
-    priority: Option<u8>,
+    // Numbers are read signed so that a negative value is reported with
+    // its field's name rather than as a bare type error.
+    priority: Option<i64>,
     #[serde(default)]
     tags: BTreeMap<String, String>,
     affinity: Option<String>,
-    timeout_ms: Option<u64>,
-    memory_bytes: Option<u64>,
-    max_attempts: Option<u32>,
+    timeout_ms: Option<i64>,
+    memory_bytes: Option<i64>,
+    max_attempts: Option<i64>,
     /// Start no earlier than this many ms from now.
-    delay_ms: Option<u64>,
+    delay_ms: Option<i64>,
     /// Start no earlier than this time (ms since the epoch).
-    not_before: Option<u64>,
+    not_before: Option<i64>,
     /// Fields nobody asked for: rejected, so a typo is not silently ignored.
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
@@ -37,47 +39,114 @@ impl OptionsRequest {
     /// Check every field and fill in defaults.
     pub(super) fn into_options(self) -> Result<TaskOptions, AppError> {
         if let Some(field) = self.unknown.keys().next() {
-            return Err(AppError::bad_request("invalid_field", format!("unknown field {field:?}")));
+            return Err(AppError::bad_request(
+                "invalid_field",
+                format!("unknown field {field:?}"),
+            ));
         }
         let defaults = TaskOptions::default();
-        let bad = |field: &str, why: &str| AppError::bad_request("invalid_field", format!("{field}: {why}"));
-        let priority = self.priority.unwrap_or(defaults.priority);
-        if priority > 9 {
-            return Err(bad("priority", &format!("must be 0..=9 (9 highest, 0 holds the task), got {priority}")));
-        }
-        let timeout_ms = self.timeout_ms.unwrap_or(defaults.timeout_ms);
-        if timeout_ms == 0 || timeout_ms > 86_400_000 {
-            return Err(bad("timeout_ms", "must be 1 ms to 24 h"));
-        }
-        let memory_bytes = self.memory_bytes.unwrap_or(defaults.memory_bytes);
-        if !(1 << 20..=4 << 30).contains(&memory_bytes) {
-            return Err(bad("memory_bytes", "must be 1 MiB to 4 GiB"));
-        }
-        let max_attempts = self.max_attempts.unwrap_or(defaults.max_attempts);
-        if !(1..=100).contains(&max_attempts) {
-            return Err(bad("max_attempts", "must be 1 to 100"));
-        }
+        let bad = |field: &str, why: &str| {
+            AppError::bad_request("invalid_field", format!("{field}: {why}"))
+        };
+        let within = |field: &str,
+                      value: Option<i64>,
+                      default: u64,
+                      range: std::ops::RangeInclusive<i64>,
+                      why: &str| {
+            match value {
+                None => Ok(default),
+                Some(v) if range.contains(&v) => Ok(v as u64),
+                Some(v) => Err(bad(field, &format!("{why}, got {v}"))),
+            }
+        };
+        let priority = within(
+            "priority",
+            self.priority,
+            defaults.priority.into(),
+            0..=9,
+            "must be 0..=9 (9 highest, 0 holds the task)",
+        )? as u8;
+        let timeout_ms = within(
+            "timeout_ms",
+            self.timeout_ms,
+            defaults.timeout_ms,
+            1..=86_400_000,
+            "must be 1 ms to 24 h",
+        )?;
+        let memory_bytes = within(
+            "memory_bytes",
+            self.memory_bytes,
+            defaults.memory_bytes,
+            1 << 20..=4 << 30,
+            "must be 1 MiB to 4 GiB",
+        )?;
+        let max_attempts = within(
+            "max_attempts",
+            self.max_attempts,
+            defaults.max_attempts.into(),
+            1..=100,
+            "must be 1 to 100",
+        )? as u32;
+        let delay_ms = within(
+            "delay_ms",
+            self.delay_ms,
+            0,
+            0..=365 * 86_400_000,
+            "must be 0 to 365 days",
+        )?;
+        let at = within(
+            "not_before",
+            self.not_before,
+            0,
+            0..=i64::MAX,
+            "must be a time in ms since the epoch",
+        )?;
         if let Some(key) = &self.affinity
             && (key.is_empty() || key.len() > 256)
         {
             return Err(bad("affinity", "must be 1 to 256 characters"));
         }
-        if self.tags.len() > 64 || self.tags.iter().any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 256) {
-            return Err(bad("tags", "at most 64 tags, keys 1-128 characters, values up to 256"));
+        if self.tags.len() > 64
+            || self
+                .tags
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 256)
+        {
+            return Err(bad(
+                "tags",
+                "at most 64 tags, keys 1-128 characters, values up to 256",
+            ));
         }
         let not_before = match (self.delay_ms, self.not_before) {
-            (Some(_), Some(_)) => return Err(bad("delay_ms", "give delay_ms or not_before, not both")),
-            (Some(delay), None) => Some(now_ms() + delay),
-            (None, at) => at,
+            (Some(_), Some(_)) => {
+                return Err(bad("delay_ms", "give delay_ms or not_before, not both"));
+            }
+            (Some(_), None) => Some(now_ms() + delay_ms),
+            (None, Some(_)) => Some(at),
+            (None, None) => None,
         };
-        Ok(TaskOptions { priority, tags: self.tags, affinity: self.affinity, timeout_ms, memory_bytes, max_attempts, not_before })
+        Ok(TaskOptions {
+            priority,
+            tags: self.tags,
+            affinity: self.affinity,
+            timeout_ms,
+            memory_bytes,
+            max_attempts,
+            not_before,
+        })
     }
 }
 
 /// A payload given as JSON (`payload`) or as raw bytes (`payload_base64`).
-pub(super) fn payload_bytes(payload: Option<Value>, base64: Option<String>) -> Result<Vec<u8>, AppError> {
+pub(super) fn payload_bytes(
+    payload: Option<Value>,
+    base64: Option<String>,
+) -> Result<Vec<u8>, AppError> {
     match (payload, base64) {
-        (Some(_), Some(_)) => Err(AppError::bad_request("invalid_field", "give payload or payload_base64, not both")),
+        (Some(_), Some(_)) => Err(AppError::bad_request(
+            "invalid_field",
+            "give payload or payload_base64, not both",
+        )),
         (Some(value), None) => Ok(serde_json::to_vec(&value).unwrap_or_default()),
         (None, Some(text)) => base64::engine::general_purpose::STANDARD
             .decode(text)
@@ -105,12 +174,24 @@ pub(super) async fn submit(
     let module = modules::resolve(&state, &request.module).await?;
     let payload = payload_bytes(request.payload, request.payload_base64)?;
     let id = format!("t-{}", uuid::Uuid::new_v4().simple());
-    state.queue.submit_tasks(vec![NewTask { id: id.clone(), job_id: None, module, payload, options }]).await?;
+    state
+        .queue
+        .submit_tasks(vec![NewTask {
+            id: id.clone(),
+            job_id: None,
+            module,
+            payload,
+            options,
+        }])
+        .await?;
     Ok((StatusCode::CREATED, Json(json!({"id": id}))))
 }
 
 /// `GET /v1/tasks/{id}`: the record, payload, result, logs and timeline.
-pub(super) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let record = state.queue.task(&id).await?;
     let timeline = state.queue.timeline(&id).await?;
     let mut value = views::task(&record, true);
@@ -134,10 +215,19 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/tasks?job=&status=&tag=key=value&after=&limit=`: one page; `next` is the cursor.
-pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Value>, AppError> {
+pub(super) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Value>, AppError> {
     let state_filter = match &q.status {
         Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
-            AppError::bad_request("invalid_query", format!("status {s:?} is not one of {:?}", TaskState::ALL.map(|s| s.as_str())))
+            AppError::bad_request(
+                "invalid_query",
+                format!(
+                    "status {s:?} is not one of {:?}",
+                    TaskState::ALL.map(|s| s.as_str())
+                ),
+            )
         })?),
         None => None,
     };
@@ -146,15 +236,29 @@ pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<Li
             t.split_once('=')
                 .or_else(|| t.split_once(':'))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| AppError::bad_request("invalid_query", "tag must look like key=value"))?,
+                .ok_or_else(|| {
+                    AppError::bad_request("invalid_query", "tag must look like key=value")
+                })?,
         ),
         None => None,
     };
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
-        return Err(AppError::bad_request("invalid_query", "limit must be 1 to 1000"));
+        return Err(AppError::bad_request(
+            "invalid_query",
+            "limit must be 1 to 1000",
+        ));
     }
-    let page = state.queue.tasks(TaskFilter { job: q.job, state: state_filter, tag, after: q.after, limit }).await?;
+    let page = state
+        .queue
+        .tasks(TaskFilter {
+            job: q.job,
+            state: state_filter,
+            tag,
+            after: q.after,
+            limit,
+        })
+        .await?;
     Ok(Json(json!({
         "items": page.items.iter().map(|t| views::task(t, false)).collect::<Vec<_>>(),
         "next": page.next,
@@ -162,7 +266,10 @@ pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<Li
 }
 
 /// `POST /v1/tasks/{id}/cancel`.
-pub(super) async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     state.queue.cancel_task(&id).await?;
     Ok(Json(json!({"id": id, "cancelled": true})))
 }
@@ -180,7 +287,10 @@ pub(super) async fn set_priority(
     ApiJson(request): ApiJson<PriorityRequest>,
 ) -> Result<Json<Value>, AppError> {
     if request.priority > 9 {
-        return Err(AppError::bad_request("invalid_field", "priority must be 0..=9"));
+        return Err(AppError::bad_request(
+            "invalid_field",
+            "priority must be 0..=9",
+        ));
     }
     state.queue.set_priority(&id, request.priority).await?;
     Ok(Json(json!({"id": id, "priority": request.priority})))

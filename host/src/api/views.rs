@@ -13,7 +13,10 @@ pub(super) fn bytes_field(map: &mut Map<String, Value>, name: &str, bytes: &[u8]
             map.insert(name.into(), value);
         }
         Err(_) => {
-            map.insert(format!("{name}_base64"), Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)));
+            map.insert(
+                format!("{name}_base64"),
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            );
         }
     }
 }
@@ -22,8 +25,11 @@ pub(super) fn bytes_field(map: &mut Map<String, Value>, name: &str, bytes: &[u8]
 pub(super) fn task(task: &TaskRecord, full: bool) -> Value {
     let mut value = serde_json::to_value(task).unwrap_or(Value::Null);
     if let Value::Object(map) = &mut value {
-        let timestamps: Map<String, Value> =
-            task.timestamps.iter().map(|(state, at)| (state.as_str().to_string(), json!(at))).collect();
+        let timestamps: Map<String, Value> = task
+            .timestamps
+            .iter()
+            .map(|(state, at)| (state.as_str().to_string(), json!(at)))
+            .collect();
         map.insert("timestamps".into(), Value::Object(timestamps));
         if full {
             bytes_field(map, "payload", &task.payload);

@@ -10,10 +10,20 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
     /// Base URL of a kwq host.
-    #[arg(long, global = true, env = "KWQ_SERVER", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "KWQ_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
     server: String,
     /// Bearer token for write endpoints.
-    #[arg(long = "auth-token", global = true, env = "KWQ_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "auth-token",
+        global = true,
+        env = "KWQ_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 
@@ -47,7 +57,9 @@ pub struct TaskFlags {
 }
 
 fn parse_tag(text: &str) -> Result<(String, String), String> {
-    text.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("tag {text:?} must look like key=value"))
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("tag {text:?} must look like key=value"))
 }
 
 impl TaskFlags {
@@ -57,7 +69,10 @@ impl TaskFlags {
         let optional = [
             ("priority", self.priority.map(|p| json!(p))),
             ("affinity", self.affinity.map(|a| json!(a))),
-            ("timeout_ms", self.timeout.map(|t| json!(t.as_millis() as u64))),
+            (
+                "timeout_ms",
+                self.timeout.map(|t| json!(t.as_millis() as u64)),
+            ),
             ("memory_bytes", self.memory.map(|m| json!(m))),
             ("max_attempts", self.max_attempts.map(|m| json!(m))),
             ("delay_ms", self.delay.map(|d| json!(d.as_millis() as u64))),
@@ -68,7 +83,14 @@ impl TaskFlags {
             }
         }
         if !self.tags.is_empty() {
-            body.insert("tags".into(), json!(self.tags.into_iter().collect::<std::collections::BTreeMap<_, _>>()));
+            body.insert(
+                "tags".into(),
+                json!(
+                    self.tags
+                        .into_iter()
+                        .collect::<std::collections::BTreeMap<_, _>>()
+                ),
+            );
         }
         body
     }
@@ -141,7 +163,11 @@ struct Client {
 
 impl Client {
     fn new(connection: &Connection) -> Self {
-        Client { http: reqwest::Client::new(), base: connection.server.trim_end_matches('/').to_string(), token: connection.token.clone() }
+        Client {
+            http: reqwest::Client::new(),
+            base: connection.server.trim_end_matches('/').to_string(),
+            token: connection.token.clone(),
+        }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -153,16 +179,26 @@ impl Client {
     }
 
     async fn send(&self, builder: reqwest::RequestBuilder) -> Result<Value, CliError> {
-        let response = builder.send().await.map_err(|e| CliError::failed(format!("cannot reach {}: {e}", self.base)))?;
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| CliError::failed(format!("cannot reach {}: {e}", self.base)))?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(body);
         }
-        let message = body["error"]["message"].as_str().unwrap_or("no details").to_string();
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("no details")
+            .to_string();
         let code = body["error"]["code"].as_str().unwrap_or("error");
         let error = format!("{} {code}: {message}", status.as_u16());
-        Err(if status.is_client_error() { CliError::usage(error) } else { CliError::failed(error) })
+        Err(if status.is_client_error() {
+            CliError::usage(error)
+        } else {
+            CliError::failed(error)
+        })
     }
 
     async fn get(&self, path: &str) -> Result<Value, CliError> {
@@ -170,15 +206,21 @@ impl Client {
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<Value, CliError> {
-        self.send(self.request(reqwest::Method::POST, path).json(body)).await
+        self.send(self.request(reqwest::Method::POST, path).json(body))
+            .await
     }
 }
 
 fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
-fn block_on<T>(future: impl std::future::Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
+fn block_on<T>(
+    future: impl std::future::Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
     super::tokio_runtime()?.block_on(future)
 }
 
@@ -188,8 +230,11 @@ pub(super) fn module(connection: Connection, command: ModuleCommand) -> Result<(
     block_on(async move {
         match command {
             ModuleCommand::Push { file, name } => {
-                let bytes = std::fs::read(&file).map_err(|e| CliError::usage(format!("cannot read {}: {e}", file.display())))?;
-                let mut request = client.request(reqwest::Method::POST, "/v1/modules").body(bytes);
+                let bytes = std::fs::read(&file)
+                    .map_err(|e| CliError::usage(format!("cannot read {}: {e}", file.display())))?;
+                let mut request = client
+                    .request(reqwest::Method::POST, "/v1/modules")
+                    .body(bytes);
                 if let Some(name) = name {
                     request = request.query(&[("name", name)]);
                 }
@@ -202,7 +247,11 @@ pub(super) fn module(connection: Connection, command: ModuleCommand) -> Result<(
 }
 
 /// `kwq submit`: one task; prints its id.
-pub(super) fn submit(connection: Connection, task: TaskFlags, payload: String) -> Result<(), CliError> {
+pub(super) fn submit(
+    connection: Connection,
+    task: TaskFlags,
+    payload: String,
+) -> Result<(), CliError> {
     let client = Client::new(&connection);
     let payload = read_json_arg(&payload)?;
     let mut body = task.into_body();
@@ -217,9 +266,11 @@ pub(super) fn submit(connection: Connection, task: TaskFlags, payload: String) -
 /// A JSON argument: inline, `@FILE`, or `-` for stdin.
 fn read_json_arg(text: &str) -> Result<Value, CliError> {
     let raw = if text == "-" {
-        std::io::read_to_string(std::io::stdin()).map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?
     } else if let Some(path) = text.strip_prefix('@') {
-        std::fs::read_to_string(path).map_err(|e| CliError::usage(format!("cannot read {path}: {e}")))?
+        std::fs::read_to_string(path)
+            .map_err(|e| CliError::usage(format!("cannot read {path}: {e}")))?
     } else {
         text.to_string()
     };
@@ -228,20 +279,29 @@ fn read_json_arg(text: &str) -> Result<Value, CliError> {
 
 /// Payloads from a file: a JSON array, or NDJSON.
 fn read_payloads(path: &PathBuf) -> Result<Vec<Value>, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
     if let Ok(Value::Array(items)) = serde_json::from_str::<Value>(&text) {
         return Ok(items);
     }
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| serde_json::from_str(line).map_err(|e| CliError::usage(format!("{}:{}: not JSON: {e}", path.display(), i + 1))))
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| {
+                CliError::usage(format!("{}:{}: not JSON: {e}", path.display(), i + 1))
+            })
+        })
         .collect()
 }
 
 /// `NAME=FROM..TO[:STEP]` or `NAME=[a,b,c]` into a sweep axis.
 fn parse_axis(text: &str) -> Result<(String, Value), CliError> {
-    let bad = || CliError::usage(format!("sweep {text:?} must look like spot=80..120:0.5 or kind=[\"call\",\"put\"]"));
+    let bad = || {
+        CliError::usage(format!(
+            "sweep {text:?} must look like spot=80..120:0.5 or kind=[\"call\",\"put\"]"
+        ))
+    };
     let (name, spec) = text.split_once('=').ok_or_else(bad)?;
     if spec.starts_with('[') {
         let values: Value = serde_json::from_str(spec).map_err(|_| bad())?;
@@ -250,14 +310,24 @@ fn parse_axis(text: &str) -> Result<(String, Value), CliError> {
     let (range, step) = spec.split_once(':').unwrap_or((spec, "1"));
     let (from, to) = range.split_once("..").ok_or_else(bad)?;
     let number = |s: &str| s.trim().parse::<f64>().map_err(|_| bad());
-    Ok((name.to_string(), json!({"from": number(from)?, "to": number(to)?, "step": number(step)?})))
+    Ok((
+        name.to_string(),
+        json!({"from": number(from)?, "to": number(to)?, "step": number(step)?}),
+    ))
 }
 
 /// `kwq job ...`.
 pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), CliError> {
     let client = Client::new(&connection);
     match command {
-        JobCommand::Submit { task, payloads, sweep, base, name, watch } => {
+        JobCommand::Submit {
+            task,
+            payloads,
+            sweep,
+            base,
+            name,
+            watch,
+        } => {
             let mut body = task.into_body();
             if let Some(name) = name {
                 body.insert("name".into(), json!(name));
@@ -268,29 +338,68 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
                 }
                 (None, false) => {
                     let base = read_json_arg(&base)?;
-                    let params: Map<String, Value> = sweep.iter().map(|s| parse_axis(s)).collect::<Result<_, _>>()?;
+                    let params: Map<String, Value> = sweep
+                        .iter()
+                        .map(|s| parse_axis(s))
+                        .collect::<Result<_, _>>()?;
                     body.insert("sweep".into(), json!({"base": base, "params": params}));
                 }
-                (None, true) => return Err(CliError::usage("give --payloads FILE or at least one --sweep")),
+                (None, true) => {
+                    return Err(CliError::usage(
+                        "give --payloads FILE or at least one --sweep",
+                    ));
+                }
             }
             let id = block_on(async {
                 let job = client.post("/v1/jobs", &Value::Object(body)).await?;
                 Ok(job["id"].as_str().unwrap_or_default().to_string())
             })?;
             println!("{id}");
-            if watch { watch_job(&client, &id) } else { Ok(()) }
+            if watch {
+                watch_job(&client, &id)
+            } else {
+                Ok(())
+            }
         }
-        JobCommand::Pause { id } => block_on(async { print_json(&client.post(&format!("/v1/jobs/{id}/pause"), &json!({})).await?); Ok(()) }),
-        JobCommand::Resume { id } => block_on(async { print_json(&client.post(&format!("/v1/jobs/{id}/resume"), &json!({})).await?); Ok(()) }),
-        JobCommand::Cancel { id } => block_on(async { print_json(&client.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await?); Ok(()) }),
-        JobCommand::List => block_on(async { print_json(&client.get("/v1/jobs").await?); Ok(()) }),
+        JobCommand::Pause { id } => block_on(async {
+            print_json(
+                &client
+                    .post(&format!("/v1/jobs/{id}/pause"), &json!({}))
+                    .await?,
+            );
+            Ok(())
+        }),
+        JobCommand::Resume { id } => block_on(async {
+            print_json(
+                &client
+                    .post(&format!("/v1/jobs/{id}/resume"), &json!({}))
+                    .await?,
+            );
+            Ok(())
+        }),
+        JobCommand::Cancel { id } => block_on(async {
+            print_json(
+                &client
+                    .post(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+                    .await?,
+            );
+            Ok(())
+        }),
+        JobCommand::List => block_on(async {
+            print_json(&client.get("/v1/jobs").await?);
+            Ok(())
+        }),
     }
 }
 
 /// `kwq status ID`: a task (with its timeline) or a job (`j-...`).
 pub(super) fn status(connection: Connection, id: String) -> Result<(), CliError> {
     let client = Client::new(&connection);
-    let path = if id.starts_with("j-") && !id.contains('.') { format!("/v1/jobs/{id}") } else { format!("/v1/tasks/{id}") };
+    let path = if id.starts_with("j-") && !id.contains('.') {
+        format!("/v1/jobs/{id}")
+    } else {
+        format!("/v1/tasks/{id}")
+    };
     block_on(async move {
         print_json(&client.get(&path).await?);
         Ok(())
@@ -309,9 +418,11 @@ fn watch_job(client: &Client, id: &str) -> Result<(), CliError> {
         let job = client.get(&format!("/v1/jobs/{id}")).await?;
         let bar = indicatif::ProgressBar::new(job["total"].as_u64().unwrap_or(0));
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} ETA {eta} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         loop {
             let job = client.get(&format!("/v1/jobs/{id}")).await?;
@@ -325,7 +436,8 @@ fn watch_job(client: &Client, id: &str) -> Result<(), CliError> {
             ));
             if matches!(job["state"].as_str(), Some("Finished" | "Cancelled")) {
                 bar.finish();
-                let dead = counts["Dead"].as_u64().unwrap_or(0) + counts["Cancelled"].as_u64().unwrap_or(0);
+                let dead = counts["Dead"].as_u64().unwrap_or(0)
+                    + counts["Cancelled"].as_u64().unwrap_or(0);
                 eprintln!(
                     "job {id} {}: {} completed, {} dead, {} cancelled, mean run {:.1} ms, p95 {} ms",
                     job["state"].as_str().unwrap_or(""),
@@ -335,7 +447,11 @@ fn watch_job(client: &Client, id: &str) -> Result<(), CliError> {
                     job["mean_run_ms"].as_f64().unwrap_or(0.0),
                     job["p95_run_ms"]
                 );
-                return if dead > 0 { Err(CliError::failed(format!("{dead} tasks did not complete"))) } else { Ok(()) };
+                return if dead > 0 {
+                    Err(CliError::failed(format!("{dead} tasks did not complete")))
+                } else {
+                    Ok(())
+                };
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -354,11 +470,23 @@ pub(super) fn results(connection: Connection, id: String) -> Result<(), CliError
         if !response.status().is_success() {
             let status = response.status();
             let body: Value = response.json().await.unwrap_or(Value::Null);
-            let message = format!("{} {}", status.as_u16(), body["error"]["message"].as_str().unwrap_or(""));
-            return Err(if status.is_client_error() { CliError::usage(message) } else { CliError::failed(message) });
+            let message = format!(
+                "{} {}",
+                status.as_u16(),
+                body["error"]["message"].as_str().unwrap_or("")
+            );
+            return Err(if status.is_client_error() {
+                CliError::usage(message)
+            } else {
+                CliError::failed(message)
+            });
         }
         let mut out = std::io::stdout().lock();
-        while let Some(chunk) = response.chunk().await.map_err(|e| CliError::failed(e.to_string()))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| CliError::failed(e.to_string()))?
+        {
             match out.write_all(&chunk) {
                 Ok(()) => {}
                 // The reader (e.g. `head`) has seen enough.

@@ -115,13 +115,27 @@ impl CliError {
 /// Run a parsed command line and turn its outcome into an exit code.
 pub fn main(cli: Cli) -> ExitCode {
     // A server logs what it does; one-shot commands only what went wrong.
-    init_logging(if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" });
+    init_logging(if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    });
     let outcome = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Run(args) => run::run(args),
-        Command::Module { connection, command } => client::module(connection, command),
-        Command::Submit { connection, task, payload } => client::submit(connection, task, payload),
-        Command::Job { connection, command } => client::job(connection, command),
+        Command::Module {
+            connection,
+            command,
+        } => client::module(connection, command),
+        Command::Submit {
+            connection,
+            task,
+            payload,
+        } => client::submit(connection, task, payload),
+        Command::Job {
+            connection,
+            command,
+        } => client::job(connection, command),
         Command::Status { connection, id } => client::status(connection, id),
         Command::Watch { connection, id } => client::watch(connection, id),
         Command::Results { connection, id } => client::results(connection, id),

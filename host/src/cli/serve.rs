@@ -50,15 +50,26 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         Some(url) => StoreUrl::parse(url).map_err(|e| CliError::usage(e.to_string()))?,
         None => StoreUrl::Sqlite(args.data_dir.join("kwq.db")),
     };
-    let mut dispatch = DispatchConfig { max_warm: args.max_warm, ..DispatchConfig::default() };
+    let mut dispatch = DispatchConfig {
+        max_warm: args.max_warm,
+        ..DispatchConfig::default()
+    };
     if let Some(workers) = args.workers {
         dispatch.workers = workers;
     }
     let config = ServerConfig {
         store,
-        runtime: RuntimeConfig { cache_dir: Some(args.data_dir.join("compiled")), fuel: args.fuel, ..RuntimeConfig::default() },
+        runtime: RuntimeConfig {
+            cache_dir: Some(args.data_dir.join("compiled")),
+            fuel: args.fuel,
+            ..RuntimeConfig::default()
+        },
         dispatch,
-        queue: EmbeddedConfig { affinity_window: args.affinity_window, aging: args.aging, ..EmbeddedConfig::default() },
+        queue: EmbeddedConfig {
+            affinity_window: args.affinity_window,
+            aging: args.aging,
+            ..EmbeddedConfig::default()
+        },
         token: args.token,
         examples: args.examples,
         limits: Default::default(),
@@ -69,10 +80,17 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| CliError::usage(format!("cannot listen on {}: {e}", args.listen)))?;
-        let address = listener.local_addr().map_err(|e| CliError::failed(e.to_string()))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| CliError::failed(e.to_string()))?;
         println!("kwq serving on http://{address} (API under /v1, health at /healthz)");
-        println!("store: {:?}, workers: {}", config.store, config.dispatch.workers);
-        crate::server::run(config, listener, shutdown_signal()).await.map_err(|e| CliError::failed(format!("{e:#}")))
+        println!(
+            "store: {:?}, workers: {}",
+            config.store, config.dispatch.workers
+        );
+        crate::server::run(config, listener, shutdown_signal())
+            .await
+            .map_err(|e| CliError::failed(format!("{e:#}")))
     })
 }
 
@@ -81,7 +99,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -93,5 +112,9 @@ async fn shutdown_signal() {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "host".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
 }

@@ -50,7 +50,10 @@ impl WorkerBoard {
                 affinity_hits: 0,
             })
             .collect();
-        WorkerBoard { started: now_ms(), workers: Mutex::new(workers) }
+        WorkerBoard {
+            started: now_ms(),
+            workers: Mutex::new(workers),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<WorkerStatus>> {
@@ -96,7 +99,10 @@ impl WorkerBoard {
 
     /// Live progress of a running task, if a worker here runs it.
     pub fn progress_of(&self, task: &str) -> Option<f32> {
-        self.lock().iter().find(|w| w.task.as_deref() == Some(task)).map(|w| w.progress)
+        self.lock()
+            .iter()
+            .find(|w| w.task.as_deref() == Some(task))
+            .map(|w| w.progress)
     }
 
     /// Fraction of worker time spent running tasks since start.
@@ -104,7 +110,10 @@ impl WorkerBoard {
         let workers = self.lock();
         let now = now_ms();
         let elapsed = now.saturating_sub(self.started).max(1) * workers.len().max(1) as u64;
-        let busy: u64 = workers.iter().map(|w| w.busy_ms + w.since.map_or(0, |s| now.saturating_sub(s))).sum();
+        let busy: u64 = workers
+            .iter()
+            .map(|w| w.busy_ms + w.since.map_or(0, |s| now.saturating_sub(s)))
+            .sum();
         busy as f64 / elapsed as f64
     }
 }

@@ -56,7 +56,12 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Start `config.workers` workers on the current tokio runtime.
-    pub fn start(runtime: Runtime, queue: Arc<dyn Queue>, config: DispatchConfig, host: &str) -> Self {
+    pub fn start(
+        runtime: Runtime,
+        queue: Arc<dyn Queue>,
+        config: DispatchConfig,
+        host: &str,
+    ) -> Self {
         let (stop, stopping) = watch::channel(false);
         let board = Arc::new(WorkerBoard::new(config.workers, host));
         let workers = (0..config.workers)
@@ -73,7 +78,11 @@ impl Dispatcher {
                 tokio::spawn(context.run(worker))
             })
             .collect();
-        Dispatcher { stop, workers, board }
+        Dispatcher {
+            stop,
+            workers,
+            board,
+        }
     }
 
     /// What each worker is doing.
@@ -112,7 +121,10 @@ impl WorkerContext {
             if *self.stopping.borrow() {
                 break;
             }
-            let view = WorkerView { id: self.id.clone(), warm: worker.warm_keys() };
+            let view = WorkerView {
+                id: self.id.clone(),
+                warm: worker.warm_keys(),
+            };
             let lease = tokio::select! {
                 lease = self.queue.lease(&view) => lease,
                 _ = self.stopping.changed() => None,
@@ -122,7 +134,8 @@ impl WorkerContext {
             self.board.begin(self.index, &lease);
             let ending = self.run_one(&mut worker, &lease).await;
             self.finish(&lease, ending);
-            self.board.end(self.index, worker.warm_keys(), worker.stats());
+            self.board
+                .end(self.index, worker.warm_keys(), worker.stats());
         }
     }
 
@@ -135,7 +148,11 @@ impl WorkerContext {
             module: lease.module.clone(),
             payload: lease.payload.to_vec(),
             affinity: lease.affinity.clone(),
-            limits: TaskLimits { timeout: lease.timeout, memory_bytes: lease.memory_bytes, ..self.config.limits.clone() },
+            limits: TaskLimits {
+                timeout: lease.timeout,
+                memory_bytes: lease.memory_bytes,
+                ..self.config.limits.clone()
+            },
             on_progress: Some(Arc::new(move |p| board.progress(index, p))),
         };
         let span = tracing::info_span!("task", task_id = %lease.task_id, job_id = lease.job_id.as_deref().unwrap_or(""),
@@ -172,17 +189,40 @@ impl WorkerContext {
         };
         let run_ms = report.elapsed.as_millis() as u64;
         let outcome = match report.outcome {
-            Ok(result) => self.queue.complete(lease, Completion { result, logs: report.logs, progress: report.progress, run_ms }),
+            Ok(result) => self.queue.complete(
+                lease,
+                Completion {
+                    result,
+                    logs: report.logs,
+                    progress: report.progress,
+                    run_ms,
+                },
+            ),
             Err(error) => {
                 let kind = error.kind();
-                let retryable = kind != ErrorKind::InvalidModule && lease.attempt < lease.max_attempts;
-                let retry_at = retryable.then(|| now_ms() + self.config.retry.delay(lease.attempt).as_millis() as u64);
+                let retryable =
+                    kind != ErrorKind::InvalidModule && lease.attempt < lease.max_attempts;
+                let retry_at = retryable
+                    .then(|| now_ms() + self.config.retry.delay(lease.attempt).as_millis() as u64);
                 tracing::info!(error = %error, kind = %kind, retry = retryable, "task attempt failed");
                 let mut message = error.to_string();
-                if let crate::runtime::TaskError::Trap { backtrace: Some(bt), .. } = &error {
+                if let crate::runtime::TaskError::Trap {
+                    backtrace: Some(bt),
+                    ..
+                } = &error
+                {
                     message = format!("{message}\n{bt}");
                 }
-                self.queue.fail(lease, Failure { kind, message, logs: report.logs, run_ms, retry_at })
+                self.queue.fail(
+                    lease,
+                    Failure {
+                        kind,
+                        message,
+                        logs: report.logs,
+                        run_ms,
+                        retry_at,
+                    },
+                )
             }
         };
         if let Err(e) = outcome {

@@ -5,7 +5,8 @@ mod task;
 
 pub use sweep::{MAX_SWEEP_POINTS, Sweep, SweepAxis, SweepError};
 pub use task::{
-    Event, JobCounts, JobId, JobRecord, Millis, NewJob, NewTask, TaskId, TaskOptions, TaskRecord, TaskState, now_ms,
+    Event, JobCounts, JobId, JobRecord, Millis, NewJob, NewTask, TaskId, TaskOptions, TaskRecord,
+    TaskState, now_ms,
 };
 
 use serde::{Deserialize, Serialize};

@@ -101,13 +101,22 @@ impl Sweep {
         for (name, axis) in &self.params {
             if let SweepAxis::Range { from, to, step } = axis {
                 if !(from.is_finite() && to.is_finite() && step.is_finite()) {
-                    return Err(SweepError::BadAxis(name.clone(), "from, to and step must be numbers".into()));
+                    return Err(SweepError::BadAxis(
+                        name.clone(),
+                        "from, to and step must be numbers".into(),
+                    ));
                 }
                 if *step <= 0.0 {
-                    return Err(SweepError::BadAxis(name.clone(), "step must be positive".into()));
+                    return Err(SweepError::BadAxis(
+                        name.clone(),
+                        "step must be positive".into(),
+                    ));
                 }
                 if to < from {
-                    return Err(SweepError::BadAxis(name.clone(), "to must not be below from".into()));
+                    return Err(SweepError::BadAxis(
+                        name.clone(),
+                        "to must not be below from".into(),
+                    ));
                 }
                 if (to - from) / step > MAX_SWEEP_POINTS as f64 {
                     return Err(SweepError::TooLarge(MAX_SWEEP_POINTS));
@@ -117,7 +126,10 @@ impl Sweep {
             if len == 0 {
                 return Err(SweepError::BadAxis(name.clone(), "has no values".into()));
             }
-            total = total.checked_mul(len).filter(|t| *t <= MAX_SWEEP_POINTS).ok_or(SweepError::TooLarge(MAX_SWEEP_POINTS))?;
+            total = total
+                .checked_mul(len)
+                .filter(|t| *t <= MAX_SWEEP_POINTS)
+                .ok_or(SweepError::TooLarge(MAX_SWEEP_POINTS))?;
         }
         Ok(total)
     }
@@ -146,7 +158,9 @@ mod tests {
 
     #[test]
     fn points_are_the_cartesian_product_last_axis_fastest() {
-        let s = sweep(json!({"base": {"kind": "call"}, "params": {"spot": {"from": 40, "to": 44, "step": 2}, "vol": [0.1, 0.2]}}));
+        let s = sweep(
+            json!({"base": {"kind": "call"}, "params": {"spot": {"from": 40, "to": 44, "step": 2}, "vol": [0.1, 0.2]}}),
+        );
         assert_eq!(s.validate(), Ok(6));
         assert_eq!(s.point(0), json!({"kind": "call", "spot": 40, "vol": 0.1}));
         assert_eq!(s.point(1), json!({"kind": "call", "spot": 40, "vol": 0.2}));
@@ -167,8 +181,12 @@ mod tests {
         assert_eq!(s.point(49_999_999), json!({"seed": 49_999_999}));
         let bad = sweep(json!({"params": {"spot": {"from": 1, "to": 0}}}));
         assert!(matches!(bad.validate(), Err(SweepError::BadAxis(name, _)) if name == "spot"));
-        let huge = sweep(json!({"params": {"a": {"from": 0, "to": 1e6}, "b": {"from": 0, "to": 1e6}}}));
+        let huge =
+            sweep(json!({"params": {"a": {"from": 0, "to": 1e6}, "b": {"from": 0, "to": 1e6}}}));
         assert_eq!(huge.validate(), Err(SweepError::TooLarge(MAX_SWEEP_POINTS)));
-        assert_eq!(sweep(json!({"base": 3, "params": {"a": [1]}})).validate(), Err(SweepError::BaseNotObject));
+        assert_eq!(
+            sweep(json!({"base": 3, "params": {"a": [1]}})).validate(),
+            Err(SweepError::BaseNotObject)
+        );
     }
 }

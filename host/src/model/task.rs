@@ -68,12 +68,17 @@ impl TaskState {
 
     /// Parse a state name, ignoring case.
     pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str().eq_ignore_ascii_case(text))
+        Self::ALL
+            .into_iter()
+            .find(|s| s.as_str().eq_ignore_ascii_case(text))
     }
 
     /// Whether the task will not change again.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Completed | TaskState::Dead | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Dead | TaskState::Cancelled
+        )
     }
 
     /// Position in [`TaskState::ALL`], for counters.
@@ -238,7 +243,10 @@ impl JobCounts {
 
     /// As a map from state name to count, for JSON.
     pub fn by_name(&self) -> BTreeMap<&'static str, u64> {
-        TaskState::ALL.iter().map(|s| (s.as_str(), self.get(*s))).collect()
+        TaskState::ALL
+            .iter()
+            .map(|s| (s.as_str(), self.get(*s)))
+            .collect()
     }
 }
 

@@ -7,8 +7,8 @@
 pub mod embedded;
 
 use crate::model::{
-    ErrorKind, Event, JobId, JobRecord, LogLine, Millis, ModuleId, ModuleKind, NewJob, NewTask, TaskId, TaskRecord,
-    TaskState,
+    ErrorKind, Event, JobId, JobRecord, LogLine, Millis, ModuleId, ModuleKind, NewJob, NewTask,
+    TaskId, TaskRecord, TaskState,
 };
 use async_trait::async_trait;
 use serde::Serialize;
@@ -199,7 +199,11 @@ pub trait CommitObserver: Send + Sync {
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Store a module's bytes (idempotent by id).
-    async fn put_module(&self, record: ModuleRecord, bytes: Vec<u8>) -> Result<ModuleRecord, QueueError>;
+    async fn put_module(
+        &self,
+        record: ModuleRecord,
+        bytes: Vec<u8>,
+    ) -> Result<ModuleRecord, QueueError>;
     /// A module's record.
     async fn module(&self, id: &ModuleId) -> Result<ModuleRecord, QueueError>;
     /// Every module.
@@ -247,7 +251,12 @@ pub trait Queue: Send + Sync + 'static {
     /// Jobs, newest first.
     async fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError>;
     /// Completed results of a job after a cursor, in task order.
-    async fn results(&self, job: &JobId, after: u64, limit: usize) -> Result<Vec<TaskResult>, QueueError>;
+    async fn results(
+        &self,
+        job: &JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskResult>, QueueError>;
     /// Stored events after an offset.
     async fn events_since(&self, offset: u64, limit: usize) -> Result<Vec<Event>, QueueError>;
     /// One row per stored task, for rebuilding statistics at start.

@@ -39,7 +39,9 @@ struct JobEntry {
 impl Tracker {
     /// A tracker rebuilt from the store and registered for its commits.
     pub async fn attach(queue: &Arc<dyn Queue>) -> Result<Arc<Self>, QueueError> {
-        let tracker = Arc::new(Tracker { inner: Mutex::new(Inner::default()) });
+        let tracker = Arc::new(Tracker {
+            inner: Mutex::new(Inner::default()),
+        });
         // Register first so no commit is missed; the census may then count a
         // few tasks twice for a moment at start-up, which is harmless for stats.
         queue.observe(tracker.clone());
@@ -64,10 +66,18 @@ impl Tracker {
                 }
             }
             for tag in &row.tags {
-                inner.tags.entry((tag.0.clone(), tag.1.clone())).or_default().transition(None, row.state);
+                inner
+                    .tags
+                    .entry((tag.0.clone(), tag.1.clone()))
+                    .or_default()
+                    .transition(None, row.state);
             }
             if let Some(ms) = row.run_ms {
-                inner.modules.entry(row.module.to_string()).or_default().record(ms);
+                inner
+                    .modules
+                    .entry(row.module.to_string())
+                    .or_default()
+                    .record(ms);
             }
         }
     }
@@ -75,9 +85,13 @@ impl Tracker {
     /// Counts and timings of one job, if it has any tasks yet.
     pub fn job(&self, job: &str) -> JobStats {
         let inner = self.lock();
-        let Some(entry) = inner.jobs.get(job) else { return JobStats::default() };
+        let Some(entry) = inner.jobs.get(job) else {
+            return JobStats::default();
+        };
         let rate = match (entry.first_finish, entry.last_finish) {
-            (Some(first), Some(last)) if last > first => entry.counts.finished() as f64 * 1000.0 / (last - first) as f64,
+            (Some(first), Some(last)) if last > first => {
+                entry.counts.finished() as f64 * 1000.0 / (last - first) as f64
+            }
             _ => 0.0,
         };
         JobStats {
@@ -103,9 +117,16 @@ impl Tracker {
             tags: inner
                 .tags
                 .iter()
-                .map(|((k, v), counts)| TagCounts { tag: format!("{k}={v}"), counts: *counts })
+                .map(|((k, v), counts)| TagCounts {
+                    tag: format!("{k}={v}"),
+                    counts: *counts,
+                })
                 .collect(),
-            modules: inner.modules.iter().map(|(m, r)| (m.clone(), r.summary())).collect(),
+            modules: inner
+                .modules
+                .iter()
+                .map(|(m, r)| (m.clone(), r.summary()))
+                .collect(),
         }
     }
 }
@@ -118,7 +139,11 @@ impl CommitObserver for Tracker {
             let (from, to) = (c.from, c.event.state);
             inner.totals.transition(from, to);
             for tag in c.tags.iter() {
-                inner.tags.entry((tag.0.clone(), tag.1.clone())).or_default().transition(from, to);
+                inner
+                    .tags
+                    .entry((tag.0.clone(), tag.1.clone()))
+                    .or_default()
+                    .transition(from, to);
             }
             match to {
                 TaskState::Completed => inner.throughput.add(now, true),
@@ -135,7 +160,11 @@ impl CommitObserver for Tracker {
             if to == TaskState::Completed
                 && let Some(ms) = c.run_ms
             {
-                inner.modules.entry(c.module.to_string()).or_default().record(ms);
+                inner
+                    .modules
+                    .entry(c.module.to_string())
+                    .or_default()
+                    .record(ms);
             }
             if let Some(job) = &c.event.job_id {
                 let entry = inner.jobs.entry(job.clone()).or_default();

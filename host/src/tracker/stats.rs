@@ -32,17 +32,29 @@ impl RunTimes {
 
     /// Mean, ms (0 when empty).
     pub fn mean(&self) -> f64 {
-        if self.0.is_empty() { 0.0 } else { self.0.mean() }
+        if self.0.is_empty() {
+            0.0
+        } else {
+            self.0.mean()
+        }
     }
 
     /// Quantile, ms (0 when empty).
     pub fn quantile(&self, q: f64) -> u64 {
-        if self.0.is_empty() { 0 } else { self.0.value_at_quantile(q) }
+        if self.0.is_empty() {
+            0
+        } else {
+            self.0.value_at_quantile(q)
+        }
     }
 
     /// Count, mean, p95.
     pub fn summary(&self) -> RunSummary {
-        RunSummary { count: self.0.len(), mean_ms: self.mean(), p95_ms: self.quantile(0.95) }
+        RunSummary {
+            count: self.0.len(),
+            mean_ms: self.mean(),
+            p95_ms: self.quantile(0.95),
+        }
     }
 }
 
@@ -102,7 +114,11 @@ pub(super) struct Throughput {
 
 impl Default for Throughput {
     fn default() -> Self {
-        Throughput { seconds: [0; RING], completed: [0; RING], failed: [0; RING] }
+        Throughput {
+            seconds: [0; RING],
+            completed: [0; RING],
+            failed: [0; RING],
+        }
     }
 }
 
@@ -119,18 +135,29 @@ impl Throughput {
 
     pub(super) fn add(&mut self, now_ms: u64, completed: bool) {
         let i = self.slot(now_ms / 1000);
-        if completed { self.completed[i] += 1 } else { self.failed[i] += 1 }
+        if completed {
+            self.completed[i] += 1
+        } else {
+            self.failed[i] += 1
+        }
     }
 
     fn at(&self, second: u64) -> (u64, u64) {
         let i = (second % RING as u64) as usize;
-        if self.seconds[i] == second { (self.completed[i], self.failed[i]) } else { (0, 0) }
+        if self.seconds[i] == second {
+            (self.completed[i], self.failed[i])
+        } else {
+            (0, 0)
+        }
     }
 
     /// Mean per second over the last `window` whole seconds.
     pub(super) fn rate(&self, now_ms: u64, window: u64, completed: bool) -> f64 {
         let now = now_ms / 1000;
-        let sum: u64 = (1..=window).map(|back| self.at(now - back)).map(|(c, f)| if completed { c } else { f }).sum();
+        let sum: u64 = (1..=window)
+            .map(|back| self.at(now - back))
+            .map(|(c, f)| if completed { c } else { f })
+            .sum();
         sum as f64 / window as f64
     }
 

@@ -9,11 +9,12 @@ mod schema;
 mod writer;
 
 use super::{
-    CensusRow, CommitObserver, Completion, Failure, Lease, ModuleRecord, Page, Queue, QueueError, TaskFilter,
-    TaskResult, WorkerView,
+    CensusRow, CommitObserver, Completion, Failure, Lease, ModuleRecord, Page, Queue, QueueError,
+    TaskFilter, TaskResult, WorkerView,
 };
 use crate::model::{
-    Event, JobId, JobRecord, Millis, ModuleId, NewJob, NewTask, Sweep, TaskId, TaskRecord, TaskState, now_ms,
+    Event, JobId, JobRecord, Millis, ModuleId, NewJob, NewTask, Sweep, TaskId, TaskRecord,
+    TaskState, now_ms,
 };
 use async_trait::async_trait;
 use ready::{Entry, Pick, Policy, ReadyIndex};
@@ -108,9 +109,12 @@ impl EmbeddedQueue {
     /// Pending again.
     pub fn open(path: &Path, config: EmbeddedConfig) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                QueueError::Storage(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
-        let conn = schema::open(path, true).map_err(|e| QueueError::Storage(format!("cannot open {}: {e}", path.display())))?;
+        let conn = schema::open(path, true)
+            .map_err(|e| QueueError::Storage(format!("cannot open {}: {e}", path.display())))?;
         let (events, _) = broadcast::channel(65_536);
         let observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>> = Arc::default();
         let writer = Writer::start(conn, events.clone(), observers.clone());
@@ -132,16 +136,30 @@ impl EmbeddedQueue {
     }
 
     fn recover(&self) -> Result<(), QueueError> {
-        let (jobs, tasks) = self.inner.reader.with(|conn| Ok((reader::jobs(conn, usize::MAX >> 1)?, reader::unfinished(conn)?)))?;
+        let (jobs, tasks) = self.inner.reader.with(|conn| {
+            Ok((
+                reader::jobs(conn, usize::MAX >> 1)?,
+                reader::unfinished(conn)?,
+            ))
+        })?;
         let now = now_ms();
         let mut sched = self.sched();
         for job in jobs {
             let id: Arc<str> = Arc::from(job.id.as_str());
-            sched.jobs.insert(id.clone(), JobFlags { paused: job.paused, cancelled: job.cancelled });
+            sched.jobs.insert(
+                id.clone(),
+                JobFlags {
+                    paused: job.paused,
+                    cancelled: job.cancelled,
+                },
+            );
             if job.paused {
                 sched.ready.pause(id.clone());
             }
-            if let Some(sweep) = job.sweep.filter(|_| !job.cancelled && job.expanded < job.total) {
+            if let Some(sweep) = job
+                .sweep
+                .filter(|_| !job.cancelled && job.expanded < job.total)
+            {
                 sched.sweeps.push(SweepCursor {
                     job: id,
                     module: job.module,
@@ -165,7 +183,10 @@ impl EmbeddedQueue {
             sched.ready.insert(entry, now);
         }
         if !requeued.is_empty() {
-            tracing::info!(tasks = requeued.len(), "requeued tasks leased before the restart");
+            tracing::info!(
+                tasks = requeued.len(),
+                "requeued tasks leased before the restart"
+            );
             self.inner.writer.send(requeued);
         }
         Ok(())
@@ -186,10 +207,19 @@ impl EmbeddedQueue {
     fn refill_sweeps(&self, sched: &mut Sched, now: Millis) {
         let chunk = self.inner.config.sweep_chunk.max(1);
         let mut ops = Vec::new();
-        let Sched { sweeps, ready, jobs, .. } = sched;
+        let Sched {
+            sweeps,
+            ready,
+            jobs,
+            ..
+        } = sched;
         for cursor in sweeps.iter_mut() {
             let flags = jobs.get(&cursor.job).copied().unwrap_or_default();
-            if flags.paused || flags.cancelled || cursor.next >= cursor.total || ready.job_waiting(&cursor.job) >= chunk / 2 {
+            if flags.paused
+                || flags.cancelled
+                || cursor.next >= cursor.total
+                || ready.job_waiting(&cursor.job) >= chunk / 2
+            {
                 continue;
             }
             let end = (cursor.next + chunk).min(cursor.total);
@@ -217,14 +247,31 @@ impl EmbeddedQueue {
 
     /// Re-offer tasks whose lease was not renewed in time.
     fn expire_leases(&self, sched: &mut Sched, now: Millis) {
-        let expired: Vec<Arc<str>> = sched.leased.iter().filter(|(_, l)| l.expires <= now).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<Arc<str>> = sched
+            .leased
+            .iter()
+            .filter(|(_, l)| l.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut ops = Vec::new();
         for id in expired {
             if let Some(lease) = sched.leased.remove(&id) {
-                let mut t = transition(&lease.entry, Some(lease.state), TaskState::Pending, lease.entry.attempts);
+                let mut t = transition(
+                    &lease.entry,
+                    Some(lease.state),
+                    TaskState::Pending,
+                    lease.entry.attempts,
+                );
                 t.message = Some(format!("requeued: lease held by {} expired", lease.worker));
                 ops.push(Op::Transition(Box::new(t)));
-                sched.ready.insert(Entry { queued_at: now, state: TaskState::Pending, ..lease.entry }, now);
+                sched.ready.insert(
+                    Entry {
+                        queued_at: now,
+                        state: TaskState::Pending,
+                        ..lease.entry
+                    },
+                    now,
+                );
             }
         }
         if !ops.is_empty() {
@@ -241,13 +288,21 @@ impl EmbeddedQueue {
     }
 
     fn job_flags(&self, job: &JobId) -> Result<JobFlags, QueueError> {
-        self.sched().jobs.get(job.as_str()).copied().ok_or_else(|| QueueError::NotFound(format!("job {job}")))
+        self.sched()
+            .jobs
+            .get(job.as_str())
+            .copied()
+            .ok_or_else(|| QueueError::NotFound(format!("job {job}")))
     }
 
     async fn set_job_flags(&self, job: &JobId, flags: JobFlags) -> Result<(), QueueError> {
         self.inner
             .writer
-            .write(vec![Op::JobFlags { job: job.clone(), paused: flags.paused, cancelled: flags.cancelled }])
+            .write(vec![Op::JobFlags {
+                job: job.clone(),
+                paused: flags.paused,
+                cancelled: flags.cancelled,
+            }])
             .await?;
         self.sched().jobs.insert(Arc::from(job.as_str()), flags);
         Ok(())
@@ -286,27 +341,53 @@ fn entry_from_record(task: &TaskRecord, now: Millis) -> Entry {
         memory_bytes: task.options.memory_bytes,
         max_attempts: task.options.max_attempts,
         attempts: task.attempts,
-        queued_at: task.timestamps.get(&TaskState::Pending).copied().unwrap_or(now),
+        queued_at: task
+            .timestamps
+            .get(&TaskState::Pending)
+            .copied()
+            .unwrap_or(now),
         not_before: task.options.not_before,
-        state: if task.state == TaskState::Error { TaskState::Error } else { TaskState::Pending },
+        state: if task.state == TaskState::Error {
+            TaskState::Error
+        } else {
+            TaskState::Pending
+        },
     }
 }
 
 fn transition(entry: &Entry, from: Option<TaskState>, to: TaskState, attempt: u32) -> Transition {
-    Transition::new(entry.id.clone(), entry.job.clone(), entry.module.clone(), entry.tags.clone(), from, to, attempt)
+    Transition::new(
+        entry.id.clone(),
+        entry.job.clone(),
+        entry.module.clone(),
+        entry.tags.clone(),
+        from,
+        to,
+        attempt,
+    )
 }
 
 #[async_trait]
 impl Queue for EmbeddedQueue {
-    async fn put_module(&self, record: ModuleRecord, bytes: Vec<u8>) -> Result<ModuleRecord, QueueError> {
+    async fn put_module(
+        &self,
+        record: ModuleRecord,
+        bytes: Vec<u8>,
+    ) -> Result<ModuleRecord, QueueError> {
         let id = record.id.clone();
-        self.inner.writer.write(vec![Op::Module(record, bytes)]).await?;
+        self.inner
+            .writer
+            .write(vec![Op::Module(record, bytes)])
+            .await?;
         self.module(&id).await
     }
 
     async fn module(&self, id: &ModuleId) -> Result<ModuleRecord, QueueError> {
         let id = id.to_string();
-        self.inner.reader.read(move |c| reader::module(c, &id)).await
+        self.inner
+            .reader
+            .read(move |c| reader::module(c, &id))
+            .await
     }
 
     async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError> {
@@ -314,17 +395,30 @@ impl Queue for EmbeddedQueue {
     }
 
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {
-        self.inner.reader.with(|c| reader::module_bytes(c, id.as_str())).ok().flatten()
+        self.inner
+            .reader
+            .with(|c| reader::module_bytes(c, id.as_str()))
+            .ok()
+            .flatten()
     }
 
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError> {
         let now = now_ms();
-        let tagged: Vec<(NewTask, Tags)> = tasks.into_iter().map(|t| {
-            let tags = Arc::new(t.options.tags.clone());
-            (t, tags)
-        }).collect();
-        let entries: Vec<Entry> = tagged.iter().map(|(t, tags)| entry_from_new(t, tags.clone(), now)).collect();
-        self.inner.writer.write(vec![Op::NewTasks(tagged, now)]).await?;
+        let tagged: Vec<(NewTask, Tags)> = tasks
+            .into_iter()
+            .map(|t| {
+                let tags = Arc::new(t.options.tags.clone());
+                (t, tags)
+            })
+            .collect();
+        let entries: Vec<Entry> = tagged
+            .iter()
+            .map(|(t, tags)| entry_from_new(t, tags.clone(), now))
+            .collect();
+        self.inner
+            .writer
+            .write(vec![Op::NewTasks(tagged, now)])
+            .await?;
         {
             let mut sched = self.sched();
             for entry in entries {
@@ -338,7 +432,9 @@ impl Queue for EmbeddedQueue {
     async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError> {
         let now = now_ms();
         let total = match &job.sweep {
-            Some(sweep) => sweep.validate().map_err(|e| QueueError::Conflict(e.to_string()))?,
+            Some(sweep) => sweep
+                .validate()
+                .map_err(|e| QueueError::Conflict(e.to_string()))?,
             None => job.payloads.len() as u64,
         };
         let record = JobRecord {
@@ -369,7 +465,10 @@ impl Queue for EmbeddedQueue {
                 (task, tags.clone())
             })
             .collect();
-        let entries: Vec<Entry> = tasks.iter().map(|(t, tags)| entry_from_new(t, tags.clone(), now)).collect();
+        let entries: Vec<Entry> = tasks
+            .iter()
+            .map(|(t, tags)| entry_from_new(t, tags.clone(), now))
+            .collect();
         let mut ops = vec![Op::Job(record.clone())];
         if !tasks.is_empty() {
             ops.push(Op::NewTasks(tasks, now));
@@ -383,7 +482,15 @@ impl Queue for EmbeddedQueue {
                 sched.ready.insert(entry, now);
             }
             if let Some(sweep) = job.sweep {
-                sched.sweeps.push(SweepCursor { job: id, module: job.module, options: job.options, tags, sweep, next: 0, total });
+                sched.sweeps.push(SweepCursor {
+                    job: id,
+                    module: job.module,
+                    options: job.options,
+                    tags,
+                    sweep,
+                    next: 0,
+                    total,
+                });
             }
         }
         self.inner.wake.notify_waiters();
@@ -411,7 +518,9 @@ impl Queue for EmbeddedQueue {
                     .filter(|(id, _)| **id != worker.id)
                     .flat_map(|(_, warm)| warm.iter().cloned())
                     .collect();
-                let check = |module: &ModuleId, key: &str| warm_elsewhere.iter().any(|(m, k)| m == module && k == key);
+                let check = |module: &ModuleId, key: &str| {
+                    warm_elsewhere.iter().any(|(m, k)| m == module && k == key)
+                };
                 match sched.ready.pick(&worker.warm, &check, now, self.policy()) {
                     Pick::Task(entry, warm_hit) => {
                         sched.next_token += 1;
@@ -434,12 +543,23 @@ impl Queue for EmbeddedQueue {
                             warm_hit,
                             cancelled: cancelled.clone(),
                         };
-                        let mut t = transition(&entry, Some(entry.state), TaskState::Allocated, attempt);
+                        let mut t =
+                            transition(&entry, Some(entry.state), TaskState::Allocated, attempt);
                         t.worker = Some(worker.id.clone());
                         t.wait_ms = Some(now.saturating_sub(entry.queued_at));
                         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
                         let expires = now + self.inner.config.lease_ttl.as_millis() as u64;
-                        let leased = Leased { entry: Entry { attempts: attempt, ..entry }, token, worker: worker.id.clone(), expires, state: TaskState::Allocated, cancelled };
+                        let leased = Leased {
+                            entry: Entry {
+                                attempts: attempt,
+                                ..entry
+                            },
+                            token,
+                            worker: worker.id.clone(),
+                            expires,
+                            state: TaskState::Allocated,
+                            cancelled,
+                        };
                         sched.leased.insert(leased.entry.id.clone(), leased);
                         return Some(lease);
                     }
@@ -458,9 +578,20 @@ impl Queue for EmbeddedQueue {
 
     fn started(&self, lease: &Lease) {
         let mut sched = self.sched();
-        let Some(leased) = sched.leased.get_mut(lease.task_id.as_str()).filter(|l| l.token == lease.token) else { return };
+        let Some(leased) = sched
+            .leased
+            .get_mut(lease.task_id.as_str())
+            .filter(|l| l.token == lease.token)
+        else {
+            return;
+        };
         leased.state = TaskState::Running;
-        let mut t = transition(&leased.entry, Some(TaskState::Allocated), TaskState::Running, lease.attempt);
+        let mut t = transition(
+            &leased.entry,
+            Some(TaskState::Allocated),
+            TaskState::Running,
+            lease.attempt,
+        );
         t.worker = Some(lease.worker.clone());
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
     }
@@ -478,7 +609,12 @@ impl Queue for EmbeddedQueue {
 
     fn complete(&self, lease: &Lease, completion: Completion) -> Result<(), QueueError> {
         let leased = self.take_lease(&lease.task_id, lease.token)?;
-        let mut t = transition(&leased.entry, Some(leased.state), TaskState::Completed, lease.attempt);
+        let mut t = transition(
+            &leased.entry,
+            Some(leased.state),
+            TaskState::Completed,
+            lease.attempt,
+        );
         t.worker = Some(lease.worker.clone());
         t.result = Some(completion.result);
         t.logs = Some(completion.logs);
@@ -490,7 +626,11 @@ impl Queue for EmbeddedQueue {
 
     fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), QueueError> {
         let leased = self.take_lease(&lease.task_id, lease.token)?;
-        let to = if failure.retry_at.is_some() { TaskState::Error } else { TaskState::Dead };
+        let to = if failure.retry_at.is_some() {
+            TaskState::Error
+        } else {
+            TaskState::Dead
+        };
         let mut t = transition(&leased.entry, Some(leased.state), to, lease.attempt);
         t.worker = Some(lease.worker.clone());
         t.error = Some((failure.kind, failure.message));
@@ -500,23 +640,52 @@ impl Queue for EmbeddedQueue {
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
         if let Some(retry_at) = failure.retry_at {
             let now = now_ms();
-            self.sched().ready.insert(Entry { not_before: Some(retry_at), queued_at: now, state: TaskState::Error, ..leased.entry }, now);
+            self.sched().ready.insert(
+                Entry {
+                    not_before: Some(retry_at),
+                    queued_at: now,
+                    state: TaskState::Error,
+                    ..leased.entry
+                },
+                now,
+            );
             self.inner.wake.notify_waiters();
         }
         Ok(())
     }
 
     fn release(&self, lease: &Lease, cancelled: bool) {
-        let Ok(leased) = self.take_lease(&lease.task_id, lease.token) else { return };
-        let to = if cancelled { TaskState::Cancelled } else { TaskState::Pending };
+        let Ok(leased) = self.take_lease(&lease.task_id, lease.token) else {
+            return;
+        };
+        let to = if cancelled {
+            TaskState::Cancelled
+        } else {
+            TaskState::Pending
+        };
         // A released attempt does not count: the task was stopped, not failed.
-        let attempts = if cancelled { lease.attempt } else { lease.attempt - 1 };
+        let attempts = if cancelled {
+            lease.attempt
+        } else {
+            lease.attempt - 1
+        };
         let mut t = transition(&leased.entry, Some(leased.state), to, attempts);
-        t.message = Some(if cancelled { "cancelled while running".into() } else { "released by a stopping worker".into() });
+        t.message = Some(if cancelled {
+            "cancelled while running".into()
+        } else {
+            "released by a stopping worker".into()
+        });
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
         if !cancelled {
             let now = now_ms();
-            self.sched().ready.insert(Entry { attempts, state: TaskState::Pending, ..leased.entry }, now);
+            self.sched().ready.insert(
+                Entry {
+                    attempts,
+                    state: TaskState::Pending,
+                    ..leased.entry
+                },
+                now,
+            );
             self.inner.wake.notify_waiters();
         }
     }
@@ -526,7 +695,14 @@ impl Queue for EmbeddedQueue {
         if flags.cancelled {
             return Err(QueueError::Conflict(format!("job {job} is cancelled")));
         }
-        self.set_job_flags(job, JobFlags { paused: true, ..flags }).await?;
+        self.set_job_flags(
+            job,
+            JobFlags {
+                paused: true,
+                ..flags
+            },
+        )
+        .await?;
         self.sched().ready.pause(Arc::from(job.as_str()));
         self.job(job).await
     }
@@ -536,7 +712,14 @@ impl Queue for EmbeddedQueue {
         if flags.cancelled {
             return Err(QueueError::Conflict(format!("job {job} is cancelled")));
         }
-        self.set_job_flags(job, JobFlags { paused: false, ..flags }).await?;
+        self.set_job_flags(
+            job,
+            JobFlags {
+                paused: false,
+                ..flags
+            },
+        )
+        .await?;
         self.sched().ready.resume(job, now_ms());
         self.inner.wake.notify_waiters();
         self.job(job).await
@@ -544,18 +727,36 @@ impl Queue for EmbeddedQueue {
 
     async fn cancel_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
         self.job_flags(job)?;
-        self.set_job_flags(job, JobFlags { cancelled: true, paused: false }).await?;
+        self.set_job_flags(
+            job,
+            JobFlags {
+                cancelled: true,
+                paused: false,
+            },
+        )
+        .await?;
         let ops = {
             let mut sched = self.sched();
             sched.sweeps.retain(|c| &*c.job != job.as_str());
-            for leased in sched.leased.values().filter(|l| l.entry.job.as_deref() == Some(job.as_str())) {
+            for leased in sched
+                .leased
+                .values()
+                .filter(|l| l.entry.job.as_deref() == Some(job.as_str()))
+            {
                 leased.cancelled.notify_one();
             }
             sched
                 .ready
                 .remove_job(job)
                 .into_iter()
-                .map(|entry| Op::Transition(Box::new(transition(&entry, Some(entry.state), TaskState::Cancelled, entry.attempts))))
+                .map(|entry| {
+                    Op::Transition(Box::new(transition(
+                        &entry,
+                        Some(entry.state),
+                        TaskState::Cancelled,
+                        entry.attempts,
+                    )))
+                })
                 .collect::<Vec<_>>()
         };
         self.inner.writer.write(ops).await?;
@@ -570,14 +771,22 @@ impl Queue for EmbeddedQueue {
                 return Ok(());
             }
             sched.ready.remove(task).map(|entry| {
-                Op::Transition(Box::new(transition(&entry, Some(entry.state), TaskState::Cancelled, entry.attempts)))
+                Op::Transition(Box::new(transition(
+                    &entry,
+                    Some(entry.state),
+                    TaskState::Cancelled,
+                    entry.attempts,
+                )))
             })
         };
         match op {
             Some(op) => self.inner.writer.write(vec![op]).await,
             None => {
                 let record = self.task(task).await?;
-                Err(QueueError::Conflict(format!("task {task} is already {}", record.state)))
+                Err(QueueError::Conflict(format!(
+                    "task {task} is already {}",
+                    record.state
+                )))
             }
         }
     }
@@ -593,9 +802,15 @@ impl Queue for EmbeddedQueue {
         };
         if !known {
             let record = self.task(task).await?;
-            return Err(QueueError::Conflict(format!("task {task} is already {}", record.state)));
+            return Err(QueueError::Conflict(format!(
+                "task {task} is already {}",
+                record.state
+            )));
         }
-        self.inner.writer.write(vec![Op::Priority(task.clone(), priority)]).await?;
+        self.inner
+            .writer
+            .write(vec![Op::Priority(task.clone(), priority)])
+            .await?;
         self.inner.wake.notify_waiters();
         Ok(())
     }
@@ -607,11 +822,17 @@ impl Queue for EmbeddedQueue {
 
     async fn timeline(&self, id: &TaskId) -> Result<Vec<Event>, QueueError> {
         let id = id.clone();
-        self.inner.reader.read(move |c| reader::timeline(c, &id)).await
+        self.inner
+            .reader
+            .read(move |c| reader::timeline(c, &id))
+            .await
     }
 
     async fn tasks(&self, filter: TaskFilter) -> Result<Page<TaskRecord>, QueueError> {
-        self.inner.reader.read(move |c| reader::tasks(c, &filter)).await
+        self.inner
+            .reader
+            .read(move |c| reader::tasks(c, &filter))
+            .await
     }
 
     async fn job(&self, id: &JobId) -> Result<JobRecord, QueueError> {
@@ -625,16 +846,30 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn jobs(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
-        self.inner.reader.read(move |c| reader::jobs(c, limit)).await
+        self.inner
+            .reader
+            .read(move |c| reader::jobs(c, limit))
+            .await
     }
 
-    async fn results(&self, job: &JobId, after: u64, limit: usize) -> Result<Vec<TaskResult>, QueueError> {
+    async fn results(
+        &self,
+        job: &JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskResult>, QueueError> {
         let job = job.clone();
-        self.inner.reader.read(move |c| reader::results(c, &job, after, limit)).await
+        self.inner
+            .reader
+            .read(move |c| reader::results(c, &job, after, limit))
+            .await
     }
 
     async fn events_since(&self, offset: u64, limit: usize) -> Result<Vec<Event>, QueueError> {
-        self.inner.reader.read(move |c| reader::events_since(c, offset, limit)).await
+        self.inner
+            .reader
+            .read(move |c| reader::events_since(c, offset, limit))
+            .await
     }
 
     async fn census(&self) -> Result<Vec<CensusRow>, QueueError> {
@@ -646,7 +881,11 @@ impl Queue for EmbeddedQueue {
     }
 
     fn observe(&self, observer: Arc<dyn CommitObserver>) {
-        self.inner.observers.write().expect("observers lock").push(observer);
+        self.inner
+            .observers
+            .write()
+            .expect("observers lock")
+            .push(observer);
     }
 
     fn depth(&self) -> [u64; 10] {

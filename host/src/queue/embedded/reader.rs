@@ -4,7 +4,9 @@
 
 use super::super::{ModuleRecord, Page, QueueError, TaskFilter, TaskResult};
 use super::schema;
-use crate::model::{ErrorKind, Event, JobRecord, LogLine, ModuleId, TaskOptions, TaskRecord, TaskState};
+use crate::model::{
+    ErrorKind, Event, JobRecord, LogLine, ModuleId, TaskOptions, TaskRecord, TaskState,
+};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,11 +24,17 @@ fn storage(e: impl std::fmt::Display) -> QueueError {
 
 impl Reader {
     pub(super) fn new(path: PathBuf) -> Self {
-        Reader { path, pool: Arc::new(Mutex::new(Vec::new())) }
+        Reader {
+            path,
+            pool: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 
     /// Run `read` on a pooled connection, on the current thread.
-    pub(super) fn with<T>(&self, read: impl FnOnce(&Connection) -> Result<T, QueueError>) -> Result<T, QueueError> {
+    pub(super) fn with<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
         let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let conn = match pooled {
             Some(conn) => conn,
@@ -46,18 +54,22 @@ impl Reader {
         read: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
         let reader = self.clone();
-        tokio::task::spawn_blocking(move || reader.with(read)).await.map_err(storage)?
+        tokio::task::spawn_blocking(move || reader.with(read))
+            .await
+            .map_err(storage)?
     }
 }
 
-const TASK_COLUMNS: &str = "seq, id, job_id, module, payload, priority, options, state, attempts, worker, not_before,
+const TASK_COLUMNS: &str =
+    "seq, id, job_id, module, payload, priority, options, state, attempts, worker, not_before,
     pending_at, allocated_at, running_at, completed_at, error_at, dead_at, cancelled_at,
     error_kind, error_message, result, logs, progress";
 
 /// A task row, with its cursor.
 pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, TaskRecord)> {
     let seq: i64 = row.get(0)?;
-    let mut options: TaskOptions = serde_json::from_str(&row.get::<_, String>(6)?).unwrap_or_default();
+    let mut options: TaskOptions =
+        serde_json::from_str(&row.get::<_, String>(6)?).unwrap_or_default();
     options.priority = row.get(5)?;
     options.not_before = row.get::<_, Option<i64>>(10)?.map(|t| t as u64);
     let state = TaskState::parse(&row.get::<_, String>(7)?).unwrap_or(TaskState::Pending);
@@ -81,10 +93,13 @@ pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, TaskRecord)
             attempts: row.get(8)?,
             worker: row.get(9)?,
             timestamps,
-            error_kind: error_kind.and_then(|k| serde_json::from_value(serde_json::Value::String(k)).ok()),
+            error_kind: error_kind
+                .and_then(|k| serde_json::from_value(serde_json::Value::String(k)).ok()),
             error_message: row.get(19)?,
             result: row.get(20)?,
-            logs: logs.and_then(|l| serde_json::from_str::<Vec<LogLine>>(&l).ok()).unwrap_or_default(),
+            logs: logs
+                .and_then(|l| serde_json::from_str::<Vec<LogLine>>(&l).ok())
+                .unwrap_or_default(),
             progress: row.get::<_, f64>(22)? as f32,
         },
     ))
@@ -100,7 +115,10 @@ pub(super) fn task(conn: &Connection, id: &str) -> Result<TaskRecord, QueueError
         .ok_or_else(|| QueueError::NotFound(format!("task {id}")))
 }
 
-pub(super) fn tasks(conn: &Connection, filter: &TaskFilter) -> Result<Page<TaskRecord>, QueueError> {
+pub(super) fn tasks(
+    conn: &Connection,
+    filter: &TaskFilter,
+) -> Result<Page<TaskRecord>, QueueError> {
     let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE seq > ?1");
     let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(filter.after.unwrap_or(0) as i64)];
     if let Some(job) = &filter.job {
@@ -124,7 +142,10 @@ pub(super) fn tasks(conn: &Connection, filter: &TaskFilter) -> Result<Page<TaskR
     sql.push_str(&format!(" ORDER BY seq LIMIT {}", limit + 1));
     let mut stmt = conn.prepare(&sql).map_err(storage)?;
     let rows = stmt
-        .query_map(rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())), task_from_row)
+        .query_map(
+            rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
+            task_from_row,
+        )
         .map_err(storage)?;
     let mut items = Vec::with_capacity(limit);
     let mut next = None;
@@ -137,7 +158,10 @@ pub(super) fn tasks(conn: &Connection, filter: &TaskFilter) -> Result<Page<TaskR
         items.push(task);
     }
     let more = items.len() == limit;
-    Ok(Page { items, next: if more { next } else { None } })
+    Ok(Page {
+        items,
+        next: if more { next } else { None },
+    })
 }
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
@@ -150,26 +174,40 @@ fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
         attempt: row.get(4)?,
         worker: row.get(5)?,
         at: row.get::<_, i64>(6)? as u64,
-        error_kind: error_kind.and_then(|k| serde_json::from_value::<ErrorKind>(serde_json::Value::String(k)).ok()),
+        error_kind: error_kind
+            .and_then(|k| serde_json::from_value::<ErrorKind>(serde_json::Value::String(k)).ok()),
         message: row.get(8)?,
     })
 }
 
-const EVENT_COLUMNS: &str = "offset, task_id, job_id, state, attempt, worker, at, error_kind, message";
+const EVENT_COLUMNS: &str =
+    "offset, task_id, job_id, state, attempt, worker, at, error_kind, message";
 
 pub(super) fn timeline(conn: &Connection, id: &str) -> Result<Vec<Event>, QueueError> {
     let mut stmt = conn
-        .prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ?1 ORDER BY offset"))
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ?1 ORDER BY offset"
+        ))
         .map_err(storage)?;
-    let events = stmt.query_map(params![id], event_from_row).map_err(storage)?;
+    let events = stmt
+        .query_map(params![id], event_from_row)
+        .map_err(storage)?;
     events.collect::<Result<Vec<_>, _>>().map_err(storage)
 }
 
-pub(super) fn events_since(conn: &Connection, offset: u64, limit: usize) -> Result<Vec<Event>, QueueError> {
+pub(super) fn events_since(
+    conn: &Connection,
+    offset: u64,
+    limit: usize,
+) -> Result<Vec<Event>, QueueError> {
     let mut stmt = conn
-        .prepare_cached(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE offset > ?1 ORDER BY offset LIMIT ?2"))
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE offset > ?1 ORDER BY offset LIMIT ?2"
+        ))
         .map_err(storage)?;
-    let events = stmt.query_map(params![offset as i64, limit as i64], event_from_row).map_err(storage)?;
+    let events = stmt
+        .query_map(params![offset as i64, limit as i64], event_from_row)
+        .map_err(storage)?;
     events.collect::<Result<Vec<_>, _>>().map_err(storage)
 }
 
@@ -183,12 +221,15 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         expanded: row.get::<_, i64>(5)? as u64,
         paused: row.get(6)?,
         cancelled: row.get(7)?,
-        sweep: row.get::<_, Option<String>>(8)?.and_then(|s| serde_json::from_str(&s).ok()),
+        sweep: row
+            .get::<_, Option<String>>(8)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
         created_at: row.get::<_, i64>(9)? as u64,
     })
 }
 
-const JOB_COLUMNS: &str = "id, name, module, options, total, expanded, paused, cancelled, sweep, created_at";
+const JOB_COLUMNS: &str =
+    "id, name, module, options, total, expanded, paused, cancelled, sweep, created_at";
 
 pub(super) fn job(conn: &Connection, id: &str) -> Result<JobRecord, QueueError> {
     conn.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))
@@ -201,13 +242,22 @@ pub(super) fn job(conn: &Connection, id: &str) -> Result<JobRecord, QueueError> 
 
 pub(super) fn jobs(conn: &Connection, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
     let mut stmt = conn
-        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id LIMIT ?1"))
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, id LIMIT ?1"
+        ))
         .map_err(storage)?;
-    let jobs = stmt.query_map(params![limit as i64], job_from_row).map_err(storage)?;
+    let jobs = stmt
+        .query_map(params![limit as i64], job_from_row)
+        .map_err(storage)?;
     jobs.collect::<Result<Vec<_>, _>>().map_err(storage)
 }
 
-pub(super) fn results(conn: &Connection, job: &str, after: u64, limit: usize) -> Result<Vec<TaskResult>, QueueError> {
+pub(super) fn results(
+    conn: &Connection,
+    job: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<TaskResult>, QueueError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT seq, id, result FROM tasks WHERE job_id = ?1 AND state = 'Completed' AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -229,7 +279,8 @@ fn module_from_row(row: &Row<'_>) -> rusqlite::Result<ModuleRecord> {
     Ok(ModuleRecord {
         id: ModuleId::parse(&row.get::<_, String>(0)?).unwrap_or_else(|| ModuleId::of(b"")),
         name: row.get(1)?,
-        kind: serde_json::from_str(&row.get::<_, String>(2)?).unwrap_or(crate::model::ModuleKind::Component),
+        kind: serde_json::from_str(&row.get::<_, String>(2)?)
+            .unwrap_or(crate::model::ModuleKind::Component),
         size: row.get::<_, i64>(3)? as u64,
         created_at: row.get::<_, i64>(4)? as u64,
     })
@@ -245,8 +296,11 @@ pub(super) fn module(conn: &Connection, id: &str) -> Result<ModuleRecord, QueueE
 }
 
 pub(super) fn modules(conn: &Connection) -> Result<Vec<ModuleRecord>, QueueError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT id, name, kind, size, created_at FROM modules ORDER BY created_at, id").map_err(storage)?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, name, kind, size, created_at FROM modules ORDER BY created_at, id",
+        )
+        .map_err(storage)?;
     let rows = stmt.query_map([], module_from_row).map_err(storage)?;
     rows.collect::<Result<Vec<_>, _>>().map_err(storage)
 }
@@ -267,7 +321,9 @@ pub(super) fn unfinished(conn: &Connection) -> Result<Vec<TaskRecord>, QueueErro
         ))
         .map_err(storage)?;
     let rows = stmt.query_map([], task_from_row).map_err(storage)?;
-    rows.map(|r| r.map(|(_, t)| t)).collect::<Result<Vec<_>, _>>().map_err(storage)
+    rows.map(|r| r.map(|(_, t)| t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(storage)
 }
 
 /// One row per task for rebuilding statistics: job, module, tags, state, run time.
@@ -283,8 +339,12 @@ pub(super) fn census(conn: &Connection) -> Result<Vec<super::super::CensusRow>, 
         .query_map([], |row| {
             Ok(super::super::CensusRow {
                 job_id: row.get(0)?,
-                module: ModuleId::parse(&row.get::<_, String>(1)?).unwrap_or_else(|| ModuleId::of(b"")),
-                tags: row.get::<_, Option<String>>(2)?.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default(),
+                module: ModuleId::parse(&row.get::<_, String>(1)?)
+                    .unwrap_or_else(|| ModuleId::of(b"")),
+                tags: row
+                    .get::<_, Option<String>>(2)?
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
                 state: TaskState::parse(&row.get::<_, String>(3)?).unwrap_or(TaskState::Pending),
                 run_ms: row.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
             })

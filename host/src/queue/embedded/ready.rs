@@ -105,18 +105,32 @@ impl ReadyIndex {
         let slot = if entry.priority == 0 {
             Slot::Held
         } else if entry.not_before.is_some_and(|t| t > now) {
-            self.delayed.push(Reverse((entry.not_before.unwrap_or(now), id.clone(), generation)));
+            self.delayed.push(Reverse((
+                entry.not_before.unwrap_or(now),
+                id.clone(),
+                generation,
+            )));
             Slot::Delayed
         } else if entry.job.as_ref().is_some_and(|j| self.paused.contains(j)) {
             Slot::Parked
         } else {
             self.by_priority[entry.priority as usize].push_back((id.clone(), generation));
             if let Some(key) = &entry.affinity {
-                self.by_key.entry((entry.module.clone(), key.clone())).or_default().push_back((id.clone(), generation));
+                self.by_key
+                    .entry((entry.module.clone(), key.clone()))
+                    .or_default()
+                    .push_back((id.clone(), generation));
             }
             Slot::Queued
         };
-        self.waiting.insert(id, Waiting { entry, slot, generation });
+        self.waiting.insert(
+            id,
+            Waiting {
+                entry,
+                slot,
+                generation,
+            },
+        );
     }
 
     /// Take a task out of the index, wherever it waits.
@@ -136,7 +150,9 @@ impl ReadyIndex {
 
     /// Change a waiting task's priority; 0 holds it, raising releases it.
     pub(super) fn set_priority(&mut self, id: &str, priority: u8, now: Millis) -> bool {
-        let Some(mut entry) = self.remove(id) else { return false };
+        let Some(mut entry) = self.remove(id) else {
+            return false;
+        };
         entry.priority = priority;
         self.insert(entry, now);
         true
@@ -144,8 +160,12 @@ impl ReadyIndex {
 
     /// Every waiting task of a job, removed.
     pub(super) fn remove_job(&mut self, job: &str) -> Vec<Entry> {
-        let ids: Vec<Arc<str>> =
-            self.waiting.values().filter(|w| w.entry.job.as_deref() == Some(job)).map(|w| w.entry.id.clone()).collect();
+        let ids: Vec<Arc<str>> = self
+            .waiting
+            .values()
+            .filter(|w| w.entry.job.as_deref() == Some(job))
+            .map(|w| w.entry.id.clone())
+            .collect();
         ids.iter().filter_map(|id| self.remove(id)).collect()
     }
 
@@ -177,7 +197,10 @@ impl ReadyIndex {
                 break;
             }
             self.delayed.pop();
-            let current = self.waiting.get(&id).is_some_and(|w| w.generation == generation && w.slot == Slot::Delayed);
+            let current = self
+                .waiting
+                .get(&id)
+                .is_some_and(|w| w.generation == generation && w.slot == Slot::Delayed);
             if current && let Some(mut waiting) = self.waiting.remove(&id) {
                 waiting.entry.not_before = None;
                 self.place(waiting.entry, now);
@@ -198,9 +221,16 @@ impl ReadyIndex {
                 QueueRef::Priority(p) => self.by_priority[*p].front().cloned()?,
                 QueueRef::Key(key) => self.by_key.get(key).and_then(|q| q.front().cloned())?,
             };
-            let live = self.waiting.get(&id).is_some_and(|w| w.generation == generation && w.slot == Slot::Queued);
+            let live = self
+                .waiting
+                .get(&id)
+                .is_some_and(|w| w.generation == generation && w.slot == Slot::Queued);
             if live {
-                let paused = self.waiting[&id].entry.job.as_ref().is_some_and(|j| self.paused.contains(j));
+                let paused = self.waiting[&id]
+                    .entry
+                    .job
+                    .as_ref()
+                    .is_some_and(|j| self.paused.contains(j));
                 if !paused {
                     return Some(id);
                 }
@@ -227,7 +257,10 @@ impl ReadyIndex {
     fn effective(&self, id: &str, now: Millis, policy: Policy) -> (f64, Reverse<Millis>) {
         let entry = &self.waiting[id].entry;
         let waited = now.saturating_sub(entry.queued_at);
-        (entry.priority as f64 + waited as f64 / policy.aging_ms.max(1) as f64, Reverse(entry.queued_at))
+        (
+            entry.priority as f64 + waited as f64 / policy.aging_ms.max(1) as f64,
+            Reverse(entry.queued_at),
+        )
     }
 
     /// The best task for a worker with these warm pairs, given which pairs
@@ -239,12 +272,17 @@ impl ReadyIndex {
         now: Millis,
         policy: Policy,
     ) -> Pick {
-        let cmp = |a: &(f64, Reverse<Millis>), b: &(f64, Reverse<Millis>)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        let cmp = |a: &(f64, Reverse<Millis>), b: &(f64, Reverse<Millis>)| {
+            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+        };
         let mut best_warm: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
         for (module, key) in warm_here {
             if let Some(id) = self.head(QueueRef::Key((module.clone(), Arc::from(key.as_str())))) {
                 let score = self.effective(&id, now, policy);
-                if best_warm.as_ref().is_none_or(|(_, best)| cmp(&score, best).is_gt()) {
+                if best_warm
+                    .as_ref()
+                    .is_none_or(|(_, best)| cmp(&score, best).is_gt())
+                {
                     best_warm = Some((id, score));
                 }
             }
@@ -254,19 +292,31 @@ impl ReadyIndex {
         let mut best_any: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
         let mut wake: Option<Millis> = None;
         for p in 1..10 {
-            let Some(id) = self.head(QueueRef::Priority(p)) else { continue };
+            let Some(id) = self.head(QueueRef::Priority(p)) else {
+                continue;
+            };
             let score = self.effective(&id, now, policy);
-            if best_any.as_ref().is_none_or(|(_, best)| cmp(&score, best).is_gt()) {
+            if best_any
+                .as_ref()
+                .is_none_or(|(_, best)| cmp(&score, best).is_gt())
+            {
                 best_any = Some((id.clone(), score));
             }
             let entry = &self.waiting[&id].entry;
             let reserved_until = entry.queued_at + policy.affinity_window_ms;
-            let reserved = entry.affinity.as_ref().is_some_and(|k| warm_elsewhere(&entry.module, k)) && now < reserved_until;
+            let reserved = entry
+                .affinity
+                .as_ref()
+                .is_some_and(|k| warm_elsewhere(&entry.module, k))
+                && now < reserved_until;
             if reserved {
                 wake = Some(wake.map_or(reserved_until, |w: Millis| w.min(reserved_until)));
                 continue;
             }
-            if best_global.as_ref().is_none_or(|(_, best)| cmp(&score, best).is_gt()) {
+            if best_global
+                .as_ref()
+                .is_none_or(|(_, best)| cmp(&score, best).is_gt())
+            {
                 best_global = Some((id, score));
             }
         }
@@ -274,7 +324,11 @@ impl ReadyIndex {
             (Some((warm, warm_score)), _, Some((any, any_score))) => {
                 let any_entry = &self.waiting[&any].entry;
                 let overdue = now.saturating_sub(any_entry.queued_at) >= policy.affinity_window_ms;
-                if cmp(&any_score, &warm_score).is_gt() && overdue { Some((any, false)) } else { Some((warm, true)) }
+                if cmp(&any_score, &warm_score).is_gt() && overdue {
+                    Some((any, false))
+                } else {
+                    Some((warm, true))
+                }
             }
             (Some((warm, _)), _, None) => Some((warm, true)),
             (None, Some((global, _)), _) => Some((global, false)),
@@ -284,7 +338,11 @@ impl ReadyIndex {
             Some((id, warm_hit)) => {
                 let entry = self.remove(&id).expect("picked entry is waiting");
                 let warm_hit = warm_hit
-                    || entry.affinity.as_ref().is_some_and(|k| warm_here.iter().any(|(m, w)| *m == entry.module && w == &**k));
+                    || entry.affinity.as_ref().is_some_and(|k| {
+                        warm_here
+                            .iter()
+                            .any(|(m, w)| *m == entry.module && w == &**k)
+                    });
                 Pick::Task(entry, warm_hit)
             }
             None => {
@@ -307,7 +365,10 @@ enum QueueRef {
 mod tests {
     use super::*;
 
-    const POLICY: Policy = Policy { aging_ms: 10_000, affinity_window_ms: 1_000 };
+    const POLICY: Policy = Policy {
+        aging_ms: 10_000,
+        affinity_window_ms: 1_000,
+    };
 
     fn entry(id: &str, priority: u8, queued_at: Millis, affinity: Option<&str>) -> Entry {
         Entry {
@@ -328,7 +389,12 @@ mod tests {
         }
     }
 
-    fn take(index: &mut ReadyIndex, warm: &[(ModuleId, String)], elsewhere: bool, now: Millis) -> Option<String> {
+    fn take(
+        index: &mut ReadyIndex,
+        warm: &[(ModuleId, String)],
+        elsewhere: bool,
+        now: Millis,
+    ) -> Option<String> {
         match index.pick(warm, &|_, _| elsewhere, now, POLICY) {
             Pick::Task(e, _) => Some(e.id.to_string()),
             Pick::Wait(_) => None,
@@ -338,7 +404,13 @@ mod tests {
     #[test]
     fn strict_priority_then_fifo() {
         let mut index = ReadyIndex::default();
-        for (id, p, t) in [("a", 3, 0), ("b", 9, 1), ("c", 3, 2), ("d", 9, 3), ("e", 1, 4)] {
+        for (id, p, t) in [
+            ("a", 3, 0),
+            ("b", 9, 1),
+            ("c", 3, 2),
+            ("d", 9, 3),
+            ("e", 1, 4),
+        ] {
             index.insert(entry(id, p, t, None), 10);
         }
         let order: Vec<String> = std::iter::from_fn(|| take(&mut index, &[], false, 10)).collect();
@@ -352,7 +424,10 @@ mod tests {
         index.insert(entry("old", 1, 0, None), 0);
         index.insert(entry("new", 9, 100_000, None), 100_000);
         // 100 s of waiting at 10 s per level: effective 11 > 9.
-        assert_eq!(take(&mut index, &[], false, 100_000).as_deref(), Some("old"));
+        assert_eq!(
+            take(&mut index, &[], false, 100_000).as_deref(),
+            Some("old")
+        );
     }
 
     #[test]
@@ -362,7 +437,10 @@ mod tests {
         let mut later = entry("later", 5, 0, None);
         later.not_before = Some(500);
         index.insert(later, 0);
-        assert!(matches!(index.pick(&[], &|_, _| false, 0, POLICY), Pick::Wait(Some(500))));
+        assert!(matches!(
+            index.pick(&[], &|_, _| false, 0, POLICY),
+            Pick::Wait(Some(500))
+        ));
         index.promote_due(500);
         assert_eq!(take(&mut index, &[], false, 500).as_deref(), Some("later"));
         assert_eq!(take(&mut index, &[], false, 500), None);
@@ -376,11 +454,18 @@ mod tests {
         index.insert(entry("plain", 5, 0, None), 0);
         index.insert(entry("usd", 5, 10, Some("curve=USD")), 10);
         let warm = vec![(ModuleId::of(b"m"), "curve=USD".to_string())];
-        assert_eq!(take(&mut index, &warm, false, 20).as_deref(), Some("usd"), "warm match beats an older equal");
+        assert_eq!(
+            take(&mut index, &warm, false, 20).as_deref(),
+            Some("usd"),
+            "warm match beats an older equal"
+        );
         index.insert(entry("usd2", 5, 30, Some("curve=USD")), 30);
         // A cold worker skips the task reserved for the warm one...
         assert_eq!(take(&mut index, &[], true, 40).as_deref(), Some("plain"));
-        assert!(matches!(index.pick(&[], &|_, _| true, 40, POLICY), Pick::Wait(Some(1030))));
+        assert!(matches!(
+            index.pick(&[], &|_, _| true, 40, POLICY),
+            Pick::Wait(Some(1030))
+        ));
         // ...until the affinity window has passed.
         assert_eq!(take(&mut index, &[], true, 1030).as_deref(), Some("usd2"));
     }
@@ -391,9 +476,17 @@ mod tests {
         let warm = vec![(ModuleId::of(b"m"), "k".to_string())];
         index.insert(entry("urgent", 9, 0, None), 0);
         index.insert(entry("warm", 2, 0, Some("k")), 0);
-        assert_eq!(take(&mut index, &warm, false, 500).as_deref(), Some("warm"), "within the window");
+        assert_eq!(
+            take(&mut index, &warm, false, 500).as_deref(),
+            Some("warm"),
+            "within the window"
+        );
         index.insert(entry("warm2", 2, 0, Some("k")), 0);
-        assert_eq!(take(&mut index, &warm, false, 1500).as_deref(), Some("urgent"), "overdue");
+        assert_eq!(
+            take(&mut index, &warm, false, 1500).as_deref(),
+            Some("urgent"),
+            "overdue"
+        );
     }
 
     #[test]

@@ -25,7 +25,11 @@ pub(super) enum Op {
     Job(JobRecord),
     NewTasks(Vec<(NewTask, Tags)>, Millis),
     JobExpanded(String, u64),
-    JobFlags { job: String, paused: bool, cancelled: bool },
+    JobFlags {
+        job: String,
+        paused: bool,
+        cancelled: bool,
+    },
     Transition(Box<Transition>),
     Priority(String, u8),
 }
@@ -53,7 +57,15 @@ pub(super) struct Transition {
 
 impl Transition {
     /// A bare transition; callers fill in what the state carries.
-    pub(super) fn new(task_id: Arc<str>, job_id: Option<Arc<str>>, module: ModuleId, tags: Tags, from: Option<TaskState>, to: TaskState, attempt: u32) -> Self {
+    pub(super) fn new(
+        task_id: Arc<str>,
+        job_id: Option<Arc<str>>,
+        module: ModuleId,
+        tags: Tags,
+        from: Option<TaskState>,
+        to: TaskState,
+        attempt: u32,
+    ) -> Self {
         Transition {
             task_id,
             job_id,
@@ -108,7 +120,12 @@ impl Writer {
     /// Queue operations and wait until they are durable.
     pub(super) async fn write(&self, ops: Vec<Op>) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
-        self.tx.send(Command { ops, done: Some(done) }).map_err(|_| QueueError::Closed)?;
+        self.tx
+            .send(Command {
+                ops,
+                done: Some(done),
+            })
+            .map_err(|_| QueueError::Closed)?;
         wait.await.map_err(|_| QueueError::Closed)?
     }
 }
@@ -133,18 +150,19 @@ fn run(
         }
         match apply(&mut conn, &batch) {
             Ok(committed) => {
+                // Statistics first, so a caller that was told "stored" sees them.
+                if !committed.is_empty() {
+                    for observer in observers.read().expect("observers lock").iter() {
+                        observer.committed(&committed);
+                    }
+                }
                 for command in batch {
                     if let Some(done) = command.done {
                         let _ = done.send(Ok(()));
                     }
                 }
-                if !committed.is_empty() {
-                    for observer in observers.read().expect("observers lock").iter() {
-                        observer.committed(&committed);
-                    }
-                    for c in committed {
-                        let _ = events.send(c.event);
-                    }
+                for c in committed {
+                    let _ = events.send(c.event);
                 }
             }
             Err(e) => {
@@ -224,7 +242,17 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
                         task.options.not_before.map(|t| t as i64),
                         *at as i64
                     ])?;
-                    let event = insert_event(&tx, &task.id, task.job_id.as_deref(), TaskState::Pending, 0, None, *at, None, None)?;
+                    let event = insert_event(
+                        &tx,
+                        &task.id,
+                        task.job_id.as_deref(),
+                        TaskState::Pending,
+                        0,
+                        None,
+                        *at,
+                        None,
+                        None,
+                    )?;
                     committed.push(Committed {
                         event,
                         from: None,
@@ -236,14 +264,20 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
                 }
             }
             Op::JobExpanded(job, expanded) => {
-                tx.prepare_cached("UPDATE jobs SET expanded = ?2 WHERE id = ?1")?.execute(params![job, *expanded as i64])?;
+                tx.prepare_cached("UPDATE jobs SET expanded = ?2 WHERE id = ?1")?
+                    .execute(params![job, *expanded as i64])?;
             }
-            Op::JobFlags { job, paused, cancelled } => {
+            Op::JobFlags {
+                job,
+                paused,
+                cancelled,
+            } => {
                 tx.prepare_cached("UPDATE jobs SET paused = ?2, cancelled = ?3 WHERE id = ?1")?
                     .execute(params![job, paused, cancelled])?;
             }
             Op::Priority(task, priority) => {
-                tx.prepare_cached("UPDATE tasks SET priority = ?2 WHERE id = ?1")?.execute(params![task, priority])?;
+                tx.prepare_cached("UPDATE tasks SET priority = ?2 WHERE id = ?1")?
+                    .execute(params![task, priority])?;
             }
             Op::Transition(t) => {
                 let sql = format!(
@@ -268,7 +302,9 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
                     kind,
                     message,
                     t.result,
-                    t.logs.as_ref().map(|l| serde_json::to_string(l).unwrap_or_default()),
+                    t.logs
+                        .as_ref()
+                        .map(|l| serde_json::to_string(l).unwrap_or_default()),
                     t.progress.map(f64::from),
                     t.not_before.map(|n| n as i64)
                 ])?;
