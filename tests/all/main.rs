@@ -3,5 +3,6 @@
 mod api;
 mod cli_run;
 mod grid;
+mod process;
 mod runtime;
 mod support;

@@ -19,12 +19,34 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 4_000_000)]
         paths: u64,
     },
+    /// No-op tasks end to end through the durable embedded store and the
+    /// HTTP API (tasks/s), and submit-to-start latency on an idle server.
+    Grid {
+        /// No-op tasks for the throughput run.
+        #[arg(long, default_value_t = 200_000)]
+        tasks: u64,
+        /// Tasks per submitted job.
+        #[arg(long, default_value_t = 10_000)]
+        batch: u64,
+        /// Single-task submissions for the latency run.
+        #[arg(long, default_value_t = 1_000)]
+        samples: u32,
+        /// Workers (default: cores).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 /// Run a benchmark.
 pub(super) fn run(command: BenchCommand) -> Result<(), CliError> {
     match command {
         BenchCommand::Runtime { tasks, paths } => runtime_bench(tasks, paths),
+        BenchCommand::Grid {
+            tasks,
+            batch,
+            samples,
+            workers,
+        } => super::bench_grid::run(tasks, batch, samples, workers),
     }
 }
 

@@ -2,6 +2,7 @@
 //! failed, 2 bad input (unreadable file, invalid module, bad flag value).
 
 mod bench;
+mod bench_grid;
 mod client;
 mod parse;
 mod run;

@@ -1,0 +1,196 @@
+//! `kwq bench grid`: a host on a temporary embedded store, driven over
+//! HTTP on 127.0.0.1 like a real client would.
+
+use super::CliError;
+use crate::api::{self, ApiLimits, AppState};
+use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::model::{ModuleKind, TaskState, now_ms};
+use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+use crate::queue::{ModuleRecord, Queue};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::tracker::Tracker;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn failed(e: impl std::fmt::Display) -> CliError {
+    CliError::failed(e.to_string())
+}
+
+pub(super) fn run(
+    tasks: u64,
+    batch: u64,
+    samples: u32,
+    workers: Option<usize>,
+) -> Result<(), CliError> {
+    super::tokio_runtime()?.block_on(bench(tasks, batch.max(1), samples, workers))
+}
+
+async fn bench(
+    tasks: u64,
+    batch: u64,
+    samples: u32,
+    workers: Option<usize>,
+) -> Result<(), CliError> {
+    let dir = tempfile_dir()?;
+    let store =
+        EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default()).map_err(failed)?;
+    let queue: Arc<dyn Queue> = Arc::new(store);
+    let runtime = Runtime::new(RuntimeConfig::default()).map_err(failed)?;
+    let noop = crate::examples::BUNDLED
+        .iter()
+        .find(|(n, _)| *n == "noop")
+        .map(|(_, b)| *b)
+        .expect("bundled noop");
+    let compiled = runtime.compile(noop).map_err(failed)?;
+    let record = ModuleRecord {
+        id: compiled.id.clone(),
+        name: Some("noop".into()),
+        kind: ModuleKind::Component,
+        size: noop.len() as u64,
+        created_at: now_ms(),
+    };
+    queue
+        .put_module(record, noop.to_vec())
+        .await
+        .map_err(failed)?;
+    let tracker = Tracker::attach(&queue).await.map_err(failed)?;
+    let mut config = DispatchConfig::default();
+    if let Some(w) = workers {
+        config.workers = w;
+    }
+    let worker_count = config.workers;
+    let dispatcher = Dispatcher::start(runtime.clone(), queue.clone(), config, "bench");
+    let state = AppState {
+        queue: queue.clone(),
+        runtime,
+        tracker: tracker.clone(),
+        board: Some(dispatcher.board()),
+        token: None,
+        limits: ApiLimits::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(failed)?;
+    let url = format!("http://{}", listener.local_addr().map_err(failed)?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+
+    // Throughput: submit jobs of `batch` no-op tasks, wait for all completions.
+    let mut events = queue.subscribe();
+    let started = Instant::now();
+    let mut submitted = 0;
+    while submitted < tasks {
+        let n = batch.min(tasks - submitted);
+        let payloads: Vec<Value> = (0..n).map(|_| Value::Null).collect();
+        let response = client
+            .post(format!("{url}/v1/jobs"))
+            .json(&json!({"module": "noop", "payloads": payloads}))
+            .send()
+            .await
+            .map_err(failed)?;
+        if !response.status().is_success() {
+            return Err(failed(format!(
+                "submit failed: {}",
+                response.text().await.unwrap_or_default()
+            )));
+        }
+        submitted += n;
+    }
+    let submit_time = started.elapsed();
+    let mut completed = 0;
+    while completed < tasks {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+            Ok(Ok(event)) if event.state == TaskState::Completed => completed += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                completed = tracker.overview([0; 10]).counts.get(TaskState::Completed);
+            }
+            Ok(Err(_)) | Err(_) => return Err(failed("tasks stopped completing")),
+        }
+    }
+    let total = started.elapsed();
+
+    // Latency on an idle server: one task at a time, submit until Running is stored.
+    let mut latencies = Vec::with_capacity(samples as usize);
+    for _ in 0..samples {
+        let mut events = queue.subscribe();
+        let sent = Instant::now();
+        let created: Value = client
+            .post(format!("{url}/v1/tasks"))
+            .json(&json!({"module": "noop"}))
+            .send()
+            .await
+            .map_err(failed)?
+            .json()
+            .await
+            .map_err(failed)?;
+        let id = created["id"].as_str().unwrap_or_default().to_string();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            if event.task_id == id && event.state == TaskState::Running {
+                latencies.push(sent.elapsed());
+                break;
+            }
+        }
+        // Let it complete so the next sample starts on an idle server.
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            if event.task_id == id && event.state.is_terminal() {
+                break;
+            }
+        }
+    }
+    latencies.sort();
+    let pick = |q: f64| latencies[((latencies.len().max(1) - 1) as f64 * q).round() as usize];
+
+    let _ = stop.send(());
+    let _ = server.await;
+    dispatcher.stop().await;
+    queue.close();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "KWQ grid benchmark: embedded SQLite store (WAL, synchronous=FULL), HTTP on 127.0.0.1, {worker_count} workers ({})",
+        super::bench::machine()
+    );
+    println!("{:<52} {:>14}", "measurement", "value");
+    println!(
+        "{:<52} {:>14.0}",
+        format!("no-op tasks end to end, {tasks} tasks (tasks/s)"),
+        tasks as f64 / total.as_secs_f64()
+    );
+    println!(
+        "{:<52} {:>14.0}",
+        "  of which submission alone (tasks/s)",
+        tasks as f64 / submit_time.as_secs_f64()
+    );
+    if !latencies.is_empty() {
+        println!(
+            "{:<52} {:>11.3} ms",
+            format!("submit-to-start latency p50 ({samples} samples)"),
+            pick(0.5).as_secs_f64() * 1e3
+        );
+        println!(
+            "{:<52} {:>11.3} ms",
+            "submit-to-start latency p99",
+            pick(0.99).as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf, CliError> {
+    let dir = std::env::temp_dir().join(format!("kwq-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(failed)?;
+    Ok(dir)
+}

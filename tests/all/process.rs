@@ -1,0 +1,232 @@
+//! `kwq serve` as real processes: SIGKILL in the middle of a job loses no
+//! accepted task and no completed result; events stream over HTTP.
+
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `kwq serve` child process on an ephemeral port.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(data_dir: &Path) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kwq"))
+            .args([
+                "serve",
+                "--examples",
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("KWQ_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start kwq serve");
+        let mut first = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut first).expect("read the address line");
+        // Keep draining, so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_string();
+        Server { child, url }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn get(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Poll a job until `done` holds for it (bounded by a deadline).
+async fn wait_for(
+    client: &reqwest::Client,
+    server: &Server,
+    job: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let body = get(client, format!("{}/v1/jobs/{job}", server.url)).await;
+        if done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "job {job} stuck: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_job_loses_nothing_and_duplicates_nothing() {
+    const TASKS: u64 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let first = Server::start(dir.path());
+    let payloads: Vec<Value> = (0..TASKS)
+        .map(|i| json!({"action": "echo", "value": i}))
+        .collect();
+    let response = client
+        .post(format!("{}/v1/jobs", first.url))
+        .json(&json!({"module": "misbehave", "payloads": payloads, "tags": {"book": "crash"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let job: Value = response.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let before = wait_for(&client, &first, &id, |j| {
+        j["counts"]["Completed"].as_u64().unwrap_or(0) >= 2_000
+    })
+    .await;
+    first.kill();
+    assert!(
+        before["finished"].as_u64().unwrap() < TASKS,
+        "killed before the end: {before}"
+    );
+
+    let second = Server::start(dir.path());
+    let done = wait_for(&client, &second, &id, |j| j["state"] == json!("Finished")).await;
+    assert_eq!(done["counts"]["Completed"], json!(TASKS), "{done}");
+    assert_eq!(done["counts"]["Dead"], json!(0));
+
+    let text = client
+        .get(format!("{}/v1/jobs/{id}/results", second.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut task_ids = BTreeSet::new();
+    let mut values = BTreeSet::new();
+    for line in text.lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            task_ids.insert(line["task_id"].as_str().unwrap().to_string()),
+            "task twice in results: {line}"
+        );
+        values.insert(line["result"].as_u64().unwrap());
+    }
+    assert_eq!(task_ids.len() as u64, TASKS);
+    assert_eq!(values, (0..TASKS).collect::<BTreeSet<_>>());
+
+    let stats = get(&client, format!("{}/v1/stats", second.url)).await;
+    let crash = stats["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tag"] == json!("book=crash"))
+        .unwrap()
+        .clone();
+    assert_eq!(
+        crash["counts"]["Completed"],
+        json!(TASKS),
+        "statistics rebuilt without double counting: {crash}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_as_server_sent_events_and_resume_from_an_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let client = reqwest::Client::new();
+    let submitted: Value = client
+        .post(format!("{}/v1/tasks", server.url))
+        .json(&json!({"module": "misbehave", "payload": {"action": "echo", "value": "sse"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let task = submitted["id"].as_str().unwrap().to_string();
+
+    let frames = read_events(
+        &client,
+        &format!("{}/v1/events?from=0", server.url),
+        &task,
+        "Completed",
+    )
+    .await;
+    let states: Vec<&str> = frames
+        .iter()
+        .filter(|e| e["task_id"] == json!(task))
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["Pending", "Allocated", "Running", "Completed"]);
+    let offsets: Vec<u64> = frames
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "offsets increase: {offsets:?}"
+    );
+
+    // Resuming after the Allocated event replays only what came after it.
+    let allocated = frames
+        .iter()
+        .find(|e| e["task_id"] == json!(task) && e["state"] == json!("Allocated"))
+        .unwrap();
+    let url = format!("{}/v1/events?from={}", server.url, allocated["offset"]);
+    let resumed = read_events(&client, &url, &task, "Completed").await;
+    let states: Vec<&str> = resumed
+        .iter()
+        .filter(|e| e["task_id"] == json!(task))
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["Running", "Completed"]);
+}
+
+/// Read SSE frames until `task` reaches `state`.
+async fn read_events(client: &reqwest::Client, url: &str, task: &str, state: &str) -> Vec<Value> {
+    let mut response = client.get(url).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .expect("events in time")
+            .unwrap()
+            .expect("stream open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
+                let event: Value = serde_json::from_str(data.trim()).unwrap();
+                let done = event["task_id"] == json!(task) && event["state"] == json!(state);
+                events.push(event);
+                if done {
+                    return events;
+                }
+            }
+        }
+    }
+}
