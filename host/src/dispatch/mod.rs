@@ -160,8 +160,10 @@ impl WorkerContext {
         let _enter = span.enter();
         let run = worker.run(spec);
         tokio::pin!(run);
-        let mut heartbeat = tokio::time::interval(self.config.heartbeat);
-        heartbeat.tick().await;
+        // First renewal one period from now (an `interval`'s immediate first
+        // tick would cost a timer-wheel turn, about 1 ms, on every task).
+        let period = self.config.heartbeat;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             let never = tokio::time::Instant::now() + Duration::from_secs(365 * 86_400);
