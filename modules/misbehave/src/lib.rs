@@ -39,6 +39,9 @@ enum Action {
     Chatty { lines: u32 },
     /// Report the task id and attempt the host passed in.
     Whoami,
+    /// Report the wall-clock time the task started, in microseconds since
+    /// the epoch (for measuring submit-to-start latency).
+    Clock,
 }
 
 fn run(action: Action) -> Result<Value, String> {
