@@ -120,7 +120,10 @@ async fn bench(
     let mut latencies = Vec::with_capacity(samples as usize);
     for _ in 0..samples {
         let mut events = queue.subscribe();
-        let sent_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(failed)?.as_micros() as u64;
+        let sent_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(failed)?
+            .as_micros() as u64;
         let created: Value = client
             .post(format!("{url}/v1/tasks"))
             .json(&json!({"module": "misbehave", "payload": {"action": "clock"}}))
@@ -132,14 +135,20 @@ async fn bench(
             .map_err(failed)?;
         let id = created["id"].as_str().unwrap_or_default().to_string();
         loop {
-            let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.map_err(failed)?.map_err(failed)?;
+            let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
             if event.task_id == id && event.state.is_terminal() {
                 break;
             }
         }
         let task = queue.task(&id).await.map_err(failed)?;
-        let result: Value = serde_json::from_slice(task.result.as_deref().unwrap_or_default()).map_err(failed)?;
-        let started_us = result["started_us"].as_u64().ok_or_else(|| failed(format!("no start time in {result}")))?;
+        let result: Value =
+            serde_json::from_slice(task.result.as_deref().unwrap_or_default()).map_err(failed)?;
+        let started_us = result["started_us"]
+            .as_u64()
+            .ok_or_else(|| failed(format!("no start time in {result}")))?;
         latencies.push(Duration::from_micros(started_us.saturating_sub(sent_us)));
     }
     latencies.sort();

@@ -115,6 +115,12 @@ fn run(action: Action) -> Result<Value, String> {
         Action::Whoami => {
             Ok(json!({ "task_id": kwq_guest::task_id(), "attempt": kwq_guest::attempt() }))
         }
+        Action::Clock => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|e| e.to_string())?;
+            Ok(json!({ "started_us": now.as_micros() as u64 }))
+        }
     }
 }
 
