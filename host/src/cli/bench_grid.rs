@@ -37,23 +37,25 @@ async fn bench(
         EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default()).map_err(failed)?;
     let queue: Arc<dyn Queue> = Arc::new(store);
     let runtime = Runtime::new(RuntimeConfig::default()).map_err(failed)?;
-    let noop = crate::examples::BUNDLED
-        .iter()
-        .find(|(n, _)| *n == "noop")
-        .map(|(_, b)| *b)
-        .expect("bundled noop");
-    let compiled = runtime.compile(noop).map_err(failed)?;
-    let record = ModuleRecord {
-        id: compiled.id.clone(),
-        name: Some("noop".into()),
-        kind: ModuleKind::Component,
-        size: noop.len() as u64,
-        created_at: now_ms(),
-    };
-    queue
-        .put_module(record, noop.to_vec())
-        .await
-        .map_err(failed)?;
+    for name in ["noop", "misbehave"] {
+        let bytes = crate::examples::BUNDLED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, b)| *b)
+            .expect("bundled module");
+        let compiled = runtime.compile(bytes).map_err(failed)?;
+        let record = ModuleRecord {
+            id: compiled.id.clone(),
+            name: Some(name.into()),
+            kind: ModuleKind::Component,
+            size: bytes.len() as u64,
+            created_at: now_ms(),
+        };
+        queue
+            .put_module(record, bytes.to_vec())
+            .await
+            .map_err(failed)?;
+    }
     let tracker = Tracker::attach(&queue).await.map_err(failed)?;
     let mut config = DispatchConfig::default();
     if let Some(w) = workers {
@@ -133,11 +135,14 @@ async fn bench(
             .json()
             .await
             .map_err(failed)?;
-        let id = created["id"].as_str().unwrap_or_default().to_string();
+        let id = created["id"]
+            .as_str()
+            .ok_or_else(|| failed(format!("submit failed: {created}")))?
+            .to_string();
         loop {
             let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
                 .await
-                .map_err(failed)?
+                .map_err(|_| failed(format!("task {id} did not finish within 10 s")))?
                 .map_err(failed)?;
             if event.task_id == id && event.state.is_terminal() {
                 break;
