@@ -2,7 +2,8 @@
 
 use rusqlite::Connection;
 
-/// Tables: modules (bytes by SHA-256), jobs (one row per job, sweeps with a
+/// Tables: modules (bytes by SHA-256; the blob is the last column, so reading
+/// a record never walks the blob's overflow pages), jobs (one row per job, sweeps with a
 /// cursor), tasks (one row per created task: the durable record), events
 /// (the tracker log; its rowid is the event offset).
 const SCHEMA: &str = "
@@ -11,8 +12,8 @@ CREATE TABLE IF NOT EXISTS modules (
     name TEXT,
     kind TEXT NOT NULL,
     size INTEGER NOT NULL,
-    bytes BLOB NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    bytes BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
