@@ -113,6 +113,7 @@ pub enum ModuleCommand {
 
 /// `kwq job ...`.
 #[derive(Debug, clap::Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum JobCommand {
     /// Submit a job: payloads from a file (JSON array or NDJSON), or a sweep.
     Submit {

@@ -66,6 +66,12 @@ pub(super) enum Pick {
 
 type Key = (ModuleId, Arc<str>);
 
+/// Effective priority, then age (older wins ties).
+type Score = (f64, Reverse<Millis>);
+
+/// The best task found so far and its score.
+type Best = Option<(Arc<str>, Score)>;
+
 #[derive(Default)]
 pub(super) struct ReadyIndex {
     waiting: HashMap<Arc<str>, Waiting>,
@@ -254,7 +260,7 @@ impl ReadyIndex {
         }
     }
 
-    fn effective(&self, id: &str, now: Millis, policy: Policy) -> (f64, Reverse<Millis>) {
+    fn effective(&self, id: &str, now: Millis, policy: Policy) -> Score {
         let entry = &self.waiting[id].entry;
         let waited = now.saturating_sub(entry.queued_at);
         (
@@ -275,7 +281,7 @@ impl ReadyIndex {
         let cmp = |a: &(f64, Reverse<Millis>), b: &(f64, Reverse<Millis>)| {
             a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
         };
-        let mut best_warm: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
+        let mut best_warm: Best = None;
         for (module, key) in warm_here {
             if let Some(id) = self.head(QueueRef::Key((module.clone(), Arc::from(key.as_str())))) {
                 let score = self.effective(&id, now, policy);
@@ -288,8 +294,8 @@ impl ReadyIndex {
             }
         }
         // Best head per priority, skipping tasks reserved for a warm worker elsewhere.
-        let mut best_global: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
-        let mut best_any: Option<(Arc<str>, (f64, Reverse<Millis>))> = None;
+        let mut best_global: Best = None;
+        let mut best_any: Best = None;
         let mut wake: Option<Millis> = None;
         for p in 1..10 {
             let Some(id) = self.head(QueueRef::Priority(p)) else {
