@@ -87,6 +87,7 @@ pub async fn run(
     let queue: Arc<dyn Queue> = Arc::new(store);
     let runtime = Runtime::new(config.runtime.clone()).context("starting the Wasm runtime")?;
     runtime.set_module_source(Arc::new(StoreModules(queue.clone())));
+    crate::tracker::metrics::install();
     let tracker = Tracker::attach(&queue)
         .await
         .context("rebuilding statistics")?;

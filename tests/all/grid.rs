@@ -351,3 +351,67 @@ async fn fifty_million_tasks_are_one_request_and_one_row() {
         "no task rows until workers lease"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_prometheus_text_format() {
+    kwq::tracker::metrics::install();
+    let mut grid = grid_with(&[(examples::CURVE, "curve")]).await;
+    grid.start_workers(2);
+    let payloads: Vec<Value> = (1..=6).map(|i| json!({"maturity": i})).collect();
+    let (_, job) = grid
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"module": "curve", "payloads": payloads, "affinity": "curve=CHF"})),
+        )
+        .await;
+    grid.wait_job(job["id"].as_str().unwrap()).await;
+    let (held_status, _) = grid
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"module": "curve", "priority": 0})),
+        )
+        .await;
+    assert_eq!(held_status, 201);
+
+    use tower::ServiceExt;
+    let request = axum::http::Request::get("/metrics")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = kwq::api::app(grid.state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    for line in [
+        "kwq_tasks{state=\"Completed\"} 6",
+        "kwq_tasks{state=\"Pending\"} 1",
+        "kwq_queue_depth{priority=\"0\"} 1",
+        "kwq_retries_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    for name in [
+        "kwq_task_run_seconds_bucket",
+        "kwq_task_queue_wait_seconds_bucket",
+        "kwq_module_cache_hits_total",
+        "kwq_module_compile_seconds",
+        "kwq_affinity_warm_hits_total",
+        "kwq_worker_busy_ratio",
+        "kwq_outstanding_estimated_seconds",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    grid.stop().await;
+}

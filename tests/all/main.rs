@@ -4,5 +4,6 @@ mod api;
 mod cli_run;
 mod grid;
 mod process;
+mod queue;
 mod runtime;
 mod support;

@@ -230,3 +230,148 @@ async fn read_events(client: &reqwest::Client, url: &str, task: &str, state: &st
         }
     }
 }
+
+/// The client commands against a real server, as a user types them.
+#[test]
+fn the_cli_client_pushes_submits_watches_and_streams_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let kwq = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kwq"))
+            .args(args)
+            .env("KWQ_SERVER", &server.url)
+            .output()
+            .expect("run kwq")
+    };
+    let pushed = kwq(&[
+        "module",
+        "push",
+        kwq::examples::MONTE_CARLO_PI,
+        "--name",
+        "pi",
+    ]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let record: Value = serde_json::from_slice(&pushed.stdout).unwrap();
+    assert_eq!(record["name"], json!("pi"));
+
+    let submitted = kwq(&[
+        "submit",
+        "-m",
+        "pi",
+        "--priority",
+        "8",
+        "--tag",
+        "desk=demo",
+        "--payload",
+        r#"{"samples":1000,"seed":1}"#,
+    ]);
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let task = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .to_string();
+    assert!(task.starts_with("t-"), "{task}");
+
+    let job = kwq(&[
+        "job",
+        "submit",
+        "-m",
+        "pi",
+        "--base",
+        r#"{"samples":1000}"#,
+        "--sweep",
+        "seed=1..40",
+        "--watch",
+    ]);
+    assert!(
+        job.status.success(),
+        "{}",
+        String::from_utf8_lossy(&job.stderr)
+    );
+    let job_id = String::from_utf8_lossy(&job.stdout).trim().to_string();
+    assert!(
+        String::from_utf8_lossy(&job.stderr).contains("40 completed"),
+        "{}",
+        String::from_utf8_lossy(&job.stderr)
+    );
+
+    let results = kwq(&["results", &job_id]);
+    assert!(results.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&results.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 40);
+    assert!(lines.iter().all(|l| l["result"]["samples"] == json!(1000)));
+
+    let status = kwq(&["status", &task]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["options"]["tags"]["desk"], json!("demo"));
+
+    let bad = kwq(&["submit", "-m", "pi", "--priority", "12"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("priority"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let missing = kwq(&["status", "t-nope"]);
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+/// SIGTERM lets the running task finish (or returns it) and exits cleanly;
+/// the task completes, after a restart if need be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_without_losing_the_running_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut server = Server::start(dir.path());
+    let submitted: Value = client
+        .post(format!("{}/v1/tasks", server.url))
+        .json(&json!({"module": "misbehave", "payload": {"action": "sleep", "ms": 300}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let task = get(&client, format!("{}/v1/tasks/{id}", server.url)).await;
+        if task["state"] == json!("Running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ran: {task}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "kwq serve exited with {exit:?}");
+
+    let server = Server::start(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let task = get(&client, format!("{}/v1/tasks/{id}", server.url)).await;
+        if task["state"] == json!("Completed") {
+            assert_eq!(task["result"], json!({"slept_ms": 300}));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not completed after restart: {task}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

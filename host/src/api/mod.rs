@@ -96,6 +96,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events", get(events::stream))
         .route("/v1/stats", get(system::stats))
         .route("/v1/healthz", get(system::healthz))
+        .route("/metrics", get(system::metrics))
+        .route("/v1/metrics", get(system::metrics))
         .route("/healthz", get(system::healthz));
     writes
         .merge(reads)

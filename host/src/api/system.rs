@@ -37,3 +37,29 @@ pub(super) async fn healthz() -> Json<Value> {
 pub(super) async fn not_found(uri: Uri) -> AppError {
     AppError::not_found(format!("no endpoint at {}", uri.path()))
 }
+
+/// `GET /metrics`: Prometheus text format.
+pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    let overview = state.tracker.overview(state.queue.depth());
+    let (busy_ratio, affinity_hits) = match &state.board {
+        Some(board) => (
+            Some(board.busy_ratio()),
+            board.snapshot().iter().map(|w| w.affinity_hits).sum(),
+        ),
+        None => (None, 0),
+    };
+    let text = crate::tracker::metrics::render(crate::tracker::metrics::ScrapeInputs {
+        overview: &overview,
+        busy_ratio,
+        affinity_hits,
+        cache: state.runtime.module_stats(),
+        outstanding_seconds: state.tracker.outstanding_seconds(),
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+}

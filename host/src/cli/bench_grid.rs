@@ -2,20 +2,10 @@
 //! HTTP on 127.0.0.1 like a real client would.
 
 use super::CliError;
-use crate::api::{self, ApiLimits, AppState};
-use crate::dispatch::{DispatchConfig, Dispatcher};
-use crate::model::{ModuleKind, TaskState, now_ms};
-use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
-use crate::queue::{ModuleRecord, Queue};
-use crate::runtime::{Runtime, RuntimeConfig};
-use crate::tracker::Tracker;
+use super::local_grid::{LocalGrid, failed};
+use crate::model::TaskState;
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn failed(e: impl std::fmt::Display) -> CliError {
-    CliError::failed(e.to_string())
-}
 
 pub(super) fn run(
     tasks: u64,
@@ -32,54 +22,14 @@ async fn bench(
     samples: u32,
     workers: Option<usize>,
 ) -> Result<(), CliError> {
-    let dir = tempfile_dir()?;
-    let store =
-        EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default()).map_err(failed)?;
-    let queue: Arc<dyn Queue> = Arc::new(store);
-    let runtime = Runtime::new(RuntimeConfig::default()).map_err(failed)?;
-    for name in ["noop", "misbehave"] {
-        let bytes = crate::examples::BUNDLED
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, b)| *b)
-            .expect("bundled module");
-        let compiled = runtime.compile(bytes).map_err(failed)?;
-        let record = ModuleRecord {
-            id: compiled.id.clone(),
-            name: Some(name.into()),
-            kind: ModuleKind::Component,
-            size: bytes.len() as u64,
-            created_at: now_ms(),
-        };
-        queue
-            .put_module(record, bytes.to_vec())
-            .await
-            .map_err(failed)?;
-    }
-    let tracker = Tracker::attach(&queue).await.map_err(failed)?;
-    let mut config = DispatchConfig::default();
-    if let Some(w) = workers {
-        config.workers = w;
-    }
-    let worker_count = config.workers;
-    let dispatcher = Dispatcher::start(runtime.clone(), queue.clone(), config, "bench");
-    let state = AppState {
-        queue: queue.clone(),
-        runtime,
-        tracker: tracker.clone(),
-        board: Some(dispatcher.board()),
-        token: None,
-        limits: ApiLimits::default(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(failed)?;
-    let url = format!("http://{}", listener.local_addr().map_err(failed)?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(listener, state, async move {
-        let _ = stopped.await;
-    }));
-    let client = reqwest::Client::new();
+    let grid = LocalGrid::start(workers).await?;
+    let (queue, tracker, client, url, worker_count) = (
+        grid.queue.clone(),
+        grid.tracker.clone(),
+        reqwest::Client::new(),
+        grid.url.clone(),
+        grid.workers,
+    );
 
     // Throughput: submit jobs of `batch` no-op tasks, wait for all completions.
     let mut events = queue.subscribe();
@@ -159,11 +109,7 @@ async fn bench(
     latencies.sort();
     let pick = |q: f64| latencies[((latencies.len().max(1) - 1) as f64 * q).round() as usize];
 
-    let _ = stop.send(());
-    let _ = server.await;
-    dispatcher.stop().await;
-    queue.close();
-    let _ = std::fs::remove_dir_all(&dir);
+    grid.stop().await;
 
     println!(
         "KWQ grid benchmark: embedded SQLite store (WAL, synchronous=FULL), HTTP on 127.0.0.1, {worker_count} workers ({})",
@@ -193,10 +139,4 @@ async fn bench(
         );
     }
     Ok(())
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf, CliError> {
-    let dir = std::env::temp_dir().join(format!("kwq-bench-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).map_err(failed)?;
-    Ok(dir)
 }

@@ -4,9 +4,11 @@
 mod bench;
 mod bench_grid;
 mod client;
+mod local_grid;
 mod parse;
 mod run;
 mod serve;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -15,9 +17,27 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "kwq", version, about)]
 pub struct Cli {
+    /// Log lines as text for people or JSON for log pipelines (filter: KWQ_LOG).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "KWQ_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the task's fields.
+    Json,
 }
 
 /// The subcommands.
@@ -81,6 +101,19 @@ pub enum Command {
         /// Job id.
         id: String,
     },
+    /// Size a grid: run a synthetic job of sleep tasks on a local grid
+    /// and print throughput, efficiency and latency.
+    Simulate {
+        /// Tasks in the job.
+        #[arg(long, default_value_t = 1000)]
+        tasks: u64,
+        /// How long each task sleeps, in ms.
+        #[arg(long, default_value_t = 50)]
+        duration: u64,
+        /// Workers.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+    },
     /// Measure KWQ on this machine and print a table.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -116,11 +149,14 @@ impl CliError {
 /// Run a parsed command line and turn its outcome into an exit code.
 pub fn main(cli: Cli) -> ExitCode {
     // A server logs what it does; one-shot commands only what went wrong.
-    init_logging(if matches!(cli.command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    });
+    init_logging(
+        if matches!(cli.command, Command::Serve(_)) {
+            "info"
+        } else {
+            "warn"
+        },
+        cli.log_format,
+    );
     let outcome = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Run(args) => run::run(args),
@@ -140,6 +176,11 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Status { connection, id } => client::status(connection, id),
         Command::Watch { connection, id } => client::watch(connection, id),
         Command::Results { connection, id } => client::results(connection, id),
+        Command::Simulate {
+            tasks,
+            duration,
+            workers,
+        } => simulate::run(tasks, duration, workers),
         Command::Bench(command) => bench::run(command),
     };
     match outcome {
@@ -151,13 +192,20 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KWQ_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// A tokio runtime for a CLI command.

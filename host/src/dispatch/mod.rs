@@ -132,8 +132,13 @@ impl WorkerContext {
             let Some(lease) = lease else { break };
             self.queue.started(&lease);
             self.board.begin(self.index, &lease);
-            let ending = self.run_one(&mut worker, &lease).await;
-            self.finish(&lease, ending);
+            // Every line logged about the task (guest logs included) carries its fields.
+            let span = tracing::info_span!("task", task_id = %lease.task_id,
+                job_id = lease.job_id.as_deref().unwrap_or(""), attempt = lease.attempt, module = %lease.module);
+            let ending =
+                tracing::Instrument::instrument(self.run_one(&mut worker, &lease), span.clone())
+                    .await;
+            span.in_scope(|| self.finish(&lease, ending));
             self.board
                 .end(self.index, worker.warm_keys(), worker.stats());
         }
@@ -155,9 +160,6 @@ impl WorkerContext {
             },
             on_progress: Some(Arc::new(move |p| board.progress(index, p))),
         };
-        let span = tracing::info_span!("task", task_id = %lease.task_id, job_id = lease.job_id.as_deref().unwrap_or(""),
-            attempt = lease.attempt, module = %lease.module);
-        let _enter = span.enter();
         let run = worker.run(spec);
         tokio::pin!(run);
         // First renewal one period from now (an `interval`'s immediate first

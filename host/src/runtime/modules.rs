@@ -151,6 +151,7 @@ impl ModuleCache {
                 "not a WebAssembly module or component (bad magic or version)".into(),
             ));
         };
+        metrics::histogram!("kwq_module_compile_seconds").record(started.elapsed().as_secs_f64());
         let compiled = Arc::new(CompiledModule {
             id: id.clone(),
             kind,

@@ -2,6 +2,7 @@
 //! events (per job, per tag, per module), never by rescanning tasks.
 //! Rebuilt once from the store at start-up.
 
+pub mod metrics;
 mod stats;
 
 pub use stats::{JobStats, Overview, RunTimes, TagCounts};
@@ -22,10 +23,16 @@ struct Inner {
     totals: JobCounts,
     jobs: HashMap<JobId, JobEntry>,
     tags: HashMap<(String, String), JobCounts>,
-    modules: HashMap<String, RunTimes>,
+    modules: HashMap<String, ModuleEntry>,
     throughput: Throughput,
     retries: u64,
     dead_letters: u64,
+}
+
+#[derive(Default)]
+struct ModuleEntry {
+    counts: JobCounts,
+    run: RunTimes,
 }
 
 #[derive(Default)]
@@ -72,12 +79,10 @@ impl Tracker {
                     .or_default()
                     .transition(None, row.state);
             }
+            let module = inner.modules.entry(row.module.to_string()).or_default();
+            module.counts.transition(None, row.state);
             if let Some(ms) = row.run_ms {
-                inner
-                    .modules
-                    .entry(row.module.to_string())
-                    .or_default()
-                    .record(ms);
+                module.run.record(ms);
             }
         }
     }
@@ -100,6 +105,23 @@ impl Tracker {
             mean_run_ms: entry.run.mean(),
             p95_run_ms: entry.run.quantile(0.95),
         }
+    }
+
+    /// Expected work left, in seconds: over every module, tasks waiting
+    /// (Pending or awaiting a retry) times the module's mean run time. The
+    /// metric an autoscaler (a Kubernetes HPA) can scale hosts on. Sweep
+    /// points not created yet and modules with no completed run count zero.
+    pub fn outstanding_seconds(&self) -> f64 {
+        let inner = self.lock();
+        inner
+            .modules
+            .values()
+            .map(|m| {
+                (m.counts.get(TaskState::Pending) + m.counts.get(TaskState::Error)) as f64
+                    * m.run.mean()
+                    / 1000.0
+            })
+            .sum()
     }
 
     /// Everything at once, for `/v1/stats` and the dashboard.
@@ -125,7 +147,7 @@ impl Tracker {
             modules: inner
                 .modules
                 .iter()
-                .map(|(m, r)| (m.clone(), r.summary()))
+                .map(|(m, e)| (m.clone(), e.run.summary()))
                 .collect(),
         }
     }
@@ -157,14 +179,19 @@ impl CommitObserver for Tracker {
                 }
                 _ => {}
             }
+            let module_id = c.module.to_string();
+            if let Some(ms) = c.run_ms {
+                metrics::record_run(&module_id, ms);
+            }
+            if let Some(ms) = c.wait_ms {
+                metrics::record_wait(&module_id, ms);
+            }
+            let module = inner.modules.entry(module_id).or_default();
+            module.counts.transition(from, to);
             if to == TaskState::Completed
                 && let Some(ms) = c.run_ms
             {
-                inner
-                    .modules
-                    .entry(c.module.to_string())
-                    .or_default()
-                    .record(ms);
+                module.run.record(ms);
             }
             if let Some(job) = &c.event.job_id {
                 let entry = inner.jobs.entry(job.clone()).or_default();

@@ -1,0 +1,99 @@
+//! A throwaway grid host inside the CLI process, for `kwq bench grid` and
+//! `kwq simulate`: a temporary embedded store, the bundled modules, workers,
+//! and the HTTP API on an ephemeral 127.0.0.1 port.
+
+use super::CliError;
+use crate::api::{self, ApiLimits, AppState};
+use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::model::now_ms;
+use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+use crate::queue::{ModuleRecord, Queue};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::tracker::Tracker;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+
+pub(super) fn failed(e: impl std::fmt::Display) -> CliError {
+    CliError::failed(e.to_string())
+}
+
+pub(super) struct LocalGrid {
+    pub(super) url: String,
+    pub(super) queue: Arc<dyn Queue>,
+    pub(super) tracker: Arc<Tracker>,
+    pub(super) workers: usize,
+    dispatcher: Dispatcher,
+    server: JoinHandle<std::io::Result<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    dir: PathBuf,
+}
+
+impl LocalGrid {
+    /// Start with `workers` workers (default: cores) and every bundled module.
+    pub(super) async fn start(workers: Option<usize>) -> Result<Self, CliError> {
+        let dir = std::env::temp_dir().join(format!("kwq-local-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).map_err(failed)?;
+        let store =
+            EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default()).map_err(failed)?;
+        let queue: Arc<dyn Queue> = Arc::new(store);
+        let runtime = Runtime::new(RuntimeConfig::default()).map_err(failed)?;
+        for (name, bytes) in crate::examples::BUNDLED {
+            let compiled = runtime.compile(bytes).map_err(failed)?;
+            let record = ModuleRecord {
+                id: compiled.id.clone(),
+                name: Some(name.to_string()),
+                kind: compiled.kind,
+                size: bytes.len() as u64,
+                created_at: now_ms(),
+            };
+            queue
+                .put_module(record, bytes.to_vec())
+                .await
+                .map_err(failed)?;
+        }
+        let tracker = Tracker::attach(&queue).await.map_err(failed)?;
+        let mut config = DispatchConfig::default();
+        if let Some(w) = workers {
+            config.workers = w.max(1);
+        }
+        let workers = config.workers;
+        let dispatcher = Dispatcher::start(runtime.clone(), queue.clone(), config, "local");
+        let state = AppState {
+            queue: queue.clone(),
+            runtime,
+            tracker: tracker.clone(),
+            board: Some(dispatcher.board()),
+            token: None,
+            limits: ApiLimits::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(failed)?;
+        let url = format!("http://{}", listener.local_addr().map_err(failed)?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(api::serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Ok(LocalGrid {
+            url,
+            queue,
+            tracker,
+            workers,
+            dispatcher,
+            server,
+            stop,
+            dir,
+        })
+    }
+
+    /// Stop everything and delete the temporary store.
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+        self.dispatcher.stop().await;
+        self.queue.close();
+        let _ = self.queue.flush().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

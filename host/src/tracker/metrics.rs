@@ -1,0 +1,83 @@
+//! Prometheus metrics (`GET /metrics`) through the `metrics` facade.
+//! Histograms are recorded as events are committed; counts, depths and
+//! cache figures are set from the live statistics at each scrape, so they
+//! are always exact rather than drifting counters.
+
+use super::Overview;
+use crate::model::TaskState;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// The process-wide recorder, installed on first use.
+fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0,
+            ])
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed by an embedding program;
+        // then our handle renders only what this module sets.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Make sure the recorder exists before the first event is recorded.
+pub fn install() {
+    handle();
+}
+
+/// A completed (or failed) attempt's run time and its queue wait, per module.
+pub(super) fn record_run(module: &str, run_ms: u64) {
+    metrics::histogram!("kwq_task_run_seconds", "module" => module.to_string())
+        .record(run_ms as f64 / 1000.0);
+}
+
+/// Time a task waited between becoming ready and being leased.
+pub(super) fn record_wait(module: &str, wait_ms: u64) {
+    metrics::histogram!("kwq_task_queue_wait_seconds", "module" => module.to_string())
+        .record(wait_ms as f64 / 1000.0);
+}
+
+/// Everything known at scrape time, beyond the tracker's own statistics.
+pub struct ScrapeInputs<'a> {
+    /// Live statistics.
+    pub overview: &'a Overview,
+    /// Fraction of worker time spent running tasks, if this host has workers.
+    pub busy_ratio: Option<f64>,
+    /// Leases whose affinity key was warm on the worker.
+    pub affinity_hits: u64,
+    /// Compiled-module cache counters.
+    pub cache: crate::runtime::ModuleStats,
+    /// Sum over waiting tasks of their module's mean run time, seconds.
+    pub outstanding_seconds: f64,
+}
+
+/// Render the Prometheus text format.
+pub fn render(inputs: ScrapeInputs<'_>) -> String {
+    let handle = handle();
+    let o = inputs.overview;
+    for state in TaskState::ALL {
+        metrics::gauge!("kwq_tasks", "state" => state.as_str()).set(o.counts.get(state) as f64);
+    }
+    for (priority, depth) in o.depth.iter().enumerate() {
+        metrics::gauge!("kwq_queue_depth", "priority" => priority.to_string()).set(*depth as f64);
+    }
+    metrics::counter!("kwq_retries_total").absolute(o.retries);
+    metrics::counter!("kwq_dead_letters_total").absolute(o.dead_letters);
+    metrics::counter!("kwq_affinity_warm_hits_total").absolute(inputs.affinity_hits);
+    metrics::counter!("kwq_module_cache_hits_total").absolute(inputs.cache.hits);
+    metrics::counter!("kwq_module_cache_misses_total").absolute(inputs.cache.misses);
+    metrics::counter!("kwq_module_cache_evictions_total").absolute(inputs.cache.evictions);
+    metrics::gauge!("kwq_module_cache_bytes").set(inputs.cache.bytes as f64);
+    metrics::gauge!("kwq_completed_per_second").set(o.completed_per_s);
+    if let Some(ratio) = inputs.busy_ratio {
+        metrics::gauge!("kwq_worker_busy_ratio").set(ratio);
+    }
+    metrics::gauge!("kwq_outstanding_estimated_seconds").set(inputs.outstanding_seconds);
+    handle.render()
+}

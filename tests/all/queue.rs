@@ -1,0 +1,98 @@
+//! The embedded queue through its trait, without workers: leases that
+//! expire are offered again, and the late holder's report is refused.
+
+use kwq::model::{ModuleId, NewTask, TaskOptions, TaskState};
+use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+use kwq::queue::{Completion, Queue, QueueError, WorkerView};
+use std::time::Duration;
+
+fn view(id: &str) -> WorkerView {
+    WorkerView {
+        id: id.into(),
+        warm: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_offered_again_and_the_stale_holder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        lease_ttl: Duration::from_millis(100),
+        ..EmbeddedConfig::default()
+    };
+    let queue = EmbeddedQueue::open(&dir.path().join("q.db"), config).unwrap();
+    let task = NewTask {
+        id: "t-lease".into(),
+        job_id: None,
+        module: ModuleId::of(b"m"),
+        payload: b"{}".to_vec(),
+        options: TaskOptions::default(),
+    };
+    queue.submit_tasks(vec![task]).await.unwrap();
+
+    let first = queue.lease(&view("w1")).await.unwrap();
+    assert_eq!((first.task_id.as_str(), first.attempt), ("t-lease", 1));
+    queue.started(&first);
+    // w1 goes silent; w2's lease call returns once w1's lease has expired.
+    let second = tokio::time::timeout(Duration::from_secs(10), queue.lease(&view("w2")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((second.task_id.as_str(), second.attempt), ("t-lease", 2));
+
+    let late = queue.complete(&first, Completion::default());
+    assert_eq!(late.unwrap_err(), QueueError::StaleLease("t-lease".into()));
+    assert!(queue.heartbeat(&first).is_err());
+    queue
+        .complete(
+            &second,
+            Completion {
+                result: b"42".to_vec(),
+                ..Completion::default()
+            },
+        )
+        .unwrap();
+    queue.flush().await.unwrap();
+
+    let record = queue.task(&"t-lease".to_string()).await.unwrap();
+    assert_eq!(
+        (record.state, record.result.as_deref()),
+        (TaskState::Completed, Some(&b"42"[..]))
+    );
+    let timeline: Vec<(TaskState, Option<String>)> = queue
+        .timeline(&"t-lease".to_string())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.state, e.worker))
+        .collect();
+    assert_eq!(
+        timeline,
+        vec![
+            (TaskState::Pending, None),
+            (TaskState::Allocated, Some("w1".into())),
+            (TaskState::Running, Some("w1".into())),
+            (TaskState::Pending, None),
+            (TaskState::Allocated, Some("w2".into())),
+            (TaskState::Completed, Some("w2".into())),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_closed_queue_wakes_waiting_workers_with_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = EmbeddedQueue::open(&dir.path().join("q.db"), EmbeddedConfig::default()).unwrap();
+    let waiting = {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.lease(&view("w")).await.is_none() })
+    };
+    tokio::task::yield_now().await;
+    queue.close();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+}
