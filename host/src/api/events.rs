@@ -3,6 +3,8 @@
 
 use super::AppState;
 use super::error::{ApiQuery, AppError};
+#[allow(unused_imports)]
+use super::openapi::{Created, ErrorBody, JobSubmission, PriorityChange, TaskSubmission};
 use super::views;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -23,6 +25,7 @@ pub(super) struct EventsQuery {
 
 /// Replays stored events after the offset, then follows live ones, without
 /// gaps or repeats (live events at or below the last replayed offset are skipped).
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(("from" = Option<u64>, Query, description = "replay stored events after this offset"), ("job" = Option<String>, Query), ("Last-Event-ID" = Option<u64>, Header)), responses((status = 200, description = "server-sent events; id is the offset, data is the event", content_type = "text/event-stream", body = String)))]
 pub(super) async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,

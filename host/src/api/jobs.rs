@@ -2,6 +2,8 @@
 //! stream its results, pause, resume, cancel.
 
 use super::error::{ApiJson, ApiQuery, AppError};
+#[allow(unused_imports)]
+use super::openapi::{Created, ErrorBody, JobSubmission, PriorityChange, TaskSubmission};
 use super::tasks::{OptionsRequest, payload_bytes};
 use super::{AppState, modules, views};
 use crate::model::{NewJob, Sweep};
@@ -26,6 +28,7 @@ pub(super) struct JobRequest {
 }
 
 /// `POST /v1/jobs`: 201 with the job once it (and its explicit tasks) are durable.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission, responses((status = 201, description = "the job with its counts", body = Object), (status = 400, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<JobRequest>,
@@ -84,6 +87,7 @@ pub(super) async fn submit(
 }
 
 /// `GET /v1/jobs/{id}`: counts per state, progress, throughput, run times.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "counts per state, progress, throughput, run times", body = Object), (status = 404, body = ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -99,6 +103,7 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/jobs`: newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(("limit" = Option<usize>, Query)), responses((status = 200, body = Vec<Object>)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -117,6 +122,7 @@ pub(super) async fn list(
 /// `GET /v1/jobs/{id}/results`: NDJSON, one line per completed task, in
 /// task order: `{"task_id": ..., "result": ...}`. Streams in pages, so a
 /// result set of any size is served in bounded memory.
+#[utoipa::path(get, path = "/v1/jobs/{id}/results", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "NDJSON: one {task_id, result} per completed task", content_type = "application/x-ndjson", body = String), (status = 404, body = ErrorBody)))]
 pub(super) async fn results(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -152,6 +158,7 @@ pub(super) async fn results(
 }
 
 /// `POST /v1/jobs/{id}/pause`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/pause", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn pause(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -161,6 +168,7 @@ pub(super) async fn pause(
 }
 
 /// `POST /v1/jobs/{id}/resume`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/resume", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn resume(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -170,6 +178,7 @@ pub(super) async fn resume(
 }
 
 /// `POST /v1/jobs/{id}/cancel`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,

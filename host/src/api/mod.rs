@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod jobs;
 mod modules;
+pub mod openapi;
 mod system;
 mod tasks;
 mod views;
@@ -65,6 +66,36 @@ pub struct AppState {
     pub limits: ApiLimits,
 }
 
+/// Every route of [`app`], as (method, path): the OpenAPI document must
+/// describe exactly these (tested), so a new route without documentation fails CI.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/modules"),
+    ("get", "/v1/modules"),
+    ("get", "/v1/modules/{id}"),
+    ("post", "/v1/tasks"),
+    ("get", "/v1/tasks"),
+    ("get", "/v1/tasks/{id}"),
+    ("post", "/v1/tasks/{id}/cancel"),
+    ("post", "/v1/tasks/{id}/priority"),
+    ("post", "/v1/jobs"),
+    ("get", "/v1/jobs"),
+    ("get", "/v1/jobs/{id}"),
+    ("get", "/v1/jobs/{id}/results"),
+    ("post", "/v1/jobs/{id}/pause"),
+    ("post", "/v1/jobs/{id}/resume"),
+    ("post", "/v1/jobs/{id}/cancel"),
+    ("get", "/v1/events"),
+    ("get", "/v1/stats"),
+    ("get", "/v1/healthz"),
+    ("get", "/healthz"),
+    ("get", "/v1/metrics"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/docs"),
+    ("get", "/docs/swagger-ui-bundle.js"),
+    ("get", "/docs/swagger-ui.css"),
+];
+
 /// The router with every endpoint.
 pub fn app(state: AppState) -> Router {
     let limits = state.limits.clone();
@@ -96,9 +127,13 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events", get(events::stream))
         .route("/v1/stats", get(system::stats))
         .route("/v1/healthz", get(system::healthz))
-        .route("/metrics", get(system::metrics))
+        .route("/metrics", get(system::metrics_root))
         .route("/v1/metrics", get(system::metrics))
-        .route("/healthz", get(system::healthz));
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
+        .route("/docs/swagger-ui-bundle.js", get(openapi::swagger_bundle))
+        .route("/docs/swagger-ui.css", get(openapi::swagger_css))
+        .route("/healthz", get(system::healthz_root));
     writes
         .merge(reads)
         .fallback(system::not_found)

@@ -2,6 +2,7 @@
 
 use super::AppState;
 use super::error::{ApiQuery, AppError};
+use super::openapi::ErrorBody;
 use crate::model::{ModuleId, now_ms};
 use crate::queue::ModuleRecord;
 use axum::Json;
@@ -18,6 +19,7 @@ pub(super) struct UploadQuery {
 
 /// `POST /v1/modules?name=`: raw Wasm bytes in the body. The same bytes
 /// always get the same id; bytes that do not compile get 400 with the reason.
+#[utoipa::path(post, path = "/v1/modules", tag = "modules", params(("name" = Option<String>, Query, description = "a name to refer to the module by")), request_body(content = Vec<u8>, content_type = "application/wasm", description = "the module's .wasm bytes"), responses((status = 201, description = "stored", body = crate::queue::ModuleRecord), (status = 200, description = "already known (same bytes, same id)", body = crate::queue::ModuleRecord), (status = 400, description = "not a usable module", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody)))]
 pub(super) async fn upload(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<UploadQuery>,
@@ -62,6 +64,7 @@ pub(super) async fn upload(
 }
 
 /// `GET /v1/modules`.
+#[utoipa::path(get, path = "/v1/modules", tag = "modules", responses((status = 200, body = Vec<crate::queue::ModuleRecord>)))]
 pub(super) async fn list(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<ModuleRecord>>, AppError> {
@@ -69,6 +72,7 @@ pub(super) async fn list(
 }
 
 /// `GET /v1/modules/{id}` (id or name).
+#[utoipa::path(get, path = "/v1/modules/{id}", tag = "modules", params(("id" = String, Path, description = "module id (SHA-256) or name")), responses((status = 200, body = crate::queue::ModuleRecord), (status = 400, body = ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,

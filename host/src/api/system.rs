@@ -2,6 +2,8 @@
 
 use super::AppState;
 use super::error::AppError;
+#[allow(unused_imports)]
+use super::openapi::ErrorBody;
 use axum::Json;
 use axum::extract::State;
 use axum::http::Uri;
@@ -9,6 +11,7 @@ use serde_json::{Value, json};
 
 /// `GET /v1/stats`: counts per state and tag, queue depth per priority,
 /// throughput, retries, dead letters, workers, module cache.
+#[utoipa::path(get, path = "/v1/stats", tag = "system", responses((status = 200, description = "counts, tags, depth, throughput, workers, module cache", body = Object)))]
 pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
     let overview = state.tracker.overview(state.queue.depth());
     let mut value = serde_json::to_value(&overview).unwrap_or(Value::Null);
@@ -29,6 +32,7 @@ pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /healthz`.
+#[utoipa::path(get, path = "/v1/healthz", tag = "system", responses((status = 200, body = Object)))]
 pub(super) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -39,6 +43,7 @@ pub(super) async fn not_found(uri: Uri) -> AppError {
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/v1/metrics", tag = "system", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
     let overview = state.tracker.overview(state.queue.depth());
     let (busy_ratio, affinity_hits) = match &state.board {
@@ -62,4 +67,16 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::respons
         )],
         text,
     )
+}
+
+/// `GET /healthz` (for load balancers and Kubernetes probes).
+#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Object)))]
+pub(super) async fn healthz_root() -> Json<Value> {
+    healthz().await
+}
+
+/// `GET /metrics` (where Prometheus looks by default).
+#[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
+pub(super) async fn metrics_root(state: State<AppState>) -> impl axum::response::IntoResponse {
+    metrics(state).await
 }

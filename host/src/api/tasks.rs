@@ -2,6 +2,8 @@
 //! filters, cancel, change priority.
 
 use super::error::{ApiJson, ApiQuery, AppError};
+#[allow(unused_imports)]
+use super::openapi::{Created, ErrorBody, JobSubmission, PriorityChange, TaskSubmission};
 use super::{AppState, modules, views};
 use crate::model::{NewTask, TaskOptions, TaskState, now_ms};
 use crate::queue::TaskFilter;
@@ -166,6 +168,7 @@ pub(super) struct SubmitRequest {
 }
 
 /// `POST /v1/tasks`: 201 `{"id": ...}` once the task is durable.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = TaskSubmission, responses((status = 201, description = "durably accepted", body = Created), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<SubmitRequest>,
@@ -188,6 +191,7 @@ pub(super) async fn submit(
 }
 
 /// `GET /v1/tasks/{id}`: the record, payload, result, logs and timeline.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)), responses((status = 200, description = "record, payload, result, logs, timeline", body = Object), (status = 404, body = ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -215,6 +219,7 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/tasks?job=&status=&tag=key=value&after=&limit=`: one page; `next` is the cursor.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(("job" = Option<String>, Query), ("status" = Option<String>, Query, description = "Pending, Allocated, Running, Completed, Error, Dead or Cancelled"), ("tag" = Option<String>, Query, description = "key=value"), ("after" = Option<u64>, Query, description = "cursor from the previous page"), ("limit" = Option<usize>, Query, description = "1 to 1000, default 100")), responses((status = 200, description = "{items, next}", body = Object), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -266,6 +271,7 @@ pub(super) async fn list(
 }
 
 /// `POST /v1/tasks/{id}/cancel`.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -281,6 +287,7 @@ pub(super) struct PriorityRequest {
 }
 
 /// `POST /v1/tasks/{id}/priority`: raise a held task, or reorder a waiting one.
+#[utoipa::path(post, path = "/v1/tasks/{id}/priority", tag = "tasks", params(("id" = String, Path)), request_body = PriorityChange, responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn set_priority(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -15,8 +15,11 @@ use std::time::Duration;
 
 /// A module's identity: the lowercase hex SHA-256 of its bytes, so the same
 /// bytes uploaded twice are the same module on every host.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = String, example = "9a22a189530288391b7c29d5ea83832937461339d8f36f29002ffe7efad07eab")]
 pub struct ModuleId(String);
 
 impl ModuleId {
@@ -45,7 +48,7 @@ impl fmt::Display for ModuleId {
 }
 
 /// Which guest contract a module follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ModuleKind {
     /// A component exporting `kwq:task/task` (built with `kwq-guest`).

@@ -38,7 +38,7 @@ pub enum QueueError {
 }
 
 /// A module as the store keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ModuleRecord {
     /// SHA-256 of its bytes.
     pub id: ModuleId,
