@@ -1,6 +1,7 @@
 //! Integration tests of the `kwq` crate, in one binary so the linker runs once.
 
 mod api;
+mod browser;
 mod cli_run;
 mod grid;
 mod process;

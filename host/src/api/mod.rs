@@ -94,6 +94,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/docs"),
     ("get", "/docs/swagger-ui-bundle.js"),
     ("get", "/docs/swagger-ui.css"),
+    ("get", "/"),
 ];
 
 /// The router with every endpoint.
@@ -130,6 +131,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(system::metrics_root))
         .route("/v1/metrics", get(system::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
+        .route("/", get(openapi::dashboard))
         .route("/docs", get(openapi::docs))
         .route("/docs/swagger-ui-bundle.js", get(openapi::swagger_bundle))
         .route("/docs/swagger-ui.css", get(openapi::swagger_css))

@@ -108,7 +108,7 @@ pub(super) struct PriorityChange {
         super::events::stream,
         super::system::stats, super::system::healthz, super::system::healthz_root,
         super::system::metrics, super::system::metrics_root,
-        openapi_json, docs, swagger_bundle, swagger_css,
+        openapi_json, docs, swagger_bundle, swagger_css, dashboard,
     ),
     components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, PriorityChange, crate::queue::ModuleRecord)),
     tags(
@@ -125,6 +125,15 @@ pub struct ApiDoc;
 #[utoipa::path(get, path = "/openapi.json", tag = "system", responses((status = 200, description = "this document", body = Object)))]
 pub(super) async fn openapi_json() -> impl IntoResponse {
     axum::Json(ApiDoc::openapi())
+}
+
+const DASHBOARD: &str = include_str!("../../assets/dashboard/index.html");
+
+/// `GET /`: the operators' dashboard (one static page; live data from
+/// `/v1/stats` and `/v1/events`).
+#[utoipa::path(get, path = "/", tag = "system", responses((status = 200, description = "dashboard", content_type = "text/html", body = String)))]
+pub(super) async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
 }
 
 const SWAGGER_BUNDLE: &str = include_str!("../../assets/swagger-ui/swagger-ui-bundle.js");

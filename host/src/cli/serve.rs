@@ -83,7 +83,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         let address = listener
             .local_addr()
             .map_err(|e| CliError::failed(e.to_string()))?;
-        println!("kwq serving on http://{address} (API under /v1, health at /healthz)");
+        println!("kwq serving on http://{address} | dashboard http://{address}/ | API http://{address}/v1 | docs http://{address}/docs");
         println!(
             "store: {:?}, workers: {}",
             config.store, config.dispatch.workers

@@ -1,0 +1,274 @@
+//! The dashboard as a person uses it, in headless Chromium driven over
+//! WebDriver: submit a job through the page, watch it reach 100%, open a
+//! task's timeline, look at the modules page. Assertions are on the DOM;
+//! screenshots are saved to `docs/screenshots/` for the README.
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A chromedriver process on a free port, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_driver() -> Driver {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver not found: install Debian's chromium and chromium-driver (scripts/test.sh does)");
+    Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn connect(driver: &Driver, profile: &std::path::Path) -> Client {
+    let capabilities = serde_json::json!({
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=1400,1000", format!("--user-data-dir={}", profile.display())]
+        }
+    });
+    let capabilities = capabilities.as_object().unwrap().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(connector)
+            .capabilities(capabilities.clone())
+            .connect(&driver.url)
+            .await
+        {
+            Ok(client) => return client,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot start a browser session: {e}"),
+        }
+    }
+}
+
+fn screenshot_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn text(client: &Client, css: &str) -> String {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Wait until `check` passes on the page (the page updates itself from events).
+async fn wait_for(client: &Client, what: &str, check: impl AsyncFn(&Client) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while !check(client).await {
+        if tokio::time::Instant::now() > deadline {
+            let html = client.source().await.unwrap_or_default();
+            panic!(
+                "timed out waiting for {what}; page:\n{}",
+                &html[..html.len().min(4000)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = kwq::server::ServerConfig {
+        store: kwq::server::StoreUrl::Sqlite(dir.path().join("kwq.db")),
+        runtime: crate::support::test_config(),
+        dispatch: kwq::dispatch::DispatchConfig {
+            workers: 2,
+            ..Default::default()
+        },
+        queue: Default::default(),
+        token: None,
+        examples: true,
+        limits: Default::default(),
+        host: "browser".into(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(kwq::server::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+
+    let driver = start_driver();
+    let client = connect(&driver, &dir.path().join("profile")).await;
+    client.goto(&format!("{url}/#/")).await.unwrap();
+    wait_for(&client, "modules in the job form", async |c| {
+        c.find(Locator::Css("#job-module option[value='option-pricer']"))
+            .await
+            .is_ok()
+    })
+    .await;
+
+    let spec = r#"{"sweep": {"base": {"strike": 100, "rate": 0.05, "vol": 0.2, "maturity": 1, "kind": "call", "paths": 20000},
+        "params": {"spot": {"from": 90, "to": 110, "step": 1}}}, "tags": {"book": "browser"}, "name": "browser-sweep"}"#;
+    let area = client.find(Locator::Css("#job-spec")).await.unwrap();
+    area.clear().await.unwrap();
+    area.send_keys(spec).await.unwrap();
+    client
+        .find(Locator::Css("#job-submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&client, "the submitted job id", async |c| {
+        c.find(Locator::Css("#job-submitted[data-job]"))
+            .await
+            .is_ok()
+    })
+    .await;
+    let job = client
+        .find(Locator::Css("#job-submitted"))
+        .await
+        .unwrap()
+        .attr("data-job")
+        .await
+        .unwrap()
+        .unwrap();
+    let row = format!("tr[data-job='{job}']");
+    wait_for(&client, "the job at 100%", async |c| {
+        match c.find(Locator::Css(&format!("{row} .progress"))).await {
+            Ok(cell) => cell.text().await.unwrap_or_default() == "100%",
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert_eq!(
+        text(&client, &format!("{row} .job-state")).await,
+        "Finished"
+    );
+    wait_for(&client, "completed counter", async |c| {
+        text(c, "#counts [data-state='Completed'] b").await == "21"
+    })
+    .await;
+    let tag_rows = text(&client, "#tags").await;
+    assert!(tag_rows.contains("book=browser"), "{tag_rows}");
+    client
+        .screenshot()
+        .await
+        .map(|png| std::fs::write(screenshot_dir().join("dashboard.png"), png))
+        .unwrap()
+        .unwrap();
+
+    client
+        .find(Locator::Css(&format!("{row} a")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&client, "the job's tasks", async |c| {
+        c.find(Locator::Css("a.task-link")).await.is_ok()
+    })
+    .await;
+    client
+        .find(Locator::Css("a.task-link"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&client, "the task timeline", async |c| {
+        c.find(Locator::Css("#timeline li[data-state='Completed']"))
+            .await
+            .is_ok()
+    })
+    .await;
+    let states: Vec<String> = {
+        let items = client.find_all(Locator::Css("#timeline li")).await.unwrap();
+        let mut states = Vec::new();
+        for item in items {
+            states.push(item.attr("data-state").await.unwrap().unwrap());
+        }
+        states
+    };
+    assert_eq!(states, ["Pending", "Allocated", "Running", "Completed"]);
+    assert!(text(&client, "#task-result").await.contains("price"));
+    client
+        .screenshot()
+        .await
+        .map(|png| std::fs::write(screenshot_dir().join("task.png"), png))
+        .unwrap()
+        .unwrap();
+
+    client.goto(&format!("{url}/#/modules")).await.unwrap();
+    wait_for(&client, "the modules table", async |c| {
+        text(c, "#modules").await.contains("option-pricer")
+    })
+    .await;
+    // Upload a module through the file picker.
+    let file = std::fs::canonicalize(kwq::examples::WASI_P1_UPPER).unwrap();
+    client
+        .find(Locator::Css("#module-file"))
+        .await
+        .unwrap()
+        .send_keys(file.to_str().unwrap())
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#module-name"))
+        .await
+        .unwrap()
+        .send_keys("upper-from-browser")
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#module-upload"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&client, "the uploaded module in the table", async |c| {
+        text(c, "#modules").await.contains("upper-from-browser")
+    })
+    .await;
+    assert!(
+        text(&client, "#module-uploaded")
+            .await
+            .starts_with("stored ")
+    );
+    client
+        .screenshot()
+        .await
+        .map(|png| std::fs::write(screenshot_dir().join("modules.png"), png))
+        .unwrap()
+        .unwrap();
+
+    client.close().await.unwrap();
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
