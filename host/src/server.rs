@@ -119,8 +119,9 @@ pub async fn run(
     served.context("serving HTTP")
 }
 
-/// Upload every bundled module under its crate name (idempotent).
-async fn upload_examples(runtime: &Runtime, queue: &Arc<dyn Queue>) -> anyhow::Result<()> {
+/// Upload every bundled module under its crate name (idempotent): `kwq
+/// serve --examples`, and the local grids of `kwq bench grid` and `kwq simulate`.
+pub async fn upload_examples(runtime: &Runtime, queue: &Arc<dyn Queue>) -> anyhow::Result<()> {
     for (name, bytes) in examples::BUNDLED {
         let runtime = runtime.clone();
         let compiled = tokio::task::spawn_blocking(move || runtime.compile(bytes))

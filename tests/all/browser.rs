@@ -268,6 +268,28 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
         .unwrap()
         .unwrap();
 
+    // Swagger UI renders the generated document from the vendored files.
+    client.goto(&format!("{url}/docs")).await.unwrap();
+    wait_for(&client, "Swagger UI", async |c| {
+        match c.find(Locator::Css(".swagger-ui .info .title")).await {
+            Ok(title) => title.text().await.unwrap_or_default().contains("KWQ"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let operations = client.find_all(Locator::Css(".opblock")).await.unwrap();
+    assert_eq!(
+        operations.len(),
+        kwq::api::ROUTES.len(),
+        "one operation per route"
+    );
+    client
+        .screenshot()
+        .await
+        .map(|png| std::fs::write(screenshot_dir().join("docs.png"), png))
+        .unwrap()
+        .unwrap();
+
     client.close().await.unwrap();
     let _ = stop.send(());
     server.await.unwrap().unwrap();

@@ -16,20 +16,31 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &Path) -> Server {
+        Server::start_with(data_dir, &[], Stdio::inherit(), 2, "warn")
+    }
+
+    /// `kwq [global...] serve --examples --listen 127.0.0.1:0 --workers N --data-dir DIR`.
+    fn start_with(
+        data_dir: &Path,
+        global: &[&str],
+        stderr: Stdio,
+        workers: u32,
+        log: &str,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kwq"))
+            .args(global)
             .args([
                 "serve",
                 "--examples",
                 "--listen",
                 "127.0.0.1:0",
-                "--workers",
-                "2",
                 "--data-dir",
             ])
             .arg(data_dir)
-            .env("KWQ_LOG", "warn")
+            .args(["--workers", &workers.to_string()])
+            .env("KWQ_LOG", log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start kwq serve");
         let mut first = String::new();
@@ -56,6 +67,18 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
+    client
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 async fn get(client: &reqwest::Client, url: String) -> Value {
@@ -155,15 +178,8 @@ async fn events_stream_as_server_sent_events_and_resume_from_an_offset() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let client = reqwest::Client::new();
-    let submitted: Value = client
-        .post(format!("{}/v1/tasks", server.url))
-        .json(&json!({"module": "misbehave", "payload": {"action": "echo", "value": "sse"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json!({"module": "misbehave", "payload": {"action": "echo", "value": "sse"}});
+    let submitted = post(&client, format!("{}/v1/tasks", server.url), body).await;
     let task = submitted["id"].as_str().unwrap().to_string();
 
     let frames = read_events(
@@ -333,15 +349,12 @@ async fn sigterm_stops_cleanly_without_losing_the_running_task() {
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let mut server = Server::start(dir.path());
-    let submitted: Value = client
-        .post(format!("{}/v1/tasks", server.url))
-        .json(&json!({"module": "misbehave", "payload": {"action": "sleep", "ms": 300}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let submitted: Value = post(
+        &client,
+        format!("{}/v1/tasks", server.url),
+        json!({"module": "misbehave", "payload": {"action": "sleep", "ms": 300}}),
+    )
+    .await;
     let id = submitted["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -374,4 +387,56 @@ async fn sigterm_stops_cleanly_without_losing_the_running_task() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `--log-format json`: one JSON object per line, and a guest's own log
+/// line carries the task's id, job, attempt and module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_task_fields_on_guest_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("kwq.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let server = Server::start_with(
+        &dir.path().join("data"),
+        &["--log-format", "json"],
+        Stdio::from(log),
+        1,
+        "info",
+    );
+    let client = reqwest::Client::new();
+    let submitted: Value = post(
+        &client,
+        format!("{}/v1/jobs", server.url),
+        json!({"module": "misbehave", "payloads": [{"action": "chatty", "lines": 1}]}),
+    )
+    .await;
+    let job = submitted["id"].as_str().unwrap().to_string();
+    wait_for(&client, &server, &job, |j| j["state"] == json!("Finished")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let guest_line = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        // Only whole lines: the server may be halfway through writing the last one.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let lines: Vec<Value> = complete
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+            .collect();
+        if let Some(line) = lines
+            .into_iter()
+            .find(|l| l["fields"]["message"] == json!("line 0"))
+        {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no guest log line in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(guest_line["level"], json!("INFO"));
+    assert_eq!(guest_line["fields"]["task_id"], json!(format!("{job}.0")));
+    assert_eq!(guest_line["span"]["job_id"], json!(job));
+    assert_eq!(guest_line["span"]["attempt"], json!(1));
+    assert!(
+        guest_line["span"]["module"]
+            .as_str()
+            .is_some_and(|m| m.len() == 64)
+    );
 }

@@ -5,9 +5,8 @@
 use super::CliError;
 use crate::api::{self, ApiLimits, AppState};
 use crate::dispatch::{DispatchConfig, Dispatcher};
-use crate::model::now_ms;
+use crate::queue::Queue;
 use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
-use crate::queue::{ModuleRecord, Queue};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::tracker::Tracker;
 use std::path::PathBuf;
@@ -38,20 +37,9 @@ impl LocalGrid {
             EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default()).map_err(failed)?;
         let queue: Arc<dyn Queue> = Arc::new(store);
         let runtime = Runtime::new(RuntimeConfig::default()).map_err(failed)?;
-        for (name, bytes) in crate::examples::BUNDLED {
-            let compiled = runtime.compile(bytes).map_err(failed)?;
-            let record = ModuleRecord {
-                id: compiled.id.clone(),
-                name: Some(name.to_string()),
-                kind: compiled.kind,
-                size: bytes.len() as u64,
-                created_at: now_ms(),
-            };
-            queue
-                .put_module(record, bytes.to_vec())
-                .await
-                .map_err(failed)?;
-        }
+        crate::server::upload_examples(&runtime, &queue)
+            .await
+            .map_err(|e| failed(format!("{e:#}")))?;
         let tracker = Tracker::attach(&queue).await.map_err(failed)?;
         let mut config = DispatchConfig::default();
         if let Some(w) = workers {
