@@ -2,7 +2,7 @@
 //! HTTP on 127.0.0.1 like a real client would.
 
 use super::CliError;
-use super::local_grid::{LocalGrid, failed};
+use super::local_grid::{LocalGrid, count_events, failed};
 use crate::model::TaskState;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -53,17 +53,15 @@ async fn bench(
         submitted += n;
     }
     let submit_time = started.elapsed();
-    let mut completed = 0;
-    while completed < tasks {
-        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
-            Ok(Ok(event)) if event.state == TaskState::Completed => completed += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
-                completed = tracker.overview([0; 10]).counts.get(TaskState::Completed);
-            }
-            Ok(Err(_)) | Err(_) => return Err(failed("tasks stopped completing")),
-        }
-    }
+    let completed = || tracker.overview([0; 10]).counts.get(TaskState::Completed);
+    count_events(
+        &mut events,
+        tasks,
+        Duration::from_secs(60),
+        |e| e.state == TaskState::Completed,
+        completed,
+    )
+    .await?;
     let total = started.elapsed();
 
     // Latency on an idle server: one task at a time, from just before the

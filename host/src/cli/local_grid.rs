@@ -85,3 +85,27 @@ impl LocalGrid {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Count stored events that match until `target` is reached. When the
+/// subscription falls behind, the count is taken from `recount` (the
+/// tracker) instead. Fails if nothing arrives for `idle`.
+pub(super) async fn count_events(
+    events: &mut tokio::sync::broadcast::Receiver<crate::model::Event>,
+    target: u64,
+    idle: std::time::Duration,
+    matches: impl Fn(&crate::model::Event) -> bool,
+    recount: impl Fn() -> u64,
+) -> Result<(), CliError> {
+    let mut seen = 0;
+    while seen < target {
+        match tokio::time::timeout(idle, events.recv()).await {
+            Ok(Ok(event)) if matches(&event) => seen += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => seen = recount(),
+            Ok(Err(_)) | Err(_) => {
+                return Err(failed(format!("progress stopped at {seen} of {target}")));
+            }
+        }
+    }
+    Ok(())
+}

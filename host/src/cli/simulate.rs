@@ -3,7 +3,7 @@
 //! (the original KWQ's simulate endpoint, as a command).
 
 use super::CliError;
-use super::local_grid::{LocalGrid, failed};
+use super::local_grid::{LocalGrid, count_events, failed};
 use crate::model::TaskState;
 use crate::queue::TaskFilter;
 use serde_json::{Value, json};
@@ -36,21 +36,12 @@ async fn simulate(tasks: u64, duration_ms: u64, workers: usize) -> Result<(), Cl
         .as_str()
         .ok_or_else(|| failed(format!("submit failed: {job}")))?
         .to_string();
-    let mut finished = 0;
-    while finished < tasks {
-        match tokio::time::timeout(Duration::from_secs(600), events.recv()).await {
-            Ok(Ok(event))
-                if event.job_id.as_deref() == Some(id.as_str()) && event.state.is_terminal() =>
-            {
-                finished += 1
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
-                finished = grid.tracker.job(&id).counts.finished()
-            }
-            _ => return Err(failed("the simulation stopped making progress")),
-        }
-    }
+    let in_job =
+        |e: &crate::model::Event| e.job_id.as_deref() == Some(id.as_str()) && e.state.is_terminal();
+    count_events(&mut events, tasks, Duration::from_secs(600), in_job, || {
+        grid.tracker.job(&id).counts.finished()
+    })
+    .await?;
     let wall = started.elapsed();
 
     let (mut waits, mut runs) = (Vec::new(), Vec::new());

@@ -295,6 +295,15 @@ impl EmbeddedQueue {
             .ok_or_else(|| QueueError::NotFound(format!("job {job}")))
     }
 
+    /// Durably pause or resume a job that is not cancelled.
+    async fn set_paused(&self, job: &JobId, paused: bool) -> Result<(), QueueError> {
+        let flags = self.job_flags(job)?;
+        if flags.cancelled {
+            return Err(QueueError::Conflict(format!("job {job} is cancelled")));
+        }
+        self.set_job_flags(job, JobFlags { paused, ..flags }).await
+    }
+
     async fn set_job_flags(&self, job: &JobId, flags: JobFlags) -> Result<(), QueueError> {
         self.inner
             .writer
@@ -691,35 +700,13 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn pause_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
-        let flags = self.job_flags(job)?;
-        if flags.cancelled {
-            return Err(QueueError::Conflict(format!("job {job} is cancelled")));
-        }
-        self.set_job_flags(
-            job,
-            JobFlags {
-                paused: true,
-                ..flags
-            },
-        )
-        .await?;
+        self.set_paused(job, true).await?;
         self.sched().ready.pause(Arc::from(job.as_str()));
         self.job(job).await
     }
 
     async fn resume_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
-        let flags = self.job_flags(job)?;
-        if flags.cancelled {
-            return Err(QueueError::Conflict(format!("job {job} is cancelled")));
-        }
-        self.set_job_flags(
-            job,
-            JobFlags {
-                paused: false,
-                ..flags
-            },
-        )
-        .await?;
+        self.set_paused(job, false).await?;
         self.sched().ready.resume(job, now_ms());
         self.inner.wake.notify_waiters();
         self.job(job).await
