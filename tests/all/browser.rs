@@ -74,14 +74,22 @@ fn screenshot_dir() -> PathBuf {
     dir
 }
 
+/// An element's text. The page re-renders its tables as events arrive, so
+/// an element found a moment ago may be replaced before it is read: look
+/// it up again (for a few seconds) rather than fail on a stale reference.
 async fn text(client: &Client, css: &str) -> String {
-    client
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = match client.find(Locator::Css(css)).await {
+            Ok(element) => element.text().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match read {
+            Ok(text) => return text,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("{css}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// Wait until `check` passes on the page (the page updates itself from events).
@@ -207,14 +215,17 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
             .is_ok()
     })
     .await;
-    let states: Vec<String> = {
-        let items = client.find_all(Locator::Css("#timeline li")).await.unwrap();
-        let mut states = Vec::new();
-        for item in items {
-            states.push(item.attr("data-state").await.unwrap().unwrap());
-        }
-        states
-    };
+    // Read all states in one script call, so a re-render cannot interleave.
+    let states: Vec<String> = serde_json::from_value(
+        client
+            .execute(
+                "return [...document.querySelectorAll('#timeline li')].map(li => li.dataset.state)",
+                vec![],
+            )
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(states, ["Pending", "Allocated", "Running", "Completed"]);
     assert!(text(&client, "#task-result").await.contains("price"));
     client
