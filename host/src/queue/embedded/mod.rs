@@ -318,49 +318,71 @@ impl EmbeddedQueue {
     }
 }
 
+/// A waiting entry for a task as submitted: no attempt made yet.
 fn entry_from_new(task: &NewTask, tags: Tags, now: Millis) -> Entry {
-    Entry {
-        id: Arc::from(task.id.as_str()),
-        job: task.job_id.as_deref().map(Arc::from),
-        module: task.module.clone(),
-        payload: Arc::from(task.payload.as_slice()),
-        affinity: task.options.affinity.as_deref().map(Arc::from),
-        priority: task.options.priority,
+    entry(
+        &task.id,
+        task.job_id.as_deref(),
+        &task.module,
+        &task.payload,
+        &task.options,
         tags,
-        timeout_ms: task.options.timeout_ms,
-        memory_bytes: task.options.memory_bytes,
-        max_attempts: task.options.max_attempts,
-        attempts: 0,
-        queued_at: now,
-        not_before: task.options.not_before,
-        state: TaskState::Pending,
-    }
+        now,
+    )
 }
 
+/// A waiting entry rebuilt from the store at start-up, keeping its attempts
+/// and whether it waits for a retry (Error) or a first run (Pending).
 fn entry_from_record(task: &TaskRecord, now: Millis) -> Entry {
+    let queued_at = task
+        .timestamps
+        .get(&TaskState::Pending)
+        .copied()
+        .unwrap_or(now);
+    let tags = Arc::new(task.options.tags.clone());
     Entry {
-        id: Arc::from(task.id.as_str()),
-        job: task.job_id.as_deref().map(Arc::from),
-        module: task.module.clone(),
-        payload: Arc::from(task.payload.as_slice()),
-        affinity: task.options.affinity.as_deref().map(Arc::from),
-        priority: task.options.priority,
-        tags: Arc::new(task.options.tags.clone()),
-        timeout_ms: task.options.timeout_ms,
-        memory_bytes: task.options.memory_bytes,
-        max_attempts: task.options.max_attempts,
         attempts: task.attempts,
-        queued_at: task
-            .timestamps
-            .get(&TaskState::Pending)
-            .copied()
-            .unwrap_or(now),
-        not_before: task.options.not_before,
         state: if task.state == TaskState::Error {
             TaskState::Error
         } else {
             TaskState::Pending
         },
+        ..entry(
+            &task.id,
+            task.job_id.as_deref(),
+            &task.module,
+            &task.payload,
+            &task.options,
+            tags,
+            queued_at,
+        )
+    }
+}
+
+fn entry(
+    id: &str,
+    job_id: Option<&str>,
+    module: &ModuleId,
+    payload: &[u8],
+    options: &crate::model::TaskOptions,
+    tags: Tags,
+    queued_at: Millis,
+) -> Entry {
+    Entry {
+        id: Arc::from(id),
+        job: job_id.map(Arc::from),
+        module: module.clone(),
+        payload: Arc::from(payload),
+        affinity: options.affinity.as_deref().map(Arc::from),
+        priority: options.priority,
+        tags,
+        timeout_ms: options.timeout_ms,
+        memory_bytes: options.memory_bytes,
+        max_attempts: options.max_attempts,
+        attempts: 0,
+        queued_at,
+        not_before: options.not_before,
+        state: TaskState::Pending,
     }
 }
 
@@ -521,16 +543,17 @@ impl Queue for EmbeddedQueue {
                 self.expire_leases(&mut sched, now);
                 self.refill_sweeps(&mut sched, now);
                 sched.ready.promote_due(now);
-                let warm_elsewhere: Vec<(ModuleId, String)> = sched
-                    .workers
-                    .iter()
-                    .filter(|(id, _)| **id != worker.id)
-                    .flat_map(|(_, warm)| warm.iter().cloned())
-                    .collect();
+                // Disjoint fields: the check reads `workers` while `ready` is picked from,
+                // so no copy of every worker's warm set is made on this hot path.
+                let Sched { ready, workers, .. } = &mut *sched;
                 let check = |module: &ModuleId, key: &str| {
-                    warm_elsewhere.iter().any(|(m, k)| m == module && k == key)
+                    workers
+                        .iter()
+                        .filter(|(id, _)| **id != worker.id)
+                        .any(|(_, warm)| warm.iter().any(|(m, k)| m == module && k == key))
                 };
-                match sched.ready.pick(&worker.warm, &check, now, self.policy()) {
+                let pick = ready.pick(&worker.warm, &check, now, self.policy());
+                match pick {
                     Pick::Task(entry, warm_hit) => {
                         sched.next_token += 1;
                         let token = sched.next_token;
