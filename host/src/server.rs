@@ -7,6 +7,7 @@ use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::examples;
 use crate::model::{ModuleId, now_ms};
 use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+use crate::queue::kafka::{KafkaConfig, KafkaQueue};
 use crate::queue::{ModuleRecord, Queue};
 use crate::runtime::{ModuleSource, Runtime, RuntimeConfig};
 use crate::tracker::Tracker;
@@ -20,10 +21,13 @@ use std::sync::Arc;
 pub enum StoreUrl {
     /// `sqlite://PATH`: the embedded durable store.
     Sqlite(PathBuf),
+    /// `kafka://host:port,...`: a grid shared with other hosts through Kafka.
+    Kafka(Box<KafkaConfig>),
 }
 
 impl StoreUrl {
-    /// Parse `sqlite://PATH` (or a bare path).
+    /// Parse `sqlite://PATH` (or a bare path) or `kafka://HOST:PORT,...[?options]`
+    /// (see [`KafkaConfig::parse`]; the view path and host name are set by the caller).
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         if let Some(path) = text
             .strip_prefix("sqlite://")
@@ -35,10 +39,12 @@ impl StoreUrl {
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
         if text.starts_with("kafka://") {
-            bail!("the Kafka backend is not available in this build yet; use sqlite://PATH");
+            return KafkaConfig::parse(text)
+                .map(|c| StoreUrl::Kafka(Box::new(c)))
+                .map_err(anyhow::Error::msg);
         }
         if text.contains("://") {
-            bail!("unknown store URL {text:?}; use sqlite://PATH");
+            bail!("unknown store URL {text:?}; use sqlite://PATH or kafka://HOST:PORT");
         }
         Ok(StoreUrl::Sqlite(PathBuf::from(text)))
     }
@@ -81,16 +87,28 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let StoreUrl::Sqlite(path) = &config.store;
-    let store = EmbeddedQueue::open(path, config.queue.clone())
-        .with_context(|| format!("opening store {}", path.display()))?;
-    let queue: Arc<dyn Queue> = Arc::new(store);
+    let queue: Arc<dyn Queue> = match &config.store {
+        StoreUrl::Sqlite(path) => Arc::new(
+            EmbeddedQueue::open(path, config.queue.clone())
+                .with_context(|| format!("opening store {}", path.display()))?,
+        ),
+        StoreUrl::Kafka(kafka) => Arc::new(
+            KafkaQueue::connect(
+                (**kafka).clone(),
+                config.queue.aging,
+                config.queue.affinity_window,
+            )
+            .await
+            .with_context(|| format!("joining the Kafka grid at {}", kafka.brokers))?,
+        ),
+    };
     let runtime = Runtime::new(config.runtime.clone()).context("starting the Wasm runtime")?;
     runtime.set_module_source(Arc::new(StoreModules(queue.clone())));
     crate::tracker::metrics::install();
     let tracker = Tracker::attach(&queue)
         .await
         .context("rebuilding statistics")?;
+    queue.start();
     if config.examples {
         upload_examples(&runtime, &queue).await?;
     }
@@ -154,6 +172,11 @@ mod tests {
             StoreUrl::Sqlite("data/kwq.db".into())
         );
         assert!(StoreUrl::parse("redis://x").is_err());
+        assert!(matches!(
+            StoreUrl::parse("kafka://127.0.0.1:9092").unwrap(),
+            StoreUrl::Kafka(_)
+        ));
+        assert!(StoreUrl::parse("kafka://nohost").is_err());
         assert!(StoreUrl::parse("sqlite://").is_err());
     }
 }

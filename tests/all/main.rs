@@ -3,6 +3,7 @@
 mod api;
 mod browser;
 mod cli_run;
+mod conformance;
 mod grid;
 mod process;
 mod queue;

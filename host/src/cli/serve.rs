@@ -15,7 +15,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KWQ_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// Where tasks live: sqlite://PATH (default: DATA_DIR/kwq.db).
+    /// Where tasks live: sqlite://PATH (default: DATA_DIR/kwq.db), or
+    /// kafka://HOST:PORT[,HOST:PORT...][?prefix=kwq.&partitions=4&replication=1]
+    /// to join a grid shared through Kafka (this host's view is DATA_DIR/view.db).
     #[arg(long, env = "KWQ_STORE")]
     store: Option<String>,
     /// Directory for the store and the compiled-module cache.
@@ -42,14 +44,23 @@ pub struct ServeArgs {
     /// Meter fuel so tasks may carry a fuel budget.
     #[arg(long)]
     fuel: bool,
+    /// This host's name in worker ids (default: the machine's hostname); each
+    /// host of a Kafka grid needs its own.
+    #[arg(long, env = "KWQ_HOST")]
+    host: Option<String>,
 }
 
 /// Run `kwq serve`.
 pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
-    let store = match &args.store {
+    let host = args.host.clone().unwrap_or_else(hostname);
+    let mut store = match &args.store {
         Some(url) => StoreUrl::parse(url).map_err(|e| CliError::usage(e.to_string()))?,
         None => StoreUrl::Sqlite(args.data_dir.join("kwq.db")),
     };
+    if let StoreUrl::Kafka(kafka) = &mut store {
+        kafka.view_path = args.data_dir.join("view.db");
+        kafka.host = host.clone();
+    }
     let mut dispatch = DispatchConfig {
         max_warm: args.max_warm,
         ..DispatchConfig::default()
@@ -73,7 +84,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         token: args.token,
         examples: args.examples,
         limits: Default::default(),
-        host: hostname(),
+        host,
     };
     let rt = super::tokio_runtime()?;
     rt.block_on(async move {

@@ -1,10 +1,13 @@
 //! The task store: one small trait the dispatcher and the API use, and its
 //! backends. `embedded` (SQLite, the default) keeps a durable log of every
-//! task and event and an in-memory ready index for fast leasing.
+//! task and event and an in-memory ready index for fast leasing; `kafka`
+//! shares one grid between hosts through Kafka topics, each host keeping an
+//! embedded store as its view of the event topic.
 //!
 //! The queue knows nothing about Wasm: a task is a module id and bytes.
 
 pub mod embedded;
+pub mod kafka;
 
 use crate::model::{
     ErrorKind, Event, JobId, JobRecord, LogLine, Millis, ModuleId, ModuleKind, NewJob, NewTask,
@@ -271,4 +274,7 @@ pub trait Queue: Send + Sync + 'static {
     fn close(&self);
     /// Wait until everything accepted so far is durable.
     async fn flush(&self) -> Result<(), QueueError>;
+    /// Begin taking work and events from outside (the Kafka backend's
+    /// consumers); called once statistics are attached, so none is missed.
+    fn start(&self) {}
 }

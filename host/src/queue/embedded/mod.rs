@@ -4,7 +4,7 @@
 //! it, so `kill -9` loses nothing that was acknowledged.
 
 mod reader;
-mod ready;
+pub(crate) mod ready;
 mod schema;
 mod writer;
 
@@ -24,7 +24,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
+pub(crate) use writer::RemoteTask;
 use writer::{Op, Tags, Transition, Writer};
+
+/// A change a Kafka host's view reads from the event topics.
+pub(crate) enum ViewChange {
+    /// A task event.
+    Task(Box<RemoteTask>),
+    /// A job was submitted.
+    Job(JobRecord),
+    /// A job was paused, resumed or cancelled.
+    JobFlags {
+        job: String,
+        paused: bool,
+        cancelled: bool,
+    },
+    /// A task's priority changed.
+    Priority(String, u8),
+    /// A module, reassembled and verified.
+    Module(ModuleRecord, Vec<u8>),
+    /// Read position of a topic partition, stored with the changes before it.
+    Offset {
+        topic: String,
+        partition: i32,
+        next: i64,
+    },
+}
 
 /// Tuning of the embedded queue.
 #[derive(Debug, Clone)]
@@ -108,6 +133,10 @@ impl EmbeddedQueue {
     /// tasks that were Allocated or Running when the last process died are
     /// Pending again.
     pub fn open(path: &Path, config: EmbeddedConfig) -> Result<Self, QueueError> {
+        Self::open_inner(path, config, true)
+    }
+
+    fn open_inner(path: &Path, config: EmbeddedConfig, recover: bool) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 QueueError::Storage(format!("cannot create {}: {e}", dir.display()))
@@ -131,8 +160,60 @@ impl EmbeddedQueue {
                 config,
             }),
         };
-        queue.recover()?;
+        if recover {
+            queue.recover()?;
+        }
         Ok(queue)
+    }
+
+    /// Open (or create) a store used only as a host's view of a Kafka grid:
+    /// no recovery and no leasing; changes arrive through [`Self::apply_view`].
+    pub(crate) fn open_view(path: &Path) -> Result<Self, QueueError> {
+        Self::open_inner(path, EmbeddedConfig::default(), false)
+    }
+
+    /// Queue changes read from the event topics (applied in order, durably,
+    /// with the read positions they carry); observers and subscribers are
+    /// told as for local changes.
+    pub(crate) fn apply_view(&self, changes: Vec<ViewChange>) {
+        let ops = changes
+            .into_iter()
+            .map(|change| match change {
+                ViewChange::Task(task) => Op::Remote(task),
+                ViewChange::Job(job) => Op::RemoteJob(job),
+                ViewChange::JobFlags { job, paused, cancelled } => Op::JobFlags { job, paused, cancelled },
+                ViewChange::Priority(task, priority) => Op::Priority(task, priority),
+                ViewChange::Module(record, bytes) => Op::Module(record, bytes),
+                ViewChange::Offset { topic, partition, next } => Op::ViewOffset { topic, partition, next },
+            })
+            .collect();
+        self.inner.writer.send(ops);
+    }
+
+    /// Where the view stopped reading each (topic, partition), to resume there.
+    pub(crate) fn view_offsets(&self) -> Result<HashMap<(String, i32), i64>, QueueError> {
+        self.inner.reader.with(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT topic, partition, next FROM view_offsets")
+                .map_err(|e| QueueError::Storage(e.to_string()))?;
+            let rows = stmt
+                .query_map([], |row| Ok(((row.get(0)?, row.get(1)?), row.get(2)?)))
+                .map_err(|e| QueueError::Storage(e.to_string()))?;
+            rows.collect::<Result<HashMap<_, _>, _>>()
+                .map_err(|e| QueueError::Storage(e.to_string()))
+        })
+    }
+
+    /// A module's id from its name (the newest upload of that name).
+    pub(crate) fn module_named(&self, name: &str) -> Option<ModuleId> {
+        self.inner
+            .reader
+            .with(|conn| reader::modules(conn))
+            .ok()?
+            .into_iter()
+            .rev()
+            .find(|m| m.name.as_deref() == Some(name))
+            .map(|m| m.id)
     }
 
     fn recover(&self) -> Result<(), QueueError> {

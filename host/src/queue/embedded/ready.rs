@@ -13,24 +13,24 @@ use std::sync::Arc;
 
 /// A waiting task with everything needed to lease it without a store read.
 #[derive(Debug, Clone)]
-pub(super) struct Entry {
-    pub(super) id: Arc<str>,
-    pub(super) job: Option<Arc<str>>,
-    pub(super) module: ModuleId,
-    pub(super) payload: Arc<[u8]>,
-    pub(super) affinity: Option<Arc<str>>,
-    pub(super) priority: u8,
-    pub(super) tags: Tags,
-    pub(super) timeout_ms: u64,
-    pub(super) memory_bytes: u64,
-    pub(super) max_attempts: u32,
+pub(crate) struct Entry {
+    pub(crate) id: Arc<str>,
+    pub(crate) job: Option<Arc<str>>,
+    pub(crate) module: ModuleId,
+    pub(crate) payload: Arc<[u8]>,
+    pub(crate) affinity: Option<Arc<str>>,
+    pub(crate) priority: u8,
+    pub(crate) tags: Tags,
+    pub(crate) timeout_ms: u64,
+    pub(crate) memory_bytes: u64,
+    pub(crate) max_attempts: u32,
     /// Attempts already made.
-    pub(super) attempts: u32,
+    pub(crate) attempts: u32,
     /// When it became ready to wait (for aging and queue-wait time).
-    pub(super) queued_at: Millis,
-    pub(super) not_before: Option<Millis>,
+    pub(crate) queued_at: Millis,
+    pub(crate) not_before: Option<Millis>,
     /// Pending, or Error while it waits for a retry (what the store says).
-    pub(super) state: crate::model::TaskState,
+    pub(crate) state: crate::model::TaskState,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,15 +49,15 @@ struct Waiting {
 
 /// How the index trades priority against affinity and age.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Policy {
+pub(crate) struct Policy {
     /// A task's effective priority rises by one per this many ms of waiting.
-    pub(super) aging_ms: u64,
+    pub(crate) aging_ms: u64,
     /// How long a task may wait for the worker that is warm for it.
-    pub(super) affinity_window_ms: u64,
+    pub(crate) affinity_window_ms: u64,
 }
 
 /// What a free worker gets.
-pub(super) enum Pick {
+pub(crate) enum Pick {
     /// This task; `true` if its (module, key) was warm on the worker.
     Task(Entry, bool),
     /// Nothing now; look again by this time (or when notified).
@@ -73,7 +73,7 @@ type Score = (f64, Reverse<Millis>);
 type Best = Option<(Arc<str>, Score)>;
 
 #[derive(Default)]
-pub(super) struct ReadyIndex {
+pub(crate) struct ReadyIndex {
     waiting: HashMap<Arc<str>, Waiting>,
     by_priority: [VecDeque<(Arc<str>, u64)>; 10],
     by_key: HashMap<Key, VecDeque<(Arc<str>, u64)>>,
@@ -86,17 +86,17 @@ pub(super) struct ReadyIndex {
 
 impl ReadyIndex {
     /// Tasks waiting per priority (queued, delayed, held or parked).
-    pub(super) fn depth(&self) -> [u64; 10] {
+    pub(crate) fn depth(&self) -> [u64; 10] {
         self.depth
     }
 
     /// Tasks of a job waiting here.
-    pub(super) fn job_waiting(&self, job: &str) -> u64 {
+    pub(crate) fn job_waiting(&self, job: &str) -> u64 {
         self.per_job.get(job).copied().unwrap_or(0)
     }
 
     /// Add a task (or put it back).
-    pub(super) fn insert(&mut self, entry: Entry, now: Millis) {
+    pub(crate) fn insert(&mut self, entry: Entry, now: Millis) {
         self.depth[entry.priority as usize] += 1;
         if let Some(job) = &entry.job {
             *self.per_job.entry(job.clone()).or_default() += 1;
@@ -140,7 +140,7 @@ impl ReadyIndex {
     }
 
     /// Take a task out of the index, wherever it waits.
-    pub(super) fn remove(&mut self, id: &str) -> Option<Entry> {
+    pub(crate) fn remove(&mut self, id: &str) -> Option<Entry> {
         let waiting = self.waiting.remove(id)?;
         self.depth[waiting.entry.priority as usize] -= 1;
         if let Some(job) = &waiting.entry.job
@@ -155,7 +155,7 @@ impl ReadyIndex {
     }
 
     /// Change a waiting task's priority; 0 holds it, raising releases it.
-    pub(super) fn set_priority(&mut self, id: &str, priority: u8, now: Millis) -> bool {
+    pub(crate) fn set_priority(&mut self, id: &str, priority: u8, now: Millis) -> bool {
         let Some(mut entry) = self.remove(id) else {
             return false;
         };
@@ -165,7 +165,7 @@ impl ReadyIndex {
     }
 
     /// Every waiting task of a job, removed.
-    pub(super) fn remove_job(&mut self, job: &str) -> Vec<Entry> {
+    pub(crate) fn remove_job(&mut self, job: &str) -> Vec<Entry> {
         let ids: Vec<Arc<str>> = self
             .waiting
             .values()
@@ -176,12 +176,12 @@ impl ReadyIndex {
     }
 
     /// Stop offering a job's tasks (they are parked when reached).
-    pub(super) fn pause(&mut self, job: Arc<str>) {
+    pub(crate) fn pause(&mut self, job: Arc<str>) {
         self.paused.insert(job);
     }
 
     /// Offer a paused job's tasks again.
-    pub(super) fn resume(&mut self, job: &str, now: Millis) {
+    pub(crate) fn resume(&mut self, job: &str, now: Millis) {
         self.paused.remove(job);
         let parked: Vec<Arc<str>> = self
             .waiting
@@ -197,7 +197,7 @@ impl ReadyIndex {
     }
 
     /// Move delayed tasks whose time has come into the queues.
-    pub(super) fn promote_due(&mut self, now: Millis) {
+    pub(crate) fn promote_due(&mut self, now: Millis) {
         while let Some(Reverse((at, id, generation))) = self.delayed.peek().cloned() {
             if at > now {
                 break;
@@ -215,7 +215,7 @@ impl ReadyIndex {
     }
 
     /// When the next delayed task becomes due.
-    pub(super) fn next_due(&self) -> Option<Millis> {
+    pub(crate) fn next_due(&self) -> Option<Millis> {
         self.delayed.peek().map(|Reverse((at, _, _))| *at)
     }
 
@@ -271,7 +271,7 @@ impl ReadyIndex {
 
     /// The best task for a worker with these warm pairs, given which pairs
     /// are warm on other workers.
-    pub(super) fn pick(
+    pub(crate) fn pick(
         &mut self,
         warm_here: &[(ModuleId, String)],
         warm_elsewhere: &dyn Fn(&ModuleId, &str) -> bool,

@@ -5,7 +5,8 @@ use rusqlite::Connection;
 /// Tables: modules (bytes by SHA-256; the blob is the last column, so reading
 /// a record never walks the blob's overflow pages), jobs (one row per job, sweeps with a
 /// cursor), tasks (one row per created task: the durable record), events
-/// (the tracker log; its rowid is the event offset).
+/// (the tracker log; its rowid is the event offset), view_offsets (how far a
+/// Kafka host's view has read each topic partition).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS modules (
     id TEXT PRIMARY KEY,
@@ -61,6 +62,12 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_task ON events(task_id);
+CREATE TABLE IF NOT EXISTS view_offsets (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
 ";
 
 /// Open a connection with the settings every connection needs. WAL lets

@@ -8,7 +8,7 @@
 
 use super::super::{CommitObserver, Committed, ModuleRecord, QueueError};
 use crate::model::{ErrorKind, Event, JobRecord, LogLine, Millis, ModuleId, NewTask, TaskState};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 const MAX_BATCH_OPS: usize = 50_000;
 
 /// Tags shared between a task's in-memory entry and its transitions.
-pub(super) type Tags = Arc<BTreeMap<String, String>>;
+pub(crate) type Tags = Arc<BTreeMap<String, String>>;
 
 /// One change to the store.
 pub(super) enum Op {
@@ -32,6 +32,67 @@ pub(super) enum Op {
     },
     Transition(Box<Transition>),
     Priority(String, u8),
+    /// An event another host (or this one) published, applied if it moves
+    /// the task forward (see [`supersedes`]).
+    Remote(Box<RemoteTask>),
+    /// A job announced on the event topic: its record and one Pending row per
+    /// explicit task or sweep point, unless already known.
+    RemoteJob(JobRecord),
+    /// How far a view has read a topic partition (stored with what it read).
+    ViewOffset {
+        topic: String,
+        partition: i32,
+        next: i64,
+    },
+}
+
+/// A task event as a view receives it from the event topic: the transition,
+/// what the state carries, and (on the first events of a task) its definition
+/// so a view that never saw the task submitted can create its row.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteTask {
+    pub(crate) task_id: String,
+    pub(crate) job_id: Option<String>,
+    pub(crate) state: TaskState,
+    pub(crate) attempt: u32,
+    pub(crate) worker: Option<String>,
+    pub(crate) at: Millis,
+    pub(crate) error: Option<(ErrorKind, String)>,
+    pub(crate) message: Option<String>,
+    pub(crate) result: Option<Vec<u8>>,
+    pub(crate) logs: Option<Vec<LogLine>>,
+    pub(crate) progress: Option<f32>,
+    pub(crate) not_before: Option<Millis>,
+    pub(crate) run_ms: Option<u64>,
+    pub(crate) wait_ms: Option<u64>,
+    /// Module and options of the task (payload not needed by a view).
+    pub(crate) spec: Option<(ModuleId, crate::model::TaskOptions)>,
+}
+
+/// Whether an event (`state`, `attempt`) moves a task that is in
+/// (`current`, `attempts`) forward. Events of one task can arrive twice (a
+/// host applies its own events at once and again when it reads them back)
+/// and out of order (a replayed attempt after a crash), so a view applies
+/// only those that move the task on: nothing leaves a final state; a final
+/// state always wins over an unfinished one; a later attempt wins; within
+/// one attempt the later state in a task's life wins.
+pub(crate) fn supersedes(current: TaskState, attempts: u32, state: TaskState, attempt: u32) -> bool {
+    fn rank(state: TaskState) -> u8 {
+        match state {
+            TaskState::Pending => 0,
+            TaskState::Allocated => 1,
+            TaskState::Running => 2,
+            TaskState::Error => 3,
+            TaskState::Completed | TaskState::Dead | TaskState::Cancelled => 4,
+        }
+    }
+    if current.is_terminal() {
+        return false;
+    }
+    if state.is_terminal() || attempt > attempts {
+        return true;
+    }
+    attempt == attempts && rank(state) > rank(current)
 }
 
 /// A task entering a state.
@@ -209,22 +270,24 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
                 ])?;
             }
             Op::Job(job) => {
+                insert_job(&tx, job)?;
+            }
+            Op::RemoteJob(job) => {
+                if insert_job(&tx, job)? {
+                    apply_remote_job(&tx, job, &mut committed)?;
+                }
+            }
+            Op::Remote(remote) => apply_remote(&tx, remote, &mut committed)?,
+            Op::ViewOffset {
+                topic,
+                partition,
+                next,
+            } => {
                 tx.prepare_cached(
-                    "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT INTO view_offsets (topic, partition, next) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(topic, partition) DO UPDATE SET next = excluded.next",
                 )?
-                .execute(params![
-                    job.id,
-                    job.name,
-                    job.module.as_str(),
-                    serde_json::to_string(&job.options).unwrap_or_default(),
-                    job.total as i64,
-                    job.expanded as i64,
-                    job.paused,
-                    job.cancelled,
-                    job.sweep.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()),
-                    job.created_at as i64
-                ])?;
+                .execute(params![topic, partition, next])?;
             }
             Op::NewTasks(tasks, at) => {
                 let mut insert = tx.prepare_cached(
@@ -279,59 +342,203 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
                 tx.prepare_cached("UPDATE tasks SET priority = ?2 WHERE id = ?1")?
                     .execute(params![task, priority])?;
             }
-            Op::Transition(t) => {
-                let sql = format!(
-                    "UPDATE tasks SET state = ?2, attempts = ?3, worker = COALESCE(?4, worker), {} = ?5,
-                     error_kind = CASE WHEN ?6 IS NULL THEN error_kind ELSE ?6 END,
-                     error_message = CASE WHEN ?7 IS NULL THEN error_message ELSE ?7 END,
-                     result = COALESCE(?8, result), logs = COALESCE(?9, logs),
-                     progress = COALESCE(?10, progress), not_before = ?11
-                     WHERE id = ?1",
-                    state_column(t.to)
-                );
-                let (kind, message) = match &t.error {
-                    Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
-                    None => (None, None),
-                };
-                tx.prepare_cached(&sql)?.execute(params![
-                    &*t.task_id,
-                    t.to.as_str(),
-                    t.attempt,
-                    t.worker,
-                    t.at as i64,
-                    kind,
-                    message,
-                    t.result,
-                    t.logs
-                        .as_ref()
-                        .map(|l| serde_json::to_string(l).unwrap_or_default()),
-                    t.progress.map(f64::from),
-                    t.not_before.map(|n| n as i64)
-                ])?;
-                let event = insert_event(
-                    &tx,
-                    &t.task_id,
-                    t.job_id.as_deref(),
-                    t.to,
-                    t.attempt,
-                    t.worker.as_deref(),
-                    t.at,
-                    t.error.as_ref().map(|e| e.0),
-                    message.or(t.message.as_deref()),
-                )?;
-                committed.push(Committed {
-                    event,
-                    from: t.from,
-                    module: t.module.clone(),
-                    tags: t.tags.clone(),
-                    run_ms: t.run_ms,
-                    wait_ms: t.wait_ms,
-                });
-            }
+            Op::Transition(t) => apply_transition(&tx, t, &mut committed)?,
         }
     }
     tx.commit()?;
     Ok(committed)
+}
+
+/// Move a task to a new state and log the event.
+fn apply_transition(
+    tx: &rusqlite::Transaction<'_>,
+    t: &Transition,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    let sql = format!(
+        "UPDATE tasks SET state = ?2, attempts = ?3, worker = COALESCE(?4, worker), {} = ?5,
+         error_kind = CASE WHEN ?6 IS NULL THEN error_kind ELSE ?6 END,
+         error_message = CASE WHEN ?7 IS NULL THEN error_message ELSE ?7 END,
+         result = COALESCE(?8, result), logs = COALESCE(?9, logs),
+         progress = COALESCE(?10, progress), not_before = ?11
+         WHERE id = ?1",
+        state_column(t.to)
+    );
+    let (kind, message) = match &t.error {
+        Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
+        None => (None, None),
+    };
+    tx.prepare_cached(&sql)?.execute(params![
+        &*t.task_id,
+        t.to.as_str(),
+        t.attempt,
+        t.worker,
+        t.at as i64,
+        kind,
+        message,
+        t.result,
+        t.logs
+            .as_ref()
+            .map(|l| serde_json::to_string(l).unwrap_or_default()),
+        t.progress.map(f64::from),
+        t.not_before.map(|n| n as i64)
+    ])?;
+    let event = insert_event(
+        tx,
+        &t.task_id,
+        t.job_id.as_deref(),
+        t.to,
+        t.attempt,
+        t.worker.as_deref(),
+        t.at,
+        t.error.as_ref().map(|e| e.0),
+        message.or(t.message.as_deref()),
+    )?;
+    committed.push(Committed {
+        event,
+        from: t.from,
+        module: t.module.clone(),
+        tags: t.tags.clone(),
+        run_ms: t.run_ms,
+        wait_ms: t.wait_ms,
+    });
+    Ok(())
+}
+
+/// Insert a job's record; false if it was already there.
+fn insert_job(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> rusqlite::Result<bool> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(id) DO NOTHING",
+        )?
+        .execute(params![
+            job.id,
+            job.name,
+            job.module.as_str(),
+            serde_json::to_string(&job.options).unwrap_or_default(),
+            job.total as i64,
+            job.expanded as i64,
+            job.paused,
+            job.cancelled,
+            job.sweep.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()),
+            job.created_at as i64
+        ])?;
+    Ok(inserted > 0)
+}
+
+/// A view learns of a job: one Pending row per task it will have
+/// (`<job>.<index>`), so counts and listings are right before any host runs one.
+fn apply_remote_job(
+    tx: &rusqlite::Transaction<'_>,
+    job: &JobRecord,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    let tags: Tags = Arc::new(job.options.tags.clone());
+    for index in 0..job.total {
+        let task = NewTask {
+            id: format!("{}.{index}", job.id),
+            job_id: Some(job.id.clone()),
+            module: job.module.clone(),
+            payload: Vec::new(),
+            options: job.options.clone(),
+        };
+        if !insert_task_row(tx, &task, job.created_at)? {
+            continue;
+        }
+        let event = insert_event(
+            tx, &task.id, task.job_id.as_deref(), TaskState::Pending, 0, None, job.created_at, None, None,
+        )?;
+        committed.push(Committed {
+            event,
+            from: None,
+            module: task.module.clone(),
+            tags: tags.clone(),
+            run_ms: None,
+            wait_ms: None,
+        });
+    }
+    Ok(())
+}
+
+/// Insert a task's row in Pending without an event; false if it exists.
+fn insert_task_row(tx: &rusqlite::Transaction<'_>, task: &NewTask, at: Millis) -> rusqlite::Result<bool> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8) ON CONFLICT(id) DO NOTHING",
+        )?
+        .execute(params![
+            task.id,
+            task.job_id,
+            task.module.as_str(),
+            task.payload,
+            task.options.priority,
+            serde_json::to_string(&task.options).unwrap_or_default(),
+            task.options.not_before.map(|t| t as i64),
+            at as i64
+        ])?;
+    Ok(inserted > 0)
+}
+
+/// Apply an event from the event topic if it moves its task forward.
+fn apply_remote(
+    tx: &rusqlite::Transaction<'_>,
+    remote: &RemoteTask,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    let current: Option<(String, u32, String, String)> = tx
+        .prepare_cached("SELECT state, attempts, module, options FROM tasks WHERE id = ?1")?
+        .query_row(params![remote.task_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let (from, module, options) = match current {
+        Some((state, attempts, module, options)) => {
+            let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
+            if !supersedes(state, attempts, remote.state, remote.attempt) {
+                return Ok(());
+            }
+            let options: crate::model::TaskOptions =
+                serde_json::from_str(&options).unwrap_or_default();
+            (Some(state), ModuleId::parse(&module).unwrap_or_else(|| ModuleId::of(b"")), options)
+        }
+        None => {
+            // A task this view has not seen: only an event that says what it is can create it.
+            let Some((module, options)) = &remote.spec else {
+                return Ok(());
+            };
+            let task = NewTask {
+                id: remote.task_id.clone(),
+                job_id: remote.job_id.clone(),
+                module: module.clone(),
+                payload: Vec::new(),
+                options: options.clone(),
+            };
+            insert_task_row(tx, &task, remote.at)?;
+            (None, module.clone(), options.clone())
+        }
+    };
+    let mut t = Transition::new(
+        Arc::from(remote.task_id.as_str()),
+        remote.job_id.as_deref().map(Arc::from),
+        module,
+        Arc::new(options.tags),
+        from,
+        remote.state,
+        remote.attempt,
+    );
+    t.worker = remote.worker.clone();
+    t.at = remote.at;
+    t.error = remote.error.clone();
+    t.message = remote.message.clone();
+    t.result = remote.result.clone();
+    t.logs = remote.logs.clone();
+    t.progress = remote.progress;
+    t.not_before = remote.not_before;
+    t.run_ms = remote.run_ms;
+    t.wait_ms = remote.wait_ms;
+    apply_transition(tx, &t, committed)
 }
 
 #[allow(clippy::too_many_arguments)]

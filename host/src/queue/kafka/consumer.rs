@@ -1,0 +1,225 @@
+//! Reading the priority topics: one thread per host owns a consumer in the
+//! grid's group, hands tasks to the ready index, pauses a band's partitions
+//! while that band has `band_buffer` tasks waiting here (and re-applies the
+//! pauses after a rebalance, which clears them), and commits each
+//! partition up to its lowest unfinished task.
+
+use super::Shared;
+use super::offsets::Partition;
+use crate::queue::QueueError;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often progress is committed.
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// Rebalance hooks: commit and drop what is revoked, note new assignments.
+struct GroupContext {
+    shared: Arc<Shared>,
+    reassigned: AtomicBool,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let partitions: Vec<Partition> = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            commit(consumer, &self.shared, CommitMode::Sync, Some(&partitions));
+            self.shared.revoke(&partitions);
+            tracing::info!(partitions = partitions.len(), "task partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            tracing::info!(partitions = list.count(), "task partitions assigned");
+            self.reassigned.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Start the task consumer thread.
+pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, QueueError> {
+    let context = GroupContext {
+        shared: shared.clone(),
+        reassigned: AtomicBool::new(false),
+    };
+    let consumer: BaseConsumer<GroupContext> = shared
+        .config
+        .client_config()
+        .set("group.id", shared.config.group())
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "roundrobin")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        .set("fetch.wait.max.ms", "10")
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        .create_with_context(context)
+        .map_err(|e| QueueError::Storage(format!("kafka consumer: {e}")))?;
+    let bands = shared.topics.bands();
+    let names: Vec<&str> = bands.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(|e| QueueError::Storage(format!("subscribing to the task topics: {e}")))?;
+    std::thread::Builder::new()
+        .name("kwq-kafka-tasks".into())
+        .spawn(move || run(consumer, shared))
+        .map_err(|e| QueueError::Storage(e.to_string()))
+}
+
+fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Shared>) {
+    let buffer = shared.config.band_buffer.max(1) as u64;
+    let mut paused: HashSet<Partition> = HashSet::new();
+    let mut last_commit = Instant::now();
+    while !shared.closed() {
+        if let Some(result) = consumer.poll(Duration::from_millis(20)) {
+            match result {
+                Ok(message) => {
+                    let band = shared.accept(
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                        message.payload().unwrap_or_default(),
+                    );
+                    if shared.depth()[band as usize] >= buffer {
+                        pause_band(&consumer, &shared, band, &mut paused);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the task topics"),
+            }
+        }
+        if consumer.context().reassigned.swap(false, Ordering::AcqRel) {
+            // A rebalance resumes everything it assigns: pause again what is full.
+            paused.clear();
+            let depth = shared.depth();
+            for band in 0..=9u8 {
+                if depth[band as usize] >= buffer {
+                    pause_band(&consumer, &shared, band, &mut paused);
+                }
+            }
+        }
+        resume_drained(&consumer, &shared, buffer, &mut paused);
+        if last_commit.elapsed() >= COMMIT_EVERY {
+            commit(&consumer, &shared, CommitMode::Async, None);
+            last_commit = Instant::now();
+        }
+    }
+    // Stopping: wait for the outcomes of finished tasks to be delivered, so
+    // the last commit covers them, then leave the group.
+    shared.publisher.flush(Duration::from_secs(10));
+    let runtime = shared.publisher.runtime().clone();
+    runtime.block_on(shared.publisher.drain(Duration::from_secs(10)));
+    commit(&consumer, &shared, CommitMode::Sync, None);
+    consumer.unsubscribe();
+}
+
+fn assigned_of_band(consumer: &BaseConsumer<GroupContext>, shared: &Shared, band: u8) -> Vec<Partition> {
+    let topic = shared.topics.band(band);
+    consumer
+        .assignment()
+        .map(|list| {
+            list.elements()
+                .iter()
+                .filter(|e| e.topic() == topic)
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pause_band(
+    consumer: &BaseConsumer<GroupContext>,
+    shared: &Shared,
+    band: u8,
+    paused: &mut HashSet<Partition>,
+) {
+    let partitions: Vec<Partition> = assigned_of_band(consumer, shared, band)
+        .into_iter()
+        .filter(|p| !paused.contains(p))
+        .collect();
+    if partitions.is_empty() {
+        return;
+    }
+    if consumer.pause(&list_of(&partitions)).is_ok() {
+        paused.extend(partitions);
+    }
+}
+
+fn resume_drained(
+    consumer: &BaseConsumer<GroupContext>,
+    shared: &Shared,
+    buffer: u64,
+    paused: &mut HashSet<Partition>,
+) {
+    if paused.is_empty() {
+        return;
+    }
+    let depth = shared.depth();
+    let drained: Vec<Partition> = paused
+        .iter()
+        .filter(|(topic, _)| {
+            shared
+                .topics
+                .priority_of(topic)
+                .is_none_or(|band| depth[band as usize] <= buffer / 2)
+        })
+        .cloned()
+        .collect();
+    if drained.is_empty() {
+        return;
+    }
+    if consumer.resume(&list_of(&drained)).is_ok() {
+        for p in &drained {
+            paused.remove(p);
+        }
+    }
+}
+
+fn list_of(partitions: &[Partition]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        list.add_partition(topic, *partition);
+    }
+    list
+}
+
+/// Commit every partition's progress (or only `only`'s).
+fn commit(
+    consumer: &BaseConsumer<GroupContext>,
+    shared: &Shared,
+    mode: CommitMode,
+    only: Option<&[Partition]>,
+) {
+    let points = {
+        let mut sched = shared.sched();
+        match (mode, only) {
+            (CommitMode::Async, None) => sched.progress.to_commit(),
+            _ => sched.progress.all(),
+        }
+    };
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in points {
+        if only.is_some_and(|o| !o.contains(&(topic.clone(), partition))) {
+            continue;
+        }
+        let _ = list.add_partition_offset(&topic, partition, Offset::Offset(offset));
+    }
+    if list.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&list, mode) {
+        tracing::warn!(error = %e, "committing task offsets");
+    }
+}

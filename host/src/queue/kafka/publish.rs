@@ -1,0 +1,146 @@
+//! Writing to Kafka: one idempotent, batching producer per host. Sends are
+//! queued without waiting; callers that must know a record is durable await
+//! the delivery reports of a whole batch together, never one send at a time.
+
+use super::KafkaConfig;
+use crate::queue::QueueError;
+use futures::future::{BoxFuture, FutureExt, join_all};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// One record to write.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    /// Topic.
+    pub(crate) topic: String,
+    /// Message key (decides the partition: murmur2, as Java clients do).
+    pub(crate) key: String,
+    /// Message value.
+    pub(crate) value: Vec<u8>,
+}
+
+/// The host's producer and a count of batches still being delivered.
+pub(crate) struct Publisher {
+    producer: FutureProducer,
+    pending: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Publisher {
+    /// A producer for the cluster in `config`, run from the current tokio runtime.
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Self, QueueError> {
+        let producer: FutureProducer = config
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("message.timeout.ms", "120000")
+            // Java's default partitioner for keyed messages, so foreign producers agree.
+            .set("partitioner", "murmur2_random")
+            .create()
+            .map_err(|e| QueueError::Storage(format!("kafka producer: {e}")))?;
+        Ok(Publisher {
+            producer,
+            pending: Arc::default(),
+            idle: Arc::default(),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Queue one record; the future reports its delivery.
+    fn send(&self, record: &Outgoing) -> BoxFuture<'static, Result<(), String>> {
+        let mut future_record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(&record.topic)
+                .key(record.key.as_str())
+                .payload(record.value.as_slice());
+        loop {
+            match self.producer.send_result(future_record) {
+                Ok(delivery) => {
+                    return async move {
+                        match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((e, _))) => Err(e.to_string()),
+                            Err(_) => Err("delivery cancelled".to_string()),
+                        }
+                    }
+                    .boxed();
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The local queue is full: wait for the network to drain it.
+                    future_record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => {
+                    let message = e.to_string();
+                    return async move { Err(message) }.boxed();
+                }
+            }
+        }
+    }
+
+    /// Write records and wait until all are durable in the cluster.
+    pub(crate) async fn send_all(&self, records: &[Outgoing]) -> Result<(), QueueError> {
+        let deliveries: Vec<_> = records.iter().map(|r| self.send(r)).collect();
+        for result in join_all(deliveries).await {
+            result.map_err(|e| QueueError::Storage(format!("kafka produce: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Write records without waiting; `then(delivered)` runs once all are
+    /// delivered (true) or any failed (false).
+    pub(crate) fn send_then(
+        &self,
+        records: Vec<Outgoing>,
+        then: impl FnOnce(bool) + Send + 'static,
+    ) {
+        let deliveries: Vec<_> = records.iter().map(|r| self.send(r)).collect();
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let (pending, idle) = (self.pending.clone(), self.idle.clone());
+        self.runtime.spawn(async move {
+            let mut delivered = true;
+            for result in join_all(deliveries).await {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "kafka delivery failed; the task will be replayed");
+                    delivered = false;
+                }
+            }
+            then(delivered);
+            if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                idle.notify_waiters();
+            }
+        });
+    }
+
+    /// Wait (up to `limit`) until every batch sent so far is delivered.
+    pub(crate) async fn drain(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.idle.notified();
+            if self.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The tokio runtime delivery reports are awaited on.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Push out everything queued (blocking, bounded).
+    pub(crate) fn flush(&self, limit: Duration) {
+        let _ = self.producer.flush(limit);
+    }
+}

@@ -1,0 +1,94 @@
+//! Topic names of one grid, and creating them when absent.
+
+use super::KafkaConfig;
+use crate::queue::QueueError;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use std::time::Duration;
+
+/// The topics of one grid, all under one prefix so grids can share a cluster.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Topics under `prefix` (e.g. `kwq.`).
+    pub fn new(prefix: &str) -> Self {
+        Topics {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The task topic of a priority band.
+    pub fn band(&self, priority: u8) -> String {
+        format!("{}tasks.p{}", self.prefix, priority.min(9))
+    }
+
+    /// Every band's topic, 0..=9.
+    pub fn bands(&self) -> Vec<String> {
+        (0..=9).map(|p| self.band(p)).collect()
+    }
+
+    /// The priority of a band topic.
+    pub fn priority_of(&self, topic: &str) -> Option<u8> {
+        topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("tasks.p")?
+            .parse()
+            .ok()
+            .filter(|p| *p <= 9)
+    }
+
+    /// The tracker topic.
+    pub fn events(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    /// The compacted modules topic.
+    pub fn modules(&self) -> String {
+        format!("{}modules", self.prefix)
+    }
+
+    /// The dead-letter topic.
+    pub fn dead(&self) -> String {
+        format!("{}dead", self.prefix)
+    }
+}
+
+/// Create every topic of the grid that does not exist yet.
+pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), QueueError> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .client_config()
+        .create()
+        .map_err(|e| QueueError::Storage(format!("kafka admin client: {e}")))?;
+    let replication = || TopicReplication::Fixed(config.replication);
+    let bands = topics.bands();
+    let (events, modules, dead) = (topics.events(), topics.modules(), topics.dead());
+    let mut wanted: Vec<NewTopic<'_>> = bands
+        .iter()
+        .map(|t| NewTopic::new(t, config.task_partitions, replication()))
+        .collect();
+    wanted.push(NewTopic::new(&events, config.event_partitions, replication()));
+    wanted.push(NewTopic::new(&dead, 1, replication()));
+    wanted.push(
+        NewTopic::new(&modules, 1, replication()).set("cleanup.policy", "compact"),
+    );
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&wanted, &options)
+        .await
+        .map_err(|e| QueueError::Storage(format!("creating topics: {e}")))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(QueueError::Storage(format!(
+                    "creating topic {topic}: {code}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

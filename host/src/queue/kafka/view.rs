@@ -1,0 +1,209 @@
+//! Reading the event and modules topics into this host's view: a thread
+//! that assigns itself every partition of both (no consumer group: every
+//! host reads everything), resumes where the view stopped (positions are
+//! stored in the view with what was read), and applies what it reads in
+//! batches. Job and task controls also act on the tasks this host holds.
+
+use super::wire::{EventMessage, ModuleChunk, TaskEvent};
+use super::{Shared, remote_task};
+use crate::model::ModuleId;
+use crate::queue::embedded::ViewChange;
+use crate::queue::{ModuleRecord, QueueError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Messages applied per batch at most.
+const BATCH: usize = 5_000;
+
+/// What the view stores for one of this host's own task events.
+pub(super) fn change_of(event: &TaskEvent) -> ViewChange {
+    ViewChange::Task(Box::new(remote_task(event)))
+}
+
+/// Act on a job or task control (here or read from another host).
+pub(super) fn apply_control(shared: &Arc<Shared>, event: &EventMessage) {
+    match event {
+        EventMessage::JobControl {
+            job,
+            paused,
+            cancelled,
+            ..
+        } => {
+            shared.view.apply_view(vec![ViewChange::JobFlags {
+                job: job.clone(),
+                paused: *paused,
+                cancelled: *cancelled,
+            }]);
+            shared.job_flags(job, *paused, *cancelled);
+        }
+        EventMessage::TaskControl {
+            task,
+            cancel,
+            priority,
+            ..
+        } => {
+            if let Some(priority) = priority {
+                shared
+                    .view
+                    .apply_view(vec![ViewChange::Priority(task.clone(), *priority)]);
+            }
+            shared.task_control(task, *cancel, *priority);
+        }
+        EventMessage::Task(_) | EventMessage::Job { .. } => {}
+    }
+}
+
+/// Start the view thread.
+pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, QueueError> {
+    let consumer: BaseConsumer = shared
+        .config
+        .client_config()
+        .set("group.id", format!("{}view-{}", shared.config.prefix, shared.config.host))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .map_err(|e| QueueError::Storage(format!("kafka view consumer: {e}")))?;
+    let stored = shared.view.view_offsets()?;
+    let mut list = TopicPartitionList::new();
+    for topic in [shared.topics.events(), shared.topics.modules()] {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(30))
+            .map_err(|e| QueueError::Storage(format!("metadata of {topic}: {e}")))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        for partition in 0..partitions as i32 {
+            let offset = stored
+                .get(&(topic.clone(), partition))
+                .map_or(Offset::Beginning, |next| Offset::Offset(*next));
+            list.add_partition_offset(&topic, partition, offset)
+                .map_err(|e| QueueError::Storage(e.to_string()))?;
+        }
+    }
+    consumer
+        .assign(&list)
+        .map_err(|e| QueueError::Storage(format!("reading the event topic: {e}")))?;
+    std::thread::Builder::new()
+        .name("kwq-kafka-view".into())
+        .spawn(move || run(consumer, shared))
+        .map_err(|e| QueueError::Storage(e.to_string()))
+}
+
+fn run(consumer: BaseConsumer, shared: Arc<Shared>) {
+    let mut modules = Assembler::default();
+    let modules_topic = shared.topics.modules();
+    while !shared.closed() {
+        let mut changes = Vec::new();
+        let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+        let mut wait = Duration::from_millis(50);
+        while changes.len() < BATCH {
+            let Some(result) = consumer.poll(wait) else {
+                break;
+            };
+            wait = Duration::ZERO;
+            let message = match result {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the event topic");
+                    break;
+                }
+            };
+            let value = message.payload().unwrap_or_default();
+            positions.insert(
+                (message.topic().to_string(), message.partition()),
+                message.offset() + 1,
+            );
+            if message.topic() == modules_topic {
+                if let Some(change) = modules.add(value) {
+                    changes.push(change);
+                }
+                continue;
+            }
+            match EventMessage::decode(value) {
+                Ok(EventMessage::Task(event)) => changes.push(change_of(&event)),
+                Ok(EventMessage::Job { job, .. }) => {
+                    shared.job_flags(&job.id, job.paused, job.cancelled);
+                    changes.push(ViewChange::Job(job));
+                }
+                Ok(control) => apply_control(&shared, &control),
+                Err(e) => tracing::warn!(
+                    offset = message.offset(),
+                    error = %e,
+                    "skipping an unreadable event"
+                ),
+            }
+        }
+        if changes.is_empty() && positions.is_empty() {
+            continue;
+        }
+        changes.extend(
+            positions
+                .into_iter()
+                .map(|((topic, partition), next)| ViewChange::Offset {
+                    topic,
+                    partition,
+                    next,
+                }),
+        );
+        shared.view.apply_view(changes);
+    }
+}
+
+/// Collects module chunks until a module is whole, then checks its SHA-256.
+#[derive(Default)]
+struct Assembler {
+    partial: HashMap<String, Vec<Option<Vec<u8>>>>,
+}
+
+impl Assembler {
+    fn add(&mut self, value: &[u8]) -> Option<ViewChange> {
+        let chunk = match ModuleChunk::decode(value) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an unreadable module chunk");
+                return None;
+            }
+        };
+        let data = chunk.data().ok()?;
+        let parts = self
+            .partial
+            .entry(chunk.id.clone())
+            .or_insert_with(|| vec![None; chunk.count as usize]);
+        if parts.len() != chunk.count as usize {
+            *parts = vec![None; chunk.count as usize];
+        }
+        parts[chunk.index as usize] = Some(data);
+        if parts.iter().any(Option::is_none) {
+            return None;
+        }
+        let bytes: Vec<u8> = self
+            .partial
+            .remove(&chunk.id)?
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        let id = ModuleId::of(&bytes);
+        if id.as_str() != chunk.id {
+            tracing::warn!(module = %chunk.id, "module chunks do not add up to their SHA-256; ignored");
+            return None;
+        }
+        Some(ViewChange::Module(
+            ModuleRecord {
+                id,
+                name: chunk.name,
+                kind: chunk.kind,
+                size: bytes.len() as u64,
+                created_at: chunk.created_at,
+            },
+            bytes,
+        ))
+    }
+}

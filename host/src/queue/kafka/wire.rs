@@ -1,0 +1,471 @@
+//! The messages KWQ writes to and reads from Kafka, version 1. Their JSON
+//! schemas are in `docs/wire-format.md`; a producer in any language that
+//! writes a [`TaskMessage`] to a priority topic gets its task run.
+//!
+//! Every message is JSON with `"v": 1`. Readers ignore fields they do not
+//! know, so adding an optional field is not a new version.
+
+use crate::model::{ErrorKind, JobRecord, LogLine, Millis, ModuleKind, TaskOptions, TaskState};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The wire version this build writes and reads.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Raw module bytes per chunk on the modules topic: base64 makes a chunk
+/// about 700 KB, under Kafka's default 1 MB message limit.
+pub const MODULE_CHUNK_BYTES: usize = 512 * 1024;
+
+fn version() -> u32 {
+    WIRE_VERSION
+}
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Not JSON, or not the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// A version this build does not read.
+    #[error("unsupported wire version {0} (this build reads {WIRE_VERSION})")]
+    Version(u32),
+    /// A field's value is not allowed.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// A task to run, on `<prefix>tasks.p<priority>`, keyed by its affinity key
+/// (so same-key tasks share a partition and meet the same warm host) or, with
+/// none, by its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskMessage {
+    /// Wire version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// Task id. A foreign producer may leave it out: the consuming host then
+    /// names the task after its position (`k-<topic>-<partition>-<offset>`), so
+    /// a replay of the same message is the same task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The job it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Module id (64 hex digits) or name.
+    pub module: String,
+    /// Input as JSON (serialised as the task's payload bytes)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+    /// ...or as raw bytes, base64; wins over `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// Priority; defaults to the topic's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Warm-instance key (also the message key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// Wall-clock limit per attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Linear-memory cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Attempts allowed in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Attempts already made (a retry carries the count so far).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Not to start before this time (retries carry their back-off here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Millis>,
+    /// When first submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<Millis>,
+    /// On the dead-letter topic only: why the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+    /// On the dead-letter topic only: the failure's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl TaskMessage {
+    /// Read one from JSON bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let message: TaskMessage = serde_json::from_slice(bytes)?;
+        if message.v != WIRE_VERSION {
+            return Err(WireError::Version(message.v));
+        }
+        if message.priority.is_some_and(|p| p > 9) {
+            return Err(WireError::Invalid("priority must be 0..=9".into()));
+        }
+        if message.module.is_empty() {
+            return Err(WireError::Invalid("module is empty".into()));
+        }
+        Ok(message)
+    }
+
+    /// The task's input bytes.
+    pub fn payload_bytes(&self) -> Result<Vec<u8>, WireError> {
+        if let Some(b64) = &self.payload_base64 {
+            return BASE64
+                .decode(b64)
+                .map_err(|e| WireError::Invalid(format!("payload_base64: {e}")));
+        }
+        Ok(match &self.payload {
+            Some(value) => serde_json::to_vec(value)?,
+            None => Vec::new(),
+        })
+    }
+
+    /// The task's options, with KWQ's defaults for what the message leaves out.
+    pub fn options(&self, topic_priority: u8) -> TaskOptions {
+        let defaults = TaskOptions::default();
+        TaskOptions {
+            priority: self.priority.unwrap_or(topic_priority),
+            tags: self.tags.clone(),
+            affinity: self.affinity.clone(),
+            timeout_ms: self.timeout_ms.unwrap_or(defaults.timeout_ms),
+            memory_bytes: self.memory_bytes.unwrap_or(defaults.memory_bytes),
+            max_attempts: self.max_attempts.unwrap_or(defaults.max_attempts).max(1),
+            not_before: self.not_before,
+        }
+    }
+
+    /// The message for a task KWQ submits itself.
+    pub fn new(
+        id: &str,
+        job_id: Option<&str>,
+        module: &str,
+        payload: &[u8],
+        options: &TaskOptions,
+    ) -> Self {
+        TaskMessage {
+            v: WIRE_VERSION,
+            id: Some(id.to_string()),
+            job_id: job_id.map(str::to_string),
+            module: module.to_string(),
+            payload: None,
+            payload_base64: Some(BASE64.encode(payload)),
+            priority: Some(options.priority),
+            tags: options.tags.clone(),
+            affinity: options.affinity.clone(),
+            timeout_ms: Some(options.timeout_ms),
+            memory_bytes: Some(options.memory_bytes),
+            max_attempts: Some(options.max_attempts),
+            attempts: 0,
+            not_before: options.not_before,
+            submitted_at: Some(crate::model::now_ms()),
+            error_kind: None,
+            error: None,
+        }
+    }
+
+    /// The message key: the affinity key, else the task id.
+    pub fn key(&self) -> Option<&str> {
+        self.affinity.as_deref().or(self.id.as_deref())
+    }
+}
+
+/// What the event topic `<prefix>events` carries: task transitions (keyed by
+/// task id, so one task's events stay in order), job announcements and
+/// controls (keyed by job id), task controls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum EventMessage {
+    /// A task entered a state.
+    Task(TaskEvent),
+    /// A job was submitted: its tasks are `<job>.<index>` for index < total.
+    Job {
+        /// Wire version.
+        #[serde(default = "version")]
+        v: u32,
+        /// The job.
+        job: JobRecord,
+    },
+    /// A job was paused, resumed or cancelled.
+    JobControl {
+        /// Wire version.
+        #[serde(default = "version")]
+        v: u32,
+        /// The job.
+        job: String,
+        /// Now paused.
+        paused: bool,
+        /// Now cancelled.
+        cancelled: bool,
+    },
+    /// A user cancelled a task or changed its priority: the host holding it acts.
+    TaskControl {
+        /// Wire version.
+        #[serde(default = "version")]
+        v: u32,
+        /// The task.
+        task: String,
+        /// Cancel it.
+        #[serde(default)]
+        cancel: bool,
+        /// New priority.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        priority: Option<u8>,
+    },
+}
+
+impl EventMessage {
+    /// Read one from JSON bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let message: EventMessage = serde_json::from_slice(bytes)?;
+        let v = match &message {
+            EventMessage::Task(t) => t.v,
+            EventMessage::Job { v, .. }
+            | EventMessage::JobControl { v, .. }
+            | EventMessage::TaskControl { v, .. } => *v,
+        };
+        if v != WIRE_VERSION {
+            return Err(WireError::Version(v));
+        }
+        Ok(message)
+    }
+
+    /// As JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The message key.
+    pub fn key(&self) -> &str {
+        match self {
+            EventMessage::Task(t) => &t.task_id,
+            EventMessage::Job { job, .. } => &job.id,
+            EventMessage::JobControl { job, .. } => job,
+            EventMessage::TaskControl { task, .. } => task,
+        }
+    }
+}
+
+/// One task transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// Wire version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The task.
+    pub task_id: String,
+    /// Its job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// The state entered.
+    pub state: TaskState,
+    /// Attempt number (0 before the first lease).
+    pub attempt: u32,
+    /// Worker (`host/worker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// When it happened.
+    pub at: Millis,
+    /// For Error and Dead: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+    /// For Error and Dead: the message; otherwise a note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// For Completed: the result, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_base64: Option<String>,
+    /// Guest log lines of the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Vec<LogLine>>,
+    /// Last progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f32>,
+    /// For Error: when the retry may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Millis>,
+    /// Run time of the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_ms: Option<u64>,
+    /// Time queued before this lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+    /// On Pending and Allocated: the task's module and options, so a host
+    /// that never saw it submitted (a foreign producer's task) can show it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// See `module`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<TaskOptions>,
+}
+
+impl TaskEvent {
+    /// A bare transition; callers fill in what the state carries.
+    pub fn new(task_id: &str, job_id: Option<&str>, state: TaskState, attempt: u32) -> Self {
+        TaskEvent {
+            v: WIRE_VERSION,
+            task_id: task_id.to_string(),
+            job_id: job_id.map(str::to_string),
+            state,
+            attempt,
+            worker: None,
+            at: crate::model::now_ms(),
+            error_kind: None,
+            message: None,
+            result_base64: None,
+            logs: None,
+            progress: None,
+            not_before: None,
+            run_ms: None,
+            wait_ms: None,
+            module: None,
+            options: None,
+        }
+    }
+
+    /// The result bytes of a Completed event.
+    pub fn result(&self) -> Option<Vec<u8>> {
+        self.result_base64
+            .as_ref()
+            .and_then(|b| BASE64.decode(b).ok())
+    }
+
+    /// Attach a result.
+    pub fn with_result(mut self, result: &[u8]) -> Self {
+        self.result_base64 = Some(BASE64.encode(result));
+        self
+    }
+}
+
+/// One chunk of a module on the compacted `<prefix>modules` topic, keyed
+/// `<sha256>/<index>` so compaction keeps every chunk of every module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleChunk {
+    /// Wire version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// SHA-256 of the whole module (hex).
+    pub id: String,
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Component or WASI command.
+    pub kind: ModuleKind,
+    /// Size of the whole module.
+    pub size: u64,
+    /// When uploaded.
+    pub created_at: Millis,
+    /// This chunk's position, from 0.
+    pub index: u32,
+    /// Chunks in all.
+    pub count: u32,
+    /// This chunk's bytes, base64.
+    pub data_base64: String,
+}
+
+impl ModuleChunk {
+    /// Split a module into chunks.
+    pub fn split(
+        id: &str,
+        name: Option<&str>,
+        kind: ModuleKind,
+        created_at: Millis,
+        bytes: &[u8],
+    ) -> Vec<ModuleChunk> {
+        let chunks: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[]]
+        } else {
+            bytes.chunks(MODULE_CHUNK_BYTES).collect()
+        };
+        let count = chunks.len() as u32;
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(index, data)| ModuleChunk {
+                v: WIRE_VERSION,
+                id: id.to_string(),
+                name: name.map(str::to_string),
+                kind,
+                size: bytes.len() as u64,
+                created_at,
+                index: index as u32,
+                count,
+                data_base64: BASE64.encode(data),
+            })
+            .collect()
+    }
+
+    /// Read one from JSON bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let chunk: ModuleChunk = serde_json::from_slice(bytes)?;
+        if chunk.v != WIRE_VERSION {
+            return Err(WireError::Version(chunk.v));
+        }
+        if chunk.count == 0 || chunk.index >= chunk.count {
+            return Err(WireError::Invalid(format!(
+                "chunk {} of {}",
+                chunk.index, chunk.count
+            )));
+        }
+        Ok(chunk)
+    }
+
+    /// The message key.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.id, self.index)
+    }
+
+    /// This chunk's bytes.
+    pub fn data(&self) -> Result<Vec<u8>, WireError> {
+        BASE64
+            .decode(&self.data_base64)
+            .map_err(|e| WireError::Invalid(format!("data_base64: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_foreign_task_message_reads_with_defaults() {
+        let m = TaskMessage::decode(br#"{"v":1,"module":"noop","payload":{"x":1}}"#).unwrap();
+        assert_eq!(m.payload_bytes().unwrap(), br#"{"x":1}"#);
+        let options = m.options(7);
+        assert_eq!(options.priority, 7);
+        assert_eq!(options.max_attempts, TaskOptions::default().max_attempts);
+        assert!(TaskMessage::decode(br#"{"v":2,"module":"noop"}"#).is_err());
+        assert!(TaskMessage::decode(br#"{"v":1,"module":"noop","priority":12}"#).is_err());
+        assert!(TaskMessage::decode(b"not json").is_err());
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let event = EventMessage::Task(
+            TaskEvent::new("t-1", Some("j-1"), TaskState::Completed, 2).with_result(b"\x00\xff"),
+        );
+        let back = EventMessage::decode(&event.encode()).unwrap();
+        assert_eq!(back, event);
+        let EventMessage::Task(t) = back else {
+            panic!("not a task event")
+        };
+        assert_eq!(t.result().unwrap(), b"\x00\xff");
+    }
+
+    #[test]
+    fn modules_split_into_chunks_under_the_message_limit() {
+        let bytes: Vec<u8> = (0..1_300_000u32).map(|i| i as u8).collect();
+        let chunks = ModuleChunk::split("abc", Some("m"), ModuleKind::Component, 1, &bytes);
+        assert_eq!(chunks.len(), 3);
+        let mut joined = Vec::new();
+        for chunk in &chunks {
+            let encoded = serde_json::to_vec(chunk).unwrap();
+            assert!(encoded.len() < 1_000_000, "chunk of {} bytes", encoded.len());
+            joined.extend(ModuleChunk::decode(&encoded).unwrap().data().unwrap());
+        }
+        assert_eq!(joined, bytes);
+    }
+}
