@@ -77,9 +77,11 @@ impl MockKafka {
             for band in topics.bands() {
                 cluster.create_topic(&band, 4, 1).unwrap();
             }
-            for (topic, partitions) in
-                [(topics.events(), 4), (topics.modules(), 1), (topics.dead(), 1)]
-            {
+            for (topic, partitions) in [
+                (topics.events(), 4),
+                (topics.modules(), 1),
+                (topics.dead(), 1),
+            ] {
                 cluster.create_topic(&topic, partitions, 1).unwrap();
             }
             ready.send(cluster.bootstrap_servers()).unwrap();
@@ -132,13 +134,10 @@ impl MockKafka {
 #[async_trait]
 impl Backend for MockKafka {
     async fn host(&self, name: &str) -> Arc<dyn Queue> {
-        let queue = KafkaQueue::connect(
-            self.config(name),
-            Duration::from_secs(30),
-            AFFINITY_WINDOW,
-        )
-        .await
-        .unwrap();
+        let queue =
+            KafkaQueue::connect(self.config(name), Duration::from_secs(30), AFFINITY_WINDOW)
+                .await
+                .unwrap();
         queue.start();
         Arc::new(queue)
     }
@@ -202,7 +201,11 @@ pub(crate) async fn wait_state(queue: &Arc<dyn Queue>, id: &str, state: TaskStat
 pub(crate) async fn wait_depth(queue: &Arc<dyn Queue>, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while queue.depth().iter().sum::<u64>() < n {
-        assert!(Instant::now() < deadline, "depth {:?} never reached {n}", queue.depth());
+        assert!(
+            Instant::now() < deadline,
+            "depth {:?} never reached {n}",
+            queue.depth()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -231,7 +234,10 @@ pub(crate) mod scenarios {
     pub(crate) async fn enqueue_lease_complete(backend: impl Backend) {
         let q = backend.host("h1").await;
         q.submit_tasks(vec![task("t-1", 5)]).await.unwrap();
-        assert_eq!(q.task(&"t-1".into()).await.unwrap().state, TaskState::Pending);
+        assert_eq!(
+            q.task(&"t-1".into()).await.unwrap().state,
+            TaskState::Pending
+        );
         let l = lease(&q, &worker("w1", &[])).await;
         assert_eq!((l.task_id.as_str(), l.attempt), ("t-1", 1));
         assert_eq!(&*l.payload, br#"{"id":"t-1"}"#);
@@ -249,7 +255,12 @@ pub(crate) mod scenarios {
             .collect();
         assert_eq!(
             states,
-            [TaskState::Pending, TaskState::Allocated, TaskState::Running, TaskState::Completed]
+            [
+                TaskState::Pending,
+                TaskState::Allocated,
+                TaskState::Running,
+                TaskState::Completed
+            ]
         );
     }
 
@@ -318,7 +329,8 @@ pub(crate) mod scenarios {
         for i in 0..3 {
             wait_state(&q, &format!("j-cancel.{i}"), TaskState::Cancelled).await;
         }
-        let offered = tokio::time::timeout(Duration::from_millis(500), q.lease(&worker("w1", &[]))).await;
+        let offered =
+            tokio::time::timeout(Duration::from_millis(500), q.lease(&worker("w1", &[]))).await;
         assert!(offered.is_err(), "a cancelled job's task was offered");
     }
 

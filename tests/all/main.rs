@@ -5,6 +5,8 @@ mod browser;
 mod cli_run;
 mod conformance;
 mod grid;
+mod kafka;
+mod kafka_grid;
 mod process;
 mod queue;
 mod runtime;

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A `kwq serve` child process on an ephemeral port.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Server {
@@ -27,6 +27,18 @@ impl Server {
         workers: u32,
         log: &str,
     ) -> Server {
+        Server::start_serving(data_dir, global, &[], stderr, workers, log)
+    }
+
+    /// As `start_with`, with more `serve` arguments (`--store`, `--host`...).
+    pub(crate) fn start_serving(
+        data_dir: &Path,
+        global: &[&str],
+        serve: &[&str],
+        stderr: Stdio,
+        workers: u32,
+        log: &str,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kwq"))
             .args(global)
             .args([
@@ -38,6 +50,7 @@ impl Server {
             ])
             .arg(data_dir)
             .args(["--workers", &workers.to_string()])
+            .args(serve)
             .env("KWQ_LOG", log)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -56,7 +69,7 @@ impl Server {
         Server { child, url }
     }
 
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
     }
@@ -69,7 +82,7 @@ impl Drop for Server {
     }
 }
 
-async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
+pub(crate) async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
     client
         .post(url)
         .json(&body)
@@ -81,12 +94,12 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
         .unwrap()
 }
 
-async fn get(client: &reqwest::Client, url: String) -> Value {
+pub(crate) async fn get(client: &reqwest::Client, url: String) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 /// Poll a job until `done` holds for it (bounded by a deadline).
-async fn wait_for(
+pub(crate) async fn wait_for(
     client: &reqwest::Client,
     server: &Server,
     job: &str,

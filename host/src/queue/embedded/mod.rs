@@ -18,6 +18,7 @@ use crate::model::{
 };
 use async_trait::async_trait;
 use ready::{Entry, Pick, Policy, ReadyIndex};
+use rusqlite::OptionalExtension;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -181,10 +182,26 @@ impl EmbeddedQueue {
             .map(|change| match change {
                 ViewChange::Task(task) => Op::Remote(task),
                 ViewChange::Job(job) => Op::RemoteJob(job),
-                ViewChange::JobFlags { job, paused, cancelled } => Op::JobFlags { job, paused, cancelled },
+                ViewChange::JobFlags {
+                    job,
+                    paused,
+                    cancelled,
+                } => Op::JobFlags {
+                    job,
+                    paused,
+                    cancelled,
+                },
                 ViewChange::Priority(task, priority) => Op::Priority(task, priority),
                 ViewChange::Module(record, bytes) => Op::Module(record, bytes),
-                ViewChange::Offset { topic, partition, next } => Op::ViewOffset { topic, partition, next },
+                ViewChange::Offset {
+                    topic,
+                    partition,
+                    next,
+                } => Op::ViewOffset {
+                    topic,
+                    partition,
+                    next,
+                },
             })
             .collect();
         self.inner.writer.send(ops);
@@ -202,6 +219,25 @@ impl EmbeddedQueue {
             rows.collect::<Result<HashMap<_, _>, _>>()
                 .map_err(|e| QueueError::Storage(e.to_string()))
         })
+    }
+
+    /// Whether the view already has the task in a final state (a replayed
+    /// task message that another host finished need not run again).
+    pub(crate) fn is_finished(&self, id: &str) -> bool {
+        self.inner
+            .reader
+            .with(|conn| {
+                conn.prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+                    .and_then(|mut stmt| {
+                        stmt.query_row([id], |row| row.get::<_, String>(0))
+                            .optional()
+                    })
+                    .map_err(|e| QueueError::Storage(e.to_string()))
+            })
+            .ok()
+            .flatten()
+            .and_then(|state| TaskState::parse(&state))
+            .is_some_and(TaskState::is_terminal)
     }
 
     /// A module's id from its name (the newest upload of that name).

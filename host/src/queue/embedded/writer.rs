@@ -76,7 +76,12 @@ pub(crate) struct RemoteTask {
 /// only those that move the task on: nothing leaves a final state; a final
 /// state always wins over an unfinished one; a later attempt wins; within
 /// one attempt the later state in a task's life wins.
-pub(crate) fn supersedes(current: TaskState, attempts: u32, state: TaskState, attempt: u32) -> bool {
+pub(crate) fn supersedes(
+    current: TaskState,
+    attempts: u32,
+    state: TaskState,
+    attempt: u32,
+) -> bool {
     fn rank(state: TaskState) -> u8 {
         match state {
             TaskState::Pending => 0,
@@ -447,7 +452,15 @@ fn apply_remote_job(
             continue;
         }
         let event = insert_event(
-            tx, &task.id, task.job_id.as_deref(), TaskState::Pending, 0, None, job.created_at, None, None,
+            tx,
+            &task.id,
+            task.job_id.as_deref(),
+            TaskState::Pending,
+            0,
+            None,
+            job.created_at,
+            None,
+            None,
         )?;
         committed.push(Committed {
             event,
@@ -462,7 +475,11 @@ fn apply_remote_job(
 }
 
 /// Insert a task's row in Pending without an event; false if it exists.
-fn insert_task_row(tx: &rusqlite::Transaction<'_>, task: &NewTask, at: Millis) -> rusqlite::Result<bool> {
+fn insert_task_row(
+    tx: &rusqlite::Transaction<'_>,
+    task: &NewTask,
+    at: Millis,
+) -> rusqlite::Result<bool> {
     let inserted = tx
         .prepare_cached(
             "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
@@ -501,7 +518,11 @@ fn apply_remote(
             }
             let options: crate::model::TaskOptions =
                 serde_json::from_str(&options).unwrap_or_default();
-            (Some(state), ModuleId::parse(&module).unwrap_or_else(|| ModuleId::of(b"")), options)
+            (
+                Some(state),
+                ModuleId::parse(&module).unwrap_or_else(|| ModuleId::of(b"")),
+                options,
+            )
         }
         None => {
             // A task this view has not seen: only an event that says what it is can create it.

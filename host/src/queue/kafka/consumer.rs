@@ -11,17 +11,21 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How often progress is committed.
-const COMMIT_EVERY: Duration = Duration::from_millis(200);
+const COMMIT_EVERY: Duration = Duration::from_millis(50);
 
 /// Rebalance hooks: commit and drop what is revoked, note new assignments.
 struct GroupContext {
     shared: Arc<Shared>,
     reassigned: AtomicBool,
+    /// The partitions revoked by the rebalance in progress.
+    revoked: Mutex<Vec<Partition>>,
+    /// The rebalance gave back exactly what it took (see [`run`]).
+    unchanged: AtomicBool,
 }
 
 impl ClientContext for GroupContext {}
@@ -36,6 +40,7 @@ impl ConsumerContext for GroupContext {
                 .collect();
             commit(consumer, &self.shared, CommitMode::Sync, Some(&partitions));
             self.shared.revoke(&partitions);
+            *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = partitions.clone();
             tracing::info!(partitions = partitions.len(), "task partitions revoked");
         }
     }
@@ -43,6 +48,18 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             tracing::info!(partitions = list.count(), "task partitions assigned");
+            let mut assigned: Vec<Partition> = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            let mut revoked =
+                std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|p| p.into_inner()));
+            assigned.sort();
+            revoked.sort();
+            if !assigned.is_empty() && assigned == revoked {
+                self.unchanged.store(true, Ordering::Release);
+            }
             self.reassigned.store(true, Ordering::Release);
         }
     }
@@ -53,6 +70,8 @@ pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, 
     let context = GroupContext {
         shared: shared.clone(),
         reassigned: AtomicBool::new(false),
+        revoked: Mutex::default(),
+        unchanged: AtomicBool::new(false),
     };
     let consumer: BaseConsumer<GroupContext> = shared
         .config
@@ -68,22 +87,46 @@ pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, 
         .set("topic.metadata.refresh.interval.ms", "10000")
         .create_with_context(context)
         .map_err(|e| QueueError::Storage(format!("kafka consumer: {e}")))?;
-    let bands = shared.topics.bands();
-    let names: Vec<&str> = bands.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&names)
-        .map_err(|e| QueueError::Storage(format!("subscribing to the task topics: {e}")))?;
+    subscribe(&consumer, &shared)?;
     std::thread::Builder::new()
         .name("kwq-kafka-tasks".into())
         .spawn(move || run(consumer, shared))
         .map_err(|e| QueueError::Storage(e.to_string()))
 }
 
+fn subscribe(consumer: &BaseConsumer<GroupContext>, shared: &Shared) -> Result<(), QueueError> {
+    let bands = shared.topics.bands();
+    let names: Vec<&str> = bands.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(|e| QueueError::Storage(format!("subscribing to the task topics: {e}")))
+}
+
+/// Least time between two rejoins of the group.
+const REJOIN_EVERY: Duration = Duration::from_secs(20);
+
 fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Shared>) {
     let buffer = shared.config.band_buffer.max(1) as u64;
     let mut paused: HashSet<Partition> = HashSet::new();
     let mut last_commit = Instant::now();
+    let mut last_rejoin = Instant::now() - REJOIN_EVERY;
     while !shared.closed() {
+        // A rebalance that hands back exactly what it took is how a broker
+        // that kept a stale assignment after a member died shows itself
+        // (tansu 0.6.0 does: the dead member's partitions then stay
+        // unread). Leaving and rejoining makes it form a new generation.
+        if consumer.context().unchanged.swap(false, Ordering::AcqRel)
+            && last_rejoin.elapsed() >= REJOIN_EVERY
+        {
+            tracing::warn!(
+                "the group rebalanced without changing this host's partitions; rejoining"
+            );
+            last_rejoin = Instant::now();
+            consumer.unsubscribe();
+            if let Err(e) = subscribe(&consumer, &shared) {
+                tracing::error!(error = %e, "rejoining the group");
+            }
+        }
         if let Some(result) = consumer.poll(Duration::from_millis(20)) {
             match result {
                 Ok(message) => {
@@ -125,7 +168,11 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Shared>) {
     consumer.unsubscribe();
 }
 
-fn assigned_of_band(consumer: &BaseConsumer<GroupContext>, shared: &Shared, band: u8) -> Vec<Partition> {
+fn assigned_of_band(
+    consumer: &BaseConsumer<GroupContext>,
+    shared: &Shared,
+    band: u8,
+) -> Vec<Partition> {
     let topic = shared.topics.band(band);
     consumer
         .assignment()

@@ -19,11 +19,11 @@
 //!   not-before time; exhausted tasks go to `<prefix>dead`.
 
 mod consumer;
+pub(crate) mod offsets;
 mod publish;
 mod topics;
 mod view;
 pub mod wire;
-pub(crate) mod offsets;
 
 pub use topics::Topics;
 
@@ -34,8 +34,8 @@ use super::{
     TaskFilter, TaskResult, WorkerView,
 };
 use crate::model::{
-    ErrorKind, Event, JobId, JobRecord, ModuleId, NewJob, NewTask, TaskId, TaskOptions,
-    TaskRecord, TaskState, now_ms,
+    ErrorKind, Event, JobId, JobRecord, ModuleId, NewJob, NewTask, TaskId, TaskOptions, TaskRecord,
+    TaskState, now_ms,
 };
 use async_trait::async_trait;
 use offsets::{Partition, Progress};
@@ -116,9 +116,9 @@ impl KafkaConfig {
                 "replication" => config.replication = number(value)?,
                 "band_buffer" => config.band_buffer = number(value)? as usize,
                 "create_topics" => {
-                    config.create_topics = value
-                        .parse()
-                        .map_err(|_| "store URL option create_topics must be true or false".to_string())?
+                    config.create_topics = value.parse().map_err(|_| {
+                        "store URL option create_topics must be true or false".to_string()
+                    })?
                 }
                 _ => match name.strip_prefix("kafka.") {
                     Some(setting) => config.extra.push((setting.into(), value.into())),
@@ -355,8 +355,20 @@ impl Shared {
             .is_some_and(|j| sched.cancelled_jobs.contains(j));
         if job_cancelled || sched.cancelled_tasks.contains(&id) {
             drop(sched);
-            let event = TaskEvent::new(&id, message.job_id.as_deref(), TaskState::Cancelled, message.attempts);
+            let event = TaskEvent::new(
+                &id,
+                message.job_id.as_deref(),
+                TaskState::Cancelled,
+                message.attempts,
+            );
             self.publish(vec![event], Vec::new(), vec![origin]);
+            return band;
+        }
+        // Replayed after another host finished it (it died or lost the
+        // partition before committing): nothing to run.
+        if self.view.is_finished(&id) {
+            drop(sched);
+            self.sched().progress.finished(&origin.partition, offset);
             return band;
         }
         // The same task read again (a replay after a rebalance) while this host
@@ -427,7 +439,11 @@ impl Shared {
         let mut sched = self.sched();
         if cancelled {
             sched.cancelled_jobs.insert(id.clone());
-            for leased in sched.leased.values().filter(|l| l.entry.job.as_deref() == Some(job)) {
+            for leased in sched
+                .leased
+                .values()
+                .filter(|l| l.entry.job.as_deref() == Some(job))
+            {
                 leased.cancelled.notify_one();
             }
             let removed = sched.ready.remove_job(job);
@@ -435,7 +451,12 @@ impl Shared {
             let mut done = Vec::new();
             for entry in removed {
                 done.extend(sched.origins.remove(&entry.id).unwrap_or_default());
-                events.push(TaskEvent::new(&entry.id, Some(job), TaskState::Cancelled, entry.attempts));
+                events.push(TaskEvent::new(
+                    &entry.id,
+                    Some(job),
+                    TaskState::Cancelled,
+                    entry.attempts,
+                ));
             }
             drop(sched);
             if !events.is_empty() {
@@ -460,7 +481,12 @@ impl Shared {
             } else if let Some(entry) = sched.ready.remove(task) {
                 let done = sched.origins.remove(task).unwrap_or_default();
                 drop(sched);
-                let event = TaskEvent::new(task, entry.job.as_deref(), TaskState::Cancelled, entry.attempts);
+                let event = TaskEvent::new(
+                    task,
+                    entry.job.as_deref(),
+                    TaskState::Cancelled,
+                    entry.attempts,
+                );
                 self.publish(vec![event], Vec::new(), done);
             }
         } else if let Some(priority) = priority {
@@ -565,7 +591,10 @@ impl Queue for KafkaQueue {
                 &task.payload,
                 &task.options,
             );
-            records.push(self.shared.task_record(&message, self.shared.topics.band(task.options.priority)));
+            records.push(
+                self.shared
+                    .task_record(&message, self.shared.topics.band(task.options.priority)),
+            );
             let event = with_spec(
                 TaskEvent::new(&task.id, task.job_id.as_deref(), TaskState::Pending, 0),
                 &task.module,
@@ -620,11 +649,19 @@ impl Queue for KafkaQueue {
         }));
         for (index, payload) in payloads.iter().enumerate() {
             let id = format!("{}.{index}", job.id);
-            let message = TaskMessage::new(&id, Some(&job.id), job.module.as_str(), payload, &job.options);
+            let message = TaskMessage::new(
+                &id,
+                Some(&job.id),
+                job.module.as_str(),
+                payload,
+                &job.options,
+            );
             records.push(self.shared.task_record(&message, band.clone()));
         }
         self.shared.publisher.send_all(&records).await?;
-        self.shared.view.apply_view(vec![super::embedded::ViewChange::Job(record.clone())]);
+        self.shared
+            .view
+            .apply_view(vec![super::embedded::ViewChange::Job(record.clone())]);
         self.shared.view.flush().await?;
         Ok(record)
     }
@@ -674,7 +711,12 @@ impl Queue for KafkaQueue {
                             cancelled: cancelled.clone(),
                         };
                         let mut event = with_spec(
-                            TaskEvent::new(&entry.id, entry.job.as_deref(), TaskState::Allocated, attempt),
+                            TaskEvent::new(
+                                &entry.id,
+                                entry.job.as_deref(),
+                                TaskState::Allocated,
+                                attempt,
+                            ),
                             &entry.module,
                             &options_of(&entry),
                         );
@@ -720,7 +762,12 @@ impl Queue for KafkaQueue {
         };
         leased.state = TaskState::Running;
         drop(sched);
-        let mut event = TaskEvent::new(&lease.task_id, lease.job_id.as_deref(), TaskState::Running, lease.attempt);
+        let mut event = TaskEvent::new(
+            &lease.task_id,
+            lease.job_id.as_deref(),
+            TaskState::Running,
+            lease.attempt,
+        );
         event.worker = Some(lease.worker.clone());
         self.shared.publish(vec![event], Vec::new(), Vec::new());
     }
@@ -752,8 +799,13 @@ impl Queue for KafkaQueue {
             );
         }
         let leased = self.shared.take_lease(&lease.task_id, lease.token)?;
-        let mut event = TaskEvent::new(&lease.task_id, lease.job_id.as_deref(), TaskState::Completed, lease.attempt)
-            .with_result(&completion.result);
+        let mut event = TaskEvent::new(
+            &lease.task_id,
+            lease.job_id.as_deref(),
+            TaskState::Completed,
+            lease.attempt,
+        )
+        .with_result(&completion.result);
         event.worker = Some(lease.worker.clone());
         event.logs = Some(completion.logs);
         event.progress = Some(completion.progress);
@@ -789,7 +841,8 @@ impl Queue for KafkaQueue {
         let record = match failure.retry_at {
             Some(at) => {
                 message.not_before = Some(at);
-                self.shared.task_record(&message, self.shared.topics.band(entry.priority))
+                self.shared
+                    .task_record(&message, self.shared.topics.band(entry.priority))
             }
             None => {
                 message.error_kind = Some(failure.kind);
@@ -797,7 +850,8 @@ impl Queue for KafkaQueue {
                 self.shared.task_record(&message, self.shared.topics.dead())
             }
         };
-        self.shared.publish(vec![event], vec![record], leased.origins);
+        self.shared
+            .publish(vec![event], vec![record], leased.origins);
         Ok(())
     }
 
@@ -806,7 +860,12 @@ impl Queue for KafkaQueue {
             return;
         };
         if cancelled {
-            let mut event = TaskEvent::new(&lease.task_id, lease.job_id.as_deref(), TaskState::Cancelled, lease.attempt);
+            let mut event = TaskEvent::new(
+                &lease.task_id,
+                lease.job_id.as_deref(),
+                TaskState::Cancelled,
+                lease.attempt,
+            );
             event.message = Some("cancelled while running".into());
             self.shared.publish(vec![event], Vec::new(), leased.origins);
         }
@@ -829,7 +888,10 @@ impl Queue for KafkaQueue {
     async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError> {
         let record = self.task(task).await?;
         if record.state.is_terminal() {
-            return Err(QueueError::Conflict(format!("task {task} is already {}", record.state)));
+            return Err(QueueError::Conflict(format!(
+                "task {task} is already {}",
+                record.state
+            )));
         }
         self.shared
             .control(EventMessage::TaskControl {
@@ -844,7 +906,10 @@ impl Queue for KafkaQueue {
     async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError> {
         let record = self.task(task).await?;
         if record.state.is_terminal() {
-            return Err(QueueError::Conflict(format!("task {task} is already {}", record.state)));
+            return Err(QueueError::Conflict(format!(
+                "task {task} is already {}",
+                record.state
+            )));
         }
         self.shared
             .control(EventMessage::TaskControl {
@@ -914,7 +979,8 @@ impl Queue for KafkaQueue {
         self.shared.publisher.drain(Duration::from_secs(30)).await;
         if self.shared.closed() {
             // Let the consumers make their last commit and leave the group.
-            let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+            let threads: Vec<_> =
+                std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
             tokio::task::spawn_blocking(move || {
                 for thread in threads {
                     let _ = thread.join();
@@ -998,11 +1064,17 @@ mod tests {
 
     #[test]
     fn kafka_urls() {
-        let c = KafkaConfig::parse("kafka://a:9092,b:9093?prefix=risk.&partitions=12&kafka.security.protocol=plaintext").unwrap();
+        let c = KafkaConfig::parse(
+            "kafka://a:9092,b:9093?prefix=risk.&partitions=12&kafka.security.protocol=plaintext",
+        )
+        .unwrap();
         assert_eq!(c.brokers, "a:9092,b:9093");
         assert_eq!(c.prefix, "risk.");
         assert_eq!(c.task_partitions, 12);
-        assert_eq!(c.extra, vec![("security.protocol".to_string(), "plaintext".to_string())]);
+        assert_eq!(
+            c.extra,
+            vec![("security.protocol".to_string(), "plaintext".to_string())]
+        );
         assert!(KafkaConfig::parse("kafka://").is_err());
         assert!(KafkaConfig::parse("kafka://a:1?partitions=0").is_err());
         assert!(KafkaConfig::parse("kafka://a:1?colour=red").is_err());

@@ -59,7 +59,12 @@ impl Progress {
         self.partitions
             .iter()
             .filter(|(_, p)| p.next > 0)
-            .map(|(partition, p)| (partition.clone(), p.in_flight.first().copied().unwrap_or(p.next)))
+            .map(|(partition, p)| {
+                (
+                    partition.clone(),
+                    p.in_flight.first().copied().unwrap_or(p.next),
+                )
+            })
             .collect()
     }
 

@@ -57,10 +57,9 @@ impl Publisher {
 
     /// Queue one record; the future reports its delivery.
     fn send(&self, record: &Outgoing) -> BoxFuture<'static, Result<(), String>> {
-        let mut future_record: FutureRecord<'_, str, [u8]> =
-            FutureRecord::to(&record.topic)
-                .key(record.key.as_str())
-                .payload(record.value.as_slice());
+        let mut future_record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&record.topic)
+            .key(record.key.as_str())
+            .payload(record.value.as_slice());
         loop {
             match self.producer.send_result(future_record) {
                 Ok(delivery) => {

@@ -70,11 +70,13 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
         .iter()
         .map(|t| NewTopic::new(t, config.task_partitions, replication()))
         .collect();
-    wanted.push(NewTopic::new(&events, config.event_partitions, replication()));
+    wanted.push(NewTopic::new(
+        &events,
+        config.event_partitions,
+        replication(),
+    ));
     wanted.push(NewTopic::new(&dead, 1, replication()));
-    wanted.push(
-        NewTopic::new(&modules, 1, replication()).set("cleanup.policy", "compact"),
-    );
+    wanted.push(NewTopic::new(&modules, 1, replication()).set("cleanup.policy", "compact"));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&wanted, &options)

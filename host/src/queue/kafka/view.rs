@@ -62,7 +62,10 @@ pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, 
     let consumer: BaseConsumer = shared
         .config
         .client_config()
-        .set("group.id", format!("{}view-{}", shared.config.prefix, shared.config.host))
+        .set(
+            "group.id",
+            format!("{}view-{}", shared.config.prefix, shared.config.host),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("fetch.wait.max.ms", "10")
@@ -143,15 +146,13 @@ fn run(consumer: BaseConsumer, shared: Arc<Shared>) {
         if changes.is_empty() && positions.is_empty() {
             continue;
         }
-        changes.extend(
-            positions
-                .into_iter()
-                .map(|((topic, partition), next)| ViewChange::Offset {
-                    topic,
-                    partition,
-                    next,
-                }),
-        );
+        changes.extend(positions.into_iter().map(|((topic, partition), next)| {
+            ViewChange::Offset {
+                topic,
+                partition,
+                next,
+            }
+        }));
         shared.view.apply_view(changes);
     }
 }

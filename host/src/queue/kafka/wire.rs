@@ -463,7 +463,11 @@ mod tests {
         let mut joined = Vec::new();
         for chunk in &chunks {
             let encoded = serde_json::to_vec(chunk).unwrap();
-            assert!(encoded.len() < 1_000_000, "chunk of {} bytes", encoded.len());
+            assert!(
+                encoded.len() < 1_000_000,
+                "chunk of {} bytes",
+                encoded.len()
+            );
             joined.extend(ModuleChunk::decode(&encoded).unwrap().data().unwrap());
         }
         assert_eq!(joined, bytes);

@@ -1,0 +1,246 @@
+//! The Kafka backend on librdkafka's in-process mock cluster: faults
+//! (request errors, a broker down, leader changes), priority with read-ahead,
+//! two hosts sharing partitions, and messages from a plain producer.
+
+use crate::conformance::{Backend, MockKafka, lease, task, wait_state, worker};
+use kwq::model::{NewJob, TaskOptions, TaskState};
+use kwq::queue::{Completion, Queue};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Run `n` leases on one worker, completing each; the task ids in order.
+async fn drain(queue: &Arc<dyn Queue>, worker_id: &str, n: usize) -> Vec<String> {
+    let w = worker(worker_id, &[]);
+    let mut order = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = lease(queue, &w).await;
+        order.push(l.task_id.clone());
+        queue
+            .complete(
+                &l,
+                Completion {
+                    result: l.task_id.as_bytes().to_vec(),
+                    ..Completion::default()
+                },
+            )
+            .unwrap();
+    }
+    order
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_errors_a_broker_outage_and_a_leader_change_lose_nothing() {
+    let kafka = MockKafka::new();
+    let q = kafka.host("h1").await;
+    // Produce requests fail (the idempotent producer retries them in order).
+    kafka.with_cluster(|c| {
+        c.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4],
+        )
+    });
+    let first: Vec<_> = (0..100).map(|i| task(&format!("t-a{i}"), 5)).collect();
+    q.submit_tasks(first).await.unwrap();
+    let mut ran = drain(&q, "w1", 50).await;
+
+    // Leaders move, and one broker goes down for a while.
+    kafka.with_cluster(|c| {
+        for partition in 0..4 {
+            c.partition_leader("kwq.tasks.p5", partition, Some(2))
+                .unwrap();
+            c.partition_leader("kwq.events", partition, Some(3))
+                .unwrap();
+        }
+        c.broker_down(1).unwrap();
+    });
+    let second: Vec<_> = (0..100).map(|i| task(&format!("t-b{i}"), 5)).collect();
+    let submitted = tokio::spawn({
+        let q = q.clone();
+        async move { q.submit_tasks(second).await }
+    });
+    ran.extend(drain(&q, "w1", 50).await);
+    kafka.with_cluster(|c| c.broker_up(1).unwrap());
+    submitted.await.unwrap().unwrap();
+    ran.extend(drain(&q, "w1", 100).await);
+
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for id in &ran {
+        *seen.entry(id.clone()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 200, "every task ran");
+    assert!(seen.values().all(|n| *n == 1), "no task ran twice");
+    for id in ["t-a0", "t-a99", "t-b0", "t-b99"] {
+        wait_state(&q, id, TaskState::Completed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_low_band_does_not_hold_back_high_priority_work() {
+    const BUFFER: usize = 20;
+    let kafka = MockKafka::with_buffer(BUFFER);
+    let q = kafka.host("h1").await;
+    let low: Vec<_> = (0..400).map(|i| task(&format!("t-low{i}"), 1)).collect();
+    q.submit_tasks(low).await.unwrap();
+    crate::conformance::wait_depth(&q, BUFFER as u64).await;
+    let high: Vec<_> = (0..10).map(|i| task(&format!("t-high{i}"), 9)).collect();
+    q.submit_tasks(high).await.unwrap();
+
+    let order = drain(&q, "w1", 410).await;
+    let last_high = order
+        .iter()
+        .rposition(|id| id.starts_with("t-high"))
+        .unwrap();
+    // With p1 read ahead by at most a buffer (plus what one fetch brings),
+    // the p9 tasks are read and run long before the p1 backlog drains.
+    assert!(
+        last_high < 10 + 4 * BUFFER,
+        "the last p9 task ran at position {last_high}: {:?}",
+        &order[..last_high + 1]
+    );
+    assert_eq!(
+        order.iter().filter(|id| id.starts_with("t-low")).count(),
+        400
+    );
+}
+
+/// One worker of a host: leases and completes (each task "works" for
+/// `work`) until `done` tasks are finished across all hosts; the ids it ran
+/// and the most tasks its host held ahead in band 5.
+async fn work_until(
+    queue: Arc<dyn Queue>,
+    worker_id: &'static str,
+    work: Duration,
+    finished: Arc<std::sync::atomic::AtomicUsize>,
+    done: usize,
+) -> (Vec<String>, u64) {
+    use std::sync::atomic::Ordering;
+    let w = worker(worker_id, &[]);
+    let (mut ran, mut max_depth) = (Vec::new(), 0);
+    while finished.load(Ordering::Acquire) < done {
+        max_depth = max_depth.max(queue.depth()[5]);
+        let Ok(Some(l)) = tokio::time::timeout(Duration::from_millis(200), queue.lease(&w)).await
+        else {
+            continue;
+        };
+        tokio::time::sleep(work).await;
+        queue.complete(&l, Completion::default()).unwrap();
+        ran.push(l.task_id.clone());
+        finished.fetch_add(1, Ordering::AcqRel);
+    }
+    (ran, max_depth)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_the_partitions_and_each_task_runs_once() {
+    const BUFFER: usize = 25;
+    const TASKS: usize = 600;
+    let kafka = MockKafka::with_buffer(BUFFER);
+    let a = kafka.host("a").await;
+    let job = NewJob {
+        id: "j-shared".into(),
+        name: None,
+        module: crate::conformance::module(),
+        options: TaskOptions::default(),
+        payloads: vec![Vec::new(); TASKS],
+        sweep: None,
+    };
+    a.submit_job(job).await.unwrap();
+    crate::conformance::wait_depth(&a, BUFFER as u64).await;
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let work = Duration::from_millis(10);
+    let on_a = tokio::spawn(work_until(a.clone(), "a/w1", work, finished.clone(), TASKS));
+    // A second host joins while a works: the group rebalances (which
+    // resumes paused partitions); a must keep its read-ahead bound after it.
+    let b = kafka.host("b").await;
+    let on_b = tokio::spawn(work_until(b.clone(), "b/w1", work, finished.clone(), TASKS));
+    let ((ran_a, depth_a), (ran_b, _)) = (on_a.await.unwrap(), on_b.await.unwrap());
+    assert!(
+        !ran_b.is_empty(),
+        "the second host got partitions and ran tasks"
+    );
+    let mut all: Vec<String> = ran_a.iter().chain(&ran_b).cloned().collect();
+    all.sort();
+    all.dedup();
+    // At-least-once: a task whose partition moved before its offset was
+    // committed may run again; its result is still recorded once.
+    eprintln!(
+        "host a ran {}, host b ran {}, {} runs were replays",
+        ran_a.len(),
+        ran_b.len(),
+        ran_a.len() + ran_b.len() - all.len()
+    );
+    for queue in [&a, &b] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let results = queue
+                .results(&"j-shared".into(), 0, 10 * TASKS)
+                .await
+                .unwrap();
+            let mut ids: Vec<&String> = results.iter().map(|r| &r.task_id).collect();
+            let n = ids.len();
+            ids.dedup();
+            assert_eq!(ids.len(), n, "a task twice in the results");
+            if n == TASKS {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} results of {TASKS}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        depth_a as usize <= 4 * BUFFER,
+        "host a read {depth_a} ahead (buffer {BUFFER})"
+    );
+    // Either host answers for any task.
+    wait_state(&b, &ran_a[0], TaskState::Completed).await;
+    wait_state(&a, &ran_b[0], TaskState::Completed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_producer_message_becomes_a_task() {
+    let kafka = MockKafka::new();
+    let q = kafka.host("h1").await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.config("x").brokers)
+        .create()
+        .unwrap();
+    let message =
+        br#"{"v":1,"id":"t-foreign","module":"noop","payload":{"n":3},"tags":{"desk":"fx"}}"#;
+    producer
+        .send(
+            FutureRecord::to("kwq.tasks.p7")
+                .key("t-foreign")
+                .payload(&message[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    // Not JSON: parked on the dead-letter topic, not a crash or a stall.
+    producer
+        .send(
+            FutureRecord::to("kwq.tasks.p7")
+                .key("junk")
+                .payload(&b"not json"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let l = lease(&q, &worker("w1", &[])).await;
+    assert_eq!(l.task_id, "t-foreign");
+    assert_eq!(&*l.payload, br#"{"n":3}"#);
+    q.complete(&l, Completion::default()).unwrap();
+    wait_state(&q, "t-foreign", TaskState::Completed).await;
+    let record = q.task(&"t-foreign".into()).await.unwrap();
+    assert_eq!(record.options.priority, 7);
+    assert_eq!(
+        record.options.tags.get("desk").map(String::as_str),
+        Some("fx")
+    );
+}

@@ -1,0 +1,261 @@
+//! Kafka grids of real `kwq serve` processes on a real Kafka-protocol
+//! broker (tansu 0.6.0 on its SQLite engine, installed by
+//! `scripts/install-tansu.sh`), all on 127.0.0.1 and stopped by the test.
+
+use crate::process::{Server, get, wait_for};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A tansu broker process with its own SQLite file.
+struct Tansu {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Tansu {
+    /// The broker binary: `KWQ_TANSU`, else where the install script puts it.
+    fn binary() -> PathBuf {
+        if let Some(path) = std::env::var_os("KWQ_TANSU") {
+            return PathBuf::from(path);
+        }
+        let home = std::env::var_os("HOME").expect("HOME");
+        let path = Path::new(&home).join(".cache/kwq-tools/tansu-0.6.0/bin/tansu");
+        assert!(
+            path.exists(),
+            "no tansu broker at {}: run scripts/install-tansu.sh (scripts/test.sh does)",
+            path.display()
+        );
+        path
+    }
+
+    fn start() -> Tansu {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(Self::binary())
+            .current_dir(dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tansu");
+        // Ready once it accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tansu {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn store(&self) -> String {
+        format!("kafka://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn host(tansu: &Tansu, dir: &Path, name: &str) -> Server {
+    Server::start_serving(
+        dir,
+        &[],
+        &["--store", &tansu.store(), "--host", name],
+        Stdio::inherit(),
+        2,
+        "warn",
+    )
+}
+
+/// Workers of a job's completed tasks, as seen by one host (first pages).
+async fn workers_of(client: &reqwest::Client, server: &Server, job: &str) -> BTreeSet<String> {
+    let page = get(
+        client,
+        format!(
+            "{}/v1/tasks?job={job}&status=Completed&limit=1000",
+            server.url
+        ),
+    )
+    .await;
+    page["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|t| t["worker"].as_str())
+                .filter_map(|w| w.split('/').next())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_a_job_and_a_killed_host_loses_nothing() {
+    const TASKS: u64 = 20_000;
+    let tansu = Tansu::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let client = reqwest::Client::new();
+    let first = host(&tansu, d1.path(), "h1");
+    let payloads: Vec<Value> = (0..TASKS)
+        .map(|i| json!({"action": "echo", "value": i}))
+        .collect();
+    let response = client
+        .post(format!("{}/v1/jobs", first.url))
+        .json(&json!({"module": "misbehave", "payloads": payloads, "tags": {"book": "kafka"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let job: Value = response.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // h1 takes the job and leads the consumer group; h2 joins once h1 works.
+    wait_for(&client, &first, &id, |j| {
+        j["counts"]["Completed"].as_u64().unwrap_or(0) >= 500
+    })
+    .await;
+    let second = host(&tansu, d2.path(), "h2");
+    let before = wait_for(&client, &second, &id, |j| {
+        j["counts"]["Completed"].as_u64().unwrap_or(0) >= 2_000
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let workers = workers_of(&client, &first, &id).await;
+        if workers.contains("h1") && workers.contains("h2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one host ran everything: {workers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The host that took the job and leads the consumer group dies.
+    first.kill();
+    assert!(
+        before["finished"].as_u64().unwrap() < TASKS,
+        "killed before the end: {before}"
+    );
+
+    let done = wait_for(&client, &second, &id, |j| j["state"] == json!("Finished")).await;
+    assert_eq!(done["counts"]["Completed"], json!(TASKS), "{done}");
+    assert_eq!(done["counts"]["Dead"], json!(0));
+    let text = client
+        .get(format!("{}/v1/jobs/{id}/results", second.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut task_ids = BTreeSet::new();
+    let mut values = BTreeSet::new();
+    for line in text.lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            task_ids.insert(line["task_id"].as_str().unwrap().to_string()),
+            "task twice in results: {line}"
+        );
+        values.insert(line["result"].as_u64().unwrap());
+    }
+    assert_eq!(task_ids.len() as u64, TASKS);
+    assert_eq!(values, (0..TASKS).collect::<BTreeSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_written_by_a_plain_kafka_producer_runs() {
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let server = host(&tansu, dir.path(), "h1");
+    // Once the host has uploaded its modules it has created the topics:
+    // write a task message as any Kafka client could.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&client, format!("{}/v1/modules", server.url))
+        .await
+        .as_array()
+        .is_none_or(Vec::is_empty)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the host never listed its modules"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{}", tansu.port))
+        .create()
+        .unwrap();
+    let message = json!({
+        "v": 1,
+        "id": "t-from-python",
+        "module": "misbehave",
+        "payload": {"action": "echo", "value": 7},
+        "tags": {"desk": "rates"}
+    });
+    producer
+        .send(
+            FutureRecord::to("kwq.tasks.p7")
+                .key("t-from-python")
+                .payload(&serde_json::to_vec(&message).unwrap()),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let task = loop {
+        let response = client
+            .get(format!("{}/v1/tasks/t-from-python", server.url))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            let task: Value = response.json().await.unwrap();
+            if task["state"] == json!("Completed") {
+                break task;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the foreign task never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(task["result"], json!(7), "{task}");
+    assert_eq!(task["options"]["priority"], json!(7), "{task}");
+    let states: Vec<&str> = task["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["state"].as_str())
+        .collect();
+    assert_eq!(states, ["Allocated", "Running", "Completed"], "{task}");
+}
