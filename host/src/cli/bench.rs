@@ -35,6 +35,27 @@ pub enum BenchCommand {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// No-op tasks end to end on the Kafka backend with one host and with
+    /// several (in this process, sharing the cluster), plus the broker's own
+    /// produce-and-consume rate for messages of the same size.
+    Kafka {
+        /// Bootstrap servers of a running cluster (e.g. a tansu broker), or
+        /// `mock` for librdkafka's in-process mock cluster.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// No-op tasks per run.
+        #[arg(long, default_value_t = 50_000)]
+        tasks: u64,
+        /// Tasks per submitted job.
+        #[arg(long, default_value_t = 10_000)]
+        batch: u64,
+        /// Host counts to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        hosts: Vec<usize>,
+        /// Workers per host (default: cores).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 /// Run a benchmark.
@@ -47,6 +68,13 @@ pub(super) fn run(command: BenchCommand) -> Result<(), CliError> {
             samples,
             workers,
         } => super::bench_grid::run(tasks, batch, samples, workers),
+        BenchCommand::Kafka {
+            brokers,
+            tasks,
+            batch,
+            hosts,
+            workers,
+        } => super::bench_kafka::run(brokers, tasks, batch, hosts, workers),
     }
 }
 

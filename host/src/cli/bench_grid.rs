@@ -2,7 +2,7 @@
 //! HTTP on 127.0.0.1 like a real client would.
 
 use super::CliError;
-use super::local_grid::{LocalGrid, count_events, failed};
+use super::local_grid::{LocalGrid, count_events, failed, submit_noop_jobs};
 use crate::model::TaskState;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -34,24 +34,7 @@ async fn bench(
     // Throughput: submit jobs of `batch` no-op tasks, wait for all completions.
     let mut events = queue.subscribe();
     let started = Instant::now();
-    let mut submitted = 0;
-    while submitted < tasks {
-        let n = batch.min(tasks - submitted);
-        let payloads: Vec<Value> = (0..n).map(|_| Value::Null).collect();
-        let response = client
-            .post(format!("{url}/v1/jobs"))
-            .json(&json!({"module": "noop", "payloads": payloads}))
-            .send()
-            .await
-            .map_err(failed)?;
-        if !response.status().is_success() {
-            return Err(failed(format!(
-                "submit failed: {}",
-                response.text().await.unwrap_or_default()
-            )));
-        }
-        submitted += n;
-    }
+    submit_noop_jobs(&client, &url, tasks, batch).await?;
     let submit_time = started.elapsed();
     let completed = || tracker.overview([0; 10]).counts.get(TaskState::Completed);
     count_events(

@@ -1,5 +1,5 @@
 //! A throwaway grid host inside the CLI process, for `kwq bench grid` and
-//! `kwq simulate`: a temporary embedded store, the bundled modules, workers,
+//! `kwq simulate`: a temporary embedded store (or a view of a Kafka grid), the bundled modules, workers,
 //! and the HTTP API on an ephemeral 127.0.0.1 port.
 
 use super::CliError;
@@ -7,6 +7,7 @@ use crate::api::{self, ApiLimits, AppState};
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::queue::Queue;
 use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+use crate::queue::kafka::{KafkaConfig, KafkaQueue};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::tracker::Tracker;
 use std::path::PathBuf;
@@ -31,22 +32,50 @@ pub(super) struct LocalGrid {
 impl LocalGrid {
     /// Start with `workers` workers (default: cores) and every bundled module.
     pub(super) async fn start(workers: Option<usize>) -> Result<Self, CliError> {
+        Self::start_on(workers, None).await
+    }
+
+    /// As `start`, on a Kafka grid when `kafka` is given (its view goes in
+    /// the temporary directory).
+    pub(super) async fn start_on(
+        workers: Option<usize>,
+        kafka: Option<KafkaConfig>,
+    ) -> Result<Self, CliError> {
         let dir = std::env::temp_dir().join(format!("kwq-local-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).map_err(failed)?;
-        let store =
-            EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default()).map_err(failed)?;
-        let queue: Arc<dyn Queue> = Arc::new(store);
+        let host = kafka
+            .as_ref()
+            .map_or("local".to_string(), |k| k.host.clone());
+        let queue: Arc<dyn Queue> = match kafka {
+            None => Arc::new(
+                EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default())
+                    .map_err(failed)?,
+            ),
+            Some(config) => {
+                let config = KafkaConfig {
+                    view_path: dir.join("view.db"),
+                    ..config
+                };
+                let defaults = EmbeddedConfig::default();
+                Arc::new(
+                    KafkaQueue::connect(config, defaults.aging, defaults.affinity_window)
+                        .await
+                        .map_err(failed)?,
+                )
+            }
+        };
         let runtime = Runtime::new(RuntimeConfig::default()).map_err(failed)?;
         crate::server::upload_examples(&runtime, &queue)
             .await
             .map_err(|e| failed(format!("{e:#}")))?;
         let tracker = Tracker::attach(&queue).await.map_err(failed)?;
+        queue.start();
         let mut config = DispatchConfig::default();
         if let Some(w) = workers {
             config.workers = w.max(1);
         }
         let workers = config.workers;
-        let dispatcher = Dispatcher::start(runtime.clone(), queue.clone(), config, "local");
+        let dispatcher = Dispatcher::start(runtime.clone(), queue.clone(), config, &host);
         let state = AppState {
             queue: queue.clone(),
             runtime,
@@ -84,6 +113,34 @@ impl LocalGrid {
         let _ = self.queue.flush().await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Submit `tasks` no-op tasks over HTTP as jobs of `batch` payloads.
+pub(super) async fn submit_noop_jobs(
+    client: &reqwest::Client,
+    url: &str,
+    tasks: u64,
+    batch: u64,
+) -> Result<(), CliError> {
+    let mut submitted = 0;
+    while submitted < tasks {
+        let n = batch.max(1).min(tasks - submitted);
+        let payloads = vec![serde_json::Value::Null; n as usize];
+        let response = client
+            .post(format!("{url}/v1/jobs"))
+            .json(&serde_json::json!({"module": "noop", "payloads": payloads}))
+            .send()
+            .await
+            .map_err(failed)?;
+        if !response.status().is_success() {
+            return Err(failed(format!(
+                "submit failed: {}",
+                response.text().await.unwrap_or_default()
+            )));
+        }
+        submitted += n;
+    }
+    Ok(())
 }
 
 /// Count stored events that match until `target` is reached. When the

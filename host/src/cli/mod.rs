@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_grid;
+mod bench_kafka;
 mod client;
 mod local_grid;
 mod parse;

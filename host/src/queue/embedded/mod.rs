@@ -244,7 +244,7 @@ impl EmbeddedQueue {
     pub(crate) fn module_named(&self, name: &str) -> Option<ModuleId> {
         self.inner
             .reader
-            .with(|conn| reader::modules(conn))
+            .with(reader::modules)
             .ok()?
             .into_iter()
             .rev()

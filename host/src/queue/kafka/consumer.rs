@@ -252,7 +252,7 @@ fn commit(
     let points = {
         let mut sched = shared.sched();
         match (mode, only) {
-            (CommitMode::Async, None) => sched.progress.to_commit(),
+            (CommitMode::Async, None) => sched.progress.take_commit_points(),
             _ => sched.progress.all(),
         }
     };

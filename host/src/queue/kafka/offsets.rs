@@ -42,7 +42,7 @@ impl Progress {
     }
 
     /// Offsets to commit now: each partition whose commit point moved.
-    pub(crate) fn to_commit(&mut self) -> Vec<(Partition, i64)> {
+    pub(crate) fn take_commit_points(&mut self) -> Vec<(Partition, i64)> {
         let mut out = Vec::new();
         for (partition, p) in &mut self.partitions {
             let point = p.in_flight.first().copied().unwrap_or(p.next);
@@ -90,19 +90,22 @@ mod tests {
         for offset in 10..15 {
             progress.read(&p, offset);
         }
-        assert_eq!(progress.to_commit(), vec![(p.clone(), 10)]);
+        assert_eq!(progress.take_commit_points(), vec![(p.clone(), 10)]);
         progress.finished(&p, 12);
         progress.finished(&p, 13);
-        assert!(progress.to_commit().is_empty(), "10 is still running");
+        assert!(
+            progress.take_commit_points().is_empty(),
+            "10 is still running"
+        );
         progress.finished(&p, 10);
-        assert_eq!(progress.to_commit(), vec![(p.clone(), 11)]);
+        assert_eq!(progress.take_commit_points(), vec![(p.clone(), 11)]);
         progress.finished(&p, 11);
-        assert_eq!(progress.to_commit(), vec![(p.clone(), 14)]);
+        assert_eq!(progress.take_commit_points(), vec![(p.clone(), 14)]);
         progress.finished(&p, 14);
-        assert_eq!(progress.to_commit(), vec![(p.clone(), 15)]);
+        assert_eq!(progress.take_commit_points(), vec![(p.clone(), 15)]);
         assert_eq!(progress.in_flight(), 0);
         progress.revoke(&p);
         progress.finished(&p, 20);
-        assert!(progress.to_commit().is_empty());
+        assert!(progress.take_commit_points().is_empty());
     }
 }

@@ -456,6 +456,32 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_examples_read() {
+        let doc = include_str!("../../../../docs/wire-format.md");
+        let mut read = 0;
+        for block in doc.split("```json").skip(1) {
+            let block = block.split("```").next().unwrap_or_default();
+            for value in serde_json::Deserializer::from_str(block).into_iter::<serde_json::Value>()
+            {
+                let value = value.expect("an example is not JSON");
+                if value.get("$schema").is_some() {
+                    continue;
+                }
+                let bytes = serde_json::to_vec(&value).unwrap();
+                if value.get("type").is_some() {
+                    EventMessage::decode(&bytes).expect("event example");
+                } else if value.get("data_base64").is_some() {
+                    ModuleChunk::decode(&bytes).expect("module chunk example");
+                } else {
+                    TaskMessage::decode(&bytes).expect("task example");
+                }
+                read += 1;
+            }
+        }
+        assert_eq!(read, 7, "examples in docs/wire-format.md");
+    }
+
+    #[test]
     fn modules_split_into_chunks_under_the_message_limit() {
         let bytes: Vec<u8> = (0..1_300_000u32).map(|i| i as u8).collect();
         let chunks = ModuleChunk::split("abc", Some("m"), ModuleKind::Component, 1, &bytes);

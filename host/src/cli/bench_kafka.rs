@@ -1,0 +1,282 @@
+//! `kwq bench kafka`: no-op tasks through a Kafka grid of 1..N hosts in this
+//! process (each with its own view, workers and HTTP API on 127.0.0.1),
+//! submitted over HTTP to the first host; and the broker's own rate for
+//! messages of the size KWQ writes, to tell how much of the limit is the
+//! broker's. Each run uses fresh topics (a new prefix).
+
+use super::CliError;
+use super::local_grid::{LocalGrid, failed, submit_noop_jobs};
+use crate::model::TaskState;
+use crate::queue::kafka::{KafkaConfig, Topics};
+use futures::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+pub(super) fn run(
+    brokers: String,
+    tasks: u64,
+    batch: u64,
+    hosts: Vec<usize>,
+    workers: Option<usize>,
+) -> Result<(), CliError> {
+    super::tokio_runtime()?.block_on(bench(brokers, tasks, batch.max(1), hosts, workers))
+}
+
+async fn bench(
+    brokers: String,
+    tasks: u64,
+    batch: u64,
+    hosts: Vec<usize>,
+    workers: Option<usize>,
+) -> Result<(), CliError> {
+    let mock = (brokers == "mock").then(MockBroker::start).transpose()?;
+    let brokers = mock.as_ref().map_or(brokers, |m| m.brokers.clone());
+    println!(
+        "Kafka backend, no-op tasks, brokers {brokers}{}",
+        if mock.is_some() {
+            " (librdkafka's in-process mock cluster)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>12}",
+        "run", "tasks", "seconds", "tasks/s"
+    );
+    for &count in hosts.iter().filter(|h| **h > 0) {
+        let seconds = grid_run(&brokers, mock.as_ref(), count, tasks, batch, workers).await?;
+        println!(
+            "{:<28} {:>10} {:>10.2} {:>12.0}",
+            format!("{count} host(s)"),
+            tasks,
+            seconds,
+            tasks as f64 / seconds
+        );
+    }
+    // Each task costs the broker about four messages: the task, and its
+    // Allocated, Running and Completed events (plus reads of each).
+    let messages = tasks * 4;
+    let (produce, consume) = broker_rate(&brokers, mock.as_ref(), messages).await?;
+    println!(
+        "{:<28} {:>10} {:>10.2} {:>12.0}",
+        "broker: produce 300 B msgs",
+        messages,
+        produce,
+        messages as f64 / produce
+    );
+    println!(
+        "{:<28} {:>10} {:>10.2} {:>12.0}",
+        "broker: consume them",
+        messages,
+        consume,
+        messages as f64 / consume
+    );
+    println!(
+        "(a task is ~4 messages written and read once each: the broker alone caps one host near {:.0} tasks/s)",
+        tasks as f64 / (produce + consume)
+    );
+    Ok(())
+}
+
+/// One run: `hosts` hosts on fresh topics; seconds from the first submit
+/// until the first host's view has every task Completed.
+async fn grid_run(
+    brokers: &str,
+    mock: Option<&MockBroker>,
+    hosts: usize,
+    tasks: u64,
+    batch: u64,
+    workers: Option<usize>,
+) -> Result<f64, CliError> {
+    let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
+    let partitions = (2 * hosts as i32).max(4);
+    if let Some(mock) = mock {
+        let topics = Topics::new(&prefix);
+        let mut all: Vec<(String, i32)> = topics
+            .bands()
+            .into_iter()
+            .map(|t| (t, partitions))
+            .collect();
+        all.extend([
+            (topics.events(), 4),
+            (topics.modules(), 1),
+            (topics.dead(), 1),
+        ]);
+        mock.create_topics(all)?;
+    }
+    let mut grids = Vec::with_capacity(hosts);
+    for i in 0..hosts {
+        let config = KafkaConfig {
+            brokers: brokers.to_string(),
+            prefix: prefix.clone(),
+            host: format!("bench{i}"),
+            task_partitions: partitions,
+            create_topics: mock.is_none(),
+            ..KafkaConfig::default()
+        };
+        grids.push(LocalGrid::start_on(workers, Some(config)).await?);
+    }
+    let client = reqwest::Client::new();
+    let first = &grids[0];
+    let completed = || {
+        first
+            .tracker
+            .overview([0; 10])
+            .counts
+            .get(TaskState::Completed)
+    };
+    // Warm up: every host joined the group and compiled the module.
+    let warmup = 100 * hosts as u64;
+    submit_noop_jobs(&client, &first.url, warmup, warmup).await?;
+    wait_completed(&completed, warmup).await?;
+
+    let started = Instant::now();
+    submit_noop_jobs(&client, &first.url, tasks, batch).await?;
+    wait_completed(&completed, warmup + tasks).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    for grid in grids {
+        grid.stop().await;
+    }
+    Ok(seconds)
+}
+
+/// Wait until `completed()` reaches `target`; fails if it stops moving.
+async fn wait_completed(completed: &impl Fn() -> u64, target: u64) -> Result<(), CliError> {
+    let (mut last, mut moved) = (0, Instant::now());
+    loop {
+        let now = completed();
+        if now >= target {
+            return Ok(());
+        }
+        if now != last {
+            (last, moved) = (now, Instant::now());
+        } else if moved.elapsed() > Duration::from_secs(60) {
+            return Err(failed(format!("progress stopped at {now} of {target}")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Produce `n` messages of 300 bytes to a fresh topic (batched) and read
+/// them back; seconds for each.
+async fn broker_rate(
+    brokers: &str,
+    mock: Option<&MockBroker>,
+    n: u64,
+) -> Result<(f64, f64), CliError> {
+    let topic = format!("bench-{}.raw", uuid::Uuid::new_v4().simple());
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    match mock {
+        Some(mock) => mock.create_topics(vec![(topic.clone(), 1)])?,
+        None => {
+            let admin: AdminClient<DefaultClientContext> = config.create().map_err(failed)?;
+            admin
+                .create_topics(
+                    &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+                    &AdminOptions::new(),
+                )
+                .await
+                .map_err(failed)?;
+        }
+    }
+    let producer: FutureProducer = config
+        .clone()
+        .set("linger.ms", "2")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .map_err(failed)?;
+    let value = vec![b'x'; 300];
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let key = i.to_string();
+        let record = FutureRecord::to(&topic).key(&key).payload(&value);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| failed(e))?);
+    }
+    for result in join_all(deliveries).await {
+        result.map_err(failed)?.map_err(|(e, _)| failed(e))?;
+    }
+    let produce = started.elapsed().as_secs_f64();
+
+    let consumer: BaseConsumer = config
+        .set("group.id", format!("{topic}.reader"))
+        .create()
+        .map_err(failed)?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(&topic, 0, Offset::Beginning)
+        .map_err(failed)?;
+    consumer.assign(&list).map_err(failed)?;
+    let started = Instant::now();
+    let consume = tokio::task::spawn_blocking(move || {
+        let mut read = 0;
+        while read < n {
+            match consumer.poll(Duration::from_secs(30)) {
+                Some(Ok(_)) => read += 1,
+                Some(Err(e)) => return Err(failed(e)),
+                None => return Err(failed(format!("read {read} of {n} messages"))),
+            }
+        }
+        Ok(started.elapsed().as_secs_f64())
+    })
+    .await
+    .map_err(failed)??;
+    Ok((produce, consume))
+}
+
+/// Topics to create (name, partitions), and who waits for them.
+type TopicsToCreate = (Vec<(String, i32)>, std::sync::mpsc::Sender<()>);
+
+/// librdkafka's in-process mock cluster (`--brokers mock`): shows what the
+/// grid does when the broker costs next to nothing. Its handle cannot leave
+/// the thread that made it, so it lives on one and takes commands.
+struct MockBroker {
+    brokers: String,
+    commands: std::sync::Mutex<std::sync::mpsc::Sender<TopicsToCreate>>,
+}
+
+impl MockBroker {
+    fn start() -> Result<Self, CliError> {
+        let (commands, inbox) = std::sync::mpsc::channel::<TopicsToCreate>();
+        let (ready, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let cluster = match rdkafka::mocking::MockCluster::new(3) {
+                Ok(cluster) => cluster,
+                Err(e) => {
+                    let _ = ready.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(cluster.bootstrap_servers()));
+            for (topics, done) in inbox {
+                for (topic, partitions) in topics {
+                    if let Err(e) = cluster.create_topic(&topic, partitions, 1) {
+                        tracing::error!(topic, error = %e, "creating a mock topic");
+                    }
+                }
+                let _ = done.send(());
+            }
+        });
+        let brokers = address.recv().map_err(failed)?.map_err(failed)?;
+        Ok(MockBroker {
+            brokers,
+            commands: std::sync::Mutex::new(commands),
+        })
+    }
+
+    fn create_topics(&self, topics: Vec<(String, i32)>) -> Result<(), CliError> {
+        let (done, wait) = std::sync::mpsc::channel();
+        self.commands
+            .lock()
+            .map_err(failed)?
+            .send((topics, done))
+            .map_err(failed)?;
+        wait.recv().map_err(failed)
+    }
+}
