@@ -244,3 +244,60 @@ async fn a_plain_producer_message_becomes_a_task() {
         Some("fx")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_submitted_on_one_host_is_paused_and_cancelled_from_another() {
+    use kwq::model::{Sweep, SweepAxis};
+    let kafka = MockKafka::new();
+    let (a, b) = (kafka.host("a").await, kafka.host("b").await);
+    let sweep = Sweep {
+        base: serde_json::json!({"kind": "call"}),
+        params: [(
+            "strike".to_string(),
+            SweepAxis::Values((0..6).map(|i| serde_json::json!(i)).collect()),
+        )]
+        .into(),
+    };
+    let job = a
+        .submit_job(NewJob {
+            id: "j-sweep".into(),
+            name: None,
+            module: crate::conformance::module(),
+            options: TaskOptions::default(),
+            payloads: Vec::new(),
+            sweep: Some(sweep),
+        })
+        .await
+        .unwrap();
+    assert_eq!((job.total, job.expanded), (6, 6));
+    // Host b learns of the job from the event topic, then pauses it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.job(&job.id).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host b never saw the job"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(b.pause_job(&job.id).await.unwrap().paused);
+    // The pause reaches host a: once a shows the job paused, none of its tasks is offered.
+    while !a.job(&job.id).await.unwrap().paused {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host a never saw the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for q in [&a, &b] {
+        let offered =
+            tokio::time::timeout(Duration::from_millis(300), q.lease(&worker("w", &[]))).await;
+        assert!(offered.is_err(), "a paused job's task was offered");
+    }
+    // Cancelled from b: every point ends Cancelled on both hosts, none ran.
+    assert!(b.cancel_job(&job.id).await.unwrap().cancelled);
+    for q in [&a, &b] {
+        for i in 0..6 {
+            wait_state(q, &format!("j-sweep.{i}"), TaskState::Cancelled).await;
+        }
+    }
+}
