@@ -116,6 +116,39 @@ pub(crate) async fn wait_for(
     }
 }
 
+/// Wait until a job of `tasks` echo tasks (task i returns i) is finished on
+/// `server`, and check each task is in its results exactly once, with its value.
+pub(crate) async fn echo_job_completed_once(
+    client: &reqwest::Client,
+    server: &Server,
+    job: &str,
+    tasks: u64,
+) {
+    let done = wait_for(client, server, job, |j| j["state"] == json!("Finished")).await;
+    assert_eq!(done["counts"]["Completed"], json!(tasks), "{done}");
+    assert_eq!(done["counts"]["Dead"], json!(0));
+    let text = client
+        .get(format!("{}/v1/jobs/{job}/results", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut task_ids = BTreeSet::new();
+    let mut values = BTreeSet::new();
+    for line in text.lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            task_ids.insert(line["task_id"].as_str().unwrap().to_string()),
+            "task twice in results: {line}"
+        );
+        values.insert(line["result"].as_u64().unwrap());
+    }
+    assert_eq!(task_ids.len() as u64, tasks);
+    assert_eq!(values, (0..tasks).collect::<BTreeSet<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_job_loses_nothing_and_duplicates_nothing() {
     const TASKS: u64 = 20_000;
@@ -146,30 +179,7 @@ async fn sigkill_mid_job_loses_nothing_and_duplicates_nothing() {
     );
 
     let second = Server::start(dir.path());
-    let done = wait_for(&client, &second, &id, |j| j["state"] == json!("Finished")).await;
-    assert_eq!(done["counts"]["Completed"], json!(TASKS), "{done}");
-    assert_eq!(done["counts"]["Dead"], json!(0));
-
-    let text = client
-        .get(format!("{}/v1/jobs/{id}/results", second.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let mut task_ids = BTreeSet::new();
-    let mut values = BTreeSet::new();
-    for line in text.lines() {
-        let line: Value = serde_json::from_str(line).unwrap();
-        assert!(
-            task_ids.insert(line["task_id"].as_str().unwrap().to_string()),
-            "task twice in results: {line}"
-        );
-        values.insert(line["result"].as_u64().unwrap());
-    }
-    assert_eq!(task_ids.len() as u64, TASKS);
-    assert_eq!(values, (0..TASKS).collect::<BTreeSet<_>>());
+    echo_job_completed_once(&client, &second, &id, TASKS).await;
 
     let stats = get(&client, format!("{}/v1/stats", second.url)).await;
     let crash = stats["tags"]

@@ -676,22 +676,7 @@ impl Queue for EmbeddedQueue {
                         let token = sched.next_token;
                         let attempt = entry.attempts + 1;
                         let cancelled = Arc::new(Notify::new());
-                        let lease = Lease {
-                            task_id: entry.id.to_string(),
-                            job_id: entry.job.as_deref().map(str::to_string),
-                            module: entry.module.clone(),
-                            payload: entry.payload.clone(),
-                            affinity: entry.affinity.as_deref().map(str::to_string),
-                            attempt,
-                            max_attempts: entry.max_attempts,
-                            timeout: Duration::from_millis(entry.timeout_ms),
-                            memory_bytes: entry.memory_bytes,
-                            worker: worker.id.clone(),
-                            token,
-                            queued_at: entry.queued_at,
-                            warm_hit,
-                            cancelled: cancelled.clone(),
-                        };
+                        let lease = entry.lease(&worker.id, token, warm_hit, cancelled.clone());
                         let mut t =
                             transition(&entry, Some(entry.state), TaskState::Allocated, attempt);
                         t.worker = Some(worker.id.clone());

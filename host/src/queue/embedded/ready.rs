@@ -33,6 +33,34 @@ pub(crate) struct Entry {
     pub(crate) state: crate::model::TaskState,
 }
 
+impl Entry {
+    /// The lease of this entry's next attempt, for `worker`, under `token`.
+    pub(crate) fn lease(
+        &self,
+        worker: &str,
+        token: u64,
+        warm_hit: bool,
+        cancelled: Arc<tokio::sync::Notify>,
+    ) -> crate::queue::Lease {
+        crate::queue::Lease {
+            task_id: self.id.to_string(),
+            job_id: self.job.as_deref().map(str::to_string),
+            module: self.module.clone(),
+            payload: self.payload.clone(),
+            affinity: self.affinity.as_deref().map(str::to_string),
+            attempt: self.attempts + 1,
+            max_attempts: self.max_attempts,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            memory_bytes: self.memory_bytes,
+            worker: worker.to_string(),
+            token,
+            queued_at: self.queued_at,
+            warm_hit,
+            cancelled,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     Queued,

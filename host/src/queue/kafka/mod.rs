@@ -694,22 +694,7 @@ impl Queue for KafkaQueue {
                         let attempt = entry.attempts + 1;
                         let cancelled = Arc::new(Notify::new());
                         let origins = sched.origins.remove(&entry.id).unwrap_or_default();
-                        let lease = Lease {
-                            task_id: entry.id.to_string(),
-                            job_id: entry.job.as_deref().map(str::to_string),
-                            module: entry.module.clone(),
-                            payload: entry.payload.clone(),
-                            affinity: entry.affinity.as_deref().map(str::to_string),
-                            attempt,
-                            max_attempts: entry.max_attempts,
-                            timeout: Duration::from_millis(entry.timeout_ms),
-                            memory_bytes: entry.memory_bytes,
-                            worker: worker.id.clone(),
-                            token,
-                            queued_at: entry.queued_at,
-                            warm_hit,
-                            cancelled: cancelled.clone(),
-                        };
+                        let lease = entry.lease(&worker.id, token, warm_hit, cancelled.clone());
                         let mut event = with_spec(
                             TaskEvent::new(
                                 &entry.id,
@@ -886,39 +871,11 @@ impl Queue for KafkaQueue {
     }
 
     async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError> {
-        let record = self.task(task).await?;
-        if record.state.is_terminal() {
-            return Err(QueueError::Conflict(format!(
-                "task {task} is already {}",
-                record.state
-            )));
-        }
-        self.shared
-            .control(EventMessage::TaskControl {
-                v: wire::WIRE_VERSION,
-                task: task.clone(),
-                cancel: true,
-                priority: None,
-            })
-            .await
+        self.task_control(task, true, None).await
     }
 
     async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError> {
-        let record = self.task(task).await?;
-        if record.state.is_terminal() {
-            return Err(QueueError::Conflict(format!(
-                "task {task} is already {}",
-                record.state
-            )));
-        }
-        self.shared
-            .control(EventMessage::TaskControl {
-                v: wire::WIRE_VERSION,
-                task: task.clone(),
-                cancel: false,
-                priority: Some(priority),
-            })
-            .await
+        self.task_control(task, false, Some(priority)).await
     }
 
     async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError> {
@@ -1009,6 +966,30 @@ impl Queue for KafkaQueue {
 }
 
 impl KafkaQueue {
+    /// Cancel an unfinished task or change its priority, on whichever host holds it.
+    async fn task_control(
+        &self,
+        task: &TaskId,
+        cancel: bool,
+        priority: Option<u8>,
+    ) -> Result<(), QueueError> {
+        let record = self.task(task).await?;
+        if record.state.is_terminal() {
+            return Err(QueueError::Conflict(format!(
+                "task {task} is already {}",
+                record.state
+            )));
+        }
+        self.shared
+            .control(EventMessage::TaskControl {
+                v: wire::WIRE_VERSION,
+                task: task.clone(),
+                cancel,
+                priority,
+            })
+            .await
+    }
+
     async fn set_job_flags(
         &self,
         job: &JobId,
