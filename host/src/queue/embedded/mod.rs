@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
-pub(crate) use writer::RemoteTask;
+pub(crate) use writer::{Carried, RemoteTask};
 use writer::{Op, Tags, Transition, Writer};
 
 /// A change a Kafka host's view reads from the event topics.
@@ -294,7 +294,8 @@ impl EmbeddedQueue {
             if matches!(task.state, TaskState::Allocated | TaskState::Running) {
                 entry.state = TaskState::Pending;
                 let mut t = transition(&entry, Some(task.state), TaskState::Pending, task.attempts);
-                t.message = Some("requeued: the host stopped while the task was leased".into());
+                t.carried.message =
+                    Some("requeued: the host stopped while the task was leased".into());
                 requeued.push(Op::Transition(Box::new(t)));
             }
             sched.ready.insert(entry, now);
@@ -379,7 +380,8 @@ impl EmbeddedQueue {
                     TaskState::Pending,
                     lease.entry.attempts,
                 );
-                t.message = Some(format!("requeued: lease held by {} expired", lease.worker));
+                t.carried.message =
+                    Some(format!("requeued: lease held by {} expired", lease.worker));
                 ops.push(Op::Transition(Box::new(t)));
                 sched.ready.insert(
                     Entry {
@@ -679,8 +681,8 @@ impl Queue for EmbeddedQueue {
                         let lease = entry.lease(&worker.id, token, warm_hit, cancelled.clone());
                         let mut t =
                             transition(&entry, Some(entry.state), TaskState::Allocated, attempt);
-                        t.worker = Some(worker.id.clone());
-                        t.wait_ms = Some(now.saturating_sub(entry.queued_at));
+                        t.carried.worker = Some(worker.id.clone());
+                        t.carried.wait_ms = Some(now.saturating_sub(entry.queued_at));
                         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
                         let expires = now + self.inner.config.lease_ttl.as_millis() as u64;
                         let leased = Leased {
@@ -726,7 +728,7 @@ impl Queue for EmbeddedQueue {
             TaskState::Running,
             lease.attempt,
         );
-        t.worker = Some(lease.worker.clone());
+        t.carried.worker = Some(lease.worker.clone());
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
     }
 
@@ -749,11 +751,11 @@ impl Queue for EmbeddedQueue {
             TaskState::Completed,
             lease.attempt,
         );
-        t.worker = Some(lease.worker.clone());
-        t.result = Some(completion.result);
-        t.logs = Some(completion.logs);
-        t.progress = Some(completion.progress);
-        t.run_ms = Some(completion.run_ms);
+        t.carried.worker = Some(lease.worker.clone());
+        t.carried.result = Some(completion.result);
+        t.carried.logs = Some(completion.logs);
+        t.carried.progress = Some(completion.progress);
+        t.carried.run_ms = Some(completion.run_ms);
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
         Ok(())
     }
@@ -766,11 +768,11 @@ impl Queue for EmbeddedQueue {
             TaskState::Dead
         };
         let mut t = transition(&leased.entry, Some(leased.state), to, lease.attempt);
-        t.worker = Some(lease.worker.clone());
-        t.error = Some((failure.kind, failure.message));
-        t.logs = Some(failure.logs);
-        t.run_ms = Some(failure.run_ms);
-        t.not_before = failure.retry_at;
+        t.carried.worker = Some(lease.worker.clone());
+        t.carried.error = Some((failure.kind, failure.message));
+        t.carried.logs = Some(failure.logs);
+        t.carried.run_ms = Some(failure.run_ms);
+        t.carried.not_before = failure.retry_at;
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
         if let Some(retry_at) = failure.retry_at {
             let now = now_ms();
@@ -804,7 +806,7 @@ impl Queue for EmbeddedQueue {
             lease.attempt - 1
         };
         let mut t = transition(&leased.entry, Some(leased.state), to, attempts);
-        t.message = Some(if cancelled {
+        t.carried.message = Some(if cancelled {
             "cancelled while running".into()
         } else {
             "released by a stopping worker".into()

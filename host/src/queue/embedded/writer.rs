@@ -55,16 +55,8 @@ pub(crate) struct RemoteTask {
     pub(crate) job_id: Option<String>,
     pub(crate) state: TaskState,
     pub(crate) attempt: u32,
-    pub(crate) worker: Option<String>,
     pub(crate) at: Millis,
-    pub(crate) error: Option<(ErrorKind, String)>,
-    pub(crate) message: Option<String>,
-    pub(crate) result: Option<Vec<u8>>,
-    pub(crate) logs: Option<Vec<LogLine>>,
-    pub(crate) progress: Option<f32>,
-    pub(crate) not_before: Option<Millis>,
-    pub(crate) run_ms: Option<u64>,
-    pub(crate) wait_ms: Option<u64>,
+    pub(crate) carried: Carried,
     /// Module and options of the task (payload not needed by a view).
     pub(crate) spec: Option<(ModuleId, crate::model::TaskOptions)>,
 }
@@ -109,16 +101,23 @@ pub(super) struct Transition {
     pub(super) from: Option<TaskState>,
     pub(super) to: TaskState,
     pub(super) attempt: u32,
-    pub(super) worker: Option<String>,
     pub(super) at: Millis,
-    pub(super) error: Option<(ErrorKind, String)>,
-    pub(super) message: Option<String>,
-    pub(super) result: Option<Vec<u8>>,
-    pub(super) logs: Option<Vec<LogLine>>,
-    pub(super) progress: Option<f32>,
-    pub(super) not_before: Option<Millis>,
-    pub(super) run_ms: Option<u64>,
-    pub(super) wait_ms: Option<u64>,
+    pub(super) carried: Carried,
+}
+
+/// What a transition carries besides the state it enters: set by whoever
+/// makes it (a local lease or completion, or an event read from Kafka).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Carried {
+    pub(crate) worker: Option<String>,
+    pub(crate) error: Option<(ErrorKind, String)>,
+    pub(crate) message: Option<String>,
+    pub(crate) result: Option<Vec<u8>>,
+    pub(crate) logs: Option<Vec<LogLine>>,
+    pub(crate) progress: Option<f32>,
+    pub(crate) not_before: Option<Millis>,
+    pub(crate) run_ms: Option<u64>,
+    pub(crate) wait_ms: Option<u64>,
 }
 
 impl Transition {
@@ -140,16 +139,8 @@ impl Transition {
             from,
             to,
             attempt,
-            worker: None,
             at: crate::model::now_ms(),
-            error: None,
-            message: None,
-            result: None,
-            logs: None,
-            progress: None,
-            not_before: None,
-            run_ms: None,
-            wait_ms: None,
+            carried: Carried::default(),
         }
     }
 }
@@ -369,7 +360,7 @@ fn apply_transition(
          WHERE id = ?1",
         state_column(t.to)
     );
-    let (kind, message) = match &t.error {
+    let (kind, message) = match &t.carried.error {
         Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
         None => (None, None),
     };
@@ -377,16 +368,17 @@ fn apply_transition(
         &*t.task_id,
         t.to.as_str(),
         t.attempt,
-        t.worker,
+        t.carried.worker,
         t.at as i64,
         kind,
         message,
-        t.result,
-        t.logs
+        t.carried.result,
+        t.carried
+            .logs
             .as_ref()
             .map(|l| serde_json::to_string(l).unwrap_or_default()),
-        t.progress.map(f64::from),
-        t.not_before.map(|n| n as i64)
+        t.carried.progress.map(f64::from),
+        t.carried.not_before.map(|n| n as i64)
     ])?;
     let event = insert_event(
         tx,
@@ -394,18 +386,18 @@ fn apply_transition(
         t.job_id.as_deref(),
         t.to,
         t.attempt,
-        t.worker.as_deref(),
+        t.carried.worker.as_deref(),
         t.at,
-        t.error.as_ref().map(|e| e.0),
-        message.or(t.message.as_deref()),
+        t.carried.error.as_ref().map(|e| e.0),
+        message.or(t.carried.message.as_deref()),
     )?;
     committed.push(Committed {
         event,
         from: t.from,
         module: t.module.clone(),
         tags: t.tags.clone(),
-        run_ms: t.run_ms,
-        wait_ms: t.wait_ms,
+        run_ms: t.carried.run_ms,
+        wait_ms: t.carried.wait_ms,
     });
     Ok(())
 }
@@ -549,16 +541,8 @@ fn apply_remote(
         remote.state,
         remote.attempt,
     );
-    t.worker = remote.worker.clone();
     t.at = remote.at;
-    t.error = remote.error.clone();
-    t.message = remote.message.clone();
-    t.result = remote.result.clone();
-    t.logs = remote.logs.clone();
-    t.progress = remote.progress;
-    t.not_before = remote.not_before;
-    t.run_ms = remote.run_ms;
-    t.wait_ms = remote.wait_ms;
+    t.carried = remote.carried.clone();
     apply_transition(tx, &t, committed)
 }
 
@@ -589,4 +573,29 @@ fn insert_event(
         error_kind,
         message: message.map(str::to_string),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supersedes;
+    use crate::model::TaskState::*;
+
+    #[test]
+    fn only_events_that_move_a_task_forward_apply() {
+        // A host reading back its own event, or a late duplicate: no change.
+        assert!(!supersedes(Running, 1, Running, 1));
+        assert!(!supersedes(Running, 1, Allocated, 1));
+        assert!(!supersedes(Error, 1, Pending, 0));
+        // Forward within an attempt, and a new attempt.
+        assert!(supersedes(Allocated, 1, Running, 1));
+        assert!(supersedes(Error, 1, Allocated, 2));
+        // A final state wins over anything unfinished, even from an older
+        // attempt (a slow host finishing a replayed task)...
+        assert!(supersedes(Running, 2, Completed, 1));
+        assert!(supersedes(Pending, 0, Cancelled, 0));
+        // ...and nothing leaves a final state.
+        assert!(!supersedes(Completed, 1, Completed, 2));
+        assert!(!supersedes(Cancelled, 0, Allocated, 1));
+        assert!(!supersedes(Dead, 3, Running, 4));
+    }
 }

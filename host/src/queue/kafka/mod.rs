@@ -28,7 +28,7 @@ pub mod wire;
 pub use topics::Topics;
 
 use super::embedded::ready::{Entry, Pick, Policy, ReadyIndex};
-use super::embedded::{EmbeddedQueue, RemoteTask};
+use super::embedded::{Carried, EmbeddedQueue, RemoteTask};
 use super::{
     CensusRow, CommitObserver, Completion, Failure, Lease, ModuleRecord, Page, Queue, QueueError,
     TaskFilter, TaskResult, WorkerView,
@@ -1020,18 +1020,20 @@ fn remote_task(event: &TaskEvent) -> RemoteTask {
         job_id: event.job_id.clone(),
         state: event.state,
         attempt: event.attempt,
-        worker: event.worker.clone(),
         at: event.at,
-        error: event
-            .error_kind
-            .map(|k| (k, event.message.clone().unwrap_or_default())),
-        message: event.message.clone(),
-        result: event.result(),
-        logs: event.logs.clone(),
-        progress: event.progress,
-        not_before: event.not_before,
-        run_ms: event.run_ms,
-        wait_ms: event.wait_ms,
+        carried: Carried {
+            worker: event.worker.clone(),
+            error: event
+                .error_kind
+                .map(|k| (k, event.message.clone().unwrap_or_default())),
+            message: event.message.clone(),
+            result: event.result(),
+            logs: event.logs.clone(),
+            progress: event.progress,
+            not_before: event.not_before,
+            run_ms: event.run_ms,
+            wait_ms: event.wait_ms,
+        },
         spec: match (&event.module, &event.options) {
             (Some(module), Some(options)) => ModuleId::parse(module).map(|m| (m, options.clone())),
             _ => None,
