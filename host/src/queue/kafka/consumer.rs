@@ -8,6 +8,7 @@ use super::Shared;
 use super::offsets::Partition;
 use crate::queue::QueueError;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashSet;
@@ -42,6 +43,18 @@ impl ConsumerContext for GroupContext {
             self.shared.revoke(&partitions);
             *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = partitions.clone();
             tracing::info!(partitions = partitions.len(), "task partitions revoked");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "a commit of task offsets failed; retrying with the next");
+            let mut sched = self.shared.sched();
+            for e in offsets.elements() {
+                sched
+                    .progress
+                    .commit_failed(&(e.topic().to_string(), e.partition()));
+            }
         }
     }
 

@@ -54,6 +54,13 @@ impl Progress {
         out
     }
 
+    /// A commit of this partition failed: commit its point again next time.
+    pub(crate) fn commit_failed(&mut self, partition: &Partition) {
+        if let Some(p) = self.partitions.get_mut(partition) {
+            p.committed = 0;
+        }
+    }
+
     /// The commit point of every partition (for a final, synchronous commit).
     pub(crate) fn all(&self) -> Vec<(Partition, i64)> {
         self.partitions
@@ -104,6 +111,12 @@ mod tests {
         progress.finished(&p, 14);
         assert_eq!(progress.take_commit_points(), vec![(p.clone(), 15)]);
         assert_eq!(progress.in_flight(), 0);
+        progress.commit_failed(&p);
+        assert_eq!(
+            progress.take_commit_points(),
+            vec![(p.clone(), 15)],
+            "retried after a failure"
+        );
         progress.revoke(&p);
         progress.finished(&p, 20);
         assert!(progress.take_commit_points().is_empty());
