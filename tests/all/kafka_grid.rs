@@ -2,7 +2,7 @@
 //! broker (tansu 0.6.0 on its SQLite engine, installed by
 //! `scripts/install-tansu.sh`), all on 127.0.0.1 and stopped by the test.
 
-use crate::process::{Server, echo_job_completed_once, get, wait_for};
+use crate::process::{Server, echo_job_completed_once, get, submit_echo_job, wait_for};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -123,18 +123,7 @@ async fn two_hosts_share_a_job_and_a_killed_host_loses_nothing() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let client = reqwest::Client::new();
     let first = host(&tansu, d1.path(), "h1");
-    let payloads: Vec<Value> = (0..TASKS)
-        .map(|i| json!({"action": "echo", "value": i}))
-        .collect();
-    let response = client
-        .post(format!("{}/v1/jobs", first.url))
-        .json(&json!({"module": "misbehave", "payloads": payloads, "tags": {"book": "kafka"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let job: Value = response.json().await.unwrap();
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = submit_echo_job(&client, &first, TASKS, "kafka").await;
 
     // h1 takes the job and leads the consumer group; h2 joins once h1 works.
     wait_for(&client, &first, &id, |j| {

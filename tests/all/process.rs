@@ -116,6 +116,27 @@ pub(crate) async fn wait_for(
     }
 }
 
+/// Submit a job of `tasks` echo tasks (task i returns i) tagged `book=<book>`; its id.
+pub(crate) async fn submit_echo_job(
+    client: &reqwest::Client,
+    server: &Server,
+    tasks: u64,
+    book: &str,
+) -> String {
+    let payloads: Vec<Value> = (0..tasks)
+        .map(|i| json!({"action": "echo", "value": i}))
+        .collect();
+    let response = client
+        .post(format!("{}/v1/jobs", server.url))
+        .json(&json!({"module": "misbehave", "payloads": payloads, "tags": {"book": book}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let job: Value = response.json().await.unwrap();
+    job["id"].as_str().unwrap().to_string()
+}
+
 /// Wait until a job of `tasks` echo tasks (task i returns i) is finished on
 /// `server`, and check each task is in its results exactly once, with its value.
 pub(crate) async fn echo_job_completed_once(
@@ -155,18 +176,7 @@ async fn sigkill_mid_job_loses_nothing_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let first = Server::start(dir.path());
-    let payloads: Vec<Value> = (0..TASKS)
-        .map(|i| json!({"action": "echo", "value": i}))
-        .collect();
-    let response = client
-        .post(format!("{}/v1/jobs", first.url))
-        .json(&json!({"module": "misbehave", "payloads": payloads, "tags": {"book": "crash"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let job: Value = response.json().await.unwrap();
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = submit_echo_job(&client, &first, TASKS, "crash").await;
 
     let before = wait_for(&client, &first, &id, |j| {
         j["counts"]["Completed"].as_u64().unwrap_or(0) >= 2_000

@@ -301,25 +301,7 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
                         task.options.not_before.map(|t| t as i64),
                         *at as i64
                     ])?;
-                    let event = insert_event(
-                        &tx,
-                        &task.id,
-                        task.job_id.as_deref(),
-                        TaskState::Pending,
-                        0,
-                        None,
-                        *at,
-                        None,
-                        None,
-                    )?;
-                    committed.push(Committed {
-                        event,
-                        from: None,
-                        module: task.module.clone(),
-                        tags: tags.clone(),
-                        run_ms: None,
-                        wait_ms: None,
-                    });
+                    log_pending(&tx, task, tags, *at, &mut committed)?;
                 }
             }
             Op::JobExpanded(job, expanded) => {
@@ -440,29 +422,40 @@ fn apply_remote_job(
             payload: Vec::new(),
             options: job.options.clone(),
         };
-        if !insert_task_row(tx, &task, job.created_at)? {
-            continue;
+        if insert_task_row(tx, &task, job.created_at)? {
+            log_pending(tx, &task, &tags, job.created_at, committed)?;
         }
-        let event = insert_event(
-            tx,
-            &task.id,
-            task.job_id.as_deref(),
-            TaskState::Pending,
-            0,
-            None,
-            job.created_at,
-            None,
-            None,
-        )?;
-        committed.push(Committed {
-            event,
-            from: None,
-            module: task.module.clone(),
-            tags: tags.clone(),
-            run_ms: None,
-            wait_ms: None,
-        });
     }
+    Ok(())
+}
+
+/// Log a new task's Pending event (its row is inserted) and count it as new.
+fn log_pending(
+    tx: &rusqlite::Transaction<'_>,
+    task: &NewTask,
+    tags: &Tags,
+    at: Millis,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    let event = insert_event(
+        tx,
+        &task.id,
+        task.job_id.as_deref(),
+        TaskState::Pending,
+        0,
+        None,
+        at,
+        None,
+        None,
+    )?;
+    committed.push(Committed {
+        event,
+        from: None,
+        module: task.module.clone(),
+        tags: tags.clone(),
+        run_ms: None,
+        wait_ms: None,
+    });
     Ok(())
 }
 
