@@ -95,25 +95,31 @@ fn host(tansu: &Tansu, dir: &Path, name: &str) -> Server {
 
 /// Workers of a job's completed tasks, as seen by one host (first pages).
 async fn workers_of(client: &reqwest::Client, server: &Server, job: &str) -> BTreeSet<String> {
-    let page = get(
-        client,
-        format!(
-            "{}/v1/tasks?job={job}&status=Completed&limit=1000",
-            server.url
-        ),
-    )
-    .await;
-    page["items"]
-        .as_array()
-        .map(|items| {
+    // Every page: the first pages alone may all be one host's tasks.
+    let mut workers = BTreeSet::new();
+    let mut after = String::new();
+    loop {
+        let page = get(
+            client,
+            format!(
+                "{}/v1/tasks?job={job}&status=Completed&limit=1000{after}",
+                server.url
+            ),
+        )
+        .await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        workers.extend(
             items
                 .iter()
                 .filter_map(|t| t["worker"].as_str())
                 .filter_map(|w| w.split('/').next())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+                .map(str::to_string),
+        );
+        match page["next"].as_u64() {
+            Some(next) => after = format!("&after={next}"),
+            None => return workers,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
