@@ -105,3 +105,51 @@ fn a_wasi_command_runs_from_the_cli() {
     assert!(output.status.success());
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "USD CURVE");
 }
+
+#[test]
+fn bench_runtime_prints_one_price_for_wasm_and_native() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .args(["bench", "runtime", "--tasks", "20", "--paths", "20001"])
+        .output()
+        .expect("start kwq");
+    assert!(output.status.success(), "{:?}", stderr_lines(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    // The last column of the pricer rows: the same code and seed on both
+    // sides must give the same price, whatever the speeds.
+    let price_of = |row: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(row))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or_else(|| panic!("no {row:?} row in:\n{table}"))
+            .to_string()
+    };
+    let native = price_of("native Rust, 20001");
+    assert_eq!(native, price_of("Wasm, epoch timeouts on, 20001"));
+    assert!(
+        (native.parse::<f64>().unwrap() - 4.76).abs() < 0.3,
+        "{table}"
+    );
+    assert!(
+        table.contains("Wasm speed as a fraction of native"),
+        "{table}"
+    );
+}
+
+#[test]
+fn the_perf_map_names_the_guests_functions() {
+    let cache = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .args(["run", "--wasm-profiler", "perfmap", examples::OPTION_PRICER])
+        .args(["--payload", r#"{"spot":42,"strike":40,"rate":0.1,"vol":0.2,"maturity":0.5,"kind":"call","paths":1000}"#])
+        .env("KWQ_CACHE_DIR", cache.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start kwq");
+    let map = std::path::PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{:?}", stderr_lines(&output));
+    let names = std::fs::read_to_string(&map).unwrap_or_default();
+    let _ = std::fs::remove_file(&map);
+    assert!(names.contains("price_european"), "{map:?}: {names}");
+}

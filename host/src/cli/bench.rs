@@ -59,9 +59,9 @@ pub enum BenchCommand {
 }
 
 /// Run a benchmark.
-pub(super) fn run(command: BenchCommand) -> Result<(), CliError> {
+pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError> {
     match command {
-        BenchCommand::Runtime { tasks, paths } => runtime_bench(tasks, paths),
+        BenchCommand::Runtime { tasks, paths } => runtime_bench(tasks, paths, perf_map),
         BenchCommand::Grid {
             tasks,
             batch,
@@ -86,9 +86,12 @@ fn bundled(name: &str) -> &'static [u8] {
         .expect("bundled module")
 }
 
-fn runtime_bench(tasks: u32, paths: u64) -> Result<(), CliError> {
-    let runtime =
-        Runtime::new(RuntimeConfig::default()).map_err(|e| CliError::failed(e.to_string()))?;
+fn runtime_bench(tasks: u32, paths: u64, perf_map: bool) -> Result<(), CliError> {
+    let runtime = Runtime::new(RuntimeConfig {
+        perf_map,
+        ..RuntimeConfig::default()
+    })
+    .map_err(|e| CliError::failed(e.to_string()))?;
     let compile = |name: &str| {
         runtime
             .compile(bundled(name))
@@ -119,17 +122,31 @@ fn runtime_bench(tasks: u32, paths: u64) -> Result<(), CliError> {
         "spot": contract.spot, "strike": contract.strike, "rate": contract.rate, "vol": contract.vol,
         "maturity": contract.maturity, "kind": "call", "paths": paths, "seed": 7
     });
-    let started = Instant::now();
-    let report = rt.block_on(worker.run(spec(&pricer, payload.to_string().into_bytes(), None)));
-    let wasm_time = started.elapsed();
-    let wasm_result = report
-        .outcome
-        .map_err(|e| CliError::failed(format!("pricer failed: {e}")))?;
-    let wasm_estimate: mc_math::Estimate = serde_json::from_slice(&wasm_result)
-        .map_err(|e| CliError::failed(format!("pricer result: {e}")))?;
-    let started = Instant::now();
-    let native_estimate = mc_math::price_european(&contract, paths, 7, |_| {});
-    let native_time = started.elapsed();
+    // Native and Wasm runs alternate, and each side reports its median, so
+    // a burst of noise on a shared machine skews neither side alone.
+    let pricer_task = spec(&pricer, payload.to_string().into_bytes(), None);
+    let (mut wasm_times, mut native_times) = (Vec::new(), Vec::new());
+    let (mut wasm_estimate, mut native_estimate) = (None, None);
+    for _ in 0..PRICER_RUNS {
+        let started = Instant::now();
+        let report = rt.block_on(worker.run(pricer_task.clone()));
+        wasm_times.push(started.elapsed());
+        let result = report
+            .outcome
+            .map_err(|e| CliError::failed(format!("pricer failed: {e}")))?;
+        let estimate: mc_math::Estimate = serde_json::from_slice(&result)
+            .map_err(|e| CliError::failed(format!("pricer result: {e}")))?;
+        wasm_estimate = Some(estimate);
+
+        let started = Instant::now();
+        native_estimate = Some(mc_math::price_european(&contract, paths, 7, |_| {}));
+        native_times.push(started.elapsed());
+    }
+    let (wasm_time, native_time) = (median(wasm_times), median(native_times));
+    let (wasm_estimate, native_estimate) = (
+        wasm_estimate.expect("PRICER_RUNS > 0"),
+        native_estimate.expect("PRICER_RUNS > 0"),
+    );
 
     println!("KWQ runtime benchmark ({})", machine());
     println!("{:<44} {:>14} {:>14}", "measurement", "per task", "tasks/s");
@@ -151,13 +168,13 @@ fn runtime_bench(tasks: u32, paths: u64) -> Result<(), CliError> {
     );
     println!(
         "{:<44} {:>11.1} ms {:>14.6}",
-        format!("native Rust, {paths}"),
+        format!("native Rust, {paths} (median of {PRICER_RUNS})"),
         native_time.as_secs_f64() * 1e3,
         native_estimate.price
     );
     println!(
         "{:<44} {:>11.1} ms {:>14.6}",
-        format!("Wasm (epoch timeouts on), {paths}"),
+        format!("Wasm, epoch timeouts on, {paths}"),
         wasm_time.as_secs_f64() * 1e3,
         wasm_estimate.price
     );
@@ -167,6 +184,14 @@ fn runtime_bench(tasks: u32, paths: u64) -> Result<(), CliError> {
         native_time.as_secs_f64() / wasm_time.as_secs_f64()
     );
     Ok(())
+}
+
+/// Runs of the pricer on each side; the table shows the medians.
+const PRICER_RUNS: usize = 7;
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
 }
 
 fn spec(module: &ModuleId, payload: Vec<u8>, affinity: Option<&str>) -> TaskSpec {

@@ -27,6 +27,16 @@ pub struct Cli {
         env = "KWQ_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    /// Make Wasm guest code visible to `perf` (`perfmap`: function names in
+    /// `perf report`), for `run`, `serve` and `bench runtime`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "none",
+        env = "KWQ_WASM_PROFILER"
+    )]
+    pub wasm_profiler: WasmProfiler,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -39,6 +49,15 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, with the task's fields.
     Json,
+}
+
+/// Which profiling agent the Wasm engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WasmProfiler {
+    /// None: guest code shows in `perf` as unnamed addresses.
+    None,
+    /// Write `/tmp/perf-PID.map` with the compiled guest functions.
+    Perfmap,
 }
 
 /// The subcommands.
@@ -158,9 +177,10 @@ pub fn main(cli: Cli) -> ExitCode {
         },
         cli.log_format,
     );
+    let perf_map = cli.wasm_profiler == WasmProfiler::Perfmap;
     let outcome = match cli.command {
-        Command::Serve(args) => serve::run(args),
-        Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args, perf_map),
+        Command::Run(args) => run::run(args, perf_map),
         Command::Module {
             connection,
             command,
@@ -182,7 +202,7 @@ pub fn main(cli: Cli) -> ExitCode {
             duration,
             workers,
         } => simulate::run(tasks, duration, workers),
-        Command::Bench(command) => bench::run(command),
+        Command::Bench(command) => bench::run(command, perf_map),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,7 +39,7 @@ pub struct RunArgs {
 }
 
 /// Run `kwq run`.
-pub(super) fn run(args: RunArgs) -> Result<(), CliError> {
+pub(super) fn run(args: RunArgs, perf_map: bool) -> Result<(), CliError> {
     let bytes = std::fs::read(&args.module).map_err(|e| {
         CliError::usage(format!("cannot read module {}: {e}", args.module.display()))
     })?;
@@ -47,6 +47,7 @@ pub(super) fn run(args: RunArgs) -> Result<(), CliError> {
     let config = RuntimeConfig {
         cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
         fuel: args.fuel.is_some(),
+        perf_map,
         ..RuntimeConfig::default()
     };
     let runtime = Runtime::new(config).map_err(|e| CliError::failed(e.to_string()))?;

@@ -51,7 +51,7 @@ pub struct ServeArgs {
 }
 
 /// Run `kwq serve`.
-pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
+pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
     let host = args.host.clone().unwrap_or_else(hostname);
     let mut store = match &args.store {
         Some(url) => StoreUrl::parse(url).map_err(|e| CliError::usage(e.to_string()))?,
@@ -73,6 +73,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         runtime: RuntimeConfig {
             cache_dir: Some(args.data_dir.join("compiled")),
             fuel: args.fuel,
+            perf_map,
             ..RuntimeConfig::default()
         },
         dispatch,

@@ -6,6 +6,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+    ProfilingStrategy,
 };
 
 /// Host-wide runtime settings, fixed for the life of the engine.
@@ -26,6 +27,9 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// Wasm stack size per instance, in bytes.
     pub max_wasm_stack: usize,
+    /// Write `/tmp/perf-PID.map` so `perf record` / `perf report` name the
+    /// guest's functions: for finding where a task module spends its time.
+    pub perf_map: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -38,6 +42,7 @@ impl Default for RuntimeConfig {
             epoch_tick: Duration::from_millis(5),
             max_instances: 1000,
             max_wasm_stack: 1 << 20,
+            perf_map: false,
         }
     }
 }
@@ -78,7 +83,12 @@ impl EngineHandle {
             .epoch_interruption(true)
             .consume_fuel(config.fuel)
             .max_wasm_stack(config.max_wasm_stack)
-            .memory_init_cow(true);
+            .memory_init_cow(true)
+            .profiler(if config.perf_map {
+                ProfilingStrategy::PerfMap
+            } else {
+                ProfilingStrategy::None
+            });
 
         let disk_cache = match &config.cache_dir {
             Some(dir) => {

@@ -65,17 +65,35 @@ impl Contract {
     }
 
     fn payoff(&self, terminal: f64) -> f64 {
-        match self.kind {
-            OptionKind::Call => (terminal - self.strike).max(0.0),
-            OptionKind::Put => (self.strike - terminal).max(0.0),
-        }
+        let intrinsic = match self.kind {
+            OptionKind::Call => terminal - self.strike,
+            OptionKind::Put => self.strike - terminal,
+        };
+        // max(x, 0) without a branch: (x + |x|) / 2 is exactly x or 0 for
+        // finite x. Not `f64::max`: on wasm32 that is a call into libc's
+        // `fmax` (Wasm's `f64.max` treats NaN differently), a fifth of the
+        // pricer's time; nor `if x > 0.0`: Cranelift makes that a branch,
+        // which mispredicts on half the paths of an at-the-money option.
+        0.5 * (intrinsic + intrinsic.abs())
     }
 }
+
+/// Antithetic pairs simulated per block (see `price_european`).
+const PATH_BLOCK: usize = 256;
 
 /// Price a European option by Monte Carlo with antithetic variates:
 /// each normal draw `z` simulates the terminal price for `z` and `-z`, and
 /// the pair's mean payoff is one sample. `paths` is rounded up to even.
 /// `on_progress` is called with the fraction done roughly every 1/16 of the work.
+///
+/// The loop is shaped for Wasm as much as for native code (`kwq bench
+/// runtime` compares the two): paths go in blocks of `PATH_BLOCK`, first all
+/// the block's normal draws, then its payoffs, each in its own function with
+/// four draws or four pairs per loop iteration. Cranelift checks the epoch at
+/// every loop header and function entry, and a value live across a call
+/// (`exp`, or the epoch check's call into the host) lives in a stack slot;
+/// fewer, fatter iterations over fewer live values made the Wasm pricer 2x
+/// faster than one loop of one path each, and native code a little faster too.
 pub fn price_european(
     contract: &Contract,
     paths: u64,
@@ -88,18 +106,23 @@ pub fn price_european(
     let diffusion = contract.vol * contract.maturity.sqrt();
     // S_T = S_0 e^(drift) e^(+-diffusion z): one exp per antithetic pair.
     let forward = contract.spot * drift.exp();
+    // A countdown, not `i % report_every`: a 64-bit division per path was a
+    // tenth of the Wasm loop (native code dropped it with the no-op callback).
     let report_every = (pairs / 16).max(1);
+    let mut next_report = report_every;
     let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
-    for i in 0..pairs {
-        let z: f64 = StandardNormal.sample(&mut rng);
-        let shock = (diffusion * z).exp();
-        let up = forward * shock;
-        let down = forward / shock;
-        let sample = 0.5 * (contract.payoff(up) + contract.payoff(down));
-        sum += sample;
-        sum_sq += sample * sample;
-        if (i + 1) % report_every == 0 && i + 1 < pairs {
-            on_progress((i + 1) as f32 / pairs as f32);
+    let mut normals = [0.0f64; PATH_BLOCK];
+    let mut done = 0u64;
+    while done < pairs {
+        let block = &mut normals[..(pairs - done).min(PATH_BLOCK as u64) as usize];
+        fill_standard_normals(&mut rng, block);
+        let (block_sum, block_sum_sq) = antithetic_payoff_sums(contract, forward, diffusion, block);
+        sum += block_sum;
+        sum_sq += block_sum_sq;
+        done += block.len() as u64;
+        if done >= next_report && done < pairs {
+            next_report = done + report_every;
+            on_progress(done as f32 / pairs as f32);
         }
     }
     on_progress(1.0);
@@ -112,6 +135,56 @@ pub fn price_european(
         std_error: discount * (variance / n).sqrt(),
         paths: pairs * 2,
     }
+}
+
+/// Overwrite `out` with standard normal draws (ziggurat), four per
+/// iteration (see `price_european`; measured: 4 beat 1 and 8).
+#[inline(never)]
+fn fill_standard_normals(rng: &mut Xoshiro256PlusPlus, out: &mut [f64]) {
+    let mut chunks = out.chunks_exact_mut(4);
+    for chunk in &mut chunks {
+        chunk[0] = StandardNormal.sample(rng);
+        chunk[1] = StandardNormal.sample(rng);
+        chunk[2] = StandardNormal.sample(rng);
+        chunk[3] = StandardNormal.sample(rng);
+    }
+    for z in chunks.into_remainder() {
+        *z = StandardNormal.sample(rng);
+    }
+}
+
+/// Sum and sum of squares of the mean payoff of the antithetic pairs of
+/// the normal draws `normals`, in four independent accumulators: in Wasm a
+/// running sum lives in a stack slot (see `price_european`), so four pairs
+/// per iteration share its load and store, and the additions no longer wait
+/// on each other.
+#[inline(never)]
+fn antithetic_payoff_sums(
+    contract: &Contract,
+    forward: f64,
+    diffusion: f64,
+    normals: &[f64],
+) -> (f64, f64) {
+    const LANES: usize = 4;
+    let pair_mean = |z: f64| {
+        let shock = (diffusion * z).exp();
+        0.5 * (contract.payoff(forward * shock) + contract.payoff(forward / shock))
+    };
+    let (mut sums, mut squares) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let mut chunks = normals.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for lane in 0..LANES {
+            let sample = pair_mean(chunk[lane]);
+            sums[lane] += sample;
+            squares[lane] += sample * sample;
+        }
+    }
+    for &z in chunks.remainder() {
+        let sample = pair_mean(z);
+        sums[0] += sample;
+        squares[0] += sample * sample;
+    }
+    (sums.iter().sum(), squares.iter().sum())
 }
 
 /// The Black-Scholes closed-form price, the reference the Monte Carlo price is tested against.
