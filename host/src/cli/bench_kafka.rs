@@ -228,7 +228,7 @@ async fn broker_rate(
         .map_err(failed)?;
     consumer.assign(&list).map_err(failed)?;
     let started = Instant::now();
-    let consume = tokio::task::spawn_blocking(move || {
+    let (consumed, consume) = tokio::task::spawn_blocking(move || {
         let (mut read, mut last_read) = (0, started.elapsed());
         while read < n {
             match consumer.poll(Duration::from_secs(30)) {
@@ -242,7 +242,7 @@ async fn broker_rate(
     })
     .await
     .map_err(failed)??;
-    Ok((produce, consume.0, consume.1))
+    Ok((produce, consumed, consume))
 }
 
 /// Topics to create (name, partitions), and who waits for them.
