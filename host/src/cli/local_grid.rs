@@ -126,21 +126,39 @@ pub(super) async fn submit_noop_jobs(
     while submitted < tasks {
         let n = batch.max(1).min(tasks - submitted);
         let payloads = vec![serde_json::Value::Null; n as usize];
-        let response = client
-            .post(format!("{url}/v1/jobs"))
-            .json(&serde_json::json!({"module": "noop", "payloads": payloads}))
-            .send()
-            .await
-            .map_err(failed)?;
-        if !response.status().is_success() {
-            return Err(failed(format!(
-                "submit failed: {}",
-                response.text().await.unwrap_or_default()
-            )));
-        }
+        post_job(
+            client,
+            url,
+            &serde_json::json!({"module": "noop", "payloads": payloads}),
+        )
+        .await?;
         submitted += n;
     }
     Ok(())
+}
+
+/// Submit one job (`POST /v1/jobs` with `body`) and return its id; a
+/// refusal fails with the server's answer.
+pub(super) async fn post_job(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<String, CliError> {
+    let response = client
+        .post(format!("{url}/v1/jobs"))
+        .json(body)
+        .send()
+        .await
+        .map_err(failed)?;
+    let status = response.status();
+    let answer = response.text().await.map_err(failed)?;
+    let id = serde_json::from_str::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|job| job["id"].as_str().map(str::to_string));
+    match id {
+        Some(id) if status.is_success() => Ok(id),
+        _ => Err(failed(format!("submit failed: {answer}"))),
+    }
 }
 
 /// Count stored events that match until `target` is reached. When the

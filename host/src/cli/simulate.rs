@@ -3,10 +3,10 @@
 //! (the original KWQ's simulate endpoint, as a command).
 
 use super::CliError;
-use super::local_grid::{LocalGrid, count_events, failed};
+use super::local_grid::{LocalGrid, count_events, failed, post_job};
 use crate::model::TaskState;
 use crate::queue::TaskFilter;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// Run `kwq simulate`.
@@ -23,19 +23,12 @@ async fn simulate(tasks: u64, duration_ms: u64, workers: usize) -> Result<(), Cl
     let mut events = grid.queue.subscribe();
     let started = Instant::now();
     let sweep = json!({"base": {"action": "sleep", "ms": duration_ms}, "params": {"n": {"from": 1, "to": tasks}}});
-    let job: Value = client
-        .post(format!("{}/v1/jobs", grid.url))
-        .json(&json!({"module": "misbehave", "sweep": sweep, "name": "simulation"}))
-        .send()
-        .await
-        .map_err(failed)?
-        .json()
-        .await
-        .map_err(failed)?;
-    let id = job["id"]
-        .as_str()
-        .ok_or_else(|| failed(format!("submit failed: {job}")))?
-        .to_string();
+    let id = post_job(
+        &client,
+        &grid.url,
+        &json!({"module": "misbehave", "sweep": sweep, "name": "simulation"}),
+    )
+    .await?;
     let in_job =
         |e: &crate::model::Event| e.job_id.as_deref() == Some(id.as_str()) && e.state.is_terminal();
     count_events(&mut events, tasks, Duration::from_secs(600), in_job, || {
