@@ -93,9 +93,9 @@ fn host(tansu: &Tansu, dir: &Path, name: &str) -> Server {
     )
 }
 
-/// Workers of a job's completed tasks, as seen by one host (first pages).
+/// Hosts that ran a job's completed tasks, as seen by one host. Every page
+/// is read: the first pages alone may all be one host's tasks.
 async fn workers_of(client: &reqwest::Client, server: &Server, job: &str) -> BTreeSet<String> {
-    // Every page: the first pages alone may all be one host's tasks.
     let mut workers = BTreeSet::new();
     let mut after = String::new();
     loop {
@@ -107,10 +107,11 @@ async fn workers_of(client: &reqwest::Client, server: &Server, job: &str) -> BTr
             ),
         )
         .await;
-        let items = page["items"].as_array().cloned().unwrap_or_default();
         workers.extend(
-            items
-                .iter()
+            page["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
                 .filter_map(|t| t["worker"].as_str())
                 .filter_map(|w| w.split('/').next())
                 .map(str::to_string),
