@@ -26,6 +26,19 @@ pub enum StoreUrl {
 }
 
 impl StoreUrl {
+    /// One line for the start-up banner (no secrets: Kafka settings beyond
+    /// the brokers are left out).
+    pub fn describe(&self) -> String {
+        match self {
+            StoreUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+            StoreUrl::Kafka(kafka) => format!(
+                "kafka://{} (view {})",
+                kafka.brokers,
+                kafka.view_path.display()
+            ),
+        }
+    }
+
     /// Parse `sqlite://PATH` (or a bare path) or `kafka://HOST:PORT,...[?options]`
     /// (see [`KafkaConfig::parse`]; the view path and host name are set by the caller).
     pub fn parse(text: &str) -> anyhow::Result<Self> {
@@ -80,61 +93,126 @@ impl ModuleSource for StoreModules {
     }
 }
 
-/// Run a host until `shutdown` resolves, then stop cleanly: stop taking
-/// requests, let running tasks finish (or return them), flush the store.
+/// A running host: store, runtime, tracker, workers and the HTTP API, all
+/// up. [`Host::start`] returns only once every part has started, so
+/// whoever prints "serving" after it tells the truth; [`Host::stop`] shuts
+/// them down in the reverse order.
+pub struct Host {
+    address: std::net::SocketAddr,
+    queue: Arc<dyn Queue>,
+    dispatcher: Option<Dispatcher>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_http: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Host {
+    /// Open the store, start the runtime, rebuild the statistics, upload the
+    /// examples if asked, start the workers and serve the API on `listener`.
+    /// Any failure is returned before anything serves.
+    pub async fn start(
+        config: ServerConfig,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Host> {
+        let address = listener
+            .local_addr()
+            .context("reading the listen address")?;
+        let queue: Arc<dyn Queue> = match &config.store {
+            StoreUrl::Sqlite(path) => Arc::new(
+                EmbeddedQueue::open(path, config.queue.clone())
+                    .with_context(|| format!("opening store {}", path.display()))?,
+            ),
+            StoreUrl::Kafka(kafka) => Arc::new(
+                KafkaQueue::connect(
+                    (**kafka).clone(),
+                    config.queue.aging,
+                    config.queue.affinity_window,
+                )
+                .await
+                .with_context(|| format!("joining the Kafka grid at {}", kafka.brokers))?,
+            ),
+        };
+        let started = Self::start_on(config, queue.clone(), listener, address).await;
+        if started.is_err() {
+            // Nothing else holds the store yet: let its writer finish cleanly.
+            queue.close();
+            let _ = queue.flush().await;
+        }
+        started
+    }
+
+    async fn start_on(
+        config: ServerConfig,
+        queue: Arc<dyn Queue>,
+        listener: tokio::net::TcpListener,
+        address: std::net::SocketAddr,
+    ) -> anyhow::Result<Host> {
+        let runtime = Runtime::new(config.runtime.clone()).context("starting the Wasm runtime")?;
+        runtime.set_module_source(Arc::new(StoreModules(queue.clone())));
+        crate::tracker::metrics::install();
+        let tracker = Tracker::attach(&queue)
+            .await
+            .context("rebuilding statistics")?;
+        queue.start();
+        if config.examples {
+            upload_examples(&runtime, &queue).await?;
+        }
+        let dispatcher = (config.dispatch.workers > 0).then(|| {
+            Dispatcher::start(
+                runtime.clone(),
+                queue.clone(),
+                config.dispatch.clone(),
+                &config.host,
+            )
+        });
+        let state = AppState {
+            queue: queue.clone(),
+            runtime,
+            tracker,
+            board: dispatcher.as_ref().map(Dispatcher::board),
+            token: config.token.clone(),
+            limits: config.limits.clone(),
+        };
+        let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+        let http = tokio::spawn(api::serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Host {
+            address,
+            queue,
+            dispatcher,
+            http,
+            stop_http,
+        })
+    }
+
+    /// The address the API is served on (useful with port 0).
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// Stop cleanly: stop taking requests, let running tasks finish (or
+    /// return them to the queue), flush the store.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop_http.send(());
+        let served = self.http.await.context("the HTTP server task failed")?;
+        if let Some(dispatcher) = self.dispatcher {
+            dispatcher.stop().await;
+        }
+        self.queue.close();
+        self.queue.flush().await.context("flushing the store")?;
+        served.context("serving HTTP")
+    }
+}
+
+/// Run a host until `shutdown` resolves, then stop it cleanly (see [`Host`]).
 pub async fn run(
     config: ServerConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let queue: Arc<dyn Queue> = match &config.store {
-        StoreUrl::Sqlite(path) => Arc::new(
-            EmbeddedQueue::open(path, config.queue.clone())
-                .with_context(|| format!("opening store {}", path.display()))?,
-        ),
-        StoreUrl::Kafka(kafka) => Arc::new(
-            KafkaQueue::connect(
-                (**kafka).clone(),
-                config.queue.aging,
-                config.queue.affinity_window,
-            )
-            .await
-            .with_context(|| format!("joining the Kafka grid at {}", kafka.brokers))?,
-        ),
-    };
-    let runtime = Runtime::new(config.runtime.clone()).context("starting the Wasm runtime")?;
-    runtime.set_module_source(Arc::new(StoreModules(queue.clone())));
-    crate::tracker::metrics::install();
-    let tracker = Tracker::attach(&queue)
-        .await
-        .context("rebuilding statistics")?;
-    queue.start();
-    if config.examples {
-        upload_examples(&runtime, &queue).await?;
-    }
-    let dispatcher = (config.dispatch.workers > 0).then(|| {
-        Dispatcher::start(
-            runtime.clone(),
-            queue.clone(),
-            config.dispatch.clone(),
-            &config.host,
-        )
-    });
-    let state = AppState {
-        queue: queue.clone(),
-        runtime,
-        tracker,
-        board: dispatcher.as_ref().map(Dispatcher::board),
-        token: config.token.clone(),
-        limits: config.limits.clone(),
-    };
-    let served = api::serve(listener, state, shutdown).await;
-    if let Some(dispatcher) = dispatcher {
-        dispatcher.stop().await;
-    }
-    queue.close();
-    queue.flush().await.context("flushing the store")?;
-    served.context("serving HTTP")
+    let host = Host::start(config, listener).await?;
+    shutdown.await;
+    host.stop().await
 }
 
 /// Upload every bundled module under its crate name (idempotent): `kwq

@@ -363,3 +363,103 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         "the vendored bundle is served whole"
     );
 }
+
+/// The OpenAPI document states the bounds the server enforces: at each
+/// documented minimum and maximum a submission is accepted, one step
+/// outside it is refused with 400, and the exclusions it documents are
+/// refused too. So a generated client or a fuzzer sends what the server takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_request_schemas_state_the_bounds_the_server_enforces() {
+    let grid = TestGrid::new(None, ApiLimits::default()).await;
+    grid.upload(examples::NOOP, "noop").await;
+    let (_, doc) = grid.call("GET", "/openapi.json", None).await;
+    let options = &doc["components"]["schemas"]["TaskOptionsDoc"]["properties"];
+    for field in [
+        "priority",
+        "timeout_ms",
+        "memory_bytes",
+        "max_attempts",
+        "delay_ms",
+    ] {
+        let (min, max) = (
+            options[field]["minimum"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{field} has no minimum")),
+            options[field]["maximum"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{field} has no maximum")),
+        );
+        for (value, accepted) in [(min, true), (max, true), (min - 1, false), (max + 1, false)] {
+            let (status, body) = grid
+                .call(
+                    "POST",
+                    "/v1/tasks",
+                    Some(json!({"module": "noop", field: value, "priority": if field == "priority" { value } else { 0 }})),
+                )
+                .await;
+            if accepted {
+                assert_eq!(status, 201, "{field}={value}: {body}");
+            } else {
+                assert_error(status, &body, 400, "invalid_field", field);
+            }
+        }
+    }
+    // Exclusions stated in the document, refused by the server.
+    let task = &doc["components"]["schemas"]["TaskSubmission"]["allOf"];
+    assert!(
+        task.to_string()
+            .contains(r#"{"not":{"required":["payload","payload_base64"]}}"#),
+        "{task}"
+    );
+    let (status, body) = grid
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"module": "noop", "payload": 1, "payload_base64": "AQ=="})),
+        )
+        .await;
+    assert_error(status, &body, 400, "invalid_field", "payload");
+    let job = &doc["components"]["schemas"]["JobSubmission"];
+    assert!(job.to_string().contains("oneOf"), "{job}");
+    let (status, body) = grid
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"module": "noop", "payloads": [1], "sweep": {"params": {"x": [1]}}})),
+        )
+        .await;
+    assert_error(status, &body, 400, "invalid_job", "exactly one");
+    assert_eq!(job["unevaluatedProperties"], json!(false));
+    let (status, body) = grid
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"module": "noop", "payloads": [1], "priorty": 3})),
+        )
+        .await;
+    assert_error(status, &body, 400, "invalid_field", "priorty");
+    // Page sizes: the documented range of `limit`, on both listings.
+    for path in ["/v1/tasks", "/v1/jobs"] {
+        let limit = doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == json!("limit"))
+            .unwrap_or_else(|| panic!("{path} documents no limit"))["schema"]
+            .clone();
+        let (min, max) = (
+            limit["minimum"].as_i64().unwrap(),
+            limit["maximum"].as_i64().unwrap(),
+        );
+        for (value, ok) in [(min, true), (max, true), (min - 1, false), (max + 1, false)] {
+            let (status, body) = grid
+                .call("GET", &format!("{path}?limit={value}"), None)
+                .await;
+            if ok {
+                assert_eq!(status, 200, "{path}?limit={value}: {body}");
+            } else {
+                assert_error(status, &body, 400, "invalid_query", "limit");
+            }
+        }
+    }
+}

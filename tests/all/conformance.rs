@@ -222,7 +222,7 @@ fn failure(retry_at: Option<u64>) -> Failure {
         kind: ErrorKind::GuestError,
         message: "no".into(),
         logs: Vec::new(),
-        run_ms: 1,
+        run_us: 1,
         retry_at,
     }
 }

@@ -298,7 +298,10 @@ async fn a_sweep_expands_lazily_and_streams_every_result_once() {
     grid.start_workers(2);
     let done = grid.wait_job(&id).await;
     assert_eq!(done["counts"]["Completed"], json!(10_000), "{done}");
-    assert!(done["mean_run_ms"].as_f64().is_some());
+    // Run times at task resolution: an echo task takes microseconds, so its
+    // mean reads in µs (whole milliseconds would say 1).
+    let mean = done["mean_run_us"].as_f64().unwrap();
+    assert!(mean > 0.0 && mean < 1000.0, "mean run {mean} µs: {done}");
 
     use tower::ServiceExt;
     let request = axum::http::Request::get(format!("/v1/jobs/{id}/results"))
@@ -413,5 +416,16 @@ async fn metrics_are_served_in_prometheus_text_format() {
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    // Histograms start at 10 µs and name the module as well as its hash.
+    let curve_runs: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("kwq_task_run_seconds_bucket") && l.contains("module_name=\"curve\"")
+        })
+        .collect();
+    assert!(
+        curve_runs.iter().any(|l| l.contains("le=\"0.00001\"")),
+        "no 10 µs bucket for curve in\n{text}"
+    );
     grid.stop().await;
 }

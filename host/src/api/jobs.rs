@@ -103,15 +103,19 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/jobs`: newest first.
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(("limit" = Option<usize>, Query)), responses((status = 200, body = Vec<Object>)))]
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")), responses((status = 200, body = Vec<Object>), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, AppError> {
-    let jobs = state
-        .queue
-        .jobs(q.limit.unwrap_or(100).clamp(1, 1000))
-        .await?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(AppError::bad_request(
+            "invalid_query",
+            "limit must be 1 to 1000",
+        ));
+    }
+    let jobs = state.queue.jobs(limit).await?;
     Ok(Json(Value::Array(
         jobs.iter()
             .map(|j| views::job(j, &state.tracker.job(&j.id)))

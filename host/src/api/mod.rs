@@ -92,6 +92,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/openapi.json"),
     ("get", "/docs"),
+    ("get", "/docs/"),
     ("get", "/docs/swagger-ui-bundle.js"),
     ("get", "/docs/swagger-ui.css"),
     ("get", "/"),
@@ -133,6 +134,7 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/", get(openapi::dashboard))
         .route("/docs", get(openapi::docs))
+        .route("/docs/", get(openapi::docs_slash))
         .route("/docs/swagger-ui-bundle.js", get(openapi::swagger_bundle))
         .route("/docs/swagger-ui.css", get(openapi::swagger_css))
         .route("/healthz", get(system::healthz_root));

@@ -35,55 +35,75 @@ pub(super) struct Created {
     pub(super) id: String,
 }
 
-/// Options every submission may carry; all optional.
+/// Options every submission may carry; all optional. The bounds stated
+/// here are the ones the handlers enforce (400 `invalid_field` outside them),
+/// so generated clients and fuzzers send only what the server accepts.
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct TaskOptionsDoc {
     /// 0..=9, 9 highest; 0 holds the task until raised. Default 5.
+    #[schema(minimum = 0, maximum = 9, default = 5)]
     priority: Option<u8>,
-    /// Key/value labels.
+    /// Key/value labels: at most 64, keys 1-128 characters, values up to 256.
     tags: Option<BTreeMap<String, String>>,
-    /// Warm-instance key, e.g. `curve=USD`.
+    /// Warm-instance key, e.g. `curve=USD`: 1-256 characters.
+    #[schema(min_length = 1, max_length = 256)]
     affinity: Option<String>,
     /// Per attempt, 1 ms to 24 h. Default 60000.
+    #[schema(minimum = 1, maximum = 86_400_000, default = 60_000)]
     timeout_ms: Option<u64>,
     /// Linear-memory cap, 1 MiB to 4 GiB. Default 256 MiB.
+    #[schema(
+        minimum = 1_048_576,
+        maximum = 4_294_967_296_u64,
+        default = 268_435_456
+    )]
     memory_bytes: Option<u64>,
     /// 1 to 100. Default 3.
+    #[schema(minimum = 1, maximum = 100, default = 3)]
     max_attempts: Option<u32>,
-    /// Delayed start, ms from now.
+    /// Delayed start, ms from now: 0 to 365 days. Not with `not_before`.
+    #[schema(minimum = 0, maximum = 31_536_000_000_u64)]
     delay_ms: Option<u64>,
-    /// Delayed start, ms since the epoch.
+    /// Delayed start, ms since the epoch. Not with `delay_ms`.
+    #[schema(minimum = 0)]
     not_before: Option<u64>,
 }
 
-/// Body of `POST /v1/tasks`.
+/// Body of `POST /v1/tasks`: `payload` or `payload_base64`, not both
+/// (neither: the payload is JSON `null`). Unknown fields are rejected.
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct TaskSubmission {
     /// Module id (SHA-256) or name.
+    #[schema(min_length = 1)]
     module: String,
     /// The payload as JSON.
     payload: Option<serde_json::Value>,
     /// Or the payload as base64 bytes.
+    #[schema(content_encoding = "base64")]
     payload_base64: Option<String>,
     /// Options.
     #[serde(flatten)]
     options: TaskOptionsDoc,
 }
 
-/// Body of `POST /v1/jobs`: exactly one of `payloads`, `payloads_base64`, `sweep`.
+/// Body of `POST /v1/jobs`: exactly one of `payloads`, `payloads_base64`,
+/// `sweep`. Unknown fields are rejected.
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct JobSubmission {
     /// Module id (SHA-256) or name.
+    #[schema(min_length = 1)]
     module: String,
     /// A name for people.
     name: Option<String>,
-    /// One task per payload (at most 1,000,000).
+    /// One task per payload: 1 to 1,000,000.
+    #[schema(min_items = 1, max_items = 1_000_000)]
     payloads: Option<Vec<serde_json::Value>>,
-    /// One task per base64 payload.
+    /// One task per base64 payload: 1 to 1,000,000.
+    #[schema(min_items = 1, max_items = 1_000_000)]
     payloads_base64: Option<Vec<String>>,
-    /// `{"base": {...}, "params": {"spot": {"from": 80, "to": 120, "step": 0.5}, "kind": ["call", "put"]}}`:
-    /// the cartesian product, expanded as workers lease tasks.
-    sweep: Option<serde_json::Value>,
+    /// The cartesian product of `params` over `base`, expanded as workers
+    /// lease tasks: at most 10^10 points.
+    sweep: Option<crate::model::Sweep>,
     /// Options of every task.
     #[serde(flatten)]
     options: TaskOptionsDoc,
@@ -93,7 +113,74 @@ pub(super) struct JobSubmission {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct PriorityChange {
     /// 0..=9.
+    #[schema(minimum = 0, maximum = 9)]
     priority: u8,
+}
+
+/// What the derives cannot say: which fields exclude each other, that
+/// unknown fields are rejected. Added to the generated document by name.
+fn with_constraints(mut doc: serde_json::Value) -> serde_json::Value {
+    use serde_json::json;
+    let not_both = |a: &str, b: &str| json!({"not": {"required": [a, b]}});
+    let rules = [
+        (
+            "TaskSubmission",
+            vec![
+                not_both("payload", "payload_base64"),
+                not_both("delay_ms", "not_before"),
+            ],
+        ),
+        (
+            "JobSubmission",
+            vec![
+                json!({"oneOf": [
+                    {"required": ["payloads"]},
+                    {"required": ["payloads_base64"]},
+                    {"required": ["sweep"]}
+                ]}),
+                not_both("delay_ms", "not_before"),
+            ],
+        ),
+        ("PriorityChange", vec![]),
+    ];
+    // Bounds utoipa's derive has no attribute for, by JSON pointer.
+    let bounds = [
+        (
+            "/components/schemas/TaskOptionsDoc/properties/tags",
+            "maxProperties",
+            json!(64),
+        ),
+        (
+            "/components/schemas/Sweep/properties/params",
+            "minProperties",
+            json!(1),
+        ),
+        (
+            "/components/schemas/SweepAxis/oneOf/1",
+            "minItems",
+            json!(1),
+        ),
+    ];
+    for (pointer, key, value) in bounds {
+        if let Some(serde_json::Value::Object(schema)) = doc.pointer_mut(pointer) {
+            schema.insert(key.to_string(), value);
+        }
+    }
+    for (name, mut rules) in rules {
+        let Some(schema) = doc.pointer_mut(&format!("/components/schemas/{name}")) else {
+            continue;
+        };
+        let original = schema.take();
+        rules.insert(0, original);
+        *schema = json!({"allOf": rules, "unevaluatedProperties": false});
+    }
+    doc
+}
+
+/// The document served at `/openapi.json`: generated from the handlers,
+/// with [`with_constraints`].
+pub fn document() -> serde_json::Value {
+    with_constraints(serde_json::to_value(ApiDoc::openapi()).unwrap_or_default())
 }
 
 /// The whole API.
@@ -108,7 +195,7 @@ pub(super) struct PriorityChange {
         super::events::stream,
         super::system::stats, super::system::healthz, super::system::healthz_root,
         super::system::metrics, super::system::metrics_root,
-        openapi_json, docs, swagger_bundle, swagger_css, dashboard,
+        openapi_json, docs, docs_slash, swagger_bundle, swagger_css, dashboard,
     ),
     components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, PriorityChange, crate::queue::ModuleRecord)),
     tags(
@@ -124,7 +211,7 @@ pub struct ApiDoc;
 /// `GET /openapi.json`.
 #[utoipa::path(get, path = "/openapi.json", tag = "system", responses((status = 200, description = "this document", body = Object)))]
 pub(super) async fn openapi_json() -> impl IntoResponse {
-    axum::Json(ApiDoc::openapi())
+    axum::Json(document())
 }
 
 const DASHBOARD: &str = include_str!("../../assets/dashboard/index.html");
@@ -151,6 +238,12 @@ pub(super) async fn docs() -> Html<&'static str> {
 <script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 </body></html>"##,
     )
+}
+
+/// `GET /docs/`: where people and link checkers often go; the page lives at `/docs`.
+#[utoipa::path(get, path = "/docs/", tag = "system", responses((status = 308, description = "to /docs")))]
+pub(super) async fn docs_slash() -> axum::response::Redirect {
+    axum::response::Redirect::permanent("/docs")
 }
 
 /// `GET /docs/swagger-ui-bundle.js`.

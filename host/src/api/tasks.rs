@@ -219,7 +219,7 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/tasks?job=&status=&tag=key=value&after=&limit=`: one page; `next` is the cursor.
-#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(("job" = Option<String>, Query), ("status" = Option<String>, Query, description = "Pending, Allocated, Running, Completed, Error, Dead or Cancelled"), ("tag" = Option<String>, Query, description = "key=value"), ("after" = Option<u64>, Query, description = "cursor from the previous page"), ("limit" = Option<usize>, Query, description = "1 to 1000, default 100")), responses((status = 200, description = "{items, next}", body = Object), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(("job" = Option<String>, Query), ("status" = Option<String>, Query, description = "Pending, Allocated, Running, Completed, Error, Dead or Cancelled"), ("tag" = Option<String>, Query, description = "key=value"), ("after" = Option<u64>, Query, description = "cursor from the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")), responses((status = 200, description = "{items, next}", body = Object), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,

@@ -74,8 +74,8 @@ pub(super) fn job(job: &JobRecord, stats: &JobStats) -> Value {
         "finished": finished,
         "progress": if job.total == 0 { 1.0 } else { finished as f64 / job.total as f64 },
         "throughput_per_s": stats.throughput_per_s,
-        "mean_run_ms": stats.mean_run_ms,
-        "p95_run_ms": stats.p95_run_ms,
+        "mean_run_us": stats.mean_run_us,
+        "p95_run_us": stats.p95_run_us,
     })
 }
 

@@ -440,13 +440,13 @@ fn watch_job(client: &Client, id: &str) -> Result<(), CliError> {
                 let dead = counts["Dead"].as_u64().unwrap_or(0)
                     + counts["Cancelled"].as_u64().unwrap_or(0);
                 eprintln!(
-                    "job {id} {}: {} completed, {} dead, {} cancelled, mean run {:.1} ms, p95 {} ms",
+                    "job {id} {}: {} completed, {} dead, {} cancelled, mean run {}, p95 {}",
                     job["state"].as_str().unwrap_or(""),
                     counts["Completed"],
                     counts["Dead"],
                     counts["Cancelled"],
-                    job["mean_run_ms"].as_f64().unwrap_or(0.0),
-                    job["p95_run_ms"]
+                    super::parse::micros(job["mean_run_us"].as_f64().unwrap_or(0.0)),
+                    super::parse::micros(job["p95_run_us"].as_f64().unwrap_or(0.0))
                 );
                 return if dead > 0 {
                     Err(CliError::failed(format!("{dead} tasks did not complete")))

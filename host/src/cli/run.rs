@@ -45,7 +45,10 @@ pub(super) fn run(args: RunArgs, perf_map: bool) -> Result<(), CliError> {
     })?;
     let payload = read_payload(&args.payload)?;
     let config = RuntimeConfig {
-        cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
+        cache_dir: match args.cache_dir.clone().or_else(default_cache_dir) {
+            Some(dir) => Some(super::parse::absolute(&dir)?),
+            None => None,
+        },
         fuel: args.fuel.is_some(),
         perf_map,
         ..RuntimeConfig::default()
@@ -137,9 +140,12 @@ fn read_payload(arg: &str) -> Result<Vec<u8>, CliError> {
     Ok(arg.as_bytes().to_vec())
 }
 
-/// `~/.cache/kwq/compiled`, or none without a home directory.
+/// `$XDG_CACHE_HOME/kwq/compiled` or `~/.cache/kwq/compiled`, or none
+/// without a home directory. A relative `XDG_CACHE_HOME` is taken against
+/// the working directory (by the caller), an empty one is ignored.
 fn default_cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
     Some(base.join("kwq").join("compiled"))

@@ -53,13 +53,20 @@ pub struct ServeArgs {
 /// Run `kwq serve`.
 pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
     let host = args.host.clone().unwrap_or_else(hostname);
+    // Every path is made absolute once, here, against the working directory:
+    // wasmtime's compile cache refuses relative paths, and a later change of
+    // directory must not move the store.
+    let data_dir = parse::absolute(&args.data_dir)?;
     let mut store = match &args.store {
         Some(url) => StoreUrl::parse(url).map_err(|e| CliError::usage(e.to_string()))?,
-        None => StoreUrl::Sqlite(args.data_dir.join("kwq.db")),
+        None => StoreUrl::Sqlite(data_dir.join("kwq.db")),
     };
-    if let StoreUrl::Kafka(kafka) = &mut store {
-        kafka.view_path = args.data_dir.join("view.db");
-        kafka.host = host.clone();
+    match &mut store {
+        StoreUrl::Sqlite(path) => *path = parse::absolute(path)?,
+        StoreUrl::Kafka(kafka) => {
+            kafka.view_path = data_dir.join("view.db");
+            kafka.host = host.clone();
+        }
     }
     let mut dispatch = DispatchConfig {
         max_warm: args.max_warm,
@@ -71,7 +78,7 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
     let config = ServerConfig {
         store,
         runtime: RuntimeConfig {
-            cache_dir: Some(args.data_dir.join("compiled")),
+            cache_dir: Some(data_dir.join("compiled")),
             fuel: args.fuel,
             perf_map,
             ..RuntimeConfig::default()
@@ -92,15 +99,20 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| CliError::usage(format!("cannot listen on {}: {e}", args.listen)))?;
-        let address = listener
-            .local_addr()
-            .map_err(|e| CliError::failed(e.to_string()))?;
+        let store = config.store.describe();
+        let workers = config.dispatch.workers;
+        // Signals are watched from before the start, so a SIGTERM during a
+        // slow start (compiling the examples) still stops the host cleanly.
+        let shutdown = tokio::spawn(shutdown_signal());
+        let host = crate::server::Host::start(config, listener)
+            .await
+            .map_err(|e| CliError::failed(format!("{e:#}")))?;
+        // Only now is every part up: store, runtime, workers, listener.
+        let address = host.address();
         println!("kwq serving on http://{address} | dashboard http://{address}/ | API http://{address}/v1 | docs http://{address}/docs");
-        println!(
-            "store: {:?}, workers: {}",
-            config.store, config.dispatch.workers
-        );
-        crate::server::run(config, listener, shutdown_signal())
+        println!("store: {store}, workers: {workers}");
+        let _ = shutdown.await;
+        host.stop()
             .await
             .map_err(|e| CliError::failed(format!("{e:#}")))
     })

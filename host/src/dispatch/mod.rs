@@ -191,7 +191,7 @@ impl WorkerContext {
             Ending::Cancelled => return self.queue.release(lease, true),
             Ending::Abandoned => return self.queue.release(lease, false),
         };
-        let run_ms = report.elapsed.as_millis() as u64;
+        let run_us = report.elapsed.as_micros() as u64;
         let outcome = match report.outcome {
             Ok(result) => self.queue.complete(
                 lease,
@@ -199,7 +199,7 @@ impl WorkerContext {
                     result,
                     logs: report.logs,
                     progress: report.progress,
-                    run_ms,
+                    run_us,
                 },
             ),
             Err(error) => {
@@ -223,7 +223,7 @@ impl WorkerContext {
                         kind,
                         message,
                         logs: report.logs,
-                        run_ms,
+                        run_us,
                         retry_at,
                     },
                 )

@@ -7,12 +7,14 @@ use serde_json::{Map, Number, Value};
 use std::collections::BTreeMap;
 
 /// A parameter sweep. The last axis (in name order) varies fastest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sweep {
     /// Fields every payload shares (a JSON object).
     #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
     pub base: Value,
-    /// Field name -> values it takes.
+    /// Field name -> values it takes: at least one; the product of their
+    /// lengths is at most 10^10.
     pub params: BTreeMap<String, SweepAxis>,
 }
 
@@ -21,20 +23,21 @@ fn empty_object() -> Value {
 }
 
 /// The values one sweep field takes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SweepAxis {
-    /// `from`, `from + step`, ... up to and including `to`.
+    /// `from`, `from + step`, ... up to and including `to` (not below `from`).
     Range {
         /// First value.
         from: f64,
         /// Last value (inclusive, within rounding).
         to: f64,
-        /// Increment, > 0.
+        /// Increment, > 0. Default 1.
         #[serde(default = "one")]
+        #[schema(exclusive_minimum = 0, default = 1)]
         step: f64,
     },
-    /// An explicit list.
+    /// An explicit list, not empty.
     Values(Vec<Value>),
 }
 

@@ -15,6 +15,19 @@ pub fn now_ms() -> Millis {
         .map_or(0, |d| d.as_millis() as Millis)
 }
 
+/// Microseconds: every duration (run time, queue wait) on the wire, in the
+/// store and in statistics. Tasks of this grid take microseconds, so a
+/// duration in whole milliseconds would read 0 or 1 for most of them.
+pub type Micros = u64;
+
+/// Microseconds since the Unix epoch: when a task became ready, so its queue
+/// wait can be measured at task resolution.
+pub fn now_us() -> Micros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as Micros)
+}
+
 /// A task's id: `t-<uuid>` for a lone task, `<job id>.<index>` for a job's task.
 pub type TaskId = String;
 
@@ -198,6 +211,12 @@ pub struct Event {
     pub error_kind: Option<ErrorKind>,
     /// For Error and Dead: the message; for Pending after a restart: why requeued.
     pub message: Option<String>,
+    /// For Completed, Error and Dead: how long the attempt ran, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_us: Option<Micros>,
+    /// For Allocated: how long the task waited ready before this lease, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_us: Option<Micros>,
 }
 
 /// A job as submitted: one module, shared options, and either explicit

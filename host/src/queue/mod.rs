@@ -10,8 +10,8 @@ pub mod embedded;
 pub mod kafka;
 
 use crate::model::{
-    ErrorKind, Event, JobId, JobRecord, LogLine, Millis, ModuleId, ModuleKind, NewJob, NewTask,
-    TaskId, TaskRecord, TaskState,
+    ErrorKind, Event, JobId, JobRecord, LogLine, Micros, Millis, ModuleId, ModuleKind, NewJob,
+    NewTask, TaskId, TaskRecord, TaskState,
 };
 use async_trait::async_trait;
 use serde::Serialize;
@@ -106,8 +106,8 @@ pub struct Completion {
     pub logs: Vec<LogLine>,
     /// Last progress.
     pub progress: f32,
-    /// Run time of the attempt.
-    pub run_ms: u64,
+    /// Run time of the attempt, µs.
+    pub run_us: Micros,
 }
 
 /// What a failed attempt left behind.
@@ -119,8 +119,8 @@ pub struct Failure {
     pub message: String,
     /// Guest log lines.
     pub logs: Vec<LogLine>,
-    /// Run time of the attempt.
-    pub run_ms: u64,
+    /// Run time of the attempt, µs.
+    pub run_us: Micros,
     /// When to retry; `None` parks the task as Dead.
     pub retry_at: Option<Millis>,
 }
@@ -171,10 +171,6 @@ pub struct Committed {
     pub module: ModuleId,
     /// Tags of the task.
     pub tags: Arc<BTreeMap<String, String>>,
-    /// Run time, for Completed/Error/Dead.
-    pub run_ms: Option<u64>,
-    /// Time queued before the lease, for Allocated.
-    pub wait_ms: Option<u64>,
 }
 
 /// One task's facts for rebuilding statistics after a restart.
@@ -188,14 +184,20 @@ pub struct CensusRow {
     pub tags: BTreeMap<String, String>,
     /// Its state.
     pub state: TaskState,
-    /// Run time, if Completed.
-    pub run_ms: Option<u64>,
+    /// Run time, µs, if Completed.
+    pub run_us: Option<Micros>,
 }
 
 /// Told of every batch of events right after it is durably stored, in order.
 pub trait CommitObserver: Send + Sync {
     /// Called from the store's writer; must be quick.
     fn committed(&self, batch: &[Committed]);
+
+    /// Called from the store's writer when module records became durable
+    /// (uploaded here, or read from another host), before any event of a
+    /// task of theirs: how the tracker learns the names it labels metrics
+    /// with. Must be quick.
+    fn modules_stored(&self, _modules: &[ModuleRecord]) {}
 }
 
 /// The task store, as the dispatcher and the API see it.

@@ -92,6 +92,10 @@ impl EngineHandle {
 
         let disk_cache = match &config.cache_dir {
             Some(dir) => {
+                // wasmtime's cache accepts only absolute paths; the CLI
+                // passes absolute ones, library callers may not.
+                let dir = &std::path::absolute(dir)
+                    .map_err(|e| RuntimeError::CacheDir(dir.clone(), e.to_string()))?;
                 std::fs::create_dir_all(dir)
                     .map_err(|e| RuntimeError::CacheDir(dir.clone(), e.to_string()))?;
                 let mut cache_config = CacheConfig::new();

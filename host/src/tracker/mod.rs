@@ -7,8 +7,8 @@ mod stats;
 
 pub use stats::{JobStats, Overview, RunTimes, TagCounts};
 
-use crate::model::{JobCounts, JobId, TaskState, now_ms};
-use crate::queue::{CensusRow, CommitObserver, Committed, Queue, QueueError};
+use crate::model::{JobCounts, JobId, ModuleId, TaskState, now_ms};
+use crate::queue::{CensusRow, CommitObserver, Committed, ModuleRecord, Queue, QueueError};
 use stats::Throughput;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,9 @@ struct Inner {
     throughput: Throughput,
     retries: u64,
     dead_letters: u64,
+    /// Module id -> its latest name, for metric labels (bounded by the
+    /// number of modules, not of tasks).
+    names: HashMap<ModuleId, Arc<str>>,
 }
 
 #[derive(Default)]
@@ -52,6 +55,7 @@ impl Tracker {
         // Register first so no commit is missed; the census may then count a
         // few tasks twice for a moment at start-up, which is harmless for stats.
         queue.observe(tracker.clone());
+        tracker.modules_stored(&queue.modules().await?);
         let census = queue.census().await?;
         tracker.rebuild(&census);
         Ok(tracker)
@@ -68,8 +72,8 @@ impl Tracker {
             if let Some(job) = &row.job_id {
                 let entry = inner.jobs.entry(job.clone()).or_default();
                 entry.counts.transition(None, row.state);
-                if let Some(ms) = row.run_ms {
-                    entry.run.record(ms);
+                if let Some(us) = row.run_us {
+                    entry.run.record(us);
                 }
             }
             for tag in &row.tags {
@@ -81,8 +85,8 @@ impl Tracker {
             }
             let module = inner.modules.entry(row.module.to_string()).or_default();
             module.counts.transition(None, row.state);
-            if let Some(ms) = row.run_ms {
-                module.run.record(ms);
+            if let Some(us) = row.run_us {
+                module.run.record(us);
             }
         }
     }
@@ -102,8 +106,8 @@ impl Tracker {
         JobStats {
             counts: entry.counts,
             throughput_per_s: rate,
-            mean_run_ms: entry.run.mean(),
-            p95_run_ms: entry.run.quantile(0.95),
+            mean_run_us: entry.run.mean(),
+            p95_run_us: entry.run.quantile(0.95),
         }
     }
 
@@ -119,7 +123,7 @@ impl Tracker {
             .map(|m| {
                 (m.counts.get(TaskState::Pending) + m.counts.get(TaskState::Error)) as f64
                     * m.run.mean()
-                    / 1000.0
+                    / 1e6
             })
             .sum()
     }
@@ -180,18 +184,22 @@ impl CommitObserver for Tracker {
                 _ => {}
             }
             let module_id = c.module.to_string();
-            if let Some(ms) = c.run_ms {
-                metrics::record_run(&module_id, ms);
-            }
-            if let Some(ms) = c.wait_ms {
-                metrics::record_wait(&module_id, ms);
+            let (run_us, wait_us) = (c.event.run_us, c.event.wait_us);
+            if run_us.is_some() || wait_us.is_some() {
+                let name = inner.names.get(&c.module).map_or("", |n| &**n);
+                if let Some(us) = run_us {
+                    metrics::record_run(&module_id, name, us);
+                }
+                if let Some(us) = wait_us {
+                    metrics::record_wait(&module_id, name, us);
+                }
             }
             let module = inner.modules.entry(module_id).or_default();
             module.counts.transition(from, to);
             if to == TaskState::Completed
-                && let Some(ms) = c.run_ms
+                && let Some(us) = run_us
             {
-                module.run.record(ms);
+                module.run.record(us);
             }
             if let Some(job) = &c.event.job_id {
                 let entry = inner.jobs.entry(job.clone()).or_default();
@@ -201,10 +209,21 @@ impl CommitObserver for Tracker {
                     entry.last_finish = Some(c.event.at);
                 }
                 if to == TaskState::Completed
-                    && let Some(ms) = c.run_ms
+                    && let Some(us) = run_us
                 {
-                    entry.run.record(ms);
+                    entry.run.record(us);
                 }
+            }
+        }
+    }
+
+    fn modules_stored(&self, modules: &[ModuleRecord]) {
+        let mut inner = self.lock();
+        for module in modules {
+            if let Some(name) = &module.name {
+                inner
+                    .names
+                    .insert(module.id.clone(), Arc::from(name.as_str()));
             }
         }
     }

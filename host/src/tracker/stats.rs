@@ -4,12 +4,14 @@ use crate::model::JobCounts;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// Run times in milliseconds (1 ms .. 1 day, 3 significant digits).
+/// Run times in microseconds (1 µs .. 1 day, 3 significant digits): tasks
+/// of this grid often take microseconds, so milliseconds would round most
+/// of them to 0 or 1.
 pub struct RunTimes(Histogram<u64>);
 
 impl Default for RunTimes {
     fn default() -> Self {
-        RunTimes(Histogram::new_with_bounds(1, 86_400_000, 3).expect("valid histogram bounds"))
+        RunTimes(Histogram::new_with_bounds(1, 86_400_000_000, 3).expect("valid histogram bounds"))
     }
 }
 
@@ -18,19 +20,19 @@ impl Default for RunTimes {
 pub struct RunSummary {
     /// Samples.
     pub count: u64,
-    /// Mean run time, ms.
-    pub mean_ms: f64,
-    /// 95th percentile, ms.
-    pub p95_ms: u64,
+    /// Mean run time, µs.
+    pub mean_us: f64,
+    /// 95th percentile, µs.
+    pub p95_us: u64,
 }
 
 impl RunTimes {
-    /// Add one run time.
-    pub fn record(&mut self, ms: u64) {
-        self.0.saturating_record(ms.max(1));
+    /// Add one run time, µs.
+    pub fn record(&mut self, us: u64) {
+        self.0.saturating_record(us.max(1));
     }
 
-    /// Mean, ms (0 when empty).
+    /// Mean, µs (0 when empty).
     pub fn mean(&self) -> f64 {
         if self.0.is_empty() {
             0.0
@@ -39,7 +41,7 @@ impl RunTimes {
         }
     }
 
-    /// Quantile, ms (0 when empty).
+    /// Quantile, µs (0 when empty).
     pub fn quantile(&self, q: f64) -> u64 {
         if self.0.is_empty() {
             0
@@ -52,8 +54,8 @@ impl RunTimes {
     pub fn summary(&self) -> RunSummary {
         RunSummary {
             count: self.0.len(),
-            mean_ms: self.mean(),
-            p95_ms: self.quantile(0.95),
+            mean_us: self.mean(),
+            p95_us: self.quantile(0.95),
         }
     }
 }
@@ -65,10 +67,10 @@ pub struct JobStats {
     pub counts: JobCounts,
     /// Finished tasks per second between the first and the latest finish.
     pub throughput_per_s: f64,
-    /// Mean run time of completed tasks, ms.
-    pub mean_run_ms: f64,
-    /// 95th percentile run time, ms.
-    pub p95_run_ms: u64,
+    /// Mean run time of completed tasks, µs.
+    pub mean_run_us: f64,
+    /// 95th percentile run time, µs.
+    pub p95_run_us: u64,
 }
 
 /// One tag's counts per state.
@@ -188,10 +190,24 @@ mod tests {
     #[test]
     fn run_times_give_mean_and_p95() {
         let mut r = RunTimes::default();
-        for ms in 1..=100 {
-            r.record(ms);
+        for us in 1..=100 {
+            r.record(us);
         }
         assert_eq!(r.quantile(0.95), 95);
         assert!((r.mean() - 50.5).abs() < 0.1);
+    }
+
+    #[test]
+    fn sub_millisecond_run_times_keep_their_resolution() {
+        let mut r = RunTimes::default();
+        for us in [120, 150, 180] {
+            r.record(us);
+        }
+        // Three significant digits at every scale: 150 µs reads as 150, not 0 or 1 ms.
+        assert!((r.mean() - 150.0).abs() < 1.0, "mean {}", r.mean());
+        assert_eq!(r.quantile(0.95), 180);
+        // A day is still in range.
+        r.record(86_400_000_000);
+        assert!(r.quantile(1.0) >= 86_300_000_000);
     }
 }

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::model::{
     Event, JobId, JobRecord, Millis, ModuleId, NewJob, NewTask, Sweep, TaskId, TaskRecord,
-    TaskState, now_ms,
+    TaskState, now_ms, now_us,
 };
 use async_trait::async_trait;
 use ready::{Entry, Pick, Policy, ReadyIndex};
@@ -386,6 +386,7 @@ impl EmbeddedQueue {
                 sched.ready.insert(
                     Entry {
                         queued_at: now,
+                        ready_us: now_us(),
                         state: TaskState::Pending,
                         ..lease.entry
                     },
@@ -500,6 +501,7 @@ fn entry(
         max_attempts: options.max_attempts,
         attempts: 0,
         queued_at,
+        ready_us: queued_at * 1000,
         not_before: options.not_before,
         state: TaskState::Pending,
     }
@@ -570,9 +572,10 @@ impl Queue for EmbeddedQueue {
             .write(vec![Op::NewTasks(tagged, now)])
             .await?;
         {
+            let ready_us = now_us();
             let mut sched = self.sched();
             for entry in entries {
-                sched.ready.insert(entry, now);
+                sched.ready.insert(Entry { ready_us, ..entry }, now);
             }
         }
         self.inner.wake.notify_waiters();
@@ -628,8 +631,9 @@ impl Queue for EmbeddedQueue {
             let mut sched = self.sched();
             let id: Arc<str> = Arc::from(job.id.as_str());
             sched.jobs.insert(id.clone(), JobFlags::default());
+            let ready_us = now_us();
             for entry in entries {
-                sched.ready.insert(entry, now);
+                sched.ready.insert(Entry { ready_us, ..entry }, now);
             }
             if let Some(sweep) = job.sweep {
                 sched.sweeps.push(SweepCursor {
@@ -682,7 +686,7 @@ impl Queue for EmbeddedQueue {
                         let mut t =
                             transition(&entry, Some(entry.state), TaskState::Allocated, attempt);
                         t.carried.worker = Some(worker.id.clone());
-                        t.carried.wait_ms = Some(now.saturating_sub(entry.queued_at));
+                        t.carried.wait_us = Some(now_us().saturating_sub(entry.ready_us));
                         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
                         let expires = now + self.inner.config.lease_ttl.as_millis() as u64;
                         let leased = Leased {
@@ -755,7 +759,7 @@ impl Queue for EmbeddedQueue {
         t.carried.result = Some(completion.result);
         t.carried.logs = Some(completion.logs);
         t.carried.progress = Some(completion.progress);
-        t.carried.run_ms = Some(completion.run_ms);
+        t.carried.run_us = Some(completion.run_us);
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
         Ok(())
     }
@@ -771,7 +775,7 @@ impl Queue for EmbeddedQueue {
         t.carried.worker = Some(lease.worker.clone());
         t.carried.error = Some((failure.kind, failure.message));
         t.carried.logs = Some(failure.logs);
-        t.carried.run_ms = Some(failure.run_ms);
+        t.carried.run_us = Some(failure.run_us);
         t.carried.not_before = failure.retry_at;
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
         if let Some(retry_at) = failure.retry_at {
@@ -780,6 +784,7 @@ impl Queue for EmbeddedQueue {
                 Entry {
                     not_before: Some(retry_at),
                     queued_at: now,
+                    ready_us: now_us(),
                     state: TaskState::Error,
                     ..leased.entry
                 },

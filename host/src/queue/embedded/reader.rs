@@ -177,11 +177,13 @@ fn event_from_row(row: &Row<'_>) -> rusqlite::Result<Event> {
         error_kind: error_kind
             .and_then(|k| serde_json::from_value::<ErrorKind>(serde_json::Value::String(k)).ok()),
         message: row.get(8)?,
+        run_us: row.get::<_, Option<i64>>(9)?.map(|us| us.max(0) as u64),
+        wait_us: row.get::<_, Option<i64>>(10)?.map(|us| us.max(0) as u64),
     })
 }
 
 const EVENT_COLUMNS: &str =
-    "offset, task_id, job_id, state, attempt, worker, at, error_kind, message";
+    "offset, task_id, job_id, state, attempt, worker, at, error_kind, message, run_us, wait_us";
 
 pub(super) fn timeline(conn: &Connection, id: &str) -> Result<Vec<Event>, QueueError> {
     let mut stmt = conn
@@ -331,7 +333,7 @@ pub(super) fn census(conn: &Connection) -> Result<Vec<super::super::CensusRow>, 
     let mut stmt = conn
         .prepare(
             "SELECT job_id, module, json_extract(options, '$.tags'), state,
-                    CASE WHEN state = 'Completed' THEN completed_at - running_at END
+                    CASE WHEN state = 'Completed' THEN COALESCE(run_us, (completed_at - running_at) * 1000) END
              FROM tasks",
         )
         .map_err(storage)?;
@@ -346,7 +348,7 @@ pub(super) fn census(conn: &Connection) -> Result<Vec<super::super::CensusRow>, 
                     .and_then(|t| serde_json::from_str(&t).ok())
                     .unwrap_or_default(),
                 state: TaskState::parse(&row.get::<_, String>(3)?).unwrap_or(TaskState::Pending),
-                run_ms: row.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
+                run_us: row.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
             })
         })
         .map_err(storage)?;

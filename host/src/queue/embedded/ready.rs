@@ -26,8 +26,11 @@ pub(crate) struct Entry {
     pub(crate) max_attempts: u32,
     /// Attempts already made.
     pub(crate) attempts: u32,
-    /// When it became ready to wait (for aging and queue-wait time).
+    /// When it became ready to wait (for aging and the affinity window).
     pub(crate) queued_at: Millis,
+    /// The same instant in µs since the epoch, for the queue wait reported
+    /// at task resolution.
+    pub(crate) ready_us: crate::model::Micros,
     pub(crate) not_before: Option<Millis>,
     /// Pending, or Error while it waits for a retry (what the store says).
     pub(crate) state: crate::model::TaskState,
@@ -418,6 +421,7 @@ mod tests {
             max_attempts: 1,
             attempts: 0,
             queued_at,
+            ready_us: queued_at * 1000,
             not_before: None,
             state: crate::model::TaskState::Pending,
         }

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     error_message TEXT,
     result BLOB,
     logs TEXT,
-    progress REAL NOT NULL DEFAULT 0
+    progress REAL NOT NULL DEFAULT 0,
+    run_us INTEGER
 );
 CREATE INDEX IF NOT EXISTS tasks_by_job_state ON tasks(job_id, state);
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state);
@@ -59,7 +60,9 @@ CREATE TABLE IF NOT EXISTS events (
     worker TEXT,
     at INTEGER NOT NULL,
     error_kind TEXT,
-    message TEXT
+    message TEXT,
+    run_us INTEGER,
+    wait_us INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_by_task ON events(task_id);
 CREATE TABLE IF NOT EXISTS view_offsets (
@@ -82,6 +85,63 @@ pub(super) fn open(path: &std::path::Path, writer: bool) -> rusqlite::Result<Con
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     if writer {
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
     }
     Ok(conn)
+}
+
+/// Columns added since the first release, as (table, column, type): a store
+/// written by an older `kwq` gets them on open (older rows keep NULL, which
+/// readers take as "not measured").
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("tasks", "run_us", "INTEGER"),
+    ("events", "run_us", "INTEGER"),
+    ("events", "wait_us", "INTEGER"),
+];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, kind) in ADDED_COLUMNS {
+        let present: bool = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_of_an_older_release_gains_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = Connection::open(&path).unwrap();
+        // The schema as it was before the µs columns.
+        let before = SCHEMA
+            .replace(",\n    run_us INTEGER,\n    wait_us INTEGER", "")
+            .replace(",\n    run_us INTEGER", "");
+        assert!(!before.contains("run_us"));
+        old.execute_batch(&before).unwrap();
+        drop(old);
+        let conn = open(&path, true).unwrap();
+        for (table, column, _) in ADDED_COLUMNS {
+            let present: bool = conn
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))
+                .unwrap()
+                .exists([column])
+                .unwrap();
+            assert!(present, "{table}.{column} missing");
+        }
+        // Opening again is a no-op.
+        drop(conn);
+        open(&path, true).unwrap();
+    }
 }

@@ -7,7 +7,9 @@
 //! insert always commits before any of its transitions.
 
 use super::super::{CommitObserver, Committed, ModuleRecord, QueueError};
-use crate::model::{ErrorKind, Event, JobRecord, LogLine, Millis, ModuleId, NewTask, TaskState};
+use crate::model::{
+    ErrorKind, Event, JobRecord, LogLine, Micros, Millis, ModuleId, NewTask, TaskState,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -116,8 +118,8 @@ pub(crate) struct Carried {
     pub(crate) logs: Option<Vec<LogLine>>,
     pub(crate) progress: Option<f32>,
     pub(crate) not_before: Option<Millis>,
-    pub(crate) run_ms: Option<u64>,
-    pub(crate) wait_ms: Option<u64>,
+    pub(crate) run_us: Option<Micros>,
+    pub(crate) wait_us: Option<Micros>,
 }
 
 impl Transition {
@@ -206,11 +208,16 @@ fn run(
             }
         }
         match apply(&mut conn, &batch) {
-            Ok(committed) => {
+            Ok((committed, modules)) => {
                 // Statistics first, so a caller that was told "stored" sees them.
-                if !committed.is_empty() {
+                if !modules.is_empty() || !committed.is_empty() {
                     for observer in observers.read().expect("observers lock").iter() {
-                        observer.committed(&committed);
+                        if !modules.is_empty() {
+                            observer.modules_stored(&modules);
+                        }
+                        if !committed.is_empty() {
+                            observer.committed(&committed);
+                        }
                     }
                 }
                 for command in batch {
@@ -246,9 +253,15 @@ fn state_column(state: TaskState) -> &'static str {
     }
 }
 
-fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Committed>> {
+/// Apply a batch in one transaction: the events it logged and the module
+/// records it stored.
+fn apply(
+    conn: &mut Connection,
+    batch: &[Command],
+) -> rusqlite::Result<(Vec<Committed>, Vec<ModuleRecord>)> {
     let tx = conn.transaction()?;
     let mut committed = Vec::new();
+    let mut modules = Vec::new();
     for op in batch.iter().flat_map(|c| c.ops.iter()) {
         match op {
             Op::Module(record, bytes) => {
@@ -264,6 +277,7 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
                     bytes,
                     record.created_at as i64
                 ])?;
+                modules.push(record.clone());
             }
             Op::Job(job) => {
                 insert_job(&tx, job)?;
@@ -324,7 +338,7 @@ fn apply(conn: &mut Connection, batch: &[Command]) -> rusqlite::Result<Vec<Commi
         }
     }
     tx.commit()?;
-    Ok(committed)
+    Ok((committed, modules))
 }
 
 /// Move a task to a new state and log the event.
@@ -338,7 +352,8 @@ fn apply_transition(
          error_kind = CASE WHEN ?6 IS NULL THEN error_kind ELSE ?6 END,
          error_message = CASE WHEN ?7 IS NULL THEN error_message ELSE ?7 END,
          result = COALESCE(?8, result), logs = COALESCE(?9, logs),
-         progress = COALESCE(?10, progress), not_before = ?11
+         progress = COALESCE(?10, progress), not_before = ?11,
+         run_us = COALESCE(?12, run_us)
          WHERE id = ?1",
         state_column(t.to)
     );
@@ -360,26 +375,30 @@ fn apply_transition(
             .as_ref()
             .map(|l| serde_json::to_string(l).unwrap_or_default()),
         t.carried.progress.map(f64::from),
-        t.carried.not_before.map(|n| n as i64)
+        t.carried.not_before.map(|n| n as i64),
+        t.carried.run_us.map(|us| us as i64)
     ])?;
     let event = insert_event(
         tx,
-        &t.task_id,
-        t.job_id.as_deref(),
-        t.to,
-        t.attempt,
-        t.carried.worker.as_deref(),
-        t.at,
-        t.carried.error.as_ref().map(|e| e.0),
-        message.or(t.carried.message.as_deref()),
+        Event {
+            offset: 0,
+            task_id: t.task_id.to_string(),
+            job_id: t.job_id.as_deref().map(str::to_string),
+            state: t.to,
+            attempt: t.attempt,
+            worker: t.carried.worker.clone(),
+            at: t.at,
+            error_kind: t.carried.error.as_ref().map(|e| e.0),
+            message: message.or(t.carried.message.as_deref()).map(str::to_string),
+            run_us: t.carried.run_us,
+            wait_us: t.carried.wait_us,
+        },
     )?;
     committed.push(Committed {
         event,
         from: t.from,
         module: t.module.clone(),
         tags: t.tags.clone(),
-        run_ms: t.carried.run_ms,
-        wait_ms: t.carried.wait_ms,
     });
     Ok(())
 }
@@ -439,22 +458,25 @@ fn log_pending(
 ) -> rusqlite::Result<()> {
     let event = insert_event(
         tx,
-        &task.id,
-        task.job_id.as_deref(),
-        TaskState::Pending,
-        0,
-        None,
-        at,
-        None,
-        None,
+        Event {
+            offset: 0,
+            task_id: task.id.clone(),
+            job_id: task.job_id.clone(),
+            state: TaskState::Pending,
+            attempt: 0,
+            worker: None,
+            at,
+            error_kind: None,
+            message: None,
+            run_us: None,
+            wait_us: None,
+        },
     )?;
     committed.push(Committed {
         event,
         from: None,
         module: task.module.clone(),
         tags: tags.clone(),
-        run_ms: None,
-        wait_ms: None,
     });
     Ok(())
 }
@@ -539,33 +561,26 @@ fn apply_remote(
     apply_transition(tx, &t, committed)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn insert_event(
-    tx: &rusqlite::Transaction<'_>,
-    task_id: &str,
-    job_id: Option<&str>,
-    state: TaskState,
-    attempt: u32,
-    worker: Option<&str>,
-    at: Millis,
-    error_kind: Option<ErrorKind>,
-    message: Option<&str>,
-) -> rusqlite::Result<Event> {
+/// Log an event; it comes back with its offset.
+fn insert_event(tx: &rusqlite::Transaction<'_>, mut event: Event) -> rusqlite::Result<Event> {
     tx.prepare_cached(
-        "INSERT INTO events (task_id, job_id, state, attempt, worker, at, error_kind, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO events (task_id, job_id, state, attempt, worker, at, error_kind, message, run_us, wait_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
-    .execute(params![task_id, job_id, state.as_str(), attempt, worker, at as i64, error_kind.map(|k| k.as_str()), message])?;
-    Ok(Event {
-        offset: tx.last_insert_rowid() as u64,
-        task_id: task_id.to_string(),
-        job_id: job_id.map(str::to_string),
-        state,
-        attempt,
-        worker: worker.map(str::to_string),
-        at,
-        error_kind,
-        message: message.map(str::to_string),
-    })
+    .execute(params![
+        event.task_id,
+        event.job_id,
+        event.state.as_str(),
+        event.attempt,
+        event.worker,
+        event.at as i64,
+        event.error_kind.map(|k| k.as_str()),
+        event.message,
+        event.run_us.map(|us| us as i64),
+        event.wait_us.map(|us| us as i64)
+    ])?;
+    event.offset = tx.last_insert_rowid() as u64;
+    Ok(event)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use super::{
 };
 use crate::model::{
     ErrorKind, Event, JobId, JobRecord, ModuleId, NewJob, NewTask, TaskId, TaskOptions, TaskRecord,
-    TaskState, now_ms,
+    TaskState, now_ms, now_us,
 };
 use async_trait::async_trait;
 use offsets::{Partition, Progress};
@@ -394,6 +394,7 @@ impl Shared {
             max_attempts: options.max_attempts,
             attempts: message.attempts,
             queued_at: message.submitted_at.unwrap_or(now).min(now),
+            ready_us: message.submitted_at.unwrap_or(now).min(now) * 1000,
             not_before: options.not_before,
             state: if message.attempts > 0 {
                 TaskState::Error
@@ -706,7 +707,7 @@ impl Queue for KafkaQueue {
                             &options_of(&entry),
                         );
                         event.worker = Some(worker.id.clone());
-                        event.wait_ms = Some(now.saturating_sub(entry.queued_at));
+                        event.wait_us = Some(now_us().saturating_sub(entry.ready_us));
                         sched.leased.insert(
                             entry.id.clone(),
                             Leased {
@@ -778,7 +779,7 @@ impl Queue for KafkaQueue {
                         completion.result.len()
                     ),
                     logs: completion.logs,
-                    run_ms: completion.run_ms,
+                    run_us: completion.run_us,
                     retry_at: None,
                 },
             );
@@ -794,7 +795,7 @@ impl Queue for KafkaQueue {
         event.worker = Some(lease.worker.clone());
         event.logs = Some(completion.logs);
         event.progress = Some(completion.progress);
-        event.run_ms = Some(completion.run_ms);
+        event.run_us = Some(completion.run_us);
         self.shared.publish(vec![event], Vec::new(), leased.origins);
         Ok(())
     }
@@ -811,7 +812,7 @@ impl Queue for KafkaQueue {
         event.error_kind = Some(failure.kind);
         event.message = Some(failure.message.clone());
         event.logs = Some(failure.logs);
-        event.run_ms = Some(failure.run_ms);
+        event.run_us = Some(failure.run_us);
         event.not_before = failure.retry_at;
         let entry = &leased.entry;
         let mut message = TaskMessage::new(
@@ -1031,8 +1032,8 @@ fn remote_task(event: &TaskEvent) -> RemoteTask {
             logs: event.logs.clone(),
             progress: event.progress,
             not_before: event.not_before,
-            run_ms: event.run_ms,
-            wait_ms: event.wait_ms,
+            run_us: event.run_us(),
+            wait_us: event.wait_us(),
         },
         spec: match (&event.module, &event.options) {
             (Some(module), Some(options)) => ModuleId::parse(module).map(|m| (m, options.clone())),

@@ -287,11 +287,17 @@ pub struct TaskEvent {
     /// For Error: when the retry may start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Millis>,
-    /// Run time of the attempt.
+    /// Run time of the attempt, µs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_us: Option<u64>,
+    /// Time queued before this lease, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_us: Option<u64>,
+    /// Run time in ms, as hosts before the µs fields wrote it: read, never written.
+    #[serde(default, skip_serializing)]
     pub run_ms: Option<u64>,
-    /// Time queued before this lease.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Queue wait in ms, as hosts before the µs fields wrote it: read, never written.
+    #[serde(default, skip_serializing)]
     pub wait_ms: Option<u64>,
     /// On Pending and Allocated: the task's module and options, so a host
     /// that never saw it submitted (a foreign producer's task) can show it.
@@ -319,11 +325,23 @@ impl TaskEvent {
             logs: None,
             progress: None,
             not_before: None,
+            run_us: None,
+            wait_us: None,
             run_ms: None,
             wait_ms: None,
             module: None,
             options: None,
         }
+    }
+
+    /// Run time in µs, from this event or (older hosts) its ms field.
+    pub fn run_us(&self) -> Option<u64> {
+        self.run_us.or(self.run_ms.map(|ms| ms * 1000))
+    }
+
+    /// Queue wait in µs, from this event or (older hosts) its ms field.
+    pub fn wait_us(&self) -> Option<u64> {
+        self.wait_us.or(self.wait_ms.map(|ms| ms * 1000))
     }
 
     /// The result bytes of a Completed event.
