@@ -586,7 +586,7 @@ fn the_readme_runs_as_written_from_a_fresh_copy() {
     assert_eq!(curl_job["counts"]["Completed"], json!(410), "{curl_job}");
     let demo = get(&host.url("/v1/tasks?tag=desk=demo"));
     let demo = wait_task(&host, demo["items"][0]["id"].as_str().unwrap());
-    let pi = demo["result"]["pi"].as_f64().unwrap();
+    let pi = demo["result"]["estimate"].as_f64().unwrap();
     assert!((pi - std::f64::consts::PI).abs() < 0.01, "{demo}");
     // /docs/ leads to the API documentation.
     let (status, path) = http(async {
