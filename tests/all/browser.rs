@@ -228,6 +228,15 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
     .unwrap();
     assert_eq!(states, ["Pending", "Allocated", "Running", "Completed"]);
     assert!(text(&client, "#task-result").await.contains("price"));
+    // The attempt's run time and queue wait, at task resolution (µs or ms with decimals).
+    let ran = text(&client, "#timeline li[data-state='Completed'] small.run").await;
+    let waited = text(&client, "#timeline li[data-state='Allocated'] small.wait").await;
+    for shown in [&ran, &waited] {
+        assert!(
+            shown.ends_with(" µs") || shown.contains('.'),
+            "duration not at task resolution: {shown:?}"
+        );
+    }
     client
         .screenshot()
         .await

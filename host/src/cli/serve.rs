@@ -5,6 +5,7 @@ use crate::dispatch::DispatchConfig;
 use crate::queue::embedded::EmbeddedConfig;
 use crate::runtime::RuntimeConfig;
 use crate::server::{ServerConfig, StoreUrl};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -109,8 +110,13 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
             .map_err(|e| CliError::failed(format!("{e:#}")))?;
         // Only now is every part up: store, runtime, workers, listener.
         let address = host.address();
-        println!("kwq serving on http://{address} | dashboard http://{address}/ | API http://{address}/v1 | docs http://{address}/docs");
-        println!("store: {store}, workers: {workers}");
+        // Written, not printed: a host must keep serving when whoever
+        // started it has closed its stdout (println! would panic).
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "kwq serving on http://{address} | dashboard http://{address}/ | API http://{address}/v1 | docs http://{address}/docs");
+        let _ = writeln!(out, "store: {store}, workers: {workers}");
+        let _ = out.flush();
+        drop(out);
         let _ = shutdown.await;
         host.stop()
             .await
@@ -132,7 +138,7 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    eprintln!("shutting down: finishing running tasks");
+    let _ = writeln!(std::io::stderr(), "shutting down: finishing running tasks");
 }
 
 fn hostname() -> String {
