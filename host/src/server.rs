@@ -226,6 +226,7 @@ pub async fn upload_examples(runtime: &Runtime, queue: &Arc<dyn Queue>) -> anyho
         let record = ModuleRecord {
             id: compiled.id.clone(),
             name: Some(name.to_string()),
+            names: Vec::new(),
             kind: compiled.kind,
             size: bytes.len() as u64,
             created_at: now_ms(),

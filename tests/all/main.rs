@@ -12,4 +12,5 @@ mod process;
 mod queue;
 mod readme;
 mod runtime;
+mod safety;
 mod support;

@@ -11,8 +11,9 @@
 //! types them. The one change: the host listens on a free port, so
 //! `--listen 127.0.0.1:0` is added to the serve command and the README's
 //! `127.0.0.1:7700` becomes that address (the client gets it as
-//! `KWQ_SERVER`). The copy's `target` is a link to this build's target
-//! directory, so the script's release build reuses what is already built.
+//! `KWQ_SERVER`). The copy's `target` is a link to a directory kept across
+//! runs (`target/readme-target`), so the script's release build is done
+//! once per machine and then only rebuilds what changed.
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read};
@@ -157,8 +158,8 @@ fn a_block_without_a_marker_is_refused() {
 }
 
 /// The work tree copied to `<target>/readme-tree` (wiped first; file times
-/// kept so cargo rebuilds only what changed), with `target` linked to the
-/// shared target directory.
+/// kept so cargo rebuilds only what changed), with `target` linked to
+/// `<target>/readme-target`.
 fn fresh_copy() -> PathBuf {
     let root = workspace_root();
     let target = target_dir();
@@ -196,7 +197,13 @@ fn fresh_copy() -> PathBuf {
             .set_modified(modified)
             .unwrap();
     }
-    std::os::unix::fs::symlink(&target, copy.join("target")).unwrap();
+    // A target directory of its own, kept across runs: cargo names a
+    // workspace's artefacts by paths relative to its root, so the copy and
+    // this tree would otherwise overwrite each other's fingerprints and one
+    // could pass for up to date with the other's sources.
+    let own_target = target.join("readme-target");
+    std::fs::create_dir_all(&own_target).unwrap();
+    std::os::unix::fs::symlink(&own_target, copy.join("target")).unwrap();
     assert!(!copy.join("kwq-data").exists());
     copy
 }

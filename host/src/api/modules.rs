@@ -32,13 +32,8 @@ pub(super) async fn upload(
             "the body is empty: send the module's .wasm bytes",
         ));
     }
-    if let Some(name) = &query.name
-        && (name.is_empty() || name.len() > 128)
-    {
-        return Err(AppError::bad_request(
-            "invalid_name",
-            "name must be 1 to 128 characters",
-        ));
+    if let Some(name) = &query.name {
+        check_name(name)?;
     }
     let runtime = state.runtime.clone();
     let bytes = body.to_vec();
@@ -50,6 +45,7 @@ pub(super) async fn upload(
     let record = ModuleRecord {
         id: compiled.id.clone(),
         name: query.name,
+        names: Vec::new(),
         kind: compiled.kind,
         size: bytes.len() as u64,
         created_at: now_ms(),
@@ -61,6 +57,21 @@ pub(super) async fn upload(
         StatusCode::CREATED
     };
     Ok((status, Json(stored)))
+}
+
+/// A module name: 1 to 128 characters, no control characters, and not 64
+/// hex digits (that would read as a module id).
+fn check_name(name: &str) -> Result<(), AppError> {
+    let why = if name.is_empty() || name.chars().count() > 128 {
+        "must be 1 to 128 characters"
+    } else if name.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else if ModuleId::parse(name).is_some() {
+        "must not be 64 hex digits (that is how module ids look)"
+    } else {
+        return Ok(());
+    };
+    Err(AppError::bad_request("invalid_name", format!("name {why}")))
 }
 
 /// `GET /v1/modules`.
@@ -81,7 +92,8 @@ pub(super) async fn get(
     Ok(Json(state.queue.module(&id).await?))
 }
 
-/// A module named by its id (64 hex digits) or by its upload name (the latest upload wins).
+/// A module named by its id (64 hex digits) or by one of its names (a name
+/// points at the latest module uploaded under it).
 pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, AppError> {
     if let Some(id) = ModuleId::parse(module) {
         return match state.queue.module(&id).await {
@@ -92,16 +104,10 @@ pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, 
             )),
         };
     }
-    let modules = state.queue.modules().await?;
-    modules
-        .into_iter()
-        .filter(|m| m.name.as_deref() == Some(module))
-        .max_by_key(|m| m.created_at)
-        .map(|m| m.id)
-        .ok_or_else(|| {
-            AppError::bad_request(
-                "unknown_module",
-                format!("no module named {module:?}: upload it first"),
-            )
-        })
+    state.queue.module_named(module).await?.ok_or_else(|| {
+        AppError::bad_request(
+            "unknown_module",
+            format!("no module named {module:?}: upload it first"),
+        )
+    })
 }

@@ -45,8 +45,14 @@ pub enum QueueError {
 pub struct ModuleRecord {
     /// SHA-256 of its bytes.
     pub id: ModuleId,
-    /// A name for people (the last one given).
+    /// On upload: the name to give it. On reading: its most recently
+    /// given name (what tables and metric legends show).
     pub name: Option<String>,
+    /// Every name that points at this module, oldest first. Names are
+    /// aliases: giving a module a name never takes one from another module
+    /// unless that very name is re-pointed (a name points to its latest upload).
+    #[serde(default)]
+    pub names: Vec<String>,
     /// Component or WASI command.
     pub kind: ModuleKind,
     /// Size in bytes.
@@ -213,6 +219,9 @@ pub trait Queue: Send + Sync + 'static {
     async fn module(&self, id: &ModuleId) -> Result<ModuleRecord, QueueError>;
     /// Every module.
     async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError>;
+    /// The module a name points at (names are aliases; each points at the
+    /// latest module uploaded under it), if any.
+    async fn module_named(&self, name: &str) -> Result<Option<ModuleId>, QueueError>;
     /// A module's bytes (blocking-safe: used by the runtime on a cache miss).
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>>;
 

@@ -240,16 +240,14 @@ impl EmbeddedQueue {
             .is_some_and(TaskState::is_terminal)
     }
 
-    /// A module's id from its name (the newest upload of that name).
-    pub(crate) fn module_named(&self, name: &str) -> Option<ModuleId> {
+    /// A module's id from one of its names, read on this thread (the Kafka
+    /// consumer resolves task messages that name their module).
+    pub(crate) fn module_named_now(&self, name: &str) -> Option<ModuleId> {
         self.inner
             .reader
-            .with(reader::modules)
-            .ok()?
-            .into_iter()
-            .rev()
-            .find(|m| m.name.as_deref() == Some(name))
-            .map(|m| m.id)
+            .with(|c| reader::module_named(c, name))
+            .ok()
+            .flatten()
     }
 
     fn recover(&self) -> Result<(), QueueError> {
@@ -544,6 +542,14 @@ impl Queue for EmbeddedQueue {
 
     async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError> {
         self.inner.reader.read(reader::modules).await
+    }
+
+    async fn module_named(&self, name: &str) -> Result<Option<ModuleId>, QueueError> {
+        let name = name.to_string();
+        self.inner
+            .reader
+            .read(move |c| reader::module_named(c, &name))
+            .await
     }
 
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {

@@ -278,9 +278,14 @@ pub(super) fn results(
 }
 
 fn module_from_row(row: &Row<'_>) -> rusqlite::Result<ModuleRecord> {
+    let names: Vec<String> = row
+        .get::<_, Option<String>>(1)?
+        .and_then(|names| serde_json::from_str(&names).ok())
+        .unwrap_or_default();
     Ok(ModuleRecord {
         id: ModuleId::parse(&row.get::<_, String>(0)?).unwrap_or_else(|| ModuleId::of(b"")),
-        name: row.get(1)?,
+        name: names.last().cloned(),
+        names,
         kind: serde_json::from_str(&row.get::<_, String>(2)?)
             .unwrap_or(crate::model::ModuleKind::Component),
         size: row.get::<_, i64>(3)? as u64,
@@ -288,20 +293,38 @@ fn module_from_row(row: &Row<'_>) -> rusqlite::Result<ModuleRecord> {
     })
 }
 
+/// A module's columns, its names as a JSON array oldest first.
+const MODULE_COLUMNS: &str = "m.id,
+    (SELECT json_group_array(name) FROM
+        (SELECT name FROM module_names WHERE module = m.id ORDER BY named_at, name)),
+    m.kind, m.size, m.created_at";
+
 pub(super) fn module(conn: &Connection, id: &str) -> Result<ModuleRecord, QueueError> {
-    conn.prepare_cached("SELECT id, name, kind, size, created_at FROM modules WHERE id = ?1")
+    conn.prepare_cached(&format!(
+        "SELECT {MODULE_COLUMNS} FROM modules m WHERE m.id = ?1"
+    ))
+    .map_err(storage)?
+    .query_row(params![id], module_from_row)
+    .optional()
+    .map_err(storage)?
+    .ok_or_else(|| QueueError::NotFound(format!("module {id}")))
+}
+
+/// The module a name points at, if any.
+pub(super) fn module_named(conn: &Connection, name: &str) -> Result<Option<ModuleId>, QueueError> {
+    conn.prepare_cached("SELECT module FROM module_names WHERE name = ?1")
         .map_err(storage)?
-        .query_row(params![id], module_from_row)
+        .query_row(params![name], |row| row.get::<_, String>(0))
         .optional()
-        .map_err(storage)?
-        .ok_or_else(|| QueueError::NotFound(format!("module {id}")))
+        .map_err(storage)
+        .map(|id| id.and_then(|id| ModuleId::parse(&id)))
 }
 
 pub(super) fn modules(conn: &Connection) -> Result<Vec<ModuleRecord>, QueueError> {
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT id, name, kind, size, created_at FROM modules ORDER BY created_at, id",
-        )
+        .prepare_cached(&format!(
+            "SELECT {MODULE_COLUMNS} FROM modules m ORDER BY m.created_at, m.id"
+        ))
         .map_err(storage)?;
     let rows = stmt.query_map([], module_from_row).map_err(storage)?;
     rows.collect::<Result<Vec<_>, _>>().map_err(storage)

@@ -3,7 +3,8 @@
 use rusqlite::Connection;
 
 /// Tables: modules (bytes by SHA-256; the blob is the last column, so reading
-/// a record never walks the blob's overflow pages), jobs (one row per job, sweeps with a
+/// a record never walks the blob's overflow pages), module_names (aliases:
+/// each name points at one module, its latest upload under that name), jobs (one row per job, sweeps with a
 /// cursor), tasks (one row per created task: the durable record), events
 /// (the tracker log; its rowid is the event offset), view_offsets (how far a
 /// Kafka host's view has read each topic partition).
@@ -16,6 +17,12 @@ CREATE TABLE IF NOT EXISTS modules (
     created_at INTEGER NOT NULL,
     bytes BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS module_names (
+    name TEXT PRIMARY KEY,
+    module TEXT NOT NULL,
+    named_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS module_names_by_module ON module_names(module);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     name TEXT,
@@ -100,6 +107,11 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    // Before names were aliases, a module kept its last name in its own row.
+    conn.execute_batch(
+        "INSERT OR IGNORE INTO module_names (name, module, named_at)
+         SELECT name, id, created_at FROM modules WHERE name IS NOT NULL",
+    )?;
     for (table, column, kind) in ADDED_COLUMNS {
         let present: bool = conn
             .prepare(&format!(

@@ -265,18 +265,26 @@ fn apply(
     for op in batch.iter().flat_map(|c| c.ops.iter()) {
         match op {
             Op::Module(record, bytes) => {
+                // A re-upload rewrites the bytes: that repairs a stored copy
+                // that was corrupted on disk (the id is the hash of good bytes).
                 tx.prepare_cached(
-                    "INSERT INTO modules (id, name, kind, size, bytes, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT(id) DO UPDATE SET name = COALESCE(excluded.name, name)",
+                    "INSERT INTO modules (id, name, kind, size, bytes, created_at) VALUES (?1, NULL, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(id) DO UPDATE SET bytes = excluded.bytes, size = excluded.size",
                 )?
                 .execute(params![
                     record.id.as_str(),
-                    record.name,
                     serde_json::to_string(&record.kind).unwrap_or_default(),
                     record.size as i64,
                     bytes,
                     record.created_at as i64
                 ])?;
+                if let Some(name) = &record.name {
+                    tx.prepare_cached(
+                        "INSERT INTO module_names (name, module, named_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(name) DO UPDATE SET module = excluded.module, named_at = excluded.named_at",
+                    )?
+                    .execute(params![name, record.id.as_str(), crate::model::now_ms() as i64])?;
+                }
                 modules.push(record.clone());
             }
             Op::Job(job) => {

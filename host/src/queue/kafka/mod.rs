@@ -343,7 +343,7 @@ impl Shared {
             .clone()
             .unwrap_or_else(|| format!("k-{topic}-{partition}-{offset}"));
         let module = ModuleId::parse(&message.module)
-            .or_else(|| self.view.module_named(&message.module))
+            .or_else(|| self.view.module_named_now(&message.module))
             .unwrap_or_else(|| ModuleId::of(message.module.as_bytes()));
         let options = message.options(band);
         let payload = message.payload_bytes().unwrap_or_default();
@@ -565,6 +565,10 @@ impl Queue for KafkaQueue {
 
     async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError> {
         self.shared.view.modules().await
+    }
+
+    async fn module_named(&self, name: &str) -> Result<Option<ModuleId>, QueueError> {
+        Queue::module_named(&self.shared.view, name).await
     }
 
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {

@@ -200,6 +200,7 @@ impl Assembler {
             ModuleRecord {
                 id,
                 name: chunk.name,
+                names: Vec::new(),
                 kind: chunk.kind,
                 size: bytes.len() as u64,
                 created_at: chunk.created_at,

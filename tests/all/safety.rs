@@ -1,0 +1,127 @@
+//! Limits and safety: what a hostile or careless operator can do to a host,
+//! each case reproduced and its guard asserted (the README's "Limits and
+//! safety" lists the bounds).
+
+use crate::support::TestGrid;
+use kwq::api::ApiLimits;
+use kwq::examples;
+use kwq::model::{ModuleId, ModuleKind, now_ms};
+use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+use kwq::queue::{ModuleRecord, Queue};
+use serde_json::json;
+
+/// Re-uploading a module's bytes under another name adds an alias; it never
+/// takes a name away. A name points at the latest module uploaded under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_names_are_aliases_and_never_dropped_by_a_reupload() {
+    let grid = TestGrid::new(None, ApiLimits::default()).await;
+    let noop = grid.upload(examples::NOOP, "noop").await;
+    let pi = grid
+        .upload(examples::MONTE_CARLO_PI, "monte-carlo-pi")
+        .await;
+    let curve = grid.upload(examples::CURVE, "curve").await;
+    // The no-op's bytes again, as "x": 200, and both names work.
+    let (status, record) = grid
+        .call_raw(
+            "POST",
+            "/v1/modules?name=x",
+            std::fs::read(examples::NOOP).unwrap(),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["names"], json!(["noop", "x"]), "{record}");
+    for name in ["noop", "x"] {
+        let (status, found) = grid.call("GET", &format!("/v1/modules/{name}"), None).await;
+        assert_eq!(
+            (status, found["id"].as_str()),
+            (200, Some(noop.as_str())),
+            "{name}"
+        );
+        let (status, body) = grid
+            .call(
+                "POST",
+                "/v1/tasks",
+                Some(json!({"module": name, "priority": 0})),
+            )
+            .await;
+        assert_eq!(status, 201, "{name}: {body}");
+    }
+    // monte-carlo-pi's bytes as "curve": "curve" now means them, and
+    // "monte-carlo-pi" still does too; the old curve module keeps its id.
+    grid.call_raw(
+        "POST",
+        "/v1/modules?name=curve",
+        std::fs::read(examples::MONTE_CARLO_PI).unwrap(),
+        None,
+    )
+    .await;
+    for (name, id) in [("curve", &pi), ("monte-carlo-pi", &pi)] {
+        let (_, found) = grid.call("GET", &format!("/v1/modules/{name}"), None).await;
+        assert_eq!(found["id"].as_str(), Some(id.as_str()), "{name}: {found}");
+    }
+    let (status, old) = grid
+        .call("GET", &format!("/v1/modules/{curve}"), None)
+        .await;
+    assert_eq!((status, old["names"].clone()), (200, json!([])), "{old}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_names_are_bounded_printable_and_never_look_like_ids() {
+    let grid = TestGrid::new(None, ApiLimits::default()).await;
+    let bytes = std::fs::read(examples::NOOP).unwrap();
+    let long = "n".repeat(129);
+    let hex = "a".repeat(64);
+    for name in ["", "%0A%1Bbad", long.as_str(), hex.as_str()] {
+        let (status, body) = grid
+            .call_raw(
+                "POST",
+                &format!("/v1/modules?name={name}"),
+                bytes.clone(),
+                None,
+            )
+            .await;
+        assert_eq!(status, 400, "{name:?}: {body}");
+        assert_eq!(body["error"]["code"], json!("invalid_name"), "{body}");
+    }
+}
+
+/// A module whose stored bytes were corrupted on disk is repaired by
+/// uploading the good bytes again.
+#[tokio::test]
+async fn a_good_reupload_repairs_corrupted_module_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kwq.db");
+    let good = std::fs::read(examples::NOOP).unwrap();
+    let record = ModuleRecord {
+        id: ModuleId::of(&good),
+        name: Some("noop".into()),
+        names: Vec::new(),
+        kind: ModuleKind::Component,
+        size: good.len() as u64,
+        created_at: now_ms(),
+    };
+    let queue = EmbeddedQueue::open(&path, EmbeddedConfig::default()).unwrap();
+    queue
+        .put_module(record.clone(), good.clone())
+        .await
+        .unwrap();
+    queue.close();
+    queue.flush().await.unwrap();
+    drop(queue);
+    // Flip bytes behind the store's back.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut corrupted = good.clone();
+    corrupted[100] ^= 0xff;
+    conn.execute("UPDATE modules SET bytes = ?1", [corrupted])
+        .unwrap();
+    drop(conn);
+    let queue = EmbeddedQueue::open(&path, EmbeddedConfig::default()).unwrap();
+    let stored = queue.module_bytes(&record.id).unwrap();
+    assert_ne!(ModuleId::of(&stored), record.id, "the corruption took");
+    queue
+        .put_module(record.clone(), good.clone())
+        .await
+        .unwrap();
+    assert_eq!(queue.module_bytes(&record.id).unwrap(), good);
+}
