@@ -121,7 +121,14 @@ async fn bad_task_submissions_get_a_4xx_json_error_naming_the_problem() {
             "invalid_field",
             "payload_base64",
         ),
-        (json!({"payload": 1}), 422, "invalid_json", "module"),
+        (json!({"payload": 1}), 400, "invalid_field", "module"),
+        // Out of i64's range is the same mistake as out of the field's range.
+        (
+            json!({"module": "noop", "delay_ms": 1e30}),
+            400,
+            "invalid_field",
+            "delay_ms",
+        ),
     ];
     for (body, status, code, mention) in cases {
         let (got, response) = grid.call("POST", "/v1/tasks", Some(body.clone())).await;

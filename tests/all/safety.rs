@@ -125,3 +125,90 @@ async fn a_good_reupload_repairs_corrupted_module_bytes() {
         .unwrap();
     assert_eq!(queue.module_bytes(&record.id).unwrap(), good);
 }
+
+/// A typo anywhere (inside a sweep, in a priority body, in a query string)
+/// is refused with 400 naming it, never silently ignored; one mistake gets
+/// one status whichever layer notices it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typos_and_out_of_range_values_are_refused_alike_everywhere() {
+    let grid = TestGrid::new(None, ApiLimits::default()).await;
+    grid.upload(examples::NOOP, "noop").await;
+    let (_, task) = grid
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"module": "noop", "priority": 0})),
+        )
+        .await;
+    let task = task["id"].as_str().unwrap().to_string();
+    let cases = [
+        (
+            "POST",
+            "/v1/jobs".to_string(),
+            Some(
+                json!({"module": "noop", "sweep": {"params": {"x": {"from": 0, "to": 4, "stp": 0.5}}}}),
+            ),
+            "stp",
+        ),
+        (
+            "POST",
+            "/v1/jobs".to_string(),
+            Some(json!({"module": "noop", "sweep": {"params": {"x": [1]}, "parms": {}}})),
+            "parms",
+        ),
+        (
+            "POST",
+            format!("/v1/tasks/{task}/priority"),
+            Some(json!({"priority": 5, "urgent": true})),
+            "urgent",
+        ),
+        ("GET", "/v1/tasks?limt=5".to_string(), None, "limt"),
+        ("GET", "/v1/jobs?limt=5".to_string(), None, "limt"),
+        (
+            "POST",
+            "/v1/tasks".to_string(),
+            Some(json!({"module": "noop", "delay_ms": 1e30})),
+            "delay_ms",
+        ),
+        (
+            "POST",
+            "/v1/tasks".to_string(),
+            Some(json!({"module": "noop", "delay_ms": -1})),
+            "delay_ms",
+        ),
+        (
+            "POST",
+            "/v1/tasks".to_string(),
+            Some(json!({"module": "noop", "not_before": now_ms() + 400 * 86_400_000})),
+            "not_before",
+        ),
+        (
+            "POST",
+            "/v1/jobs".to_string(),
+            Some(json!({"module": "noop", "payloads": [1], "name": "n".repeat(10 << 20)})),
+            "name",
+        ),
+    ];
+    for (method, path, body, named) in cases {
+        let (status, response) = grid.call(method, &path, body).await;
+        assert_eq!(status, 400, "{method} {path}: {response}");
+        let message = response["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{method} {path}: {response}");
+    }
+}
+
+/// A path that exists with a method it does not take: 405 in the one JSON
+/// error shape.
+#[tokio::test]
+async fn a_wrong_method_is_a_json_405() {
+    let grid = TestGrid::new(None, ApiLimits::default()).await;
+    for (method, path) in [
+        ("DELETE", "/v1/tasks"),
+        ("PUT", "/v1/stats"),
+        ("GET", "/v1/jobs/j-1/pause"),
+    ] {
+        let (status, body) = grid.call(method, path, None).await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], json!("method_not_allowed"), "{body}");
+    }
+}

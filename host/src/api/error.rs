@@ -98,10 +98,15 @@ impl From<TaskError> for AppError {
 impl From<JsonRejection> for AppError {
     fn from(rejection: JsonRejection) -> Self {
         let status = rejection.status();
-        let code = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            _ => "invalid_json",
+        let (status, code) = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => (status, "body_too_large"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => (status, "unsupported_media_type"),
+            // Well-formed JSON of the wrong shape (a missing field, a number
+            // out of its type's range, an unknown field): the same 400 as a
+            // value the handler itself finds out of range, so one mistake
+            // gets one status whichever layer notices it.
+            StatusCode::UNPROCESSABLE_ENTITY => (StatusCode::BAD_REQUEST, "invalid_field"),
+            _ => (status, "invalid_json"),
         };
         AppError {
             status,

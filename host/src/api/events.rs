@@ -16,6 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 /// Query of the event stream.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct EventsQuery {
     /// Replay stored events after this offset first.
     from: Option<u64>,

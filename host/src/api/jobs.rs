@@ -34,6 +34,14 @@ pub(super) async fn submit(
     ApiJson(request): ApiJson<JobRequest>,
 ) -> Result<(StatusCode, Json<Value>), AppError> {
     let options = request.options.into_options()?;
+    if let Some(name) = &request.name
+        && (name.is_empty() || name.chars().count() > 256 || name.chars().any(char::is_control))
+    {
+        return Err(AppError::bad_request(
+            "invalid_field",
+            "name: must be 1 to 256 characters, without control characters",
+        ));
+    }
     let payloads: Vec<Vec<u8>> = match (request.payloads, request.payloads_base64, &request.sweep) {
         (Some(list), None, None) => list
             .into_iter()
@@ -98,6 +106,7 @@ pub(super) async fn get(
 
 /// Query of `GET /v1/jobs`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     limit: Option<usize>,
 }

@@ -141,6 +141,7 @@ pub fn app(state: AppState) -> Router {
     writes
         .merge(reads)
         .fallback(system::not_found)
+        .method_not_allowed_fallback(system::method_not_allowed)
         .with_state(state)
 }
 
@@ -156,7 +157,11 @@ async fn require_token(
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+        // Constant time, so response timing does not reveal how much of a
+        // guess was right (the length of the token is not secret).
+        use subtle::ConstantTimeEq;
+        let matches = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())));
+        if !matches {
             return Err(AppError::unauthorized());
         }
     }

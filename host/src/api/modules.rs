@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 /// Query of an upload.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct UploadQuery {
     name: Option<String>,
 }

@@ -64,7 +64,7 @@ pub(super) struct TaskOptionsDoc {
     /// Delayed start, ms from now: 0 to 365 days. Not with `not_before`.
     #[schema(minimum = 0, maximum = 31_536_000_000_u64)]
     delay_ms: Option<u64>,
-    /// Delayed start, ms since the epoch. Not with `delay_ms`.
+    /// Delayed start, ms since the epoch, at most 365 days ahead. Not with `delay_ms`.
     #[schema(minimum = 0)]
     not_before: Option<u64>,
 }
@@ -93,7 +93,8 @@ pub(super) struct JobSubmission {
     /// Module id (SHA-256) or name.
     #[schema(min_length = 1)]
     module: String,
-    /// A name for people.
+    /// A name for people: 1-256 characters, no control characters.
+    #[schema(min_length = 1, max_length = 256)]
     name: Option<String>,
     /// One task per payload: 1 to 1,000,000.
     #[schema(min_items = 1, max_items = 1_000_000)]

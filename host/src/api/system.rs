@@ -42,6 +42,15 @@ pub(super) async fn not_found(uri: Uri) -> AppError {
     AppError::not_found(format!("no endpoint at {}", uri.path()))
 }
 
+/// A known path with a method it does not take: 405 in the one error shape.
+pub(super) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> AppError {
+    AppError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: format!("{} does not take {method}", uri.path()),
+    }
+}
+
 /// `GET /metrics`: Prometheus text format.
 #[utoipa::path(get, path = "/v1/metrics", tag = "system", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {

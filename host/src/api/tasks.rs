@@ -15,23 +15,27 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
+/// The furthest ahead a task may be scheduled (`delay_ms`, `not_before`).
+const MAX_DELAY_MS: i64 = 365 * 86_400_000;
+
 /// Options a submitter may set; anything left out gets its default. It is
 /// flattened into request bodies, so it also catches their unknown fields.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct OptionsRequest {
-    // Numbers are read signed so that a negative value is reported with
-    // its field's name rather than as a bare type error.
-    priority: Option<i64>,
+    // Numbers are read as any JSON number so that a negative, fractional or
+    // huge value is reported with its field's name (this struct is
+    // flattened, so serde's own error could not name it).
+    priority: Option<serde_json::Number>,
     #[serde(default)]
     tags: BTreeMap<String, String>,
     affinity: Option<String>,
-    timeout_ms: Option<i64>,
-    memory_bytes: Option<i64>,
-    max_attempts: Option<i64>,
+    timeout_ms: Option<serde_json::Number>,
+    memory_bytes: Option<serde_json::Number>,
+    max_attempts: Option<serde_json::Number>,
     /// Start no earlier than this many ms from now.
-    delay_ms: Option<i64>,
+    delay_ms: Option<serde_json::Number>,
     /// Start no earlier than this time (ms since the epoch).
-    not_before: Option<i64>,
+    not_before: Option<serde_json::Number>,
     /// Fields nobody asked for: rejected, so a typo is not silently ignored.
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
@@ -51,57 +55,60 @@ impl OptionsRequest {
             AppError::bad_request("invalid_field", format!("{field}: {why}"))
         };
         let within = |field: &str,
-                      value: Option<i64>,
+                      value: &Option<serde_json::Number>,
                       default: u64,
                       range: std::ops::RangeInclusive<i64>,
                       why: &str| {
             match value {
                 None => Ok(default),
-                Some(v) if range.contains(&v) => Ok(v as u64),
-                Some(v) => Err(bad(field, &format!("{why}, got {v}"))),
+                Some(v) => match v.as_i64() {
+                    Some(i) if range.contains(&i) => Ok(i as u64),
+                    _ => Err(bad(field, &format!("{why}, got {v}"))),
+                },
             }
         };
         let priority = within(
             "priority",
-            self.priority,
+            &self.priority,
             defaults.priority.into(),
             0..=9,
             "must be 0..=9 (9 highest, 0 holds the task)",
         )? as u8;
         let timeout_ms = within(
             "timeout_ms",
-            self.timeout_ms,
+            &self.timeout_ms,
             defaults.timeout_ms,
             1..=86_400_000,
             "must be 1 ms to 24 h",
         )?;
         let memory_bytes = within(
             "memory_bytes",
-            self.memory_bytes,
+            &self.memory_bytes,
             defaults.memory_bytes,
             1 << 20..=4 << 30,
             "must be 1 MiB to 4 GiB",
         )?;
         let max_attempts = within(
             "max_attempts",
-            self.max_attempts,
+            &self.max_attempts,
             defaults.max_attempts.into(),
             1..=100,
             "must be 1 to 100",
         )? as u32;
         let delay_ms = within(
             "delay_ms",
-            self.delay_ms,
+            &self.delay_ms,
             0,
-            0..=365 * 86_400_000,
+            0..=MAX_DELAY_MS,
             "must be 0 to 365 days",
         )?;
+        let latest = now_ms() as i64 + MAX_DELAY_MS;
         let at = within(
             "not_before",
-            self.not_before,
+            &self.not_before,
             0,
-            0..=i64::MAX,
-            "must be a time in ms since the epoch",
+            0..=latest,
+            "must be a time in ms since the epoch, at most 365 days ahead",
         )?;
         if let Some(key) = &self.affinity
             && (key.is_empty() || key.len() > 256)
@@ -168,7 +175,7 @@ pub(super) struct SubmitRequest {
 }
 
 /// `POST /v1/tasks`: 201 `{"id": ...}` once the task is durable.
-#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = TaskSubmission, responses((status = 201, description = "durably accepted", body = Created), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = TaskSubmission, responses((status = 201, description = "durably accepted", body = Created), (status = 400, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<SubmitRequest>,
@@ -210,6 +217,7 @@ pub(super) async fn get(
 
 /// Query of `GET /v1/tasks`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     job: Option<String>,
     status: Option<String>,
@@ -282,6 +290,7 @@ pub(super) async fn cancel(
 
 /// Body of `POST /v1/tasks/{id}/priority`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct PriorityRequest {
     priority: u8,
 }

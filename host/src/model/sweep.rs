@@ -7,7 +7,10 @@ use serde_json::{Map, Number, Value};
 use std::collections::BTreeMap;
 
 /// A parameter sweep. The last axis (in name order) varies fastest.
+/// Unknown fields are refused: a typo such as `"parms"` must not silently
+/// turn into a sweep of something else.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Sweep {
     /// Fields every payload shares (a JSON object).
     #[serde(default = "empty_object")]
@@ -22,8 +25,8 @@ fn empty_object() -> Value {
     Value::Object(Map::new())
 }
 
-/// The values one sweep field takes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+/// The values one sweep field takes: a range object or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SweepAxis {
     /// `from`, `from + step`, ... up to and including `to` (not below `from`).
@@ -43,6 +46,35 @@ pub enum SweepAxis {
 
 fn one() -> f64 {
     1.0
+}
+
+/// The range form as written, with its fields checked by name (an untagged
+/// derive would only say "did not match any variant", and would accept
+/// `{"from": 0, "to": 1, "stp": 0.5}` as a range of step 1).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RangeFields {
+    from: f64,
+    to: f64,
+    #[serde(default = "one")]
+    step: f64,
+}
+
+impl<'de> Deserialize<'de> for SweepAxis {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(deserializer)? {
+            Value::Array(values) => Ok(SweepAxis::Values(values)),
+            range @ Value::Object(_) => {
+                let RangeFields { from, to, step } =
+                    serde_json::from_value(range).map_err(D::Error::custom)?;
+                Ok(SweepAxis::Range { from, to, step })
+            }
+            other => Err(D::Error::custom(format!(
+                "a sweep parameter is {{\"from\", \"to\", \"step\"}} or a list of values, not {other}"
+            ))),
+        }
+    }
 }
 
 /// Why a sweep is unusable.
@@ -153,6 +185,27 @@ impl Sweep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typos_in_a_sweep_are_refused_by_name() {
+        let typo = serde_json::from_value::<Sweep>(serde_json::json!(
+            {"params": {"spot": {"from": 0, "to": 4, "stp": 0.5}}}
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(typo.contains("stp"), "{typo}");
+        let typo = serde_json::from_value::<Sweep>(serde_json::json!(
+            {"parms": {"spot": [1, 2]}, "params": {"x": [1]}}
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(typo.contains("parms"), "{typo}");
+        let fine: Sweep = serde_json::from_value(serde_json::json!(
+            {"params": {"spot": {"from": 0, "to": 4, "step": 0.5}, "kind": ["call", "put"]}}
+        ))
+        .unwrap();
+        assert_eq!(fine.validate(), Ok(18));
+    }
     use serde_json::json;
 
     fn sweep(value: Value) -> Sweep {
