@@ -69,6 +69,11 @@ impl Server {
         Server { child, url }
     }
 
+    /// The process id (for reading its memory from /proc).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
