@@ -264,3 +264,64 @@ async fn memory_of_guests_that_hit_their_limit_is_given_back() {
         rss >> 20
     );
 }
+
+/// A sweep's base is what every point copies: it is capped at 64 KiB, and
+/// the points created ahead of the workers are bounded in bytes, so a large
+/// base does not turn into gigabytes of waiting payloads.
+#[tokio::test]
+async fn sweep_bases_are_capped_and_expansion_ahead_is_bounded_in_bytes() {
+    let grid = TestGrid::new(None, ApiLimits::default()).await;
+    grid.upload(examples::NOOP, "noop").await;
+    let too_big = json!({"curve": "x".repeat(kwq::model::MAX_SWEEP_BASE_BYTES)});
+    let (status, body) = grid
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"module": "noop", "sweep": {"base": too_big, "params": {"i": {"from": 1, "to": 10}}}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], json!("invalid_sweep"), "{body}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let queue = EmbeddedQueue::open(&dir.path().join("q.db"), EmbeddedConfig::default()).unwrap();
+    let base = json!({"curve": "x".repeat(60 << 10)});
+    let job = queue
+        .submit_job(kwq::model::NewJob {
+            id: "j-big".into(),
+            name: None,
+            module: ModuleId::of(b"m"),
+            options: kwq::model::TaskOptions {
+                priority: 0,
+                ..Default::default()
+            },
+            payloads: Vec::new(),
+            sweep: Some(
+                serde_json::from_value(
+                    json!({"base": base, "params": {"i": {"from": 1, "to": 1_000_000}}}),
+                )
+                .unwrap(),
+            ),
+        })
+        .await
+        .unwrap();
+    assert_eq!(job.total, 1_000_000);
+    // A lease call refills sweeps before it waits; every task is held, so it waits.
+    let view = kwq::queue::WorkerView {
+        id: "w".into(),
+        warm: Vec::new(),
+    };
+    for _ in 0..3 {
+        let leased =
+            tokio::time::timeout(std::time::Duration::from_millis(50), queue.lease(&view)).await;
+        assert!(leased.is_err(), "a held task was leased");
+    }
+    let job = queue.job(&"j-big".to_string()).await.unwrap();
+    let ahead_bytes = job.expanded * (60 << 10);
+    assert!(
+        job.expanded > 0 && ahead_bytes <= 8 << 20,
+        "{} points ({} MiB) created ahead",
+        job.expanded,
+        ahead_bytes >> 20
+    );
+}

@@ -3,7 +3,7 @@
 mod sweep;
 mod task;
 
-pub use sweep::{MAX_SWEEP_POINTS, Sweep, SweepAxis, SweepError};
+pub use sweep::{MAX_SWEEP_BASE_BYTES, MAX_SWEEP_POINTS, Sweep, SweepAxis, SweepError};
 pub use task::{
     Event, JobCounts, JobId, JobRecord, Micros, Millis, NewJob, NewTask, TaskId, TaskOptions,
     TaskRecord, TaskState, now_ms, now_us,

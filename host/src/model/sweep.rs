@@ -92,10 +92,18 @@ pub enum SweepError {
     /// The product is beyond what one job may hold.
     #[error("sweep has more than {0} points")]
     TooLarge(u64),
+    /// The base payload is over [`MAX_SWEEP_BASE_BYTES`].
+    #[error("sweep base is {0} bytes of JSON; at most {max} are allowed", max = MAX_SWEEP_BASE_BYTES)]
+    BaseTooLarge(usize),
 }
 
 /// The most points one sweep may have.
 pub const MAX_SWEEP_POINTS: u64 = 10_000_000_000;
+
+/// The largest sweep base, as JSON bytes. Every point's payload is the base
+/// plus its parameters, so the base is what a sweep multiplies: a large one
+/// belongs in the module (or its `init` state), not in every task.
+pub const MAX_SWEEP_BASE_BYTES: usize = 64 << 10;
 
 impl SweepAxis {
     fn len(&self) -> u64 {
@@ -128,6 +136,10 @@ impl Sweep {
     pub fn validate(&self) -> Result<u64, SweepError> {
         if !self.base.is_object() {
             return Err(SweepError::BaseNotObject);
+        }
+        let base_bytes = serde_json::to_vec(&self.base).map_or(0, |b| b.len());
+        if base_bytes > MAX_SWEEP_BASE_BYTES {
+            return Err(SweepError::BaseTooLarge(base_bytes));
         }
         if self.params.is_empty() {
             return Err(SweepError::NoParams);
@@ -185,6 +197,16 @@ impl Sweep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sweep_base_is_capped() {
+        let big = serde_json::json!({"curve": "x".repeat(MAX_SWEEP_BASE_BYTES)});
+        let sweep: Sweep =
+            serde_json::from_value(serde_json::json!({"base": big, "params": {"i": [1]}})).unwrap();
+        assert!(
+            matches!(sweep.validate(), Err(SweepError::BaseTooLarge(n)) if n > MAX_SWEEP_BASE_BYTES)
+        );
+    }
 
     #[test]
     fn typos_in_a_sweep_are_refused_by_name() {

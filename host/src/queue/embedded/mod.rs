@@ -127,7 +127,38 @@ struct SweepCursor {
     sweep: Sweep,
     next: u64,
     total: u64,
+    /// Bytes of one point's payload (the base dominates), for the byte bound.
+    point_bytes: u64,
 }
+
+impl SweepCursor {
+    /// A cursor over `job`'s sweep from point `next`.
+    fn new(
+        job: Arc<str>,
+        module: ModuleId,
+        options: crate::model::TaskOptions,
+        sweep: Sweep,
+        next: u64,
+        total: u64,
+    ) -> Self {
+        let point_bytes = serde_json::to_vec(&sweep.point(next.min(total.saturating_sub(1))))
+            .map_or(1, |p| p.len().max(1)) as u64;
+        SweepCursor {
+            job,
+            module,
+            tags: Arc::new(options.tags.clone()),
+            options,
+            sweep,
+            next,
+            total,
+            point_bytes,
+        }
+    }
+}
+
+/// Payload bytes one sweep may have created ahead of its workers (about
+/// twice this are held at most: a refill starts when half are left).
+const SWEEP_AHEAD_BYTES: u64 = 4 << 20;
 
 impl EmbeddedQueue {
     /// Open (or create) the store at `path` and rebuild the ready index:
@@ -275,15 +306,14 @@ impl EmbeddedQueue {
                 .sweep
                 .filter(|_| !job.cancelled && job.expanded < job.total)
             {
-                sched.sweeps.push(SweepCursor {
-                    job: id,
-                    module: job.module,
-                    tags: Arc::new(job.options.tags.clone()),
-                    options: job.options,
+                sched.sweeps.push(SweepCursor::new(
+                    id,
+                    job.module,
+                    job.options,
                     sweep,
-                    next: job.expanded,
-                    total: job.total,
-                });
+                    job.expanded,
+                    job.total,
+                ));
             }
         }
         let mut requeued = Vec::new();
@@ -331,11 +361,13 @@ impl EmbeddedQueue {
         } = sched;
         for cursor in sweeps.iter_mut() {
             let flags = jobs.get(&cursor.job).copied().unwrap_or_default();
-            if flags.paused
-                || flags.cancelled
-                || cursor.next >= cursor.total
-                || ready.job_waiting(&cursor.job) >= chunk / 2
-            {
+            if flags.paused || flags.cancelled || cursor.next >= cursor.total {
+                continue;
+            }
+            // Bounded in bytes as well as in points: a sweep with a large
+            // base (up to 64 KiB) creates fewer tasks ahead.
+            let chunk = chunk.min((SWEEP_AHEAD_BYTES / cursor.point_bytes).max(16));
+            if ready.job_waiting(&cursor.job) >= chunk / 2 {
                 continue;
             }
             let end = (cursor.next + chunk).min(cursor.total);
@@ -642,15 +674,14 @@ impl Queue for EmbeddedQueue {
                 sched.ready.insert(Entry { ready_us, ..entry }, now);
             }
             if let Some(sweep) = job.sweep {
-                sched.sweeps.push(SweepCursor {
-                    job: id,
-                    module: job.module,
-                    options: job.options,
-                    tags,
+                sched.sweeps.push(SweepCursor::new(
+                    id,
+                    job.module,
+                    job.options,
                     sweep,
-                    next: 0,
+                    0,
                     total,
-                });
+                ));
             }
         }
         self.inner.wake.notify_waiters();
