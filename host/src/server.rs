@@ -82,6 +82,8 @@ pub struct ServerConfig {
     pub limits: ApiLimits,
     /// Name of this host in worker ids.
     pub host: String,
+    /// The `Host` names the API answers to.
+    pub allowed_hosts: api::AllowedHosts,
 }
 
 /// The runtime fetches module bytes it has not compiled from the store.
@@ -171,6 +173,7 @@ impl Host {
             board: dispatcher.as_ref().map(Dispatcher::board),
             token: config.token.clone(),
             limits: config.limits.clone(),
+            allowed_hosts: config.allowed_hosts.clone(),
         };
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(api::serve(listener, state, async move {

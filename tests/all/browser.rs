@@ -124,6 +124,7 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
         examples: true,
         limits: Default::default(),
         host: "browser".into(),
+        allowed_hosts: kwq::api::AllowedHosts::for_listener(listener.local_addr().unwrap(), &[]),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(kwq::server::run(config, listener, async move {

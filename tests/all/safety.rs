@@ -325,3 +325,105 @@ async fn sweep_bases_are_capped_and_expansion_ahead_is_bounded_in_bytes() {
         ahead_bytes >> 20
     );
 }
+
+/// A browser page on another site can neither write (its `Origin` gives it
+/// away) nor, through DNS rebinding, read from a host on loopback (its
+/// `Host` does); a module upload must say it is Wasm or bytes.
+#[tokio::test]
+async fn pages_of_other_sites_cannot_write_or_rebind() {
+    let grid = TestGrid::new(None, ApiLimits::default()).await;
+    grid.upload(examples::NOOP, "noop").await;
+    let send = |method: &'static str,
+                path: &'static str,
+                headers: Vec<(&'static str, &'static str)>,
+                body: Vec<u8>| {
+        let state = grid.state.clone();
+        async move {
+            use tower::ServiceExt;
+            let mut request = axum::http::Request::builder().method(method).uri(path);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            let response = kwq::api::app(state)
+                .oneshot(request.body(axum::body::Body::from(body)).unwrap())
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(json!(null));
+            (status, body)
+        }
+    };
+    let local = ("host", "127.0.0.1:7700");
+    // A bodyless cancel from another site's page.
+    let (status, body) = send(
+        "POST",
+        "/v1/jobs/j-x/cancel",
+        vec![
+            local,
+            ("origin", "https://evil.example"),
+            ("content-type", "text/plain"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (403, json!("cross_origin")),
+        "{body}"
+    );
+    // The same from the dashboard itself reaches the handler (404: no such job).
+    let (status, _) = send(
+        "POST",
+        "/v1/jobs/j-x/cancel",
+        vec![local, ("origin", "http://127.0.0.1:7700")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    // A module smuggled in as a form's text/plain.
+    let bytes = std::fs::read(examples::NOOP).unwrap();
+    let (status, body) = send(
+        "POST",
+        "/v1/modules?name=x",
+        vec![local, ("content-type", "text/plain")],
+        bytes.clone(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (415, json!("unsupported_media_type")),
+        "{body}"
+    );
+    let (status, _) = send(
+        "POST",
+        "/v1/modules?name=x",
+        vec![local, ("content-type", "application/wasm")],
+        bytes,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // DNS rebinding: a loopback host does not answer to another name, even for reads.
+    let (status, body) = send(
+        "GET",
+        "/v1/stats",
+        vec![("host", "evil.example")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (403, json!("host_not_allowed")),
+        "{body}"
+    );
+    let (status, _) = send(
+        "GET",
+        "/v1/stats",
+        vec![("host", "localhost:7700")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

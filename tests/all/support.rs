@@ -114,6 +114,10 @@ impl TestGrid {
             board: None,
             token: token.map(str::to_string),
             limits,
+            allowed_hosts: kwq::api::AllowedHosts::for_listener(
+                "127.0.0.1:7700".parse().unwrap(),
+                &[],
+            ),
         };
         TestGrid {
             state,

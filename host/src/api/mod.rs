@@ -4,6 +4,7 @@
 
 mod error;
 mod events;
+mod guard;
 mod jobs;
 mod modules;
 pub mod openapi;
@@ -12,6 +13,7 @@ mod tasks;
 mod views;
 
 pub use error::AppError;
+pub use guard::AllowedHosts;
 
 use crate::dispatch::WorkerBoard;
 use crate::queue::Queue;
@@ -64,6 +66,8 @@ pub struct AppState {
     pub token: Option<String>,
     /// Request limits.
     pub limits: ApiLimits,
+    /// The `Host` names this host answers to (DNS-rebinding guard).
+    pub allowed_hosts: AllowedHosts,
 }
 
 /// Every route of [`app`], as (method, path): the OpenAPI document must
@@ -142,6 +146,7 @@ pub fn app(state: AppState) -> Router {
         .merge(reads)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), guard::check))
         .with_state(state)
 }
 

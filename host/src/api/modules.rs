@@ -20,12 +20,14 @@ pub(super) struct UploadQuery {
 
 /// `POST /v1/modules?name=`: raw Wasm bytes in the body. The same bytes
 /// always get the same id; bytes that do not compile get 400 with the reason.
-#[utoipa::path(post, path = "/v1/modules", tag = "modules", params(("name" = Option<String>, Query, description = "a name to refer to the module by")), request_body(content = Vec<u8>, content_type = "application/wasm", description = "the module's .wasm bytes"), responses((status = 201, description = "stored", body = crate::queue::ModuleRecord), (status = 200, description = "already known (same bytes, same id)", body = crate::queue::ModuleRecord), (status = 400, description = "not a usable module", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/modules", tag = "modules", params(("name" = Option<String>, Query, description = "a name to refer to the module by")), request_body(content = Vec<u8>, content_type = "application/wasm", description = "the module's .wasm bytes"), responses((status = 201, description = "stored", body = crate::queue::ModuleRecord), (status = 200, description = "already known (same bytes, same id)", body = crate::queue::ModuleRecord), (status = 400, description = "not a usable module", body = ErrorBody), (status = 413, description = "body too large", body = ErrorBody), (status = 415, description = "not application/wasm or application/octet-stream", body = ErrorBody)))]
 pub(super) async fn upload(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<UploadQuery>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<ModuleRecord>), AppError> {
+    super::guard::require_wasm_body(&headers)?;
     let body = body?;
     if body.is_empty() {
         return Err(AppError::bad_request(

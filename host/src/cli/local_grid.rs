@@ -83,6 +83,7 @@ impl LocalGrid {
             board: Some(dispatcher.board()),
             token: None,
             limits: ApiLimits::default(),
+            allowed_hosts: api::AllowedHosts::any(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

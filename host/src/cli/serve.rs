@@ -49,6 +49,16 @@ pub struct ServeArgs {
     /// host of a Kafka grid needs its own.
     #[arg(long, env = "KWQ_HOST")]
     host: Option<String>,
+    /// A name clients reach this host by (repeatable). On a loopback
+    /// --listen address only localhost names and the address itself are
+    /// answered (a guard against DNS rebinding); on any other address every
+    /// name is, unless some are given here.
+    #[arg(
+        long = "allowed-host",
+        env = "KWQ_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
 }
 
 /// Run `kwq serve`.
@@ -94,6 +104,7 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
         examples: args.examples,
         limits: Default::default(),
         host,
+        allowed_hosts: crate::api::AllowedHosts::for_listener(args.listen, &args.allowed_hosts),
     };
     let rt = super::tokio_runtime()?;
     rt.block_on(async move {
