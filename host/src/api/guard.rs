@@ -58,7 +58,7 @@ impl AllowedHosts {
             None => true,
             Some(names) => {
                 let host = host_of(host).to_ascii_lowercase();
-                names.iter().any(|n| *n == host) || host.ends_with(".localhost")
+                names.contains(&host) || host.ends_with(".localhost")
             }
         }
     }
