@@ -214,6 +214,21 @@ fn target_dir() -> PathBuf {
     exe.ancestors().nth(3).unwrap().to_path_buf()
 }
 
+/// `bash -c SCRIPT` in `dir`, in a process group of its own (so a watchdog
+/// can stop everything it starts), stdout piped, stderr to `log`.
+fn bash_in(dir: &Path, script: &str, log: &Path) -> Command {
+    let mut command = Command::new("bash");
+    command
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .process_group(0);
+    command
+}
+
 /// A host started by the README's serve command in `dir`.
 struct Served {
     child: Child,
@@ -227,20 +242,17 @@ impl Served {
     /// so the wait is long on a fresh machine.
     fn start(dir: &Path, command: &str, log_name: &str) -> Served {
         let log = dir.join(log_name);
-        let mut child = Command::new("bash")
-            .arg("-c")
-            .arg(format!("exec {} --listen 127.0.0.1:0", command.trim()))
-            .current_dir(dir)
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("KWQ_DATA_DIR")
-            .env_remove("KWQ_STORE")
-            .env_remove("KWQ_LISTEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        let mut child = bash_in(
+            dir,
+            &format!("exec {} --listen 127.0.0.1:0", command.trim()),
+            &log,
+        )
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("KWQ_DATA_DIR")
+        .env_remove("KWQ_STORE")
+        .env_remove("KWQ_LISTEN")
+        .spawn()
+        .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (lines, read) = mpsc::channel();
         // Drain stdout for the life of the process, so kwq never writes
@@ -461,15 +473,8 @@ fn run_walk_through(dir: &Path, host: &Served, blocks: &[&Block]) -> String {
         script.push_str(&block.text.replace(README_ADDRESS, &host.address));
     }
     let log = dir.join("walk-through.log");
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .current_dir(dir)
+    let mut child = bash_in(dir, &script, &log)
         .env("KWQ_SERVER", host.url(""))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .process_group(0)
         .spawn()
         .unwrap();
     let (done, thread) = watchdog(child.id(), Duration::from_secs(20 * 60));

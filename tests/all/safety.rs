@@ -337,23 +337,14 @@ async fn pages_of_other_sites_cannot_write_or_rebind() {
                 path: &'static str,
                 headers: Vec<(&'static str, &'static str)>,
                 body: Vec<u8>| {
-        let state = grid.state.clone();
+        let headers: Vec<(String, String)> = headers
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        let grid = &grid;
         async move {
-            use tower::ServiceExt;
-            let mut request = axum::http::Request::builder().method(method).uri(path);
-            for (name, value) in headers {
-                request = request.header(name, value);
-            }
-            let response = kwq::api::app(state)
-                .oneshot(request.body(axum::body::Body::from(body)).unwrap())
+            grid.request_with_headers(method, path, &headers, body)
                 .await
-                .unwrap();
-            let status = response.status().as_u16();
-            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .unwrap();
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(json!(null));
-            (status, body)
         }
     };
     let local = ("host", "127.0.0.1:7700");

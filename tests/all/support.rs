@@ -198,13 +198,30 @@ impl TestGrid {
         content_type: Option<&str>,
         token: Option<&str>,
     ) -> (u16, serde_json::Value) {
-        use tower::ServiceExt;
-        let mut builder = axum::http::Request::builder().method(method).uri(path);
+        let mut headers = Vec::new();
         if let Some(ct) = content_type {
-            builder = builder.header("content-type", ct);
+            headers.push(("content-type".to_string(), ct.to_string()));
         }
         if let Some(token) = token {
-            builder = builder.header("authorization", format!("Bearer {token}"));
+            headers.push(("authorization".to_string(), format!("Bearer {token}")));
+        }
+        self.request_with_headers(method, path, &headers, body)
+            .await
+    }
+
+    /// One request with these headers; returns status and JSON body (or the
+    /// body as a JSON string when it is not JSON).
+    pub(crate) async fn request_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        use tower::ServiceExt;
+        let mut builder = axum::http::Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            builder = builder.header(name.as_str(), value.as_str());
         }
         let request = builder.body(axum::body::Body::from(body)).unwrap();
         let response = kwq::api::app(self.state.clone())
