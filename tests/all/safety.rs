@@ -418,3 +418,111 @@ async fn pages_of_other_sites_cannot_write_or_rebind() {
     .await;
     assert_eq!(status, 200);
 }
+
+/// A full store fails closed and recovers by itself: the completion it could
+/// not write is kept and retried (not lost, as it was), leasing stops,
+/// submits get 503 with Retry-After, `/healthz` says why; once there is room
+/// again the kept writes commit and leasing resumes, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
+    use kwq::model::{NewTask, TaskOptions, TaskState};
+    use kwq::queue::{Completion, QueueError, WorkerView};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = Arc::new(
+        EmbeddedQueue::open(&dir.path().join("kwq.db"), EmbeddedConfig::default()).unwrap(),
+    );
+    let queue: Arc<dyn Queue> = embedded.clone();
+    let task = |i: usize, bytes: usize| NewTask {
+        id: format!("t-{i}"),
+        job_id: None,
+        module: ModuleId::of(b"m"),
+        payload: vec![b'p'; bytes],
+        options: TaskOptions::default(),
+    };
+    queue
+        .submit_tasks((0..5).map(|i| task(i, 10)).collect())
+        .await
+        .unwrap();
+    let view = |id: &str| WorkerView {
+        id: id.into(),
+        warm: Vec::new(),
+    };
+    let first = queue.lease(&view("w1")).await.unwrap();
+    queue.started(&first);
+    queue.flush().await.unwrap();
+
+    // The disk fills up: a completion with a large result cannot be written.
+    embedded.set_max_store_bytes(Some(1));
+    queue
+        .complete(
+            &first,
+            Completion {
+                result: vec![b'r'; 200_000],
+                ..Completion::default()
+            },
+        )
+        .unwrap();
+    let refused = queue.submit_tasks(vec![task(99, 200_000)]).await;
+    assert!(
+        matches!(&refused, Err(QueueError::Unavailable(reason)) if reason.contains("full")),
+        "{refused:?}"
+    );
+    let reason = queue.health().unwrap_err();
+    // Leasing stops although four tasks wait.
+    let leased = tokio::time::timeout(Duration::from_millis(300), queue.lease(&view("w2"))).await;
+    assert!(leased.is_err(), "leased from a failing store");
+    // The API says so: health 503 with the reason, submits 503 with Retry-After.
+    let state = kwq::api::AppState {
+        queue: queue.clone(),
+        runtime: crate::support::shared_runtime().clone(),
+        tracker: kwq::tracker::Tracker::attach(&queue).await.unwrap(),
+        board: None,
+        token: None,
+        limits: ApiLimits::default(),
+        allowed_hosts: kwq::api::AllowedHosts::any(),
+    };
+    use tower::ServiceExt;
+    let health = kwq::api::app(state.clone())
+        .oneshot(
+            axum::http::Request::get("/healthz")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 503);
+    let body = axum::body::to_bytes(health.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (body["status"].clone(), body["reason"].clone()),
+        (json!("unhealthy"), json!(reason))
+    );
+
+    // Room again: the kept completion commits, leasing resumes.
+    let mut events = queue.subscribe();
+    embedded.set_max_store_bytes(None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("the kept completion never committed")
+            .unwrap();
+        if event.task_id == first.task_id && event.state == TaskState::Completed {
+            break;
+        }
+    }
+    assert_eq!(queue.health(), Ok(()));
+    let record = queue.task(&first.task_id).await.unwrap();
+    assert_eq!(record.state, TaskState::Completed);
+    assert_eq!(record.result.map(|r| r.len()), Some(200_000));
+    let next = tokio::time::timeout(Duration::from_secs(10), queue.lease(&view("w2")))
+        .await
+        .expect("leasing did not resume")
+        .unwrap();
+    assert_ne!(next.task_id, first.task_id);
+    queue.submit_tasks(vec![task(100, 200_000)]).await.unwrap();
+}

@@ -60,6 +60,10 @@ impl AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // The store or the host recovers by itself: say when to try again.
+            return (self.status, [(axum::http::header::RETRY_AFTER, "5")], body).into_response();
+        }
         (self.status, body).into_response()
     }
 }
@@ -69,13 +73,14 @@ impl From<QueueError> for AppError {
         let status = match &e {
             QueueError::NotFound(_) => StatusCode::NOT_FOUND,
             QueueError::Conflict(_) | QueueError::StaleLease(_) => StatusCode::CONFLICT,
-            QueueError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            QueueError::Closed | QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             QueueError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let code = match &e {
             QueueError::NotFound(_) => "not_found",
             QueueError::Conflict(_) | QueueError::StaleLease(_) => "conflict",
             QueueError::Closed => "shutting_down",
+            QueueError::Unavailable(_) => "store_unavailable",
             QueueError::Storage(_) => "storage",
         };
         AppError {

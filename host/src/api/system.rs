@@ -6,7 +6,8 @@ use super::error::AppError;
 use super::openapi::ErrorBody;
 use axum::Json;
 use axum::extract::State;
-use axum::http::Uri;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 /// `GET /v1/stats`: counts per state and tag, queue depth per priority,
@@ -32,9 +33,17 @@ pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /healthz`.
-#[utoipa::path(get, path = "/v1/healthz", tag = "system", responses((status = 200, body = Object)))]
-pub(super) async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(get, path = "/v1/healthz", tag = "system", responses((status = 200, description = "{\"status\": \"ok\"}", body = Object), (status = 503, description = "{\"status\": \"unhealthy\", \"reason\": ...}: the store does not take writes", body = Object)))]
+pub(super) async fn healthz(State(state): State<AppState>) -> Response {
+    match state.queue.health() {
+        Ok(()) => Json(json!({"status": "ok"})).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(json!({"status": "unhealthy", "reason": reason})),
+        )
+            .into_response(),
+    }
 }
 
 /// Any unknown path.
@@ -79,9 +88,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::respons
 }
 
 /// `GET /healthz` (for load balancers and Kubernetes probes).
-#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Object)))]
-pub(super) async fn healthz_root() -> Json<Value> {
-    healthz().await
+#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Object), (status = 503, description = "the store does not take writes", body = Object)))]
+pub(super) async fn healthz_root(state: State<AppState>) -> Response {
+    healthz(state).await
 }
 
 /// `GET /metrics` (where Prometheus looks by default).

@@ -38,6 +38,10 @@ pub enum QueueError {
     /// The queue is shutting down.
     #[error("queue is shutting down")]
     Closed,
+    /// The store does not take writes right now (a full disk, an I/O
+    /// error); the host retries and recovers by itself once it can.
+    #[error("{0}; try again later")]
+    Unavailable(String),
 }
 
 /// A module as the store keeps it.
@@ -281,6 +285,11 @@ pub trait Queue: Send + Sync + 'static {
     fn observe(&self, observer: Arc<dyn CommitObserver>);
     /// Tasks waiting to be leased, per priority 0..=9 (including unexpanded sweep points).
     fn depth(&self) -> [u64; 10];
+    /// Whether the store takes writes: `Err(reason)` while it fails (a
+    /// full disk); leasing stops and `/healthz` reports it meanwhile.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Stop handing out leases; wake every waiting worker.
     fn close(&self);
     /// Wait until everything accepted so far is durable.

@@ -91,6 +91,7 @@ struct Inner {
     events: broadcast::Sender<Event>,
     observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
     config: EmbeddedConfig,
+    health: Arc<writer::StoreHealth>,
 }
 
 /// Everything about scheduling that lives in memory.
@@ -168,6 +169,14 @@ impl EmbeddedQueue {
         Self::open_inner(path, config, true)
     }
 
+    /// Cap the store file at `bytes` (`None`: no cap). Beyond it writes
+    /// fail as on a full disk: the store fails closed (no leases, submits
+    /// refused with 503, `/healthz` unhealthy) and recovers by itself once
+    /// the cap is raised. Applied by the writer before its next batch.
+    pub fn set_max_store_bytes(&self, bytes: Option<u64>) {
+        self.inner.writer.send(vec![Op::Quota(bytes)]);
+    }
+
     fn open_inner(path: &Path, config: EmbeddedConfig, recover: bool) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -178,7 +187,8 @@ impl EmbeddedQueue {
             .map_err(|e| QueueError::Storage(format!("cannot open {}: {e}", path.display())))?;
         let (events, _) = broadcast::channel(65_536);
         let observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>> = Arc::default();
-        let writer = Writer::start(conn, events.clone(), observers.clone());
+        let health = Arc::new(writer::StoreHealth::default());
+        let writer = Writer::start(conn, events.clone(), observers.clone(), health.clone());
         let reader = reader::Reader::new(PathBuf::from(path));
         let queue = EmbeddedQueue {
             inner: Arc::new(Inner {
@@ -190,6 +200,7 @@ impl EmbeddedQueue {
                 events,
                 observers,
                 config,
+                health,
             }),
         };
         if recover {
@@ -696,6 +707,18 @@ impl Queue for EmbeddedQueue {
             if self.inner.closed.load(Ordering::Acquire) {
                 return None;
             }
+            // A failing store takes no new work: what a lease would record
+            // could not be stored. Wait for it to recover (or for close).
+            let recovered = self.inner.health.changed.notified();
+            tokio::pin!(recovered);
+            recovered.as_mut().enable();
+            if self.inner.health.failing().is_some() {
+                tokio::select! {
+                    _ = &mut recovered => {}
+                    _ = &mut notified => {}
+                }
+                continue;
+            }
             let now = now_ms();
             let wake_at = {
                 let mut sched = self.sched();
@@ -1051,6 +1074,13 @@ impl Queue for EmbeddedQueue {
             depth[cursor.options.priority as usize] += cursor.total - cursor.next;
         }
         depth
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.inner.health.failing() {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
     }
 
     fn close(&self) {

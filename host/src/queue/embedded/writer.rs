@@ -21,8 +21,49 @@ const MAX_BATCH_OPS: usize = 50_000;
 /// Tags shared between a task's in-memory entry and its transitions.
 pub(crate) type Tags = Arc<BTreeMap<String, String>>;
 
+/// Whether the store takes writes. Set by the writer when a transaction
+/// fails (a full disk, an I/O error) and cleared when a retry commits; read
+/// by leasing (which stops while the store fails), `/healthz` and submits.
+#[derive(Default)]
+pub(crate) struct StoreHealth {
+    failing: std::sync::Mutex<Option<String>>,
+    /// Told of every change between failing and healthy.
+    pub(crate) changed: tokio::sync::Notify,
+}
+
+impl StoreHealth {
+    /// Why writes fail, if they do.
+    pub(crate) fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, failing: Option<String>) {
+        let mut current = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        if current.is_some() != failing.is_some() {
+            match &failing {
+                Some(reason) => {
+                    tracing::error!(reason = %reason, "store writes fail; leasing stopped, submits refused until a retry commits")
+                }
+                None => tracing::warn!("store writes commit again; leasing resumed"),
+            }
+            *current = failing;
+            drop(current);
+            self.changed.notify_waiters();
+        } else {
+            *current = failing;
+        }
+    }
+}
+
 /// One change to the store.
 pub(super) enum Op {
+    /// Cap the store file at this many bytes (`None`: no cap). Applied as
+    /// soon as the writer reads it, ahead of any retry: it is how an
+    /// operator bounds the store, and how tests fill and free a "disk".
+    Quota(Option<u64>),
     Module(ModuleRecord, Vec<u8>),
     Job(JobRecord),
     NewTasks(Vec<(NewTask, Tags)>, Millis),
@@ -162,11 +203,12 @@ impl Writer {
         conn: Connection,
         events: broadcast::Sender<Event>,
         observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
+        health: Arc<StoreHealth>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("kwq-store-writer".into())
-            .spawn(move || run(conn, rx, events, observers))
+            .spawn(move || run(conn, rx, events, observers, health))
             .expect("cannot start the store writer thread");
         Writer { tx }
     }
@@ -189,26 +231,60 @@ impl Writer {
     }
 }
 
+/// First wait between retries of a failed batch; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+/// Longest wait between retries of a failed batch.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The writer's loop. A batch that fails is not lost: operations nobody
+/// waits for (transitions, completions, sweep expansions, already applied
+/// in memory) stay at the head of the queue and are retried, with backoff,
+/// until they commit, so memory and store never disagree for longer than
+/// the outage; operations somebody waits for (submits, uploads, controls)
+/// are answered with the error at once and dropped, their callers having
+/// changed nothing in memory. While batches fail the store is marked
+/// failing: leasing stops and `/healthz` says why.
 fn run(
     mut conn: Connection,
     mut rx: mpsc::UnboundedReceiver<Command>,
     events: broadcast::Sender<Event>,
     observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
+    health: Arc<StoreHealth>,
 ) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        let mut ops = batch[0].ops.len();
-        while ops < MAX_BATCH_OPS {
-            match rx.try_recv() {
-                Ok(command) => {
-                    ops += command.ops.len();
-                    batch.push(command);
+    let mut pending: std::collections::VecDeque<Command> = std::collections::VecDeque::new();
+    let mut backoff = RETRY_FIRST;
+    loop {
+        if pending.is_empty() {
+            match rx.blocking_recv() {
+                Some(command) => pending.push_back(command),
+                None => return,
+            }
+        }
+        while let Ok(command) = rx.try_recv() {
+            pending.push_back(command);
+        }
+        // Quotas first: raising one is how a full store recovers.
+        for command in pending.iter_mut() {
+            for op in &command.ops {
+                if let Op::Quota(bytes) = op {
+                    apply_quota(&conn, *bytes);
                 }
-                Err(_) => break,
+            }
+            command.ops.retain(|op| !matches!(op, Op::Quota(_)));
+        }
+        let mut batch = Vec::new();
+        let mut ops = 0;
+        while let Some(command) = pending.pop_front() {
+            ops += command.ops.len();
+            batch.push(command);
+            if ops >= MAX_BATCH_OPS {
+                break;
             }
         }
         match apply(&mut conn, &batch) {
             Ok((committed, modules)) => {
+                health.set(None);
+                backoff = RETRY_FIRST;
                 // Statistics first, so a caller that was told "stored" sees them.
                 if !modules.is_empty() || !committed.is_empty() {
                     for observer in observers.read().expect("observers lock").iter() {
@@ -230,14 +306,38 @@ fn run(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "store write failed; {} operations lost", ops);
-                for command in batch {
-                    if let Some(done) = command.done {
-                        let _ = done.send(Err(QueueError::Storage(e.to_string())));
+                let reason = format!("store write failed: {e}");
+                health.set(Some(reason.clone()));
+                let mut kept = 0;
+                for command in batch.into_iter().rev() {
+                    match command.done {
+                        Some(done) => {
+                            let _ = done.send(Err(QueueError::Unavailable(reason.clone())));
+                        }
+                        None => {
+                            kept += command.ops.len();
+                            pending.push_front(command);
+                        }
                     }
                 }
+                tracing::warn!(error = %e, kept, retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying the operations already applied in memory");
+                // Backoff between retries of a failing store (not a wait for
+                // another thread: nothing else can make the disk writable).
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
             }
         }
+    }
+}
+
+/// `PRAGMA max_page_count` for a cap in bytes (none: SQLite's maximum).
+fn apply_quota(conn: &Connection, bytes: Option<u64>) {
+    let page_size: i64 = conn
+        .pragma_query_value(None, "page_size", |row| row.get(0))
+        .unwrap_or(4096);
+    let pages = bytes.map_or(4_294_967_294, |b| (b as i64 / page_size).max(1));
+    if let Err(e) = conn.pragma_update(None, "max_page_count", pages) {
+        tracing::warn!(error = %e, "cannot set the store's size cap");
     }
 }
 
@@ -264,6 +364,7 @@ fn apply(
     let mut modules = Vec::new();
     for op in batch.iter().flat_map(|c| c.ops.iter()) {
         match op {
+            Op::Quota(_) => {} // applied before the transaction
             Op::Module(record, bytes) => {
                 // A re-upload rewrites the bytes: that repairs a stored copy
                 // that was corrupted on disk (the id is the hash of good bytes).

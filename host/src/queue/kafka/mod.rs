@@ -567,6 +567,10 @@ impl Queue for KafkaQueue {
         self.shared.view.modules().await
     }
 
+    fn health(&self) -> Result<(), String> {
+        self.shared.view.health()
+    }
+
     async fn module_named(&self, name: &str) -> Result<Option<ModuleId>, QueueError> {
         Queue::module_named(&self.shared.view, name).await
     }
