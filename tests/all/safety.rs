@@ -526,3 +526,57 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
     assert_ne!(next.task_id, first.task_id);
     queue.submit_tasks(vec![task(100, 200_000)]).await.unwrap();
 }
+
+/// Guest memory is budgeted across a host's workers: two tasks that each
+/// ask for 200 MiB do not run at once under a 300 MiB budget, and a task
+/// asking for more than the whole budget fails with `memory_limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guest_memory_stays_within_the_hosts_budget() {
+    let mut grid = TestGrid::new(None, ApiLimits::default()).await;
+    grid.upload(examples::MISBEHAVE, "misbehave").await;
+    grid.start_workers_with_budget(2, 300 << 20);
+    let (status, job) = grid
+        .call(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"module": "misbehave", "memory_bytes": 200u64 << 20,
+                        "payloads": [{"action": "sleep", "ms": 200}, {"action": "sleep", "ms": 200}]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = grid.wait_job(&id).await;
+    assert_eq!(done["counts"]["Completed"], json!(2), "{done}");
+    let mut spans = Vec::new();
+    for index in 0..2 {
+        let (_, task) = grid
+            .call("GET", &format!("/v1/tasks/{id}.{index}"), None)
+            .await;
+        let at = |state: &str| task["timestamps"][state].as_u64().unwrap();
+        spans.push((at("Running"), at("Completed")));
+    }
+    spans.sort();
+    assert!(
+        spans[1].0 >= spans[0].1,
+        "the two 200 MiB tasks overlapped under a 300 MiB budget: {spans:?}"
+    );
+    let (_, big) = grid
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"module": "misbehave", "payload": {"action": "echo"},
+                        "memory_bytes": 512u64 << 20, "max_attempts": 1})),
+        )
+        .await;
+    let big = grid.wait_task(big["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (big["state"].clone(), big["error_kind"].clone()),
+        (json!("Dead"), json!("memory_limit")),
+        "{big}"
+    );
+    assert!(
+        big["error_message"].as_str().unwrap().contains("budget"),
+        "{big}"
+    );
+    grid.stop().await;
+}

@@ -129,6 +129,11 @@ impl TestGrid {
 
     /// Start `workers` workers (fast retries for tests).
     pub(crate) fn start_workers(&mut self, workers: usize) {
+        self.start_workers_with_budget(workers, kwq::dispatch::default_memory_budget());
+    }
+
+    /// Start `workers` workers sharing `memory_budget` bytes of guest memory.
+    pub(crate) fn start_workers_with_budget(&mut self, workers: usize, memory_budget: u64) {
         let config = kwq::dispatch::DispatchConfig {
             workers,
             retry: kwq::dispatch::RetryPolicy {
@@ -136,6 +141,7 @@ impl TestGrid {
                 max: Duration::from_millis(50),
                 jitter: 0.5,
             },
+            memory_budget,
             ..kwq::dispatch::DispatchConfig::default()
         };
         let dispatcher = kwq::dispatch::Dispatcher::start(

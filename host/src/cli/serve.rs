@@ -59,6 +59,10 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_hosts: Vec<String>,
+    /// Guest memory the tasks running at once may ask for together (their
+    /// memory_bytes summed), e.g. 12GiB (default: 3/4 of the machine's memory).
+    #[arg(long, env = "KWQ_MEMORY_BUDGET", value_parser = parse::bytes)]
+    memory_budget: Option<u64>,
 }
 
 /// Run `kwq serve`.
@@ -85,6 +89,9 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
     };
     if let Some(workers) = args.workers {
         dispatch.workers = workers;
+    }
+    if let Some(budget) = args.memory_budget {
+        dispatch.memory_budget = budget;
     }
     let config = ServerConfig {
         store,

@@ -14,7 +14,7 @@ use crate::queue::{Completion, Failure, Lease, Queue, WorkerView};
 use crate::runtime::{Runtime, TaskSpec, Worker};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 /// How the pool runs.
@@ -32,6 +32,28 @@ pub struct DispatchConfig {
     pub heartbeat: Duration,
     /// How long a stopping worker lets its task finish before returning it.
     pub shutdown_grace: Duration,
+    /// Guest memory, in bytes, that the tasks running at once on this host
+    /// may ask for together (the sum of their `memory_bytes`). A task waits
+    /// for its share before it starts; one asking for more than the whole
+    /// budget fails with `memory_limit`. Default: 3/4 of the machine's memory.
+    pub memory_budget: u64,
+}
+
+/// 3/4 of the machine's memory (`MemTotal`), or 8 GiB where it cannot be read.
+pub fn default_memory_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kib| kib * 1024 / 4 * 3)
+}
+
+/// MiB of a byte count, rounded up: the unit of the memory budget.
+fn mib(bytes: u64) -> u32 {
+    bytes.div_ceil(1 << 20).min(u32::MAX as u64) as u32
 }
 
 impl Default for DispatchConfig {
@@ -43,6 +65,7 @@ impl Default for DispatchConfig {
             limits: TaskLimits::default(),
             heartbeat: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            memory_budget: default_memory_budget(),
         }
     }
 }
@@ -64,6 +87,7 @@ impl Dispatcher {
     ) -> Self {
         let (stop, stopping) = watch::channel(false);
         let board = Arc::new(WorkerBoard::new(config.workers, host));
+        let budget = Arc::new(Semaphore::new(mib(config.memory_budget) as usize));
         let workers = (0..config.workers)
             .map(|index| {
                 let worker = runtime.worker(config.max_warm);
@@ -74,6 +98,7 @@ impl Dispatcher {
                     board: board.clone(),
                     config: config.clone(),
                     stopping: stopping.clone(),
+                    budget: budget.clone(),
                 };
                 tokio::spawn(context.run(worker))
             })
@@ -107,6 +132,8 @@ struct WorkerContext {
     board: Arc<WorkerBoard>,
     config: DispatchConfig,
     stopping: watch::Receiver<bool>,
+    /// MiB of guest memory not promised to a running task.
+    budget: Arc<Semaphore>,
 }
 
 enum Ending {
@@ -130,6 +157,15 @@ impl WorkerContext {
                 _ = self.stopping.changed() => None,
             };
             let Some(lease) = lease else { break };
+            let need = mib(lease.memory_bytes);
+            if need > mib(self.config.memory_budget) {
+                self.refuse_over_budget(&lease);
+                continue;
+            }
+            let Some(_share) = self.reserve_memory(&lease, need).await else {
+                self.queue.release(&lease, false);
+                break;
+            };
             self.queue.started(&lease);
             self.board.begin(self.index, &lease);
             // Every line logged about the task (guest logs included) carries its fields.
@@ -141,6 +177,48 @@ impl WorkerContext {
             span.in_scope(|| self.finish(&lease, ending));
             self.board
                 .end(self.index, worker.warm_keys(), worker.stats());
+        }
+    }
+
+    /// Wait for `need` MiB of the host's memory budget, renewing the lease
+    /// meanwhile; `None` if the host stops first.
+    async fn reserve_memory(
+        &mut self,
+        lease: &Lease,
+        need: u32,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let period = self.config.heartbeat;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let share = self.budget.clone().acquire_many_owned(need);
+        tokio::pin!(share);
+        loop {
+            tokio::select! {
+                share = &mut share => return share.ok(),
+                _ = heartbeat.tick() => {
+                    let _ = self.queue.heartbeat(lease);
+                }
+                _ = self.stopping.changed() => return None,
+            }
+        }
+    }
+
+    /// A task asking for more memory than the whole budget can never start here.
+    fn refuse_over_budget(&self, lease: &Lease) {
+        let retryable = lease.attempt < lease.max_attempts;
+        let failure = Failure {
+            kind: ErrorKind::MemoryLimit,
+            message: format!(
+                "asks for {} MiB of memory; this host's memory budget is {} MiB (--memory-budget)",
+                mib(lease.memory_bytes),
+                mib(self.config.memory_budget)
+            ),
+            logs: Vec::new(),
+            run_us: 0,
+            retry_at: retryable
+                .then(|| now_ms() + self.config.retry.delay(lease.attempt).as_millis() as u64),
+        };
+        if let Err(e) = self.queue.fail(lease, failure) {
+            tracing::warn!(error = %e, "outcome not recorded");
         }
     }
 
