@@ -107,6 +107,18 @@ async fn wait_for(client: &Client, what: &str, check: impl AsyncFn(&Client) -> b
     }
 }
 
+/// Click what `css` names, finding it again when the page re-rendered it
+/// between the find and the click (a stale element reference).
+async fn click(client: &Client, css: &str) {
+    wait_for(client, &format!("a clickable {css}"), async |c| {
+        match c.find(Locator::Css(css)).await {
+            Ok(element) => element.click().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,13 +158,7 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
     let area = client.find(Locator::Css("#job-spec")).await.unwrap();
     area.clear().await.unwrap();
     area.send_keys(spec).await.unwrap();
-    client
-        .find(Locator::Css("#job-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, "#job-submit").await;
     wait_for(&client, "the submitted job id", async |c| {
         c.find(Locator::Css("#job-submitted[data-job]"))
             .await
@@ -192,24 +198,12 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
         .unwrap()
         .unwrap();
 
-    client
-        .find(Locator::Css(&format!("{row} a")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, &format!("{row} a")).await;
     wait_for(&client, "the job's tasks", async |c| {
         c.find(Locator::Css("a.task-link")).await.is_ok()
     })
     .await;
-    client
-        .find(Locator::Css("a.task-link"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, "a.task-link").await;
     wait_for(&client, "the task timeline", async |c| {
         c.find(Locator::Css("#timeline li[data-state='Completed']"))
             .await
@@ -266,13 +260,7 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
         .send_keys("upper-from-browser")
         .await
         .unwrap();
-    client
-        .find(Locator::Css("#module-upload"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&client, "#module-upload").await;
     wait_for(&client, "the uploaded module in the table", async |c| {
         text(c, "#modules").await.contains("upper-from-browser")
     })
