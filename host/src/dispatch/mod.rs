@@ -202,9 +202,15 @@ impl WorkerContext {
         }
     }
 
+    /// When a failed attempt of `kind` may run again: after the backoff,
+    /// unless attempts are used up or no retry could help (an invalid module).
+    fn retry_at(&self, lease: &Lease, kind: ErrorKind) -> Option<crate::model::Millis> {
+        let retryable = kind != ErrorKind::InvalidModule && lease.attempt < lease.max_attempts;
+        retryable.then(|| now_ms() + self.config.retry.delay(lease.attempt).as_millis() as u64)
+    }
+
     /// A task asking for more memory than the whole budget can never start here.
     fn refuse_over_budget(&self, lease: &Lease) {
-        let retryable = lease.attempt < lease.max_attempts;
         let failure = Failure {
             kind: ErrorKind::MemoryLimit,
             message: format!(
@@ -214,8 +220,7 @@ impl WorkerContext {
             ),
             logs: Vec::new(),
             run_us: 0,
-            retry_at: retryable
-                .then(|| now_ms() + self.config.retry.delay(lease.attempt).as_millis() as u64),
+            retry_at: self.retry_at(lease, ErrorKind::MemoryLimit),
         };
         if let Err(e) = self.queue.fail(lease, failure) {
             tracing::warn!(error = %e, "outcome not recorded");
@@ -282,11 +287,8 @@ impl WorkerContext {
             ),
             Err(error) => {
                 let kind = error.kind();
-                let retryable =
-                    kind != ErrorKind::InvalidModule && lease.attempt < lease.max_attempts;
-                let retry_at = retryable
-                    .then(|| now_ms() + self.config.retry.delay(lease.attempt).as_millis() as u64);
-                tracing::info!(error = %error, kind = %kind, retry = retryable, "task attempt failed");
+                let retry_at = self.retry_at(lease, kind);
+                tracing::info!(error = %error, kind = %kind, retry = retry_at.is_some(), "task attempt failed");
                 let mut message = error.to_string();
                 if let crate::runtime::TaskError::Trap {
                     backtrace: Some(bt),
