@@ -76,6 +76,8 @@ pub struct ServerConfig {
     pub queue: EmbeddedConfig,
     /// Bearer token for write endpoints.
     pub token: Option<String>,
+    /// Whether reads of the grid's data need the token too.
+    pub token_reads: bool,
     /// Upload the bundled example modules at start.
     pub examples: bool,
     /// Request limits.
@@ -172,6 +174,7 @@ impl Host {
             tracker,
             board: dispatcher.as_ref().map(Dispatcher::board),
             token: config.token.clone(),
+            token_reads: config.token_reads,
             limits: config.limits.clone(),
             allowed_hosts: config.allowed_hosts.clone(),
         };

@@ -119,8 +119,16 @@ async fn click(client: &Client, css: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
+/// A host with the bundled examples and two workers, on a loopback port;
+/// stops when the sender is dropped or sent to.
+struct TestHost {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    dir: tempfile::TempDir,
+}
+
+async fn start_host(token: Option<&str>, token_reads: bool) -> TestHost {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -132,7 +140,8 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
             ..Default::default()
         },
         queue: Default::default(),
-        token: None,
+        token: token.map(str::to_string),
+        token_reads,
         examples: true,
         limits: Default::default(),
         host: "browser".into(),
@@ -142,7 +151,22 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
     let server = tokio::spawn(kwq::server::run(config, listener, async move {
         let _ = stopped.await;
     }));
+    TestHost {
+        url,
+        stop,
+        server,
+        dir,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
+    let TestHost {
+        url,
+        stop,
+        server,
+        dir,
+    } = start_host(None, false).await;
     let driver = start_driver();
     let client = connect(&driver, &dir.path().join("profile")).await;
     client.goto(&format!("{url}/#/")).await.unwrap();
@@ -302,4 +326,76 @@ async fn dashboard_submits_a_job_shows_progress_and_a_task_timeline() {
     client.close().await.unwrap();
     let _ = stop.send(());
     server.await.unwrap().unwrap();
+}
+
+/// Under `--token --token-reads` the dashboard asks for the token, then
+/// reads, submits and follows live events with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_asks_for_the_token_and_sends_it() {
+    let host = start_host(Some("s3cret"), true).await;
+    let driver = start_driver();
+    let client = connect(&driver, &host.dir.path().join("profile")).await;
+    client.goto(&format!("{}/#/", host.url)).await.unwrap();
+    wait_for(&client, "the sign-in form", async |c| {
+        match c.find(Locator::Css("#signin")).await {
+            Ok(form) => form.is_displayed().await.unwrap_or(false),
+            Err(_) => false,
+        }
+    })
+    .await;
+    client
+        .screenshot()
+        .await
+        .map(|png| std::fs::write(screenshot_dir().join("signin.png"), png))
+        .unwrap()
+        .unwrap();
+    client
+        .find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys("s3cret")
+        .await
+        .unwrap();
+    click(&client, "#token-save").await;
+    wait_for(&client, "modules read with the token", async |c| {
+        c.find(Locator::Css("#job-module option[value='noop']"))
+            .await
+            .is_ok()
+    })
+    .await;
+    let spec = r#"{"module": "noop", "payloads": [1, 2, 3], "name": "signed-in"}"#;
+    let area = client.find(Locator::Css("#job-spec")).await.unwrap();
+    area.clear().await.unwrap();
+    area.send_keys(spec).await.unwrap();
+    client
+        .execute(
+            "document.querySelector('#job-module').value = 'noop'",
+            vec![],
+        )
+        .await
+        .unwrap();
+    click(&client, "#job-submit").await;
+    wait_for(&client, "the submitted job id", async |c| {
+        c.find(Locator::Css("#job-submitted[data-job]"))
+            .await
+            .is_ok()
+    })
+    .await;
+    let job = client
+        .find(Locator::Css("#job-submitted"))
+        .await
+        .unwrap()
+        .attr("data-job")
+        .await
+        .unwrap()
+        .unwrap();
+    // Finished on screen: the job list refreshes on events from the stream,
+    // which also needs the token.
+    wait_for(&client, "the job Finished", async |c| {
+        text(c, &format!("tr[data-job='{job}'] .job-state")).await == "Finished"
+    })
+    .await;
+    client.close().await.unwrap();
+    let _ = host.stop.send(());
+    host.server.await.unwrap().unwrap();
 }

@@ -301,3 +301,69 @@ async fn a_sweep_submitted_on_one_host_is_paused_and_cancelled_from_another() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_job_is_raised_from_another_host() {
+    let kafka = MockKafka::new();
+    let (a, b) = (kafka.host("a").await, kafka.host("b").await);
+    let job = a
+        .submit_job(NewJob {
+            id: "j-held".into(),
+            name: None,
+            module: crate::conformance::module(),
+            options: TaskOptions {
+                priority: 0,
+                ..TaskOptions::default()
+            },
+            payloads: (0..4).map(|i| format!("{i}").into_bytes()).collect(),
+            sweep: None,
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.job(&job.id).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host b never saw the job"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for q in [&a, &b] {
+        let offered =
+            tokio::time::timeout(Duration::from_millis(300), q.lease(&worker("w", &[]))).await;
+        assert!(offered.is_err(), "a held job's task was offered");
+    }
+    // Raised on b: both views show the new priority, and the four tasks run.
+    assert_eq!(
+        b.set_job_priority(&job.id, 6)
+            .await
+            .unwrap()
+            .options
+            .priority,
+        6
+    );
+    while a.job(&job.id).await.unwrap().options.priority != 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host a never saw the raise"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (ran_a, ran_b) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(
+            work_until(a.clone(), "wa", Duration::ZERO, finished.clone(), 4),
+            work_until(b.clone(), "wb", Duration::ZERO, finished.clone(), 4),
+        )
+    })
+    .await
+    .expect("the raised job's tasks were never leased");
+    assert_eq!(ran_a.0.len() + ran_b.0.len(), 4, "{ran_a:?} {ran_b:?}");
+    for q in [&a, &b] {
+        for i in 0..4 {
+            let id = format!("j-held.{i}");
+            wait_state(q, &id, TaskState::Completed).await;
+            assert_eq!(q.task(&id).await.unwrap().options.priority, 6, "{id}");
+        }
+    }
+}

@@ -306,7 +306,8 @@ async fn sweep_bases_are_capped_and_expansion_ahead_is_bounded_in_bytes() {
         .await
         .unwrap();
     assert_eq!(job.total, 1_000_000);
-    // A lease call refills sweeps before it waits; every task is held, so it waits.
+    // A lease call refills sweeps before it waits; the job is held, so it
+    // creates no points and waits.
     let view = kwq::queue::WorkerView {
         id: "w".into(),
         warm: Vec::new(),
@@ -316,7 +317,15 @@ async fn sweep_bases_are_capped_and_expansion_ahead_is_bounded_in_bytes() {
             tokio::time::timeout(std::time::Duration::from_millis(50), queue.lease(&view)).await;
         assert!(leased.is_err(), "a held task was leased");
     }
-    let job = queue.job(&"j-big".to_string()).await.unwrap();
+    let id = "j-big".to_string();
+    assert_eq!(
+        queue.job(&id).await.unwrap().expanded,
+        0,
+        "a held sweep expanded"
+    );
+    // Raised, it expands, bounded in bytes, at its new priority.
+    let job = queue.set_job_priority(&id, 7).await.unwrap();
+    assert_eq!(job.options.priority, 7);
     let ahead_bytes = job.expanded * (60 << 10);
     assert!(
         job.expanded > 0 && ahead_bytes <= 8 << 20,
@@ -324,6 +333,20 @@ async fn sweep_bases_are_capped_and_expansion_ahead_is_bounded_in_bytes() {
         job.expanded,
         ahead_bytes >> 20
     );
+    let lease = queue.lease(&view).await.unwrap();
+    queue.flush().await.unwrap();
+    let task = queue.task(&lease.task_id).await.unwrap();
+    assert_eq!(task.options.priority, 7, "{task:?}");
+    // Held again, nothing more is created however many points are taken.
+    let expanded = job.expanded;
+    queue.set_job_priority(&id, 0).await.unwrap();
+    let waiting = queue.depth()[0];
+    assert_eq!(
+        waiting,
+        1_000_000 - 1,
+        "held points are counted at priority 0"
+    );
+    assert_eq!(queue.job(&id).await.unwrap().expanded, expanded);
 }
 
 /// A browser page on another site can neither write (its `Origin` gives it
@@ -480,6 +503,7 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
         tracker: kwq::tracker::Tracker::attach(&queue).await.unwrap(),
         board: None,
         token: None,
+        token_reads: false,
         limits: ApiLimits::default(),
         allowed_hosts: kwq::api::AllowedHosts::any(),
     };
@@ -579,4 +603,65 @@ async fn concurrent_guest_memory_stays_within_the_hosts_budget() {
         "{big}"
     );
     grid.stop().await;
+}
+
+/// Under `--token-reads` the grid's data (payloads, results, events,
+/// statistics, metrics) is as guarded as its writes; health, the dashboard
+/// page and the API documentation stay open so a person can sign in and a
+/// load balancer can probe. Without it, reads are open.
+#[tokio::test]
+async fn token_reads_guards_every_read_of_the_grids_data() {
+    let mut grid = TestGrid::new(Some("s3cret"), ApiLimits::default()).await;
+    let bytes = std::fs::read(examples::NOOP).unwrap();
+    let (status, body) = grid
+        .request("POST", "/v1/modules?name=noop", bytes, None, Some("s3cret"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let guarded = [
+        "/v1/modules",
+        "/v1/modules/noop",
+        "/v1/tasks",
+        "/v1/tasks/t-x",
+        "/v1/jobs",
+        "/v1/jobs/j-x",
+        "/v1/jobs/j-x/results",
+        "/v1/events",
+        "/v1/stats",
+        "/v1/metrics",
+        "/metrics",
+    ];
+    let open = ["/healthz", "/v1/healthz", "/", "/docs", "/openapi.json"];
+    // (The event stream answers 200 and never ends: its status is checked
+    // only where it is refused.)
+    for path in guarded.iter().filter(|p| **p != "/v1/events") {
+        let (status, body) = grid.call("GET", path, None).await;
+        assert_ne!(
+            status, 401,
+            "{path} needed a token without --token-reads: {body}"
+        );
+    }
+    grid.state.token_reads = true;
+    for path in guarded {
+        let (status, body) = grid.call("GET", path, None).await;
+        assert_eq!(status, 401, "{path}: {body}");
+        assert_eq!(
+            body["error"]["code"],
+            json!("unauthorized"),
+            "{path}: {body}"
+        );
+        let (status, _) = grid
+            .request("GET", path, Vec::new(), None, Some("wrong"))
+            .await;
+        assert_eq!(status, 401, "{path} with a wrong token");
+        if path != "/v1/events" {
+            let (status, body) = grid
+                .request("GET", path, Vec::new(), None, Some("s3cret"))
+                .await;
+            assert!(status == 200 || status == 404, "{path}: {status} {body}");
+        }
+    }
+    for path in open {
+        let (status, body) = grid.call("GET", path, None).await;
+        assert!(status == 200 || status == 308, "{path}: {status} {body}");
+    }
 }

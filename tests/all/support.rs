@@ -113,6 +113,7 @@ impl TestGrid {
             tracker,
             board: None,
             token: token.map(str::to_string),
+            token_reads: false,
             limits,
             allowed_hosts: kwq::api::AllowedHosts::for_listener(
                 "127.0.0.1:7700".parse().unwrap(),

@@ -190,6 +190,22 @@ pub(super) async fn resume(
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }
 
+/// `POST /v1/jobs/{id}/priority`: raise a held job (priority 0: a held
+/// sweep creates no points) or reorder a waiting one; its unfinished tasks
+/// and the points not yet created take the new priority.
+#[utoipa::path(post, path = "/v1/jobs/{id}/priority", tag = "jobs", params(("id" = String, Path)), request_body = PriorityChange, responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn set_priority(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<super::tasks::PriorityRequest>,
+) -> Result<Json<Value>, AppError> {
+    let job = state
+        .queue
+        .set_job_priority(&id, request.checked()?)
+        .await?;
+    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+}
+
 /// `POST /v1/jobs/{id}/cancel`.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub(super) async fn cancel(

@@ -64,6 +64,10 @@ pub struct AppState {
     pub board: Option<Arc<WorkerBoard>>,
     /// Bearer token required on write endpoints, if set.
     pub token: Option<String>,
+    /// Whether reads of the grid's data (tasks, payloads, results, jobs,
+    /// modules, events, statistics, metrics) need the token too. Health,
+    /// the dashboard page and the API documentation stay open.
+    pub token_reads: bool,
     /// Request limits.
     pub limits: ApiLimits,
     /// The `Host` names this host answers to (DNS-rebinding guard).
@@ -88,6 +92,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/jobs/{id}/pause"),
     ("post", "/v1/jobs/{id}/resume"),
     ("post", "/v1/jobs/{id}/cancel"),
+    ("post", "/v1/jobs/{id}/priority"),
     ("get", "/v1/events"),
     ("get", "/v1/stats"),
     ("get", "/v1/healthz"),
@@ -120,6 +125,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/pause", post(jobs::pause))
         .route("/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/priority", post(jobs::set_priority))
         .layer(DefaultBodyLimit::max(limits.other_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let reads = Router::new()
@@ -132,9 +138,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/results", get(jobs::results))
         .route("/v1/events", get(events::stream))
         .route("/v1/stats", get(system::stats))
-        .route("/v1/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics_root))
         .route("/v1/metrics", get(system::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_read_token,
+        ));
+    let open = Router::new()
+        .route("/v1/healthz", get(system::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/", get(openapi::dashboard))
         .route("/docs", get(openapi::docs))
@@ -144,10 +155,23 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(system::healthz_root));
     writes
         .merge(reads)
+        .merge(open)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard::check))
         .with_state(state)
+}
+
+/// Reject reads without the configured bearer token, under `--token-reads`.
+async fn require_read_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    if state.token_reads {
+        check_token(&state, &request)?;
+    }
+    Ok(next.run(request).await)
 }
 
 /// Reject writes without the configured bearer token.
@@ -156,6 +180,12 @@ async fn require_token(
     request: Request,
     next: Next,
 ) -> Result<Response, AppError> {
+    check_token(&state, &request)?;
+    Ok(next.run(request).await)
+}
+
+/// Whether the request carries the configured token (if one is set).
+fn check_token(state: &AppState, request: &Request) -> Result<(), AppError> {
     if let Some(token) = &state.token {
         let given = request
             .headers()
@@ -170,7 +200,7 @@ async fn require_token(
             return Err(AppError::unauthorized());
         }
     }
-    Ok(next.run(request).await)
+    Ok(())
 }
 
 /// Serve the API on `listener` until `shutdown` resolves.

@@ -192,7 +192,7 @@ pub fn document() -> serde_json::Value {
         super::modules::upload, super::modules::list, super::modules::get,
         super::tasks::submit, super::tasks::list, super::tasks::get, super::tasks::cancel, super::tasks::set_priority,
         super::jobs::submit, super::jobs::list, super::jobs::get, super::jobs::results,
-        super::jobs::pause, super::jobs::resume, super::jobs::cancel,
+        super::jobs::pause, super::jobs::resume, super::jobs::cancel, super::jobs::set_priority,
         super::events::stream,
         super::system::stats, super::system::healthz, super::system::healthz_root,
         super::system::metrics, super::system::metrics_root,

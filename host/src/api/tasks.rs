@@ -295,6 +295,19 @@ pub(super) struct PriorityRequest {
     priority: u8,
 }
 
+impl PriorityRequest {
+    /// The priority asked for, checked to be 0..=9.
+    pub(super) fn checked(&self) -> Result<u8, AppError> {
+        if self.priority > 9 {
+            return Err(AppError::bad_request(
+                "invalid_field",
+                "priority must be 0..=9",
+            ));
+        }
+        Ok(self.priority)
+    }
+}
+
 /// `POST /v1/tasks/{id}/priority`: raise a held task, or reorder a waiting one.
 #[utoipa::path(post, path = "/v1/tasks/{id}/priority", tag = "tasks", params(("id" = String, Path)), request_body = PriorityChange, responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn set_priority(
@@ -302,12 +315,7 @@ pub(super) async fn set_priority(
     Path(id): Path<String>,
     ApiJson(request): ApiJson<PriorityRequest>,
 ) -> Result<Json<Value>, AppError> {
-    if request.priority > 9 {
-        return Err(AppError::bad_request(
-            "invalid_field",
-            "priority must be 0..=9",
-        ));
-    }
-    state.queue.set_priority(&id, request.priority).await?;
-    Ok(Json(json!({"id": id, "priority": request.priority})))
+    let priority = request.checked()?;
+    state.queue.set_priority(&id, priority).await?;
+    Ok(Json(json!({"id": id, "priority": priority})))
 }

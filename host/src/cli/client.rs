@@ -151,6 +151,14 @@ pub enum JobCommand {
         /// Job id.
         id: String,
     },
+    /// Change a job's priority: 1..=9 releases a held job, 0 holds it.
+    Priority {
+        /// Job id.
+        id: String,
+        /// New priority, 0..=9 (9 highest, 0 holds).
+        #[arg(value_parser = clap::value_parser!(u8).range(0..=9))]
+        priority: u8,
+    },
     /// List jobs, newest first.
     List,
 }
@@ -382,6 +390,17 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
             print_json(
                 &client
                     .post(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+                    .await?,
+            );
+            Ok(())
+        }),
+        JobCommand::Priority { id, priority } => block_on(async {
+            print_json(
+                &client
+                    .post(
+                        &format!("/v1/jobs/{id}/priority"),
+                        &json!({ "priority": priority }),
+                    )
                     .await?,
             );
             Ok(())

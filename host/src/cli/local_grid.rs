@@ -82,6 +82,7 @@ impl LocalGrid {
             tracker: tracker.clone(),
             board: Some(dispatcher.board()),
             token: None,
+            token_reads: false,
             limits: ApiLimits::default(),
             allowed_hosts: api::AllowedHosts::any(),
         };

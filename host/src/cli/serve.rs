@@ -33,6 +33,11 @@ pub struct ServeArgs {
     /// Bearer token required on every write endpoint.
     #[arg(long, env = "KWQ_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Require the token on reads of the grid's data too (tasks, payloads,
+    /// results, jobs, modules, events, statistics, metrics); health, the
+    /// dashboard page and the API documentation stay open.
+    #[arg(long, env = "KWQ_TOKEN_READS", requires = "token")]
+    token_reads: bool,
     /// Upload the bundled example modules at start.
     #[arg(long)]
     examples: bool,
@@ -108,6 +113,7 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
             ..EmbeddedConfig::default()
         },
         token: args.token,
+        token_reads: args.token_reads,
         examples: args.examples,
         limits: Default::default(),
         host,

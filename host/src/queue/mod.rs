@@ -257,6 +257,10 @@ pub trait Queue: Send + Sync + 'static {
     async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError>;
     /// Change an unfinished task's priority (0 holds it; raising releases it).
     async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError>;
+    /// Change the priority of a job's unfinished tasks and of the sweep
+    /// points not created yet (0 holds the job: a held sweep creates no
+    /// points until raised).
+    async fn set_job_priority(&self, job: &JobId, priority: u8) -> Result<JobRecord, QueueError>;
 
     /// One task with its full record.
     async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError>;

@@ -42,6 +42,8 @@ pub(crate) enum ViewChange {
     },
     /// A task's priority changed.
     Priority(String, u8),
+    /// A job's priority changed (its record and unfinished tasks).
+    JobPriority(String, u8),
     /// A module, reassembled and verified.
     Module(ModuleRecord, Vec<u8>),
     /// Read position of a topic partition, stored with the changes before it.
@@ -234,6 +236,7 @@ impl EmbeddedQueue {
                     cancelled,
                 },
                 ViewChange::Priority(task, priority) => Op::Priority(task, priority),
+                ViewChange::JobPriority(job, priority) => Op::JobPriority(job, priority),
                 ViewChange::Module(record, bytes) => Op::Module(record, bytes),
                 ViewChange::Offset {
                     topic,
@@ -372,7 +375,10 @@ impl EmbeddedQueue {
         } = sched;
         for cursor in sweeps.iter_mut() {
             let flags = jobs.get(&cursor.job).copied().unwrap_or_default();
-            if flags.paused || flags.cancelled || cursor.next >= cursor.total {
+            // Paused and held (priority 0) sweeps create nothing: their
+            // points would only wait, costing memory and disk.
+            let held = cursor.options.priority == 0;
+            if held || flags.paused || flags.cancelled || cursor.next >= cursor.total {
                 continue;
             }
             // Bounded in bytes as well as in points: a sweep with a large
@@ -992,6 +998,42 @@ impl Queue for EmbeddedQueue {
             .await?;
         self.inner.wake.notify_waiters();
         Ok(())
+    }
+
+    async fn set_job_priority(&self, job: &JobId, priority: u8) -> Result<JobRecord, QueueError> {
+        let durable = {
+            let mut sched = self.sched();
+            let flags = sched
+                .jobs
+                .get(job.as_str())
+                .copied()
+                .ok_or_else(|| QueueError::NotFound(format!("job {job}")))?;
+            if flags.cancelled {
+                return Err(QueueError::Conflict(format!("job {job} is cancelled")));
+            }
+            // Memory and the writer's queue change together, under the
+            // lock: points expanded after this carry the new priority, and
+            // their rows are written after the job's update.
+            let now = now_ms();
+            sched.ready.set_job_priority(job, priority, now);
+            for leased in sched.leased.values_mut() {
+                if leased.entry.job.as_deref() == Some(job.as_str()) {
+                    leased.entry.priority = priority;
+                }
+            }
+            if let Some(cursor) = sched.sweeps.iter_mut().find(|c| *c.job == **job) {
+                cursor.options.priority = priority;
+            }
+            let durable = self
+                .inner
+                .writer
+                .write(vec![Op::JobPriority(job.clone(), priority)]);
+            self.refill_sweeps(&mut sched, now);
+            durable
+        };
+        durable.await?;
+        self.inner.wake.notify_waiters();
+        self.job(job).await
     }
 
     async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError> {

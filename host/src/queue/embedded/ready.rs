@@ -195,6 +195,20 @@ impl ReadyIndex {
         true
     }
 
+    /// Change the priority of every waiting task of a job (a job raised
+    /// from held, or reordered); returns how many it changed.
+    pub(crate) fn set_job_priority(&mut self, job: &str, priority: u8, now: Millis) -> usize {
+        let ids: Vec<Arc<str>> = self
+            .waiting
+            .values()
+            .filter(|w| w.entry.job.as_deref() == Some(job) && w.entry.priority != priority)
+            .map(|w| w.entry.id.clone())
+            .collect();
+        ids.iter()
+            .filter(|id| self.set_priority(id, priority, now))
+            .count()
+    }
+
     /// Every waiting task of a job, removed.
     pub(crate) fn remove_job(&mut self, job: &str) -> Vec<Entry> {
         let ids: Vec<Arc<str>> = self

@@ -75,6 +75,8 @@ pub(super) enum Op {
     },
     Transition(Box<Transition>),
     Priority(String, u8),
+    /// A job's priority changed: its record and its unfinished tasks.
+    JobPriority(String, u8),
     /// An event another host (or this one) published, applied if it moves
     /// the task forward (see [`supersedes`]).
     Remote(Box<RemoteTask>),
@@ -218,16 +220,21 @@ impl Writer {
         let _ = self.tx.send(Command { ops, done: None });
     }
 
-    /// Queue operations and wait until they are durable.
-    pub(super) async fn write(&self, ops: Vec<Op>) -> Result<(), QueueError> {
+    /// Queue operations now (in order with every other send) and return a
+    /// future that resolves once they are durable.
+    pub(super) fn write(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl std::future::Future<Output = Result<(), QueueError>> + use<> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Command {
-                ops,
-                done: Some(done),
-            })
-            .map_err(|_| QueueError::Closed)?;
-        wait.await.map_err(|_| QueueError::Closed)?
+        let sent = self.tx.send(Command {
+            ops,
+            done: Some(done),
+        });
+        async move {
+            sent.map_err(|_| QueueError::Closed)?;
+            wait.await.map_err(|_| QueueError::Closed)?
+        }
     }
 }
 
@@ -438,6 +445,17 @@ fn apply(
             } => {
                 tx.prepare_cached("UPDATE jobs SET paused = ?2, cancelled = ?3 WHERE id = ?1")?
                     .execute(params![job, paused, cancelled])?;
+            }
+            Op::JobPriority(job, priority) => {
+                tx.prepare_cached(
+                    "UPDATE jobs SET options = json_set(options, '$.priority', ?2) WHERE id = ?1",
+                )?
+                .execute(params![job, priority])?;
+                tx.prepare_cached(
+                    "UPDATE tasks SET priority = ?2 WHERE job_id = ?1
+                     AND state IN ('Pending', 'Allocated', 'Running', 'Error')",
+                )?
+                .execute(params![job, priority])?;
             }
             Op::Priority(task, priority) => {
                 tx.prepare_cached("UPDATE tasks SET priority = ?2 WHERE id = ?1")?

@@ -190,6 +190,9 @@ struct Sched {
     leased: HashMap<Arc<str>, Leased>,
     workers: HashMap<String, Vec<(ModuleId, String)>>,
     cancelled_jobs: HashSet<Arc<str>>,
+    /// Each known job's priority, which its tasks take when read (a
+    /// priority change may arrive before some of its tasks are read).
+    job_priorities: HashMap<Arc<str>, u8>,
     cancelled_tasks: HashSet<String>,
     progress: Progress,
     next_token: u64,
@@ -237,6 +240,8 @@ impl KafkaQueue {
             }
             if job.cancelled {
                 sched.cancelled_jobs.insert(id);
+            } else {
+                sched.job_priorities.insert(id, job.options.priority);
             }
         }
         Ok(KafkaQueue {
@@ -387,7 +392,11 @@ impl Shared {
             module,
             payload: Arc::from(payload),
             affinity: options.affinity.as_deref().map(Arc::from),
-            priority: options.priority,
+            priority: message
+                .job_id
+                .as_deref()
+                .and_then(|j| sched.job_priorities.get(j).copied())
+                .unwrap_or(options.priority),
             tags: Arc::new(options.tags.clone()),
             timeout_ms: options.timeout_ms,
             memory_bytes: options.memory_bytes,
@@ -470,6 +479,15 @@ impl Shared {
             drop(sched);
             self.wake.notify_waiters();
         }
+    }
+
+    /// A job's priority changed: re-rank the tasks of it this host holds.
+    fn job_priority(self: &Arc<Self>, job: &str, priority: u8) {
+        let mut sched = self.sched();
+        sched.job_priorities.insert(Arc::from(job), priority);
+        sched.ready.set_job_priority(job, priority, now_ms());
+        drop(sched);
+        self.wake.notify_waiters();
     }
 
     /// A user cancelled a task or changed its priority: act if this host holds it.
@@ -868,15 +886,15 @@ impl Queue for KafkaQueue {
     }
 
     async fn pause_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
-        self.set_job_flags(job, true, false).await
+        self.set_job_flags(job, Some(true), false, None).await
     }
 
     async fn resume_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
-        self.set_job_flags(job, false, false).await
+        self.set_job_flags(job, Some(false), false, None).await
     }
 
     async fn cancel_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
-        self.set_job_flags(job, false, true).await
+        self.set_job_flags(job, Some(false), true, None).await
     }
 
     async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError> {
@@ -885,6 +903,10 @@ impl Queue for KafkaQueue {
 
     async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError> {
         self.task_control(task, false, Some(priority)).await
+    }
+
+    async fn set_job_priority(&self, job: &JobId, priority: u8) -> Result<JobRecord, QueueError> {
+        self.set_job_flags(job, None, false, Some(priority)).await
     }
 
     async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError> {
@@ -1002,8 +1024,9 @@ impl KafkaQueue {
     async fn set_job_flags(
         &self,
         job: &JobId,
-        paused: bool,
+        paused: Option<bool>,
         cancelled: bool,
+        priority: Option<u8>,
     ) -> Result<JobRecord, QueueError> {
         let record = self.shared.view.job(job).await?;
         if record.cancelled {
@@ -1013,8 +1036,9 @@ impl KafkaQueue {
             .control(EventMessage::JobControl {
                 v: wire::WIRE_VERSION,
                 job: job.clone(),
-                paused,
+                paused: paused.unwrap_or(record.paused),
                 cancelled,
+                priority,
             })
             .await?;
         self.shared.view.flush().await?;

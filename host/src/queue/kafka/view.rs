@@ -31,14 +31,20 @@ pub(super) fn apply_control(shared: &Arc<Shared>, event: &EventMessage) {
             job,
             paused,
             cancelled,
+            priority,
             ..
         } => {
-            shared.view.apply_view(vec![ViewChange::JobFlags {
+            let mut changes = vec![ViewChange::JobFlags {
                 job: job.clone(),
                 paused: *paused,
                 cancelled: *cancelled,
-            }]);
+            }];
+            changes.extend(priority.map(|p| ViewChange::JobPriority(job.clone(), p)));
+            shared.view.apply_view(changes);
             shared.job_flags(job, *paused, *cancelled);
+            if let Some(priority) = priority {
+                shared.job_priority(job, *priority);
+            }
         }
         EventMessage::TaskControl {
             task,

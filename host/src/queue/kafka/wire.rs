@@ -189,7 +189,7 @@ pub enum EventMessage {
         /// The job.
         job: JobRecord,
     },
-    /// A job was paused, resumed or cancelled.
+    /// A job was paused, resumed, cancelled or given a new priority.
     JobControl {
         /// Wire version.
         #[serde(default = "version")]
@@ -200,6 +200,9 @@ pub enum EventMessage {
         paused: bool,
         /// Now cancelled.
         cancelled: bool,
+        /// The job's new priority, for its unfinished tasks (absent: unchanged).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        priority: Option<u8>,
     },
     /// A user cancelled a task or changed its priority: the host holding it acts.
     TaskControl {
