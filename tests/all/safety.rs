@@ -665,3 +665,172 @@ async fn token_reads_guards_every_read_of_the_grids_data() {
         assert!(status == 200 || status == 308, "{path}: {status} {body}");
     }
 }
+
+/// A million-payload job is written in chunks: a single task submitted
+/// while it is being accepted is accepted before it, not after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_job_does_not_hold_other_writes_back() {
+    use crate::process::Server;
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_serving(dir.path(), &[], &[], std::process::Stdio::null(), 0, "warn");
+    let client = reqwest::Client::new();
+    let body = json!({"module": "noop", "name": "big", "priority": 0,
+                      "payloads": (0..1_000_000).collect::<Vec<u32>>()});
+    let big = tokio::spawn({
+        let (client, url) = (client.clone(), format!("{}/v1/jobs", server.url));
+        async move { client.post(url).json(&body).send().await.unwrap().status() }
+    });
+    // Acceptance has begun once the job is listed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let jobs = crate::process::get(&client, format!("{}/v1/jobs", server.url)).await;
+        if jobs.as_array().is_some_and(|j| !j.is_empty()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the big job never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let one = client
+        .post(format!("{}/v1/tasks", server.url))
+        .json(&json!({"module": "noop", "priority": 0}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(one, 201);
+    assert!(
+        !big.is_finished(),
+        "the single task waited for the whole big job"
+    );
+    assert_eq!(big.await.unwrap(), 201);
+}
+
+/// Killed while a big job is being accepted, a host restarts with either
+/// the whole job (it had answered 201) or none of it: never a part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cut_short_by_a_crash_is_all_or_nothing() {
+    use crate::process::{Server, get};
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_serving(dir.path(), &[], &[], std::process::Stdio::null(), 0, "warn");
+    let client = reqwest::Client::new();
+    let body = json!({"module": "noop", "name": "big", "priority": 0,
+                      "payloads": (0..500_000).collect::<Vec<u32>>()});
+    let big = tokio::spawn({
+        let (client, url) = (client.clone(), format!("{}/v1/jobs", server.url));
+        async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let job = loop {
+        let jobs = get(&client, format!("{}/v1/jobs", server.url)).await;
+        if let Some(id) = jobs[0]["id"].as_str() {
+            break id.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the big job never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    server.kill();
+    let answered = big.await.unwrap().is_ok_and(|s| s == 201);
+    eprintln!(
+        "killed {} the job was answered",
+        if answered { "after" } else { "before" }
+    );
+    let server =
+        Server::start_serving(dir.path(), &[], &[], std::process::Stdio::null(), 0, "warn");
+    let record = client
+        .get(format!("{}/v1/jobs/{job}", server.url))
+        .send()
+        .await
+        .unwrap();
+    let stats = get(&client, format!("{}/v1/stats", server.url)).await;
+    if answered {
+        assert_eq!(record.status(), 200);
+        assert_eq!(stats["counts"]["Pending"], json!(500_000), "{stats}");
+    } else {
+        assert_eq!(record.status(), 404, "a part of an unanswered job survived");
+        assert_eq!(stats["counts"]["Pending"], json!(0), "{stats}");
+        let tasks = get(&client, format!("{}/v1/tasks?job={job}", server.url)).await;
+        assert_eq!(tasks["items"], json!([]), "{tasks}");
+    }
+}
+
+/// Waiting tasks hold at most `held_payload_bytes` of payload in memory;
+/// the rest stay on disk and are read back, intact, when leased, also
+/// after a restart.
+#[tokio::test]
+async fn waiting_payloads_beyond_the_cap_stay_on_disk_and_come_back_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let config = EmbeddedConfig {
+        held_payload_bytes: 64 << 10,
+        ..EmbeddedConfig::default()
+    };
+    let payload = |i: usize| format!("{i:04}-{}", "p".repeat(4000)).into_bytes();
+    let queue = EmbeddedQueue::open(&path, config.clone()).unwrap();
+    queue
+        .submit_job(kwq::model::NewJob {
+            id: "j-spill".into(),
+            name: None,
+            module: ModuleId::of(b"m"),
+            options: Default::default(),
+            payloads: (0..100).map(payload).collect(),
+            sweep: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        queue.held_payload_bytes() <= 64 << 10,
+        "{} bytes held",
+        queue.held_payload_bytes()
+    );
+    let view = kwq::queue::WorkerView {
+        id: "w".into(),
+        warm: Vec::new(),
+    };
+    // Half now; the rest after a restart.
+    for _ in 0..50 {
+        let lease = queue.lease(&view).await.unwrap();
+        let index: usize = lease.task_id.rsplit('.').next().unwrap().parse().unwrap();
+        assert_eq!(
+            &*lease.payload,
+            payload(index).as_slice(),
+            "{}",
+            lease.task_id
+        );
+        queue
+            .complete(&lease, kwq::queue::Completion::default())
+            .unwrap();
+    }
+    queue.close();
+    queue.flush().await.unwrap();
+    drop(queue);
+    let queue = EmbeddedQueue::open(&path, config).unwrap();
+    assert!(queue.held_payload_bytes() <= 64 << 10);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        let lease = queue.lease(&view).await.unwrap();
+        let index: usize = lease.task_id.rsplit('.').next().unwrap().parse().unwrap();
+        assert_eq!(
+            &*lease.payload,
+            payload(index).as_slice(),
+            "{}",
+            lease.task_id
+        );
+        seen.insert(index);
+    }
+    assert_eq!(seen.len(), 50);
+}

@@ -65,6 +65,9 @@ pub struct EmbeddedConfig {
     pub lease_ttl: Duration,
     /// Sweep points created per expansion step.
     pub sweep_chunk: u64,
+    /// Payload bytes waiting tasks may hold in memory; beyond it a stored
+    /// task's payload stays on disk until the task is leased.
+    pub held_payload_bytes: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -74,6 +77,7 @@ impl Default for EmbeddedConfig {
             affinity_window: Duration::from_millis(500),
             lease_ttl: Duration::from_secs(30),
             sweep_chunk: 4096,
+            held_payload_bytes: 128 << 20,
         }
     }
 }
@@ -159,6 +163,18 @@ impl SweepCursor {
     }
 }
 
+/// What one look at the ready index gave a free worker.
+enum Step {
+    /// A lease; `true` if its payload is still to be read from the store.
+    Leased(Lease, bool),
+    /// Nothing yet; look again by then (or when woken).
+    Wait(Option<Millis>),
+}
+
+/// Tasks of an explicit-payload job written per transaction: a big job is
+/// accepted in many short transactions, so other writes interleave.
+const JOB_CHUNK_TASKS: usize = 4096;
+
 /// Payload bytes one sweep may have created ahead of its workers (about
 /// twice this are held at most: a refill starts when half are left).
 const SWEEP_AHEAD_BYTES: u64 = 4 << 20;
@@ -169,6 +185,12 @@ impl EmbeddedQueue {
     /// Pending again.
     pub fn open(path: &Path, config: EmbeddedConfig) -> Result<Self, QueueError> {
         Self::open_inner(path, config, true)
+    }
+
+    /// Payload bytes the waiting tasks hold in memory now (at most about
+    /// [`EmbeddedConfig::held_payload_bytes`] plus sweep points created ahead).
+    pub fn held_payload_bytes(&self) -> u64 {
+        self.sched().ready.payload_bytes()
     }
 
     /// Cap the store file at `bytes` (`None`: no cap). Beyond it writes
@@ -299,10 +321,27 @@ impl EmbeddedQueue {
         let (jobs, tasks) = self.inner.reader.with(|conn| {
             Ok((
                 reader::jobs(conn, usize::MAX >> 1)?,
-                reader::unfinished(conn)?,
+                reader::unfinished(conn, self.inner.config.held_payload_bytes)?,
             ))
         })?;
         let now = now_ms();
+        // Jobs whose acceptance a crash cut short go: never acknowledged.
+        let (cut_short, jobs): (Vec<JobRecord>, Vec<JobRecord>) = jobs
+            .into_iter()
+            .partition(|j| j.sweep.is_none() && j.expanded < j.total);
+        if !cut_short.is_empty() {
+            tracing::info!(
+                jobs = cut_short.len(),
+                "removing jobs whose submission was cut short by the last stop"
+            );
+            let ops = cut_short
+                .iter()
+                .map(|j| Op::DropJob(j.id.clone()))
+                .collect();
+            futures::executor::block_on(self.inner.writer.write(ops))?;
+        }
+        let dropped: std::collections::HashSet<&str> =
+            cut_short.iter().map(|j| j.id.as_str()).collect();
         let mut sched = self.sched();
         for job in jobs {
             let id: Arc<str> = Arc::from(job.id.as_str());
@@ -331,8 +370,14 @@ impl EmbeddedQueue {
             }
         }
         let mut requeued = Vec::new();
-        for task in tasks {
+        for (task, on_disk) in tasks {
+            if task.job_id.as_deref().is_some_and(|j| dropped.contains(j)) {
+                continue;
+            }
             let mut entry = entry_from_record(&task, now);
+            if on_disk {
+                entry.payload = None;
+            }
             if matches!(task.state, TaskState::Allocated | TaskState::Running) {
                 entry.state = TaskState::Pending;
                 let mut t = transition(&entry, Some(task.state), TaskState::Pending, task.attempts);
@@ -361,6 +406,40 @@ impl EmbeddedQueue {
             aging_ms: self.inner.config.aging.as_millis() as u64,
             affinity_window_ms: self.inner.config.affinity_window.as_millis() as u64,
         }
+    }
+
+    /// A lease whose payload was left on disk, with the payload read back;
+    /// `None` (the task given back) if the store cannot be read.
+    async fn with_stored_payload(&self, mut lease: Lease) -> Option<Lease> {
+        let id = lease.task_id.clone();
+        match self
+            .inner
+            .reader
+            .read(move |c| reader::payload(c, &id))
+            .await
+        {
+            Ok(payload) => {
+                lease.payload = Arc::from(payload);
+                Some(lease)
+            }
+            Err(e) => {
+                tracing::warn!(task = %lease.task_id, error = %e, "cannot read a task's payload; giving it back");
+                self.release(&lease, false);
+                None
+            }
+        }
+    }
+
+    /// An entry for a durably stored task, its payload left on disk (read
+    /// at lease) once waiting tasks hold `held_payload_bytes`.
+    fn admit(&self, held: &mut u64, mut entry: Entry) -> Entry {
+        let size = entry.payload.as_ref().map_or(0, |p| p.len() as u64);
+        if *held + size > self.inner.config.held_payload_bytes {
+            entry.payload = None;
+        } else {
+            *held += size;
+        }
+        entry
     }
 
     /// Create the next points of sweeps that are running low on waiting tasks.
@@ -539,7 +618,7 @@ fn entry(
         id: Arc::from(id),
         job: job_id.map(Arc::from),
         module: module.clone(),
-        payload: Arc::from(payload),
+        payload: Some(Arc::from(payload)),
         affinity: options.affinity.as_deref().map(Arc::from),
         priority: options.priority,
         tags,
@@ -629,8 +708,10 @@ impl Queue for EmbeddedQueue {
         {
             let ready_us = now_us();
             let mut sched = self.sched();
+            let mut held = sched.ready.payload_bytes();
             for entry in entries {
-                sched.ready.insert(Entry { ready_us, ..entry }, now);
+                let entry = self.admit(&mut held, Entry { ready_us, ..entry });
+                sched.ready.insert(entry, now);
             }
         }
         self.inner.wake.notify_waiters();
@@ -658,30 +739,51 @@ impl Queue for EmbeddedQueue {
             sweep: job.sweep.clone(),
         };
         let tags: Tags = Arc::new(job.options.tags.clone());
-        let tasks: Vec<(NewTask, Tags)> = job
-            .payloads
-            .into_iter()
-            .enumerate()
-            .map(|(index, payload)| {
-                let task = NewTask {
-                    id: format!("{}.{index}", job.id),
-                    job_id: Some(job.id.clone()),
-                    module: job.module.clone(),
-                    payload,
-                    options: job.options.clone(),
-                };
-                (task, tags.clone())
-            })
-            .collect();
-        let entries: Vec<Entry> = tasks
-            .iter()
-            .map(|(t, tags)| entry_from_new(t, tags.clone(), now))
-            .collect();
-        let mut ops = vec![Op::Job(record.clone())];
-        if !tasks.is_empty() {
-            ops.push(Op::NewTasks(tasks, now));
+        // Explicit payloads are written in chunks, each its own transaction,
+        // so a million-task job does not hold the writer; the job counts as
+        // accepted once its last chunk is stored (`expanded` = `total`); one
+        // cut short by a crash is removed at the next start (its submitter
+        // never heard it was accepted).
+        let explicit = job.sweep.is_none() && total > 0;
+        let mut written = record.clone();
+        if explicit {
+            written.expanded = 0;
         }
-        self.inner.writer.write(ops).await?;
+        self.inner.writer.write(vec![Op::Job(written)]).await?;
+        let mut entries = Vec::with_capacity(job.payloads.len());
+        let mut held = self.sched().ready.payload_bytes();
+        let mut payloads = job.payloads.into_iter().enumerate().peekable();
+        while payloads.peek().is_some() {
+            let chunk: Vec<(NewTask, Tags)> = payloads
+                .by_ref()
+                .take(JOB_CHUNK_TASKS)
+                .map(|(index, payload)| {
+                    let task = NewTask {
+                        id: format!("{}.{index}", job.id),
+                        job_id: Some(job.id.clone()),
+                        module: job.module.clone(),
+                        payload,
+                        options: job.options.clone(),
+                    };
+                    (task, tags.clone())
+                })
+                .collect();
+            entries.extend(
+                chunk
+                    .iter()
+                    .map(|(t, tags)| self.admit(&mut held, entry_from_new(t, tags.clone(), now))),
+            );
+            self.inner
+                .writer
+                .write(vec![Op::NewTasks(chunk, now)])
+                .await?;
+        }
+        if explicit {
+            self.inner
+                .writer
+                .write(vec![Op::JobExpanded(job.id.clone(), total)])
+                .await?;
+        }
         {
             let mut sched = self.sched();
             let id: Arc<str> = Arc::from(job.id.as_str());
@@ -726,7 +828,7 @@ impl Queue for EmbeddedQueue {
                 continue;
             }
             let now = now_ms();
-            let wake_at = {
+            let step = {
                 let mut sched = self.sched();
                 sched.workers.insert(worker.id.clone(), worker.warm.clone());
                 self.expire_leases(&mut sched, now);
@@ -749,6 +851,7 @@ impl Queue for EmbeddedQueue {
                         let attempt = entry.attempts + 1;
                         let cancelled = Arc::new(Notify::new());
                         let lease = entry.lease(&worker.id, token, warm_hit, cancelled.clone());
+                        let on_disk = entry.payload.is_none();
                         let mut t =
                             transition(&entry, Some(entry.state), TaskState::Allocated, attempt);
                         t.carried.worker = Some(worker.id.clone());
@@ -767,10 +870,18 @@ impl Queue for EmbeddedQueue {
                             cancelled,
                         };
                         sched.leased.insert(leased.entry.id.clone(), leased);
-                        return Some(lease);
+                        Step::Leased(lease, on_disk)
                     }
-                    Pick::Wait(at) => at,
+                    Pick::Wait(at) => Step::Wait(at),
                 }
+            };
+            let wake_at = match step {
+                Step::Leased(lease, false) => return Some(lease),
+                Step::Leased(lease, true) => match self.with_stored_payload(lease).await {
+                    Some(lease) => return Some(lease),
+                    None => continue,
+                },
+                Step::Wait(at) => at,
             };
             let lease_check = now + self.inner.config.lease_ttl.as_millis() as u64;
             let until = wake_at.unwrap_or(lease_check).min(lease_check).max(now + 1);

@@ -339,16 +339,44 @@ pub(super) fn module_bytes(conn: &Connection, id: &str) -> Result<Option<Vec<u8>
 }
 
 /// Every unfinished task, for rebuilding the ready index at start.
-pub(super) fn unfinished(conn: &Connection) -> Result<Vec<TaskRecord>, QueueError> {
+/// A task's payload (a waiting task may leave it on disk until leased).
+pub(super) fn payload(conn: &Connection, id: &str) -> Result<Vec<u8>, QueueError> {
+    conn.prepare_cached("SELECT payload FROM tasks WHERE id = ?1")
+        .map_err(storage)?
+        .query_row(params![id], |row| row.get(0))
+        .optional()
+        .map_err(storage)?
+        .ok_or_else(|| QueueError::NotFound(format!("task {id}")))
+}
+
+/// Every unfinished task, oldest first, for rebuilding the ready index.
+/// Payloads are kept until they add up to `held_payload_bytes`; later ones
+/// are dropped (left on disk) and the task is marked `true`.
+pub(super) fn unfinished(
+    conn: &Connection,
+    held_payload_bytes: u64,
+) -> Result<Vec<(TaskRecord, bool)>, QueueError> {
     let mut stmt = conn
         .prepare(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('Pending', 'Allocated', 'Running', 'Error') ORDER BY seq"
         ))
         .map_err(storage)?;
+    let mut held = 0u64;
     let rows = stmt.query_map([], task_from_row).map_err(storage)?;
-    rows.map(|r| r.map(|(_, t)| t))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(storage)
+    rows.map(|r| {
+        r.map(|(_, mut task)| {
+            let size = task.payload.len() as u64;
+            let on_disk = held + size > held_payload_bytes;
+            if on_disk {
+                task.payload = Vec::new();
+            } else {
+                held += size;
+            }
+            (task, on_disk)
+        })
+    })
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(storage)
 }
 
 /// One row per task for rebuilding statistics: job, module, tags, state, run time.

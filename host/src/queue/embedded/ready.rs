@@ -17,7 +17,9 @@ pub(crate) struct Entry {
     pub(crate) id: Arc<str>,
     pub(crate) job: Option<Arc<str>>,
     pub(crate) module: ModuleId,
-    pub(crate) payload: Arc<[u8]>,
+    /// The payload, or `None` when it was left in the store to bound the
+    /// memory waiting tasks hold (read back when the task is leased).
+    pub(crate) payload: Option<Arc<[u8]>>,
     pub(crate) affinity: Option<Arc<str>>,
     pub(crate) priority: u8,
     pub(crate) tags: Tags,
@@ -49,7 +51,7 @@ impl Entry {
             task_id: self.id.to_string(),
             job_id: self.job.as_deref().map(str::to_string),
             module: self.module.clone(),
-            payload: self.payload.clone(),
+            payload: self.payload.clone().unwrap_or_else(|| Arc::from(&[][..])),
             affinity: self.affinity.as_deref().map(str::to_string),
             attempt: self.attempts + 1,
             max_attempts: self.max_attempts,
@@ -113,12 +115,18 @@ pub(crate) struct ReadyIndex {
     next_generation: u64,
     depth: [u64; 10],
     per_job: HashMap<Arc<str>, u64>,
+    payload_bytes: u64,
 }
 
 impl ReadyIndex {
     /// Tasks waiting per priority (queued, delayed, held or parked).
     pub(crate) fn depth(&self) -> [u64; 10] {
         self.depth
+    }
+
+    /// Bytes of payload the waiting tasks hold in memory.
+    pub(crate) fn payload_bytes(&self) -> u64 {
+        self.payload_bytes
     }
 
     /// Tasks of a job waiting here.
@@ -129,6 +137,7 @@ impl ReadyIndex {
     /// Add a task (or put it back).
     pub(crate) fn insert(&mut self, entry: Entry, now: Millis) {
         self.depth[entry.priority as usize] += 1;
+        self.payload_bytes += entry.payload.as_ref().map_or(0, |p| p.len() as u64);
         if let Some(job) = &entry.job {
             *self.per_job.entry(job.clone()).or_default() += 1;
         }
@@ -174,6 +183,7 @@ impl ReadyIndex {
     pub(crate) fn remove(&mut self, id: &str) -> Option<Entry> {
         let waiting = self.waiting.remove(id)?;
         self.depth[waiting.entry.priority as usize] -= 1;
+        self.payload_bytes -= waiting.entry.payload.as_ref().map_or(0, |p| p.len() as u64);
         if let Some(job) = &waiting.entry.job
             && let Some(count) = self.per_job.get_mut(job)
         {
@@ -426,7 +436,7 @@ mod tests {
             id: Arc::from(id),
             job: Some(Arc::from("j")),
             module: ModuleId::of(b"m"),
-            payload: Arc::from(&b""[..]),
+            payload: Some(Arc::from(&b""[..])),
             affinity: affinity.map(Arc::from),
             priority,
             tags: Arc::default(),

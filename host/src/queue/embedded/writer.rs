@@ -75,6 +75,9 @@ pub(super) enum Op {
     },
     Transition(Box<Transition>),
     Priority(String, u8),
+    /// Remove a job whose acceptance a crash cut short (its submitter was
+    /// never told it was accepted): its record, tasks and their events.
+    DropJob(String),
     /// A job's priority changed: its record and its unfinished tasks.
     JobPriority(String, u8),
     /// An event another host (or this one) published, applied if it moves
@@ -445,6 +448,16 @@ fn apply(
             } => {
                 tx.prepare_cached("UPDATE jobs SET paused = ?2, cancelled = ?3 WHERE id = ?1")?
                     .execute(params![job, paused, cancelled])?;
+            }
+            Op::DropJob(job) => {
+                tx.prepare_cached(
+                    "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE job_id = ?1)",
+                )?
+                .execute(params![job])?;
+                tx.prepare_cached("DELETE FROM tasks WHERE job_id = ?1")?
+                    .execute(params![job])?;
+                tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                    .execute(params![job])?;
             }
             Op::JobPriority(job, priority) => {
                 tx.prepare_cached(

@@ -390,7 +390,7 @@ impl Shared {
             id: Arc::from(id.as_str()),
             job: message.job_id.as_deref().map(Arc::from),
             module,
-            payload: Arc::from(payload),
+            payload: Some(Arc::from(payload)),
             affinity: options.affinity.as_deref().map(Arc::from),
             priority: message
                 .job_id
@@ -845,7 +845,7 @@ impl Queue for KafkaQueue {
             &entry.id,
             entry.job.as_deref(),
             entry.module.as_str(),
-            &entry.payload,
+            entry.payload.as_deref().unwrap_or_default(),
             &options_of(entry),
         );
         message.attempts = lease.attempt;
