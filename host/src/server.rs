@@ -177,6 +177,7 @@ impl Host {
             token_reads: config.token_reads,
             limits: config.limits.clone(),
             allowed_hosts: config.allowed_hosts.clone(),
+            events: Default::default(),
         };
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(api::serve(listener, state, async move {

@@ -257,6 +257,107 @@ async fn events_stream_as_server_sent_events_and_resume_from_an_offset() {
     assert_eq!(states, ["Running", "Completed"]);
 }
 
+/// With `?batch=true` a burst of events comes as one `tasks` message (a
+/// JSON array, `id` its last offset): the same events, in the same order,
+/// in far fewer messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_events_carry_the_same_events_in_fewer_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let client = reqwest::Client::new();
+    let job = submit_echo_job(&client, &server, 300, "sse").await;
+    wait_for(&client, &server, &job, |j| j["state"] == json!("Finished")).await;
+    let last = format!("{job}.299");
+    let single = read_events(
+        &client,
+        &format!("{}/v1/events?from=0", server.url),
+        &last,
+        "Completed",
+    )
+    .await;
+    let (batched, messages) = read_messages(
+        &client,
+        &format!("{}/v1/events?from=0&batch=true", server.url),
+        &last,
+        "Completed",
+    )
+    .await;
+    // A batch may run past the target event (another task finishing after
+    // it); compare up to it.
+    let target = batched
+        .iter()
+        .position(|e| e["task_id"] == json!(last) && e["state"] == json!("Completed"))
+        .unwrap();
+    let batched = &batched[..=target];
+    let first_difference = batched.iter().zip(&single).position(|(b, s)| b != s);
+    assert!(
+        batched.len() == single.len() && first_difference.is_none(),
+        "the same events in the same order: {} batched, {} single, first difference at {first_difference:?}: {:?} / {:?}",
+        batched.len(),
+        single.len(),
+        first_difference.map(|i| &batched[i]),
+        first_difference.map(|i| &single[i]),
+    );
+    assert!(
+        messages.len() * 10 < batched.len(),
+        "{} messages for {} events",
+        messages.len(),
+        batched.len()
+    );
+    for (kind, id, events) in &messages {
+        assert_eq!(kind, "tasks");
+        assert_eq!(
+            Some(id.as_str()),
+            events.last().map(|e| e["offset"].to_string()).as_deref()
+        );
+    }
+}
+
+/// Read batched SSE messages until `task` reaches `state`: every event,
+/// and each message as (event type, id, its events).
+async fn read_messages(
+    client: &reqwest::Client,
+    url: &str,
+    task: &str,
+    state: &str,
+) -> (Vec<Value>, Vec<(String, String, Vec<Value>)>) {
+    let mut response = client.get(url).send().await.unwrap();
+    let mut buffer = String::new();
+    let (mut events, mut messages) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .expect("events in time")
+            .unwrap()
+            .expect("stream open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            let Some(data) = field("data:") else { continue };
+            let batch: Vec<Value> = serde_json::from_str(&data).unwrap();
+            let done = batch
+                .iter()
+                .any(|e| e["task_id"] == json!(task) && e["state"] == json!(state));
+            events.extend(batch.iter().cloned());
+            messages.push((
+                field("event:").unwrap_or_default(),
+                field("id:").unwrap_or_default(),
+                batch,
+            ));
+            if done {
+                return (events, messages);
+            }
+        }
+    }
+}
+
 /// Read SSE frames until `task` reaches `state`.
 async fn read_events(client: &reqwest::Client, url: &str, task: &str, state: &str) -> Vec<Value> {
     let mut response = client.get(url).send().await.unwrap();

@@ -506,6 +506,7 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
         token_reads: false,
         limits: ApiLimits::default(),
         allowed_hosts: kwq::api::AllowedHosts::any(),
+        events: Default::default(),
     };
     use tower::ServiceExt;
     let health = kwq::api::app(state.clone())

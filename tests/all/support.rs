@@ -119,6 +119,7 @@ impl TestGrid {
                 "127.0.0.1:7700".parse().unwrap(),
                 &[],
             ),
+            events: Default::default(),
         };
         TestGrid {
             state,

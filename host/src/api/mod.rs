@@ -13,6 +13,7 @@ mod tasks;
 mod views;
 
 pub use error::AppError;
+pub use events::EventFeed;
 pub use guard::AllowedHosts;
 
 use crate::dispatch::WorkerBoard;
@@ -72,6 +73,8 @@ pub struct AppState {
     pub limits: ApiLimits,
     /// The `Host` names this host answers to (DNS-rebinding guard).
     pub allowed_hosts: AllowedHosts,
+    /// Stored events, serialised once for every `/v1/events` client.
+    pub events: EventFeed,
 }
 
 /// Every route of [`app`], as (method, path): the OpenAPI document must

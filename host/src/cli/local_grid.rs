@@ -85,6 +85,7 @@ impl LocalGrid {
             token_reads: false,
             limits: ApiLimits::default(),
             allowed_hosts: api::AllowedHosts::any(),
+            events: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -72,6 +72,21 @@ CREATE TABLE IF NOT EXISTS events (
     wait_us INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_by_task ON events(task_id);
+CREATE TABLE IF NOT EXISTS task_tags (
+    tag TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tag, seq)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS task_tags_on_insert AFTER INSERT ON tasks
+WHEN json_extract(NEW.options, '$.tags') <> '{}'
+BEGIN
+    INSERT OR IGNORE INTO task_tags (tag, seq)
+    SELECT key || '=' || value, NEW.seq FROM json_each(json_extract(NEW.options, '$.tags'));
+END;
+CREATE TRIGGER IF NOT EXISTS task_tags_on_delete AFTER DELETE ON tasks
+BEGIN
+    DELETE FROM task_tags WHERE seq = OLD.seq;
+END;
 CREATE TABLE IF NOT EXISTS view_offsets (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -107,6 +122,16 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    // Stores before the tag index: index the tasks they already hold.
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < 1 {
+        conn.execute_batch(
+            "INSERT OR IGNORE INTO task_tags (tag, seq)
+             SELECT key || '=' || value, tasks.seq
+             FROM tasks, json_each(json_extract(tasks.options, '$.tags'));
+             PRAGMA user_version = 1;",
+        )?;
+    }
     // Before names were aliases, a module kept its last name in its own row.
     conn.execute_batch(
         "INSERT OR IGNORE INTO module_names (name, module, named_at)
