@@ -835,3 +835,48 @@ async fn waiting_payloads_beyond_the_cap_stay_on_disk_and_come_back_intact() {
     }
     assert_eq!(seen.len(), 50);
 }
+
+/// A task that grows its instance's memory and succeeds does not leave
+/// that memory with a warm instance: beyond `--max-warm-memory` the
+/// instance is dropped when its task ends, so six 300 MiB tasks with their
+/// own affinity keys leave an idle host far below the 1.8 GiB they touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_of_big_tasks_that_succeed_is_given_back() {
+    use crate::process::{Server, get, post};
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_serving(dir.path(), &[], &[], std::process::Stdio::null(), 2, "warn");
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for key in 0..6 {
+        let created = post(
+            &client,
+            format!("{}/v1/tasks", server.url),
+            json!({"module": "misbehave", "payload": {"action": "touch", "bytes": 300u64 << 20},
+                   "memory_bytes": 512u64 << 20, "affinity": format!("key-{key}")}),
+        )
+        .await;
+        ids.push(created["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let task = get(&client, format!("{}/v1/tasks/{id}", server.url)).await;
+            if task["state"] == json!("Completed") {
+                assert_eq!(task["result"]["touched"], json!(300u64 << 20), "{task}");
+                break;
+            }
+            assert!(
+                task["state"] != json!("Dead") && std::time::Instant::now() < deadline,
+                "{task}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let rss = rss_bytes(server.pid());
+    assert!(
+        rss < 512 << 20,
+        "idle host holds {} MiB after its big tasks finished",
+        rss >> 20
+    );
+}

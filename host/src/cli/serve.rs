@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// Warm instances kept per worker.
     #[arg(long, default_value_t = 16)]
     max_warm: usize,
+    /// An instance whose linear memory grew beyond this (e.g. 256MiB) is not
+    /// kept warm: its memory is given back when its task ends.
+    #[arg(long, value_parser = parse::bytes, default_value = "64MiB")]
+    max_warm_memory: u64,
     /// Bearer token required on every write endpoint.
     #[arg(long, env = "KWQ_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -104,6 +108,7 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
             cache_dir: Some(data_dir.join("compiled")),
             fuel: args.fuel,
             perf_map,
+            max_warm_memory_bytes: args.max_warm_memory,
             ..RuntimeConfig::default()
         },
         dispatch,

@@ -36,6 +36,10 @@ pub struct RuntimeConfig {
     /// Write `/tmp/perf-PID.map` so `perf record` / `perf report` name the
     /// guest's functions: for finding where a task module spends its time.
     pub perf_map: bool,
+    /// An instance whose linear memory grew beyond this is not kept warm
+    /// after its task: the memory a big task touched is given back when it
+    /// ends instead of staying with an idle instance.
+    pub max_warm_memory_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -49,6 +53,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             max_wasm_stack: 1 << 20,
             perf_map: false,
+            max_warm_memory_bytes: 64 << 20,
         }
     }
 }
@@ -59,6 +64,7 @@ pub(super) struct EngineHandle {
     pub(super) fuel_enabled: bool,
     pub(super) epoch_tick: Duration,
     pub(super) disk_cache: Option<Cache>,
+    pub(super) max_warm_memory_bytes: u64,
     _ticker: EpochTicker,
 }
 
@@ -130,6 +136,7 @@ impl EngineHandle {
             fuel_enabled: config.fuel,
             epoch_tick: config.epoch_tick,
             disk_cache,
+            max_warm_memory_bytes: config.max_warm_memory_bytes,
             _ticker: ticker,
         })
     }

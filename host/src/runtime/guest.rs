@@ -39,7 +39,11 @@ pub(super) trait HasGuest: Send + 'static {
 impl GuestContext {
     pub(super) fn new(module: String) -> Self {
         GuestContext {
-            limiter: MemoryLimiter { cap: 0, hit: false },
+            limiter: MemoryLimiter {
+                cap: 0,
+                hit: false,
+                held: 0,
+            },
             stdout: OutputCapture::new(0),
             stderr: OutputCapture::new(0),
             logs: Vec::new(),
@@ -81,6 +85,7 @@ impl GuestContext {
         self.limiter = MemoryLimiter {
             cap: limits.memory_bytes as usize,
             hit: false,
+            held: self.limiter.held,
         };
         self.stdout.reset(limits.max_output_bytes);
         self.stderr.reset(limits.max_output_bytes);
@@ -198,6 +203,9 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
 pub(super) struct MemoryLimiter {
     cap: usize,
     pub(super) hit: bool,
+    /// The largest linear memory the instance has grown to (it never
+    /// shrinks): whether it is worth keeping warm.
+    pub(super) held: usize,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -211,6 +219,7 @@ impl ResourceLimiter for MemoryLimiter {
             self.hit = true;
             return Ok(false);
         }
+        self.held = self.held.max(desired);
         Ok(true)
     }
 

@@ -162,9 +162,12 @@ impl Worker {
             Err(timeout) => Err(timeout),
         };
         let report = collect(instance.store.data_mut().guest_mut(), outcome, reused);
-        // Only an instance that returned normally is fit for the next task.
+        // Only an instance that returned normally is fit for the next task,
+        // and only a small one is worth its memory while it waits.
         let healthy = !matches!(report.outcome, Err(ref e) if !matches!(e, TaskError::Guest(_)));
-        if let (Some(key), true) = (key, healthy) {
+        let held = instance.store.data().guest().limiter.held as u64;
+        let small = held <= self.runtime.shared.engine.max_warm_memory_bytes;
+        if let (Some(key), true, true) = (key, healthy, small) {
             self.keep_warm(key, instance);
         }
         report

@@ -23,6 +23,9 @@ enum Action {
     Loop,
     /// Allocate without bound.
     Alloc,
+    /// Touch `bytes` bytes of fresh memory, free them and succeed (the
+    /// instance's linear memory stays grown).
+    Touch { bytes: usize },
     /// Recurse without bound.
     Recurse,
     /// Write `bytes` bytes to stdout.
@@ -73,6 +76,10 @@ fn run(action: Action) -> Result<Value, String> {
                 hoard.push(vec![1u8; 1 << 20]);
                 std::hint::black_box(&hoard);
             }
+        }
+        Action::Touch { bytes } => {
+            let block = std::hint::black_box(vec![1u8; bytes]);
+            Ok(json!({ "touched": block.iter().map(|b| *b as usize).sum::<usize>() }))
         }
         Action::Recurse => Ok(json!({ "depth": recurse(std::hint::black_box(1)) })),
         Action::Stdout { bytes } => {
