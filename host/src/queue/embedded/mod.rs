@@ -739,21 +739,25 @@ impl Queue for EmbeddedQueue {
             sweep: job.sweep.clone(),
         };
         let tags: Tags = Arc::new(job.options.tags.clone());
-        // Explicit payloads are written in chunks, each its own transaction,
-        // so a million-task job does not hold the writer; the job counts as
-        // accepted once its last chunk is stored (`expanded` = `total`); one
-        // cut short by a crash is removed at the next start (its submitter
-        // never heard it was accepted).
-        let explicit = job.sweep.is_none() && total > 0;
-        let mut written = record.clone();
-        if explicit {
-            written.expanded = 0;
+        // A job of up to one chunk (and every sweep) is one transaction.
+        // Bigger explicit jobs are written a chunk per transaction, so a
+        // million-task job does not hold the writer: the record first with
+        // `expanded` 0, and `expanded` = `total` once the last chunk is
+        // stored. One cut short by a crash is removed at the next start
+        // (its submitter never heard it was accepted).
+        let chunked = job.payloads.len() > JOB_CHUNK_TASKS;
+        let mut first = Vec::with_capacity(2);
+        if chunked {
+            let mut accepting = record.clone();
+            accepting.expanded = 0;
+            self.inner.writer.write(vec![Op::Job(accepting)]).await?;
+        } else {
+            first.push(Op::Job(record.clone()));
         }
-        self.inner.writer.write(vec![Op::Job(written)]).await?;
         let mut entries = Vec::with_capacity(job.payloads.len());
         let mut held = self.sched().ready.payload_bytes();
         let mut payloads = job.payloads.into_iter().enumerate().peekable();
-        while payloads.peek().is_some() {
+        loop {
             let chunk: Vec<(NewTask, Tags)> = payloads
                 .by_ref()
                 .take(JOB_CHUNK_TASKS)
@@ -773,16 +777,17 @@ impl Queue for EmbeddedQueue {
                     .iter()
                     .map(|(t, tags)| self.admit(&mut held, entry_from_new(t, tags.clone(), now))),
             );
-            self.inner
-                .writer
-                .write(vec![Op::NewTasks(chunk, now)])
-                .await?;
-        }
-        if explicit {
-            self.inner
-                .writer
-                .write(vec![Op::JobExpanded(job.id.clone(), total)])
-                .await?;
+            let mut ops = std::mem::take(&mut first);
+            if !chunk.is_empty() {
+                ops.push(Op::NewTasks(chunk, now));
+            }
+            if payloads.peek().is_none() && chunked {
+                ops.push(Op::JobExpanded(job.id.clone(), total));
+            }
+            self.inner.writer.write(ops).await?;
+            if payloads.peek().is_none() {
+                break;
+            }
         }
         {
             let mut sched = self.sched();
