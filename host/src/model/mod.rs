@@ -14,25 +14,26 @@ use std::fmt;
 use std::time::Duration;
 
 /// A module's identity: the lowercase hex SHA-256 of its bytes, so the same
-/// bytes uploaded twice are the same module on every host.
+/// bytes uploaded twice are the same module on every host. Shared, not
+/// copied, by the many waiting tasks that name it (cloning is a count).
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
 )]
 #[serde(transparent)]
 #[schema(value_type = String, example = "9a22a189530288391b7c29d5ea83832937461339d8f36f29002ffe7efad07eab")]
-pub struct ModuleId(String);
+pub struct ModuleId(std::sync::Arc<str>);
 
 impl ModuleId {
     /// The id of these module bytes.
     pub fn of(bytes: &[u8]) -> Self {
         use sha2::{Digest, Sha256};
-        ModuleId(hex::encode(Sha256::digest(bytes)))
+        ModuleId(hex::encode(Sha256::digest(bytes)).into())
     }
 
     /// Parse a user-supplied id: 64 hex digits.
     pub fn parse(text: &str) -> Option<Self> {
         let ok = text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit());
-        ok.then(|| ModuleId(text.to_ascii_lowercase()))
+        ok.then(|| ModuleId(text.to_ascii_lowercase().into()))
     }
 
     /// The hex digest.

@@ -370,6 +370,8 @@ impl EmbeddedQueue {
             }
         }
         let mut requeued = Vec::new();
+        // Tasks of one job share one copy of its id.
+        let mut job_ids: HashMap<String, Arc<str>> = HashMap::new();
         for (task, on_disk) in tasks {
             if task.job_id.as_deref().is_some_and(|j| dropped.contains(j)) {
                 continue;
@@ -377,6 +379,12 @@ impl EmbeddedQueue {
             let mut entry = entry_from_record(&task, now);
             if on_disk {
                 entry.payload = None;
+            }
+            if let Some(job) = &task.job_id {
+                let shared = job_ids
+                    .entry(job.clone())
+                    .or_insert_with(|| Arc::from(job.as_str()));
+                entry.job = Some(shared.clone());
             }
             if matches!(task.state, TaskState::Allocated | TaskState::Running) {
                 entry.state = TaskState::Pending;
@@ -755,6 +763,7 @@ impl Queue for EmbeddedQueue {
             first.push(Op::Job(record.clone()));
         }
         let mut entries = Vec::with_capacity(job.payloads.len());
+        let job_id: Arc<str> = Arc::from(job.id.as_str());
         let mut held = self.sched().ready.payload_bytes();
         let mut payloads = job.payloads.into_iter().enumerate().peekable();
         loop {
@@ -772,11 +781,15 @@ impl Queue for EmbeddedQueue {
                     (task, tags.clone())
                 })
                 .collect();
-            entries.extend(
-                chunk
-                    .iter()
-                    .map(|(t, tags)| self.admit(&mut held, entry_from_new(t, tags.clone(), now))),
-            );
+            entries.extend(chunk.iter().map(|(t, tags)| {
+                let entry = entry_from_new(t, tags.clone(), now);
+                // One shared copy of the job id, not one per task.
+                let entry = Entry {
+                    job: Some(job_id.clone()),
+                    ..entry
+                };
+                self.admit(&mut held, entry)
+            }));
             let mut ops = std::mem::take(&mut first);
             if !chunk.is_empty() {
                 ops.push(Op::NewTasks(chunk, now));
