@@ -1,13 +1,14 @@
 //! `GET /v1/events`: server-sent events of every task transition, resumable
 //! from an offset (`?from=N` or the `Last-Event-ID` header).
 //!
-//! Every event is turned into JSON once, by one [`EventFeed`] per host, and
-//! shared by all connected clients: three hundred dashboards cost three
-//! hundred pointer copies per event, not three hundred serialisations. With
-//! `?batch=true` a client gets one `tasks` message per burst (a JSON array
-//! of up to [`BATCH_MAX`] events, `id` the last offset) instead of one
-//! `task` message per event, which is what keeps a client from lagging
-//! behind a job of a hundred thousand short tasks.
+//! Every event is turned into its SSE frame once, by one [`EventFeed`] per
+//! host, and shared by all connected clients: three hundred dashboards cost
+//! three hundred copies of ready bytes per event, not three hundred
+//! serialisations. Whatever has arrived for a client goes out as one HTTP
+//! chunk (the frames are unchanged: one `task` message per event). With
+//! `?batch=true` a client gets one `tasks` message per burst instead (a JSON
+//! array of up to [`BATCH_MAX`] events, `id` the last offset), for clients
+//! such as a browser page that pay per message.
 
 use super::AppState;
 use super::error::{ApiQuery, AppError};
@@ -16,13 +17,15 @@ use super::openapi::{Created, ErrorBody, JobSubmission, PriorityChange, TaskSubm
 use super::views;
 use crate::model::Event;
 use crate::queue::Queue;
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures::Stream;
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 /// Most events in one batched message.
@@ -31,20 +34,33 @@ pub(super) const BATCH_MAX: usize = 1000;
 /// Events read back from the store per replay page.
 const REPLAY_PAGE: usize = 1000;
 
+/// A comment line sent after this long without events, so proxies and
+/// clients see the connection alive.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 /// One event as every client sends it.
 #[derive(Debug)]
 struct SharedEvent {
     offset: u64,
     job: Option<String>,
-    json: Box<str>,
+    /// The event as JSON (one line).
+    json: Bytes,
+    /// Its SSE message: `id`, `event: task`, `data`.
+    frame: Bytes,
 }
 
 impl SharedEvent {
     fn of(event: &Event) -> Self {
+        let json = views::event_json(event);
+        let mut frame = BytesMut::with_capacity(json.len() + 48);
+        frame.put_slice(format!("id: {}\nevent: task\ndata: ", event.offset).as_bytes());
+        frame.put_slice(json.as_bytes());
+        frame.put_slice(b"\n\n");
         SharedEvent {
             offset: event.offset,
             job: event.job_id.clone(),
-            json: views::event(event).to_string().into(),
+            json: Bytes::from(json),
+            frame: frame.freeze(),
         }
     }
 }
@@ -73,7 +89,9 @@ impl EventFeed {
     fn subscribe(&self, queue: &Arc<dyn Queue>) -> broadcast::Receiver<FeedItem> {
         self.sender
             .get_or_init(|| {
-                let (sender, _) = broadcast::channel(65_536);
+                // Room for a few seconds of a busy grid's events: a client
+                // that falls further behind catches up from the store.
+                let (sender, _) = broadcast::channel(1 << 18);
                 let mut stored = queue.subscribe();
                 let out = sender.clone();
                 tokio::spawn(async move {
@@ -113,7 +131,7 @@ pub(super) async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, AppError> {
+) -> Result<Response, AppError> {
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -129,10 +147,17 @@ pub(super) async fn stream(
         buffered: Vec::new(),
     };
     let stream = futures::stream::unfold(reader, |mut reader| async move {
-        let message = reader.next().await?;
-        Some((Ok(message), reader))
+        let chunk = match tokio::time::timeout(KEEP_ALIVE, reader.next()).await {
+            Ok(chunk) => chunk?,
+            Err(_) => Bytes::from_static(b":\n\n"),
+        };
+        Some((Ok::<_, Infallible>(chunk), reader))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .map_err(|e| AppError::internal(e.to_string()))
 }
 
 /// One client's position in the event stream.
@@ -151,13 +176,13 @@ struct Reader {
 }
 
 impl Reader {
-    /// The next message, or `None` when the stream ends.
-    async fn next(&mut self) -> Option<SseEvent> {
+    /// The next chunk of messages, or `None` when the stream ends. (A
+    /// future dropped by the keep-alive timeout loses nothing: events move
+    /// to `buffered` before any await point that could be cut.)
+    async fn next(&mut self) -> Option<Bytes> {
         loop {
             if !self.buffered.is_empty() {
-                let take = self.buffered.len().min(self.batch);
-                let events: Vec<_> = self.buffered.drain(..take).collect();
-                return Some(self.message(&events));
+                return Some(self.chunk());
             }
             if self.replaying {
                 let from = self.last.unwrap_or(0);
@@ -179,8 +204,8 @@ impl Reader {
                 Err(RecvError::Lagged(_)) => self.fall_back(),
                 Err(RecvError::Closed) => return None,
             }
-            // A batching client takes what else has arrived meanwhile.
-            while self.batch > 1 && self.buffered.len() < self.batch && !self.replaying {
+            // Take what else has arrived meanwhile: one chunk for all of it.
+            while self.buffered.len() < BATCH_MAX && !self.replaying {
                 match self.live.try_recv() {
                     Ok(item) => self.take_live(item),
                     Err(TryRecvError::Lagged(_)) => self.fall_back(),
@@ -217,21 +242,29 @@ impl Reader {
         }
     }
 
-    fn message(&self, events: &[Arc<SharedEvent>]) -> SseEvent {
-        let last = events.last().map_or(0, |e| e.offset);
-        let message = SseEvent::default().id(last.to_string());
+    /// What is buffered, as one chunk: the events' own messages, or one
+    /// `tasks` message per [`BATCH_MAX`] events for a batching client.
+    fn chunk(&mut self) -> Bytes {
+        let events: Vec<_> = self.buffered.drain(..).collect();
+        let size: usize = events.iter().map(|e| e.frame.len() + 1).sum();
+        let mut out = BytesMut::with_capacity(size + 64);
         if self.batch == 1 {
-            return message.event("task").data(&*events[0].json);
-        }
-        let mut data = String::with_capacity(events.iter().map(|e| e.json.len() + 1).sum());
-        data.push('[');
-        for (i, event) in events.iter().enumerate() {
-            if i > 0 {
-                data.push(',');
+            for event in &events {
+                out.put_slice(&event.frame);
             }
-            data.push_str(&event.json);
+            return out.freeze();
         }
-        data.push(']');
-        message.event("tasks").data(data)
+        for group in events.chunks(self.batch) {
+            let last = group.last().map_or(0, |e| e.offset);
+            out.put_slice(format!("id: {last}\nevent: tasks\ndata: [").as_bytes());
+            for (i, event) in group.iter().enumerate() {
+                if i > 0 {
+                    out.put_u8(b',');
+                }
+                out.put_slice(&event.json);
+            }
+            out.put_slice(b"]\n\n");
+        }
+        out.freeze()
     }
 }

@@ -83,3 +83,8 @@ pub(super) fn job(job: &JobRecord, stats: &JobStats) -> Value {
 pub(super) fn event(event: &Event) -> Value {
     serde_json::to_value(event).unwrap_or(Value::Null)
 }
+
+/// An event as one line of JSON (what the event stream sends).
+pub(super) fn event_json(event: &Event) -> String {
+    serde_json::to_string(event).unwrap_or_else(|_| "null".into())
+}

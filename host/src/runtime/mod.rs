@@ -67,7 +67,22 @@ impl Runtime {
         self.shared.modules.compile(&self.shared.engine, bytes)
     }
 
-    /// A compiled module by id, compiling it from the module source on a miss.
+    /// A compiled module by id, for async callers: a cached one at once; on
+    /// a miss the fetch (which may wait for bytes still on their way, on a
+    /// Kafka grid) and the compile run on a blocking thread, so one slow
+    /// module never stalls the other tasks of an async thread.
+    pub async fn module_for_task(&self, id: &ModuleId) -> Result<Arc<CompiledModule>, TaskError> {
+        if let Some(found) = self.shared.modules.get(id) {
+            return Ok(found);
+        }
+        let (runtime, id) = (self.clone(), id.clone());
+        tokio::task::spawn_blocking(move || runtime.module(&id))
+            .await
+            .unwrap_or_else(|e| Err(TaskError::Internal(format!("module fetch failed: {e}"))))
+    }
+
+    /// A compiled module by id, compiling it from the module source on a
+    /// miss. Blocking: from async code use [`Self::module_for_task`].
     pub fn module(&self, id: &ModuleId) -> Result<Arc<CompiledModule>, TaskError> {
         if let Some(found) = self.shared.modules.get(id) {
             return Ok(found);

@@ -114,7 +114,7 @@ impl Worker {
     pub async fn run(&mut self, spec: TaskSpec) -> TaskReport {
         let started = Instant::now();
         self.stats.tasks += 1;
-        let module = match self.runtime.module(&spec.module) {
+        let module = match self.runtime.module_for_task(&spec.module).await {
             Ok(module) => module,
             Err(error) => return failed_before_start(error, started),
         };

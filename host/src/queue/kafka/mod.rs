@@ -18,6 +18,7 @@
 //! - Retries are re-published to their band with the attempt count and a
 //!   not-before time; exhausted tasks go to `<prefix>dead`.
 
+mod arrivals;
 mod consumer;
 pub(crate) mod offsets;
 mod publish;
@@ -203,6 +204,8 @@ struct Shared {
     config: KafkaConfig,
     topics: Topics,
     view: EmbeddedQueue,
+    /// Wakes fetches of modules uploaded on another host.
+    arrivals: Arc<arrivals::ModuleArrivals>,
     publisher: Publisher,
     sched: Mutex<Sched>,
     wake: Notify,
@@ -244,11 +247,14 @@ impl KafkaQueue {
                 sched.job_priorities.insert(id, job.options.priority);
             }
         }
+        let arrivals = Arc::new(arrivals::ModuleArrivals::default());
+        view.observe(arrivals.clone());
         Ok(KafkaQueue {
             shared: Arc::new(Shared {
                 config,
                 topics,
                 view,
+                arrivals,
                 publisher,
                 sched: Mutex::new(sched),
                 wake: Notify::new(),
@@ -594,17 +600,13 @@ impl Queue for KafkaQueue {
     }
 
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {
-        // Uploaded on another host and still on its way here: wait a little.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(bytes) = self.shared.view.module_bytes(id) {
-                return Some(bytes);
-            }
-            if std::time::Instant::now() >= deadline || self.shared.closed() {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Uploaded on another host and perhaps still on its way here: wait
+        // (on a blocking thread) for the view to store it, up to 10 s.
+        self.shared.arrivals.wait_for(
+            Duration::from_secs(10),
+            || self.shared.view.module_bytes(id),
+            || self.shared.closed(),
+        )
     }
 
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError> {
@@ -961,6 +963,7 @@ impl Queue for KafkaQueue {
     fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.wake.notify_waiters();
+        self.shared.arrivals.wake_all();
     }
 
     async fn flush(&self) -> Result<(), QueueError> {
