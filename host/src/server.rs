@@ -3,12 +3,12 @@
 //! Tests start it in-process on port 0; the binary starts it on its flag values.
 
 use crate::api::{self, ApiLimits, AppState};
-use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::dispatch::{DispatchConfig, Dispatcher, ModuleRegistry};
 use crate::examples;
-use crate::model::{ModuleId, now_ms};
+use crate::model::ModuleId;
+use crate::queue::Queue;
 use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
 use crate::queue::kafka::{KafkaConfig, KafkaQueue};
-use crate::queue::{ModuleRecord, Queue};
 use crate::runtime::{ModuleSource, Runtime, RuntimeConfig};
 use crate::tracker::Tracker;
 use anyhow::{Context, bail};
@@ -104,6 +104,7 @@ impl ModuleSource for StoreModules {
 pub struct Host {
     address: std::net::SocketAddr,
     queue: Arc<dyn Queue>,
+    tracker: Arc<Tracker>,
     dispatcher: Option<Dispatcher>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_http: tokio::sync::oneshot::Sender<()>,
@@ -157,8 +158,9 @@ impl Host {
             .await
             .context("rebuilding statistics")?;
         queue.start();
+        let modules = ModuleRegistry::new(runtime.clone(), queue.clone());
         if config.examples {
-            upload_examples(&runtime, &queue).await?;
+            upload_examples(&modules).await?;
         }
         let dispatcher = (config.dispatch.workers > 0).then(|| {
             Dispatcher::start(
@@ -170,8 +172,8 @@ impl Host {
         });
         let state = AppState {
             queue: queue.clone(),
-            runtime,
-            tracker,
+            modules,
+            tracker: tracker.clone(),
             board: dispatcher.as_ref().map(Dispatcher::board),
             token: config.token.clone(),
             token_reads: config.token_reads,
@@ -186,6 +188,7 @@ impl Host {
         Ok(Host {
             address,
             queue,
+            tracker,
             dispatcher,
             http,
             stop_http,
@@ -195,6 +198,16 @@ impl Host {
     /// The address the API is served on (useful with port 0).
     pub fn address(&self) -> std::net::SocketAddr {
         self.address
+    }
+
+    /// The host's store (for in-process callers such as `kwq bench`).
+    pub fn queue(&self) -> &Arc<dyn Queue> {
+        &self.queue
+    }
+
+    /// The host's statistics.
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
     }
 
     /// Stop cleanly: stop taking requests, let running tasks finish (or
@@ -224,21 +237,12 @@ pub async fn run(
 
 /// Upload every bundled module under its crate name (idempotent): `kwq
 /// serve --examples`, and the local grids of `kwq bench grid` and `kwq simulate`.
-pub async fn upload_examples(runtime: &Runtime, queue: &Arc<dyn Queue>) -> anyhow::Result<()> {
+pub async fn upload_examples(modules: &ModuleRegistry) -> anyhow::Result<()> {
     for (name, bytes) in examples::BUNDLED {
-        let runtime = runtime.clone();
-        let compiled = tokio::task::spawn_blocking(move || runtime.compile(bytes))
-            .await?
-            .with_context(|| format!("compiling bundled module {name}"))?;
-        let record = ModuleRecord {
-            id: compiled.id.clone(),
-            name: Some(name.to_string()),
-            names: Vec::new(),
-            kind: compiled.kind,
-            size: bytes.len() as u64,
-            created_at: now_ms(),
-        };
-        queue.put_module(record, bytes.to_vec()).await?;
+        modules
+            .register(Some(name.to_string()), bytes.to_vec())
+            .await
+            .with_context(|| format!("registering bundled module {name}"))?;
     }
     Ok(())
 }

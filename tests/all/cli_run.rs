@@ -153,3 +153,24 @@ fn the_perf_map_names_the_guests_functions() {
     let _ = std::fs::remove_file(&map);
     assert!(names.contains("price_european"), "{map:?}: {names}");
 }
+
+/// `kwq bench grid` runs on a host assembled by `server::Host::start`, as
+/// `kwq serve` is: every task it submits completes, and it cleans up after
+/// itself.
+#[test]
+fn bench_grid_runs_on_a_host_assembled_like_serve() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .args(["bench", "grid", "--tasks", "2000"])
+        .output()
+        .expect("start kwq");
+    assert!(output.status.success(), "{:?}", stderr_lines(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    let rate = table
+        .lines()
+        .find(|l| l.starts_with("no-op tasks end to end, 2000 tasks"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no throughput row in:\n{table}"));
+    assert!(rate > 0.0, "{table}");
+    assert!(table.contains("submit-to-start latency p99"), "{table}");
+}

@@ -499,7 +499,10 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
     // The API says so: health 503 with the reason, submits 503 with Retry-After.
     let state = kwq::api::AppState {
         queue: queue.clone(),
-        runtime: crate::support::shared_runtime().clone(),
+        modules: kwq::dispatch::ModuleRegistry::new(
+            crate::support::shared_runtime().clone(),
+            queue.clone(),
+        ),
         tracker: kwq::tracker::Tracker::attach(&queue).await.unwrap(),
         board: None,
         token: None,

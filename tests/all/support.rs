@@ -109,7 +109,7 @@ impl TestGrid {
         let tracker = kwq::tracker::Tracker::attach(&queue).await.unwrap();
         let state = kwq::api::AppState {
             queue: queue.clone(),
-            runtime: shared_runtime().clone(),
+            modules: kwq::dispatch::ModuleRegistry::new(shared_runtime().clone(), queue.clone()),
             tracker,
             board: None,
             token: token.map(str::to_string),

@@ -1,7 +1,7 @@
 //! The one error shape of the HTTP API: `{"error": {"code", "message"}}`.
 
+use crate::dispatch::RegisterError;
 use crate::queue::QueueError;
-use crate::runtime::TaskError;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
@@ -91,10 +91,11 @@ impl From<QueueError> for AppError {
     }
 }
 
-impl From<TaskError> for AppError {
-    fn from(e: TaskError) -> Self {
+impl From<RegisterError> for AppError {
+    fn from(e: RegisterError) -> Self {
         match e {
-            TaskError::InvalidModule(reason) => AppError::bad_request("invalid_module", reason),
+            RegisterError::Invalid(reason) => AppError::bad_request("invalid_module", reason),
+            RegisterError::Store(e) => e.into(),
             other => AppError::internal(other.to_string()),
         }
     }

@@ -18,7 +18,6 @@ pub use guard::AllowedHosts;
 
 use crate::dispatch::WorkerBoard;
 use crate::queue::Queue;
-use crate::runtime::Runtime;
 use crate::tracker::Tracker;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -57,8 +56,8 @@ impl Default for ApiLimits {
 pub struct AppState {
     /// The task store.
     pub queue: Arc<dyn Queue>,
-    /// The Wasm runtime (uploads are validated by compiling them).
-    pub runtime: Runtime,
+    /// Validates (by compiling) and stores uploaded modules.
+    pub modules: crate::dispatch::ModuleRegistry,
     /// Live statistics.
     pub tracker: Arc<Tracker>,
     /// Worker status, when this host runs workers.

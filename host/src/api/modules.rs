@@ -3,7 +3,7 @@
 use super::AppState;
 use super::error::{ApiQuery, AppError};
 use super::openapi::ErrorBody;
-use crate::model::{ModuleId, now_ms};
+use crate::model::ModuleId;
 use crate::queue::ModuleRecord;
 use axum::Json;
 use axum::body::Bytes;
@@ -38,28 +38,13 @@ pub(super) async fn upload(
     if let Some(name) = &query.name {
         check_name(name)?;
     }
-    let runtime = state.runtime.clone();
-    let bytes = body.to_vec();
-    let (compiled, bytes) =
-        tokio::task::spawn_blocking(move || runtime.compile(&bytes).map(|c| (c, bytes)))
-            .await
-            .map_err(|e| AppError::internal(e.to_string()))??;
-    let existed = state.queue.module(&compiled.id).await.is_ok();
-    let record = ModuleRecord {
-        id: compiled.id.clone(),
-        name: query.name,
-        names: Vec::new(),
-        kind: compiled.kind,
-        size: bytes.len() as u64,
-        created_at: now_ms(),
-    };
-    let stored = state.queue.put_module(record, bytes).await?;
-    let status = if existed {
+    let registered = state.modules.register(query.name, body.to_vec()).await?;
+    let status = if registered.existed {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(stored)))
+    Ok((status, Json(registered.record)))
 }
 
 /// A module name: 1 to 128 characters, no control characters, and not 64

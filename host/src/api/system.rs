@@ -28,7 +28,7 @@ pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
         value["workers"] = json!(board.snapshot());
         value["busy_ratio"] = json!(board.busy_ratio());
     }
-    value["module_cache"] = json!(state.runtime.module_stats());
+    value["module_cache"] = json!(state.modules.stats());
     Json(value)
 }
 
@@ -75,7 +75,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::respons
         overview: &overview,
         busy_ratio,
         affinity_hits,
-        cache: state.runtime.module_stats(),
+        cache: state.modules.stats(),
         outstanding_seconds: state.tracker.outstanding_seconds(),
     });
     (

@@ -3,29 +3,28 @@
 //! and the HTTP API on an ephemeral 127.0.0.1 port.
 
 use super::CliError;
-use crate::api::{self, ApiLimits, AppState};
-use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::api::AllowedHosts;
+use crate::dispatch::DispatchConfig;
 use crate::queue::Queue;
-use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
-use crate::queue::kafka::{KafkaConfig, KafkaQueue};
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::queue::kafka::KafkaConfig;
+use crate::runtime::RuntimeConfig;
+use crate::server::{Host, ServerConfig, StoreUrl};
 use crate::tracker::Tracker;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::task::JoinHandle;
 
 pub(super) fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::failed(e.to_string())
 }
 
+/// A host assembled by [`Host::start`], as `kwq serve` is, in a temporary
+/// directory that is deleted when it stops.
 pub(super) struct LocalGrid {
     pub(super) url: String,
     pub(super) queue: Arc<dyn Queue>,
     pub(super) tracker: Arc<Tracker>,
     pub(super) workers: usize,
-    dispatcher: Dispatcher,
-    server: JoinHandle<std::io::Result<()>>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    host: Host,
     dir: PathBuf,
 }
 
@@ -46,74 +45,49 @@ impl LocalGrid {
         let host = kafka
             .as_ref()
             .map_or("local".to_string(), |k| k.host.clone());
-        let queue: Arc<dyn Queue> = match kafka {
-            None => Arc::new(
-                EmbeddedQueue::open(&dir.join("kwq.db"), EmbeddedConfig::default())
-                    .map_err(failed)?,
-            ),
-            Some(config) => {
-                let config = KafkaConfig {
-                    view_path: dir.join("view.db"),
-                    ..config
-                };
-                let defaults = EmbeddedConfig::default();
-                Arc::new(
-                    KafkaQueue::connect(config, defaults.aging, defaults.affinity_window)
-                        .await
-                        .map_err(failed)?,
-                )
-            }
+        let store = match kafka {
+            None => StoreUrl::Sqlite(dir.join("kwq.db")),
+            Some(config) => StoreUrl::Kafka(Box::new(KafkaConfig {
+                view_path: dir.join("view.db"),
+                ..config
+            })),
         };
-        let runtime = Runtime::new(RuntimeConfig::default()).map_err(failed)?;
-        crate::server::upload_examples(&runtime, &queue)
-            .await
-            .map_err(|e| failed(format!("{e:#}")))?;
-        let tracker = Tracker::attach(&queue).await.map_err(failed)?;
-        queue.start();
-        let mut config = DispatchConfig::default();
+        let mut dispatch = DispatchConfig::default();
         if let Some(w) = workers {
-            config.workers = w.max(1);
+            dispatch.workers = w.max(1);
         }
-        let workers = config.workers;
-        let dispatcher = Dispatcher::start(runtime.clone(), queue.clone(), config, &host);
-        let state = AppState {
-            queue: queue.clone(),
-            runtime,
-            tracker: tracker.clone(),
-            board: Some(dispatcher.board()),
+        let workers = dispatch.workers;
+        let config = ServerConfig {
+            store,
+            runtime: RuntimeConfig::default(),
+            dispatch,
+            queue: Default::default(),
             token: None,
             token_reads: false,
-            limits: ApiLimits::default(),
-            allowed_hosts: api::AllowedHosts::any(),
-            events: Default::default(),
+            examples: true,
+            limits: Default::default(),
+            host,
+            allowed_hosts: AllowedHosts::any(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(failed)?;
-        let url = format!("http://{}", listener.local_addr().map_err(failed)?);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(api::serve(listener, state, async move {
-            let _ = stopped.await;
-        }));
+        let host = Host::start(config, listener)
+            .await
+            .map_err(|e| failed(format!("{e:#}")))?;
         Ok(LocalGrid {
-            url,
-            queue,
-            tracker,
+            url: format!("http://{}", host.address()),
+            queue: host.queue().clone(),
+            tracker: host.tracker().clone(),
             workers,
-            dispatcher,
-            server,
-            stop,
+            host,
             dir,
         })
     }
 
     /// Stop everything and delete the temporary store.
     pub(super) async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.server.await;
-        self.dispatcher.stop().await;
-        self.queue.close();
-        let _ = self.queue.flush().await;
+        let _ = self.host.stop().await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

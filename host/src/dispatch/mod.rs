@@ -4,9 +4,11 @@
 //! and a cancelled task is stopped where it is.
 
 mod board;
+mod registry;
 mod retry;
 
 pub use board::{WorkerBoard, WorkerStatus};
+pub use registry::{ModuleRegistry, ModuleStats, RegisterError, Registered};
 pub use retry::RetryPolicy;
 
 use crate::model::{ErrorKind, TaskLimits, now_ms};
