@@ -3,18 +3,22 @@
 //! Tests start it in-process on port 0; the binary starts it on its flag values.
 
 use crate::api::{self, ApiLimits, AppState};
-use crate::dispatch::{DispatchConfig, Dispatcher, ModuleRegistry};
+use crate::dispatch::{Dispatcher, ModuleRegistry};
 use crate::examples;
 use crate::model::ModuleId;
 use crate::queue::Queue;
 use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
 use crate::queue::kafka::{KafkaConfig, KafkaQueue};
 use crate::runtime::{ModuleSource, Runtime, RuntimeConfig};
-use crate::tracker::Tracker;
 use anyhow::{Context, bail};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+// What a caller configures a host with and reads from it, so callers
+// (the CLI) depend on the composition root, not on the parts it assembles.
+pub use crate::dispatch::DispatchConfig;
+pub use crate::tracker::Tracker;
 
 /// Where tasks are stored, from `--store`.
 #[derive(Debug, Clone, PartialEq)]

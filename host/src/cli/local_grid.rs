@@ -4,12 +4,10 @@
 
 use super::CliError;
 use crate::api::AllowedHosts;
-use crate::dispatch::DispatchConfig;
 use crate::queue::Queue;
 use crate::queue::kafka::KafkaConfig;
 use crate::runtime::RuntimeConfig;
-use crate::server::{Host, ServerConfig, StoreUrl};
-use crate::tracker::Tracker;
+use crate::server::{DispatchConfig, Host, ServerConfig, StoreUrl, Tracker};
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -1,10 +1,9 @@
 //! `kwq serve`: run a grid host.
 
 use super::{CliError, parse};
-use crate::dispatch::DispatchConfig;
 use crate::queue::embedded::EmbeddedConfig;
 use crate::runtime::RuntimeConfig;
-use crate::server::{ServerConfig, StoreUrl};
+use crate::server::{DispatchConfig, ServerConfig, StoreUrl};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
