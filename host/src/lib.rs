@@ -1,13 +1,30 @@
 //! KWQ: a WebAssembly task executor and compute grid.
 //!
-//! Table of contents (dependencies point down the list):
-//! - [`cli`]: the `kwq` subcommands (`serve`, `run`, client commands, `bench`).
-//! - [`server`]: `kwq serve` as a library call: store + runtime + workers + API.
-//! - [`api`]: the HTTP API (axum) under `/v1`.
-//! - [`queue`]: the task store trait and its backends (embedded SQLite).
-//! - [`dispatch`]: the worker pool: lease, run, report, retry, dead-letter.
+//! Table of contents, in dependency order (each module uses only those
+//! below it; `../shared/architecture.json` holds the same picture and
+//! `farm-studio draw` checks the code against it):
+//! - [`cli`]: the `kwq` subcommands (`serve`, `run`, client commands,
+//!   `bench`, `simulate`). Configures and reads hosts through [`server`].
+//! - [`server`]: the one place a host is assembled: [`server::Host::start`]
+//!   opens the store, starts the runtime, tracker, workers and HTTP API,
+//!   for `kwq serve`, the local grids of `bench`/`simulate` and the tests.
+//! - [`api`]: the HTTP API (axum) under `/v1`, the dashboard and OpenAPI.
+//!   Talks to the store, the tracker and a module registry, never wasmtime.
+//! - [`dispatch`]: the worker pool (lease, run, report, retry with backoff,
+//!   dead-letter, guest-memory budget) and the module registry (validate
+//!   by compiling, then store).
 //! - [`tracker`]: statistics kept current from committed events.
-//! - [`runtime`]: wasmtime wrapper: engine, module cache, sandbox, limits, warm instances.
+//! - [`queue`]: the task store trait and its backends: the embedded SQLite
+//!   store (`queue::embedded`) and the Kafka grid (`queue::kafka`, whose
+//!   hosts each keep an embedded view). **Where scheduling is decided**:
+//!   `queue::embedded::ready` ranks waiting tasks (strict priority with
+//!   aging, soft affinity with its window, delayed starts, held priority 0,
+//!   paused jobs); each backend's `lease` runs the pick loop and keeps the
+//!   lease table (expiry, heartbeat, stale tokens). Both backends share the
+//!   ready index; issue 13 moves the lease table and pick loop into one
+//!   scheduler module.
+//! - [`runtime`]: the wasmtime wrapper: engine, compiled-module cache,
+//!   sandbox, limits, warm instances.
 //! - [`model`]: plain data types shared by every layer.
 //! - [`examples`]: the task modules built from `modules/`, bundled into the binary.
 
