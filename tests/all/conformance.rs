@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use kwq::model::{ErrorKind, ModuleId, NewJob, NewTask, TaskOptions, TaskState, now_ms};
 use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
 use kwq::queue::kafka::{KafkaConfig, KafkaQueue, Topics};
-use kwq::queue::{Completion, Failure, Lease, Queue, WorkerView};
+use kwq::queue::{Completion, Failure, Lease, Queue, TaskFilter, WorkerView};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use std::sync::Arc;
@@ -352,6 +352,133 @@ pub(crate) mod scenarios {
         assert_eq!(record.result.as_deref(), Some(&b"7"[..]));
     }
 
+    pub(crate) async fn a_waiting_task_is_cancelled(backend: impl Backend) {
+        let q = backend.host("h1").await;
+        q.submit_tasks(vec![task("t-wc", 5)]).await.unwrap();
+        wait_depth(&q, 1).await;
+        q.cancel_task(&"t-wc".into()).await.unwrap();
+        wait_state(&q, "t-wc", TaskState::Cancelled).await;
+        let offered =
+            tokio::time::timeout(Duration::from_millis(500), q.lease(&worker("w1", &[]))).await;
+        assert!(offered.is_err(), "a cancelled task was offered");
+        // Cancelling it again is a conflict, not a silent success.
+        assert!(q.cancel_task(&"t-wc".into()).await.is_err());
+    }
+
+    pub(crate) async fn a_running_task_is_cancelled_where_it_is(backend: impl Backend) {
+        let q = backend.host("h1").await;
+        q.submit_tasks(vec![task("t-rc", 5)]).await.unwrap();
+        let l = lease(&q, &worker("w1", &[])).await;
+        q.started(&l);
+        wait_state(&q, "t-rc", TaskState::Running).await;
+        q.cancel_task(&"t-rc".into()).await.unwrap();
+        // The worker running it is told, and gives it up as cancelled.
+        tokio::time::timeout(Duration::from_secs(60), l.cancelled.notified())
+            .await
+            .expect("the running task's worker was never told");
+        q.release(&l, true);
+        wait_state(&q, "t-rc", TaskState::Cancelled).await;
+    }
+
+    pub(crate) async fn raising_a_held_task_releases_it(backend: impl Backend) {
+        let q = backend.host("h1").await;
+        q.submit_tasks(vec![task("t-held", 0)]).await.unwrap();
+        wait_depth(&q, 1).await;
+        let w = worker("w1", &[]);
+        let offered = tokio::time::timeout(Duration::from_millis(500), q.lease(&w)).await;
+        assert!(offered.is_err(), "a held task was offered");
+        q.set_priority(&"t-held".into(), 7).await.unwrap();
+        assert_eq!(lease(&q, &w).await.task_id, "t-held");
+    }
+
+    pub(crate) async fn a_released_task_is_offered_again_without_an_attempt(backend: impl Backend) {
+        let q = backend.host("h1").await;
+        q.submit_tasks(vec![task("t-rel", 5)]).await.unwrap();
+        let w = worker("w1", &[]);
+        let first = lease(&q, &w).await;
+        q.started(&first);
+        q.release(&first, false);
+        let again = lease(&q, &w).await;
+        assert_eq!((again.task_id.as_str(), again.attempt), ("t-rel", 1));
+        assert_ne!(again.token, first.token);
+        // The old lease is stale now: it can neither beat nor finish.
+        assert!(q.heartbeat(&first).is_err());
+        assert!(q.complete(&first, done("stale")).is_err());
+        q.heartbeat(&again).unwrap();
+        q.complete(&again, done("fresh")).unwrap();
+        wait_state(&q, "t-rel", TaskState::Completed).await;
+        let record = q.task(&"t-rel".into()).await.unwrap();
+        assert_eq!(record.result.as_deref(), Some(&b"fresh"[..]));
+        assert!(q.heartbeat(&again).is_err(), "a finished lease still beats");
+    }
+
+    pub(crate) async fn tasks_are_listed_by_filter_in_pages(backend: impl Backend) {
+        let q = backend.host("h1").await;
+        let tasks: Vec<NewTask> = (0..5)
+            .map(|i| {
+                let mut t = task(&format!("t-list-{i}"), 0);
+                if i % 2 == 0 {
+                    t.options.tags.insert("desk".into(), "fx".into());
+                }
+                t
+            })
+            .collect();
+        q.submit_tasks(tasks).await.unwrap();
+        for i in 0..5 {
+            wait_state(&q, &format!("t-list-{i}"), TaskState::Pending).await;
+        }
+        let filter = |after: Option<u64>| TaskFilter {
+            tag: Some(("desk".into(), "fx".into())),
+            limit: 2,
+            after,
+            ..TaskFilter::default()
+        };
+        let first = q.tasks(filter(None)).await.unwrap();
+        let ids: Vec<&str> = first.items.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["t-list-0", "t-list-2"]);
+        let second = q.tasks(filter(first.next)).await.unwrap();
+        let ids: Vec<&str> = second.items.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!((ids, second.next), (vec!["t-list-4"], None));
+        let cancelled = TaskFilter {
+            state: Some(TaskState::Cancelled),
+            limit: 10,
+            ..TaskFilter::default()
+        };
+        q.cancel_task(&"t-list-1".into()).await.unwrap();
+        wait_state(&q, "t-list-1", TaskState::Cancelled).await;
+        let page = q.tasks(cancelled).await.unwrap();
+        assert_eq!(page.items.len(), 1);
+        // The census has one row per task, in its state.
+        let census = q.census().await.unwrap();
+        let listed = census.iter().filter(|r| r.module == module()).count();
+        assert_eq!(listed, 5);
+        assert_eq!(
+            census
+                .iter()
+                .filter(|r| r.state == TaskState::Cancelled)
+                .count(),
+            1
+        );
+    }
+
+    pub(crate) async fn raising_a_held_job_releases_its_tasks(backend: impl Backend) {
+        let q = backend.host("h1").await;
+        let mut held = job("j-held", 3);
+        held.options.priority = 0;
+        let job = q.submit_job(held).await.unwrap();
+        wait_depth(&q, 3).await;
+        let w = worker("w1", &[]);
+        let offered = tokio::time::timeout(Duration::from_millis(500), q.lease(&w)).await;
+        assert!(offered.is_err(), "a held job's task was offered");
+        let raised = q.set_job_priority(&job.id, 6).await.unwrap();
+        assert_eq!(raised.options.priority, 6);
+        for _ in 0..3 {
+            let l = lease(&q, &w).await;
+            assert_eq!(l.job_id.as_deref(), Some("j-held"));
+            q.complete(&l, done("1")).unwrap();
+        }
+    }
+
     fn job(id: &str, n: usize) -> NewJob {
         NewJob {
             id: id.into(),
@@ -399,6 +526,30 @@ macro_rules! conformance_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_lease_abandoned_by_a_dead_host_is_offered_again() {
             scenarios::a_lease_abandoned_by_a_dead_host_is_offered_again($backend).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_waiting_task_is_cancelled() {
+            scenarios::a_waiting_task_is_cancelled($backend).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_running_task_is_cancelled_where_it_is() {
+            scenarios::a_running_task_is_cancelled_where_it_is($backend).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn raising_a_held_task_releases_it() {
+            scenarios::raising_a_held_task_releases_it($backend).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_released_task_is_offered_again_without_an_attempt() {
+            scenarios::a_released_task_is_offered_again_without_an_attempt($backend).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn tasks_are_listed_by_filter_in_pages() {
+            scenarios::tasks_are_listed_by_filter_in_pages($backend).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn raising_a_held_job_releases_its_tasks() {
+            scenarios::raising_a_held_job_releases_its_tasks($backend).await
         }
     };
 }

@@ -882,9 +882,35 @@ impl Queue for KafkaQueue {
             );
             event.message = Some("cancelled while running".into());
             self.shared.publish(vec![event], Vec::new(), leased.origins);
+            return;
         }
-        // Otherwise (a stopping host) the offsets stay uncommitted: whoever
-        // owns the partition next runs the task again.
+        // Given back by its worker: waiting here again, the attempt not
+        // counted, its offsets still uncommitted (so if this host stops
+        // first, whoever owns the partition next runs it).
+        if self.shared.closed() {
+            return;
+        }
+        let attempts = lease.attempt.saturating_sub(1);
+        let mut event = TaskEvent::new(
+            &lease.task_id,
+            lease.job_id.as_deref(),
+            TaskState::Pending,
+            attempts,
+        );
+        event.message = Some("released by a stopping worker".into());
+        {
+            let now = now_ms();
+            let mut sched = self.shared.sched();
+            let entry = Entry {
+                attempts,
+                state: TaskState::Pending,
+                ..leased.entry
+            };
+            sched.origins.insert(entry.id.clone(), leased.origins);
+            sched.ready.insert(entry, now);
+        }
+        self.shared.publish(vec![event], Vec::new(), Vec::new());
+        self.shared.wake.notify_waiters();
     }
 
     async fn pause_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
