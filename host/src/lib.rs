@@ -8,21 +8,28 @@
 //! - [`server`]: the one place a host is assembled: [`server::Host::start`]
 //!   opens the store, starts the runtime, tracker, workers and HTTP API,
 //!   for `kwq serve`, the local grids of `bench`/`simulate` and the tests.
-//! - [`api`]: the HTTP API (axum) under `/v1`, the dashboard and OpenAPI.
-//!   Talks to the store, the tracker and a module registry, never wasmtime.
+//! - [`api`]: the HTTP API (axum) under `/v1`, the dashboard and OpenAPI;
+//!   `api::wire` holds the request and response bodies the handlers, the
+//!   OpenAPI document and the CLI client share. Reads through the store's
+//!   read trait, submits and controls through its work trait, uploads
+//!   through a module registry; never wasmtime.
 //! - [`dispatch`]: the worker pool (lease, run, report, retry with backoff,
-//!   dead-letter, guest-memory budget) and the module registry (validate
-//!   by compiling, then store).
+//!   dead-letter, guest-memory budget) on the store's work trait, and the
+//!   module registry (validate by compiling, then store).
 //! - [`tracker`]: statistics kept current from committed events.
-//! - [`queue`]: the task store trait and its backends: the embedded SQLite
-//!   store (`queue::embedded`) and the Kafka grid (`queue::kafka`, whose
-//!   hosts each keep an embedded view). **Where scheduling is decided**:
-//!   `queue::embedded::ready` ranks waiting tasks (strict priority with
-//!   aging, soft affinity with its window, delayed starts, held priority 0,
-//!   paused jobs); each backend's `lease` runs the pick loop and keeps the
-//!   lease table (expiry, heartbeat, stale tokens). Both backends share the
-//!   ready index; issue 13 moves the lease table and pick loop into one
-//!   scheduler module.
+//! - [`queue`]: the store: `WorkQueue` (submit, lease, started, heartbeat,
+//!   complete, fail, release, control) for the dispatcher, `ReadStore`
+//!   (tasks, jobs, timelines, results, events) for the API and tracker,
+//!   `queue::open` choosing a backend by store URL, and the backends: the
+//!   embedded SQLite store (`queue::embedded`) and the Kafka grid
+//!   (`queue::kafka`, whose hosts each keep an embedded store as their
+//!   view). **Where scheduling is decided**: `queue::scheduler`, the one
+//!   scheduler both backends use. Its ready index ranks waiting tasks
+//!   (strict priority with aging, soft affinity with its window, delayed
+//!   starts, held priority 0, paused jobs); its pick loop offers a free
+//!   worker the best task given every worker's warm (module, key) pairs;
+//!   its lease table keeps tokens, expiry and heartbeats. The backends make
+//!   its decisions durable.
 //! - [`runtime`]: the wasmtime wrapper: engine, compiled-module cache,
 //!   sandbox, limits, warm instances.
 //! - [`model`]: plain data types shared by every layer.

@@ -6,66 +6,18 @@ use crate::api::{self, ApiLimits, AppState};
 use crate::dispatch::{Dispatcher, ModuleRegistry};
 use crate::examples;
 use crate::model::ModuleId;
-use crate::queue::Queue;
-use crate::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
-use crate::queue::kafka::{KafkaConfig, KafkaQueue};
+use crate::queue::embedded::EmbeddedConfig;
+use crate::queue::{Queue, ReadStore, WorkQueue};
 use crate::runtime::{ModuleSource, Runtime, RuntimeConfig};
-use anyhow::{Context, bail};
+use anyhow::Context;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 // What a caller configures a host with and reads from it, so callers
 // (the CLI) depend on the composition root, not on the parts it assembles.
 pub use crate::dispatch::DispatchConfig;
+pub use crate::queue::StoreUrl;
 pub use crate::tracker::Tracker;
-
-/// Where tasks are stored, from `--store`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StoreUrl {
-    /// `sqlite://PATH`: the embedded durable store.
-    Sqlite(PathBuf),
-    /// `kafka://host:port,...`: a grid shared with other hosts through Kafka.
-    Kafka(Box<KafkaConfig>),
-}
-
-impl StoreUrl {
-    /// One line for the start-up banner (no secrets: Kafka settings beyond
-    /// the brokers are left out).
-    pub fn describe(&self) -> String {
-        match self {
-            StoreUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
-            StoreUrl::Kafka(kafka) => format!(
-                "kafka://{} (view {})",
-                kafka.brokers,
-                kafka.view_path.display()
-            ),
-        }
-    }
-
-    /// Parse `sqlite://PATH` (or a bare path) or `kafka://HOST:PORT,...[?options]`
-    /// (see [`KafkaConfig::parse`]; the view path and host name are set by the caller).
-    pub fn parse(text: &str) -> anyhow::Result<Self> {
-        if let Some(path) = text
-            .strip_prefix("sqlite://")
-            .or_else(|| text.strip_prefix("sqlite:"))
-        {
-            if path.is_empty() {
-                bail!("store URL {text:?} has no path; use sqlite://PATH");
-            }
-            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
-        }
-        if text.starts_with("kafka://") {
-            return KafkaConfig::parse(text)
-                .map(|c| StoreUrl::Kafka(Box::new(c)))
-                .map_err(anyhow::Error::msg);
-        }
-        if text.contains("://") {
-            bail!("unknown store URL {text:?}; use sqlite://PATH or kafka://HOST:PORT");
-        }
-        Ok(StoreUrl::Sqlite(PathBuf::from(text)))
-    }
-}
 
 /// Everything `kwq serve` can be told.
 #[derive(Debug, Clone)]
@@ -93,7 +45,7 @@ pub struct ServerConfig {
 }
 
 /// The runtime fetches module bytes it has not compiled from the store.
-struct StoreModules(Arc<dyn Queue>);
+struct StoreModules(Arc<dyn WorkQueue>);
 
 impl ModuleSource for StoreModules {
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {
@@ -125,21 +77,12 @@ impl Host {
         let address = listener
             .local_addr()
             .context("reading the listen address")?;
-        let queue: Arc<dyn Queue> = match &config.store {
-            StoreUrl::Sqlite(path) => Arc::new(
-                EmbeddedQueue::open(path, config.queue.clone())
-                    .with_context(|| format!("opening store {}", path.display()))?,
-            ),
-            StoreUrl::Kafka(kafka) => Arc::new(
-                KafkaQueue::connect(
-                    (**kafka).clone(),
-                    config.queue.aging,
-                    config.queue.affinity_window,
-                )
-                .await
-                .with_context(|| format!("joining the Kafka grid at {}", kafka.brokers))?,
-            ),
-        };
+        let queue = crate::queue::open(&config.store, &config.queue)
+            .await
+            .with_context(|| match &config.store {
+                StoreUrl::Sqlite(path) => format!("opening store {}", path.display()),
+                StoreUrl::Kafka(kafka) => format!("joining the Kafka grid at {}", kafka.brokers),
+            })?;
         let started = Self::start_on(config, queue.clone(), listener, address).await;
         if started.is_err() {
             // Nothing else holds the store yet: let its writer finish cleanly.
@@ -158,7 +101,7 @@ impl Host {
         let runtime = Runtime::new(config.runtime.clone()).context("starting the Wasm runtime")?;
         runtime.set_module_source(Arc::new(StoreModules(queue.clone())));
         crate::tracker::metrics::install();
-        let tracker = Tracker::attach(&queue)
+        let tracker = Tracker::attach(&(queue.clone() as Arc<dyn ReadStore>))
             .await
             .context("rebuilding statistics")?;
         queue.start();
@@ -175,15 +118,16 @@ impl Host {
             )
         });
         let state = AppState {
-            queue: queue.clone(),
-            modules,
-            tracker: tracker.clone(),
             board: dispatcher.as_ref().map(Dispatcher::board),
             token: config.token.clone(),
             token_reads: config.token_reads,
             limits: config.limits.clone(),
-            allowed_hosts: config.allowed_hosts.clone(),
-            events: Default::default(),
+            ..AppState::new(
+                queue.clone(),
+                modules,
+                tracker.clone(),
+                config.allowed_hosts.clone(),
+            )
         };
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(api::serve(listener, state, async move {
@@ -249,28 +193,4 @@ pub async fn upload_examples(modules: &ModuleRegistry) -> anyhow::Result<()> {
             .with_context(|| format!("registering bundled module {name}"))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn store_urls() {
-        assert_eq!(
-            StoreUrl::parse("sqlite:///tmp/a.db").unwrap(),
-            StoreUrl::Sqlite("/tmp/a.db".into())
-        );
-        assert_eq!(
-            StoreUrl::parse("data/kwq.db").unwrap(),
-            StoreUrl::Sqlite("data/kwq.db".into())
-        );
-        assert!(StoreUrl::parse("redis://x").is_err());
-        assert!(matches!(
-            StoreUrl::parse("kafka://127.0.0.1:9092").unwrap(),
-            StoreUrl::Kafka(_)
-        ));
-        assert!(StoreUrl::parse("kafka://nohost").is_err());
-        assert!(StoreUrl::parse("sqlite://").is_err());
-    }
 }

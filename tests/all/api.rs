@@ -380,7 +380,7 @@ async fn the_openapi_request_schemas_state_the_bounds_the_server_enforces() {
     let grid = TestGrid::new(None, ApiLimits::default()).await;
     grid.upload(examples::NOOP, "noop").await;
     let (_, doc) = grid.call("GET", "/openapi.json", None).await;
-    let options = &doc["components"]["schemas"]["TaskOptionsDoc"]["properties"];
+    let options = &doc["components"]["schemas"]["SubmitOptions"]["properties"];
     for field in [
         "priority",
         "timeout_ms",

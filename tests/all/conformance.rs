@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use kwq::model::{ErrorKind, ModuleId, NewJob, NewTask, TaskOptions, TaskState, now_ms};
 use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
 use kwq::queue::kafka::{KafkaConfig, KafkaQueue, Topics};
-use kwq::queue::{Completion, Failure, Lease, Queue, TaskFilter, WorkerView};
+use kwq::queue::{Completion, Failure, Lease, Queue, TaskFilter, WorkQueue, WorkerView};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 
 use kwq::model::{ModuleId, NewTask, TaskOptions, TaskState};
 use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
-use kwq::queue::{Completion, Queue, QueueError, WorkerView};
+use kwq::queue::{Completion, QueueError, ReadStore, WorkQueue, WorkerView};
 use std::time::Duration;
 
 fn view(id: &str) -> WorkerView {

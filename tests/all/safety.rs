@@ -7,7 +7,7 @@ use kwq::api::ApiLimits;
 use kwq::examples;
 use kwq::model::{ModuleId, ModuleKind, now_ms};
 use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
-use kwq::queue::{ModuleRecord, Queue};
+use kwq::queue::{ModuleRecord, Queue, ReadStore, WorkQueue};
 use serde_json::json;
 
 /// Re-uploading a module's bytes under another name adds an alias; it never
@@ -497,20 +497,13 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
     let leased = tokio::time::timeout(Duration::from_millis(300), queue.lease(&view("w2"))).await;
     assert!(leased.is_err(), "leased from a failing store");
     // The API says so: health 503 with the reason, submits 503 with Retry-After.
-    let state = kwq::api::AppState {
-        queue: queue.clone(),
-        modules: kwq::dispatch::ModuleRegistry::new(
-            crate::support::shared_runtime().clone(),
-            queue.clone(),
-        ),
-        tracker: kwq::tracker::Tracker::attach(&queue).await.unwrap(),
-        board: None,
-        token: None,
-        token_reads: false,
-        limits: ApiLimits::default(),
-        allowed_hosts: kwq::api::AllowedHosts::any(),
-        events: Default::default(),
-    };
+    let reads: std::sync::Arc<dyn kwq::queue::ReadStore> = queue.clone();
+    let state = kwq::api::AppState::new(
+        queue.clone(),
+        kwq::dispatch::ModuleRegistry::new(crate::support::shared_runtime().clone(), queue.clone()),
+        kwq::tracker::Tracker::attach(&reads).await.unwrap(),
+        kwq::api::AllowedHosts::any(),
+    );
     use tower::ServiceExt;
     let health = kwq::api::app(state.clone())
         .oneshot(

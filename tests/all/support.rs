@@ -106,20 +106,20 @@ impl TestGrid {
         let store =
             kwq::queue::embedded::EmbeddedQueue::open(&dir.path().join("kwq.db"), config).unwrap();
         let queue: std::sync::Arc<dyn kwq::queue::Queue> = std::sync::Arc::new(store);
-        let tracker = kwq::tracker::Tracker::attach(&queue).await.unwrap();
+        let tracker = kwq::tracker::Tracker::attach(
+            &(queue.clone() as std::sync::Arc<dyn kwq::queue::ReadStore>),
+        )
+        .await
+        .unwrap();
         let state = kwq::api::AppState {
-            queue: queue.clone(),
-            modules: kwq::dispatch::ModuleRegistry::new(shared_runtime().clone(), queue.clone()),
-            tracker,
-            board: None,
             token: token.map(str::to_string),
-            token_reads: false,
             limits,
-            allowed_hosts: kwq::api::AllowedHosts::for_listener(
-                "127.0.0.1:7700".parse().unwrap(),
-                &[],
-            ),
-            events: Default::default(),
+            ..kwq::api::AppState::new(
+                queue.clone(),
+                kwq::dispatch::ModuleRegistry::new(shared_runtime().clone(), queue.clone()),
+                tracker,
+                kwq::api::AllowedHosts::for_listener("127.0.0.1:7700".parse().unwrap(), &[]),
+            )
         };
         TestGrid {
             state,

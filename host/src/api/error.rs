@@ -1,12 +1,12 @@
 //! The one error shape of the HTTP API: `{"error": {"code", "message"}}`.
 
+use super::wire::{ErrorBody, ErrorDetail};
 use crate::dispatch::RegisterError;
 use crate::queue::QueueError;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 /// An API error: status, stable code, and a message naming the problem.
 #[derive(Debug)]
@@ -59,7 +59,12 @@ impl AppError {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let body = Json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        });
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // The store or the host recovers by itself: say when to try again.
             return (self.status, [(axum::http::header::RETRY_AFTER, "5")], body).into_response();
@@ -74,14 +79,14 @@ impl From<QueueError> for AppError {
             QueueError::NotFound(_) => StatusCode::NOT_FOUND,
             QueueError::Conflict(_) | QueueError::StaleLease(_) => StatusCode::CONFLICT,
             QueueError::Closed | QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            QueueError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            QueueError::Storage { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let code = match &e {
             QueueError::NotFound(_) => "not_found",
             QueueError::Conflict(_) | QueueError::StaleLease(_) => "conflict",
             QueueError::Closed => "shutting_down",
             QueueError::Unavailable(_) => "store_unavailable",
-            QueueError::Storage(_) => "storage",
+            QueueError::Storage { .. } => "storage",
         };
         AppError {
             status,

@@ -12,11 +12,9 @@
 
 use super::AppState;
 use super::error::{ApiQuery, AppError};
-#[allow(unused_imports)]
-use super::openapi::{Created, ErrorBody, JobSubmission, PriorityChange, TaskSubmission};
 use super::views;
 use crate::model::Event;
-use crate::queue::Queue;
+use crate::queue::ReadStore;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
@@ -86,7 +84,7 @@ impl EventFeed {
         Self::default()
     }
 
-    fn subscribe(&self, queue: &Arc<dyn Queue>) -> broadcast::Receiver<FeedItem> {
+    fn subscribe(&self, queue: &Arc<dyn ReadStore>) -> broadcast::Receiver<FeedItem> {
         self.sender
             .get_or_init(|| {
                 // Room for a few seconds of a busy grid's events: a client
@@ -137,9 +135,9 @@ pub(super) async fn stream(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let reader = Reader {
-        queue: state.queue.clone(),
+        queue: state.reads.clone(),
         // Subscribe before replaying, so nothing falls between the two.
-        live: state.events.subscribe(&state.queue),
+        live: state.events.subscribe(&state.reads),
         last: resume.or(query.from),
         replaying: resume.or(query.from).is_some(),
         job: query.job,
@@ -162,7 +160,7 @@ pub(super) async fn stream(
 
 /// One client's position in the event stream.
 struct Reader {
-    queue: Arc<dyn Queue>,
+    queue: Arc<dyn ReadStore>,
     live: broadcast::Receiver<FeedItem>,
     /// The last offset sent (or replayed past); `None` before any when the
     /// client asked for live events only.

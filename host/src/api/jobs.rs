@@ -3,10 +3,11 @@
 
 use super::error::{ApiJson, ApiQuery, AppError};
 #[allow(unused_imports)]
-use super::openapi::{Created, ErrorBody, JobSubmission, PriorityChange, TaskSubmission};
-use super::tasks::{OptionsRequest, payload_bytes};
+use super::tasks::payload_bytes;
+use super::wire::{ErrorBody, JobSubmission, PriorityChange};
 use super::{AppState, modules, views};
-use crate::model::{NewJob, Sweep};
+use crate::model::NewJob;
+use crate::queue::Control;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -15,23 +16,11 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-/// Body of `POST /v1/jobs`: `payloads` (a list) or `sweep`, not both.
-#[derive(Debug, Deserialize)]
-pub(super) struct JobRequest {
-    module: String,
-    name: Option<String>,
-    payloads: Option<Vec<Value>>,
-    payloads_base64: Option<Vec<String>>,
-    sweep: Option<Sweep>,
-    #[serde(flatten)]
-    options: OptionsRequest,
-}
-
 /// `POST /v1/jobs`: 201 with the job once it (and its explicit tasks) are durable.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission, responses((status = 201, description = "the job with its counts", body = Object), (status = 400, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
-    ApiJson(request): ApiJson<JobRequest>,
+    ApiJson(request): ApiJson<JobSubmission>,
 ) -> Result<(StatusCode, Json<Value>), AppError> {
     let options = request.options.into_options()?;
     if let Some(name) = &request.name
@@ -89,7 +78,7 @@ pub(super) async fn submit(
         payloads,
         sweep: request.sweep,
     };
-    let record = state.queue.submit_job(job).await?;
+    let record = state.work.submit_job(job).await?;
     let stats = state.tracker.job(&record.id);
     Ok((StatusCode::CREATED, Json(views::job(&record, &stats))))
 }
@@ -100,7 +89,7 @@ pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    let job = state.queue.job(&id).await?;
+    let job = state.reads.job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }
 
@@ -124,7 +113,7 @@ pub(super) async fn list(
             "limit must be 1 to 1000",
         ));
     }
-    let jobs = state.queue.jobs(limit).await?;
+    let jobs = state.reads.jobs(limit).await?;
     Ok(Json(Value::Array(
         jobs.iter()
             .map(|j| views::job(j, &state.tracker.job(&j.id)))
@@ -140,8 +129,8 @@ pub(super) async fn results(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    state.queue.job(&id).await?;
-    let queue = state.queue.clone();
+    state.reads.job(&id).await?;
+    let queue = state.reads.clone();
     let pages = futures::stream::unfold(Some(0u64), move |cursor| {
         let (queue, id) = (queue.clone(), id.clone());
         async move {
@@ -176,8 +165,7 @@ pub(super) async fn pause(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    let job = state.queue.pause_job(&id).await?;
-    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+    control(&state, id.clone(), Control::PauseJob { job: id }).await
 }
 
 /// `POST /v1/jobs/{id}/resume`.
@@ -186,8 +174,7 @@ pub(super) async fn resume(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    let job = state.queue.resume_job(&id).await?;
-    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+    control(&state, id.clone(), Control::ResumeJob { job: id }).await
 }
 
 /// `POST /v1/jobs/{id}/priority`: raise a held job (priority 0: a held
@@ -197,13 +184,15 @@ pub(super) async fn resume(
 pub(super) async fn set_priority(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    ApiJson(request): ApiJson<super::tasks::PriorityRequest>,
+    ApiJson(request): ApiJson<PriorityChange>,
 ) -> Result<Json<Value>, AppError> {
-    let job = state
-        .queue
-        .set_job_priority(&id, request.checked()?)
-        .await?;
-    Ok(Json(views::job(&job, &state.tracker.job(&id))))
+    let priority = request.checked()?;
+    control(
+        &state,
+        id.clone(),
+        Control::JobPriority { job: id, priority },
+    )
+    .await
 }
 
 /// `POST /v1/jobs/{id}/cancel`.
@@ -212,6 +201,12 @@ pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    let job = state.queue.cancel_job(&id).await?;
+    control(&state, id.clone(), Control::CancelJob { job: id }).await
+}
+
+/// Apply a job control, then answer with the job as it is after it.
+async fn control(state: &AppState, id: String, control: Control) -> Result<Json<Value>, AppError> {
+    state.work.control(control).await?;
+    let job = state.reads.job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }

@@ -11,13 +11,14 @@ pub mod openapi;
 mod system;
 mod tasks;
 mod views;
+pub mod wire;
 
 pub use error::AppError;
 pub use events::EventFeed;
 pub use guard::AllowedHosts;
 
 use crate::dispatch::WorkerBoard;
-use crate::queue::Queue;
+use crate::queue::{Queue, ReadStore, WorkQueue};
 use crate::tracker::Tracker;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -54,8 +55,10 @@ impl Default for ApiLimits {
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    /// The task store.
-    pub queue: Arc<dyn Queue>,
+    /// The store's work side: submits and controls.
+    pub work: Arc<dyn WorkQueue>,
+    /// The store's read side: records, listings, results, events.
+    pub reads: Arc<dyn ReadStore>,
     /// Validates (by compiling) and stores uploaded modules.
     pub modules: crate::dispatch::ModuleRegistry,
     /// Live statistics.
@@ -74,6 +77,31 @@ pub struct AppState {
     pub allowed_hosts: AllowedHosts,
     /// Stored events, serialised once for every `/v1/events` client.
     pub events: EventFeed,
+}
+
+impl AppState {
+    /// The API of a host over `queue` (both its sides), answering to
+    /// `allowed_hosts`, with no token, no workers and default limits;
+    /// callers set what differs.
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        modules: crate::dispatch::ModuleRegistry,
+        tracker: Arc<Tracker>,
+        allowed_hosts: AllowedHosts,
+    ) -> Self {
+        AppState {
+            work: queue.clone(),
+            reads: queue,
+            modules,
+            tracker,
+            board: None,
+            token: None,
+            token_reads: false,
+            limits: ApiLimits::default(),
+            allowed_hosts,
+            events: EventFeed::default(),
+        }
+    }
 }
 
 /// Every route of [`app`], as (method, path): the OpenAPI document must

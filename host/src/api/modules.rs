@@ -2,7 +2,7 @@
 
 use super::AppState;
 use super::error::{ApiQuery, AppError};
-use super::openapi::ErrorBody;
+use super::wire::ErrorBody;
 use crate::model::ModuleId;
 use crate::queue::ModuleRecord;
 use axum::Json;
@@ -67,7 +67,7 @@ fn check_name(name: &str) -> Result<(), AppError> {
 pub(super) async fn list(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<ModuleRecord>>, AppError> {
-    Ok(Json(state.queue.modules().await?))
+    Ok(Json(state.reads.modules().await?))
 }
 
 /// `GET /v1/modules/{id}` (id or name).
@@ -77,14 +77,14 @@ pub(super) async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<ModuleRecord>, AppError> {
     let id = resolve(&state, &id).await?;
-    Ok(Json(state.queue.module(&id).await?))
+    Ok(Json(state.reads.module(&id).await?))
 }
 
 /// A module named by its id (64 hex digits) or by one of its names (a name
 /// points at the latest module uploaded under it).
 pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, AppError> {
     if let Some(id) = ModuleId::parse(module) {
-        return match state.queue.module(&id).await {
+        return match state.reads.module(&id).await {
             Ok(_) => Ok(id),
             Err(_) => Err(AppError::bad_request(
                 "unknown_module",
@@ -92,7 +92,7 @@ pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, 
             )),
         };
     }
-    state.queue.module_named(module).await?.ok_or_else(|| {
+    state.reads.module_named(module).await?.ok_or_else(|| {
         AppError::bad_request(
             "unknown_module",
             format!("no module named {module:?}: upload it first"),

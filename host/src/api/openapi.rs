@@ -2,121 +2,12 @@
 //! (utoipa), served at `/openapi.json`, and Swagger UI at `/docs` from the
 //! `swagger-ui-dist` files vendored in `host/assets/swagger-ui`.
 
-// The request and error types here only describe wire shapes for the
-// document; the handlers build and read those shapes as JSON.
-#![allow(dead_code)]
-
+use super::wire::{
+    Created, ErrorBody, ErrorDetail, JobSubmission, PriorityChange, SubmitOptions, TaskSubmission,
+};
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
-use serde::Deserialize;
-use std::collections::BTreeMap;
-use utoipa::{OpenApi, ToSchema};
-
-/// The error shape of every 4xx and 5xx response.
-#[derive(Debug, Deserialize, ToSchema)]
-pub(super) struct ErrorBody {
-    /// `{"code": "invalid_field", "message": "priority: must be 0..=9 ..."}`.
-    pub(super) error: ErrorDetail,
-}
-
-/// Inside [`ErrorBody`].
-#[derive(Debug, Deserialize, ToSchema)]
-pub(super) struct ErrorDetail {
-    /// Stable machine-readable code.
-    pub(super) code: String,
-    /// What is wrong, for people.
-    pub(super) message: String,
-}
-
-/// `{"id": "..."}`.
-#[derive(Debug, Deserialize, ToSchema)]
-pub(super) struct Created {
-    /// The new task's id.
-    pub(super) id: String,
-}
-
-/// Options every submission may carry; all optional. The bounds stated
-/// here are the ones the handlers enforce (400 `invalid_field` outside them),
-/// so generated clients and fuzzers send only what the server accepts.
-#[derive(Debug, Deserialize, ToSchema)]
-pub(super) struct TaskOptionsDoc {
-    /// 0..=9, 9 highest; 0 holds the task until raised. Default 5.
-    #[schema(minimum = 0, maximum = 9, default = 5)]
-    priority: Option<u8>,
-    /// Key/value labels: at most 64, keys 1-128 characters, values up to 256.
-    tags: Option<BTreeMap<String, String>>,
-    /// Warm-instance key, e.g. `curve=USD`: 1-256 characters.
-    #[schema(min_length = 1, max_length = 256)]
-    affinity: Option<String>,
-    /// Per attempt, 1 ms to 24 h. Default 60000.
-    #[schema(minimum = 1, maximum = 86_400_000, default = 60_000)]
-    timeout_ms: Option<u64>,
-    /// Linear-memory cap, 1 MiB to 4 GiB. Default 256 MiB.
-    #[schema(
-        minimum = 1_048_576,
-        maximum = 4_294_967_296_u64,
-        default = 268_435_456
-    )]
-    memory_bytes: Option<u64>,
-    /// 1 to 100. Default 3.
-    #[schema(minimum = 1, maximum = 100, default = 3)]
-    max_attempts: Option<u32>,
-    /// Delayed start, ms from now: 0 to 365 days. Not with `not_before`.
-    #[schema(minimum = 0, maximum = 31_536_000_000_u64)]
-    delay_ms: Option<u64>,
-    /// Delayed start, ms since the epoch, at most 365 days ahead. Not with `delay_ms`.
-    #[schema(minimum = 0)]
-    not_before: Option<u64>,
-}
-
-/// Body of `POST /v1/tasks`: `payload` or `payload_base64`, not both
-/// (neither: the payload is JSON `null`). Unknown fields are rejected.
-#[derive(Debug, Deserialize, ToSchema)]
-pub(super) struct TaskSubmission {
-    /// Module id (SHA-256) or name.
-    #[schema(min_length = 1)]
-    module: String,
-    /// The payload as JSON.
-    payload: Option<serde_json::Value>,
-    /// Or the payload as base64 bytes.
-    #[schema(content_encoding = "base64")]
-    payload_base64: Option<String>,
-    /// Options.
-    #[serde(flatten)]
-    options: TaskOptionsDoc,
-}
-
-/// Body of `POST /v1/jobs`: exactly one of `payloads`, `payloads_base64`,
-/// `sweep`. Unknown fields are rejected.
-#[derive(Debug, Deserialize, ToSchema)]
-pub(super) struct JobSubmission {
-    /// Module id (SHA-256) or name.
-    #[schema(min_length = 1)]
-    module: String,
-    /// A name for people: 1-256 characters, no control characters.
-    #[schema(min_length = 1, max_length = 256)]
-    name: Option<String>,
-    /// One task per payload: 1 to 1,000,000.
-    #[schema(min_items = 1, max_items = 1_000_000)]
-    payloads: Option<Vec<serde_json::Value>>,
-    /// One task per base64 payload: 1 to 1,000,000.
-    #[schema(min_items = 1, max_items = 1_000_000)]
-    payloads_base64: Option<Vec<String>>,
-    /// The cartesian product of `params` over `base`, expanded as workers
-    /// lease tasks: at most 10^10 points.
-    sweep: Option<crate::model::Sweep>,
-    /// Options of every task.
-    #[serde(flatten)]
-    options: TaskOptionsDoc,
-}
-
-/// Body of `POST /v1/tasks/{id}/priority`.
-#[derive(Debug, Deserialize, ToSchema)]
-pub(super) struct PriorityChange {
-    /// 0..=9.
-    #[schema(minimum = 0, maximum = 9)]
-    priority: u8,
-}
+use utoipa::OpenApi;
 
 /// What the derives cannot say: which fields exclude each other, that
 /// unknown fields are rejected. Added to the generated document by name.
@@ -147,7 +38,7 @@ fn with_constraints(mut doc: serde_json::Value) -> serde_json::Value {
     // Bounds utoipa's derive has no attribute for, by JSON pointer.
     let bounds = [
         (
-            "/components/schemas/TaskOptionsDoc/properties/tags",
+            "/components/schemas/SubmitOptions/properties/tags",
             "maxProperties",
             json!(64),
         ),
@@ -198,7 +89,7 @@ pub fn document() -> serde_json::Value {
         super::system::metrics, super::system::metrics_root,
         openapi_json, docs, docs_slash, swagger_bundle, swagger_css, dashboard,
     ),
-    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, PriorityChange, crate::queue::ModuleRecord)),
+    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
     tags(
         (name = "modules", description = "Wasm task modules, content-addressed by SHA-256"),
         (name = "tasks", description = "Single tasks"),

@@ -3,7 +3,7 @@
 use super::AppState;
 use super::error::AppError;
 #[allow(unused_imports)]
-use super::openapi::ErrorBody;
+use super::wire::ErrorBody;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri, header};
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 /// throughput, retries, dead letters, workers, module cache.
 #[utoipa::path(get, path = "/v1/stats", tag = "system", responses((status = 200, description = "counts, tags, depth, throughput, workers, module cache", body = Object)))]
 pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
-    let overview = state.tracker.overview(state.queue.depth());
+    let overview = state.tracker.overview(state.reads.depth());
     let mut value = serde_json::to_value(&overview).unwrap_or(Value::Null);
     value["counts"] = json!(overview.counts.by_name());
     value["tags"] = Value::Array(
@@ -35,7 +35,7 @@ pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
 /// `GET /healthz`.
 #[utoipa::path(get, path = "/v1/healthz", tag = "system", responses((status = 200, description = "{\"status\": \"ok\"}", body = Object), (status = 503, description = "{\"status\": \"unhealthy\", \"reason\": ...}: the store does not take writes", body = Object)))]
 pub(super) async fn healthz(State(state): State<AppState>) -> Response {
-    match state.queue.health() {
+    match state.work.health() {
         Ok(()) => Json(json!({"status": "ok"})).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -63,7 +63,7 @@ pub(super) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> 
 /// `GET /metrics`: Prometheus text format.
 #[utoipa::path(get, path = "/v1/metrics", tag = "system", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
-    let overview = state.tracker.overview(state.queue.depth());
+    let overview = state.tracker.overview(state.reads.depth());
     let (busy_ratio, affinity_hits) = match &state.board {
         Some(board) => (
             Some(board.busy_ratio()),

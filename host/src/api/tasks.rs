@@ -2,46 +2,21 @@
 //! filters, cancel, change priority.
 
 use super::error::{ApiJson, ApiQuery, AppError};
-#[allow(unused_imports)]
-use super::openapi::{Created, ErrorBody, JobSubmission, PriorityChange, TaskSubmission};
+use super::wire::{Created, ErrorBody, PriorityChange, SubmitOptions, TaskSubmission, parse_tag};
 use super::{AppState, modules, views};
 use crate::model::{NewTask, TaskOptions, TaskState, now_ms};
-use crate::queue::TaskFilter;
+use crate::queue::{Control, TaskFilter};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 
 /// The furthest ahead a task may be scheduled (`delay_ms`, `not_before`).
 const MAX_DELAY_MS: i64 = 365 * 86_400_000;
 
-/// Options a submitter may set; anything left out gets its default. It is
-/// flattened into request bodies, so it also catches their unknown fields.
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct OptionsRequest {
-    // Numbers are read as any JSON number so that a negative, fractional or
-    // huge value is reported with its field's name (this struct is
-    // flattened, so serde's own error could not name it).
-    priority: Option<serde_json::Number>,
-    #[serde(default)]
-    tags: BTreeMap<String, String>,
-    affinity: Option<String>,
-    timeout_ms: Option<serde_json::Number>,
-    memory_bytes: Option<serde_json::Number>,
-    max_attempts: Option<serde_json::Number>,
-    /// Start no earlier than this many ms from now.
-    delay_ms: Option<serde_json::Number>,
-    /// Start no earlier than this time (ms since the epoch).
-    not_before: Option<serde_json::Number>,
-    /// Fields nobody asked for: rejected, so a typo is not silently ignored.
-    #[serde(flatten)]
-    unknown: BTreeMap<String, Value>,
-}
-
-impl OptionsRequest {
+impl SubmitOptions {
     /// Check every field and fill in defaults.
     pub(super) fn into_options(self) -> Result<TaskOptions, AppError> {
         if let Some(field) = self.unknown.keys().next() {
@@ -164,28 +139,18 @@ pub(super) fn payload_bytes(
     }
 }
 
-/// Body of `POST /v1/tasks`.
-#[derive(Debug, Deserialize)]
-pub(super) struct SubmitRequest {
-    module: String,
-    payload: Option<Value>,
-    payload_base64: Option<String>,
-    #[serde(flatten)]
-    options: OptionsRequest,
-}
-
 /// `POST /v1/tasks`: 201 `{"id": ...}` once the task is durable.
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = TaskSubmission, responses((status = 201, description = "durably accepted", body = Created), (status = 400, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
-    ApiJson(request): ApiJson<SubmitRequest>,
-) -> Result<(StatusCode, Json<Value>), AppError> {
+    ApiJson(request): ApiJson<TaskSubmission>,
+) -> Result<(StatusCode, Json<Created>), AppError> {
     let options = request.options.into_options()?;
     let module = modules::resolve(&state, &request.module).await?;
     let payload = payload_bytes(request.payload, request.payload_base64)?;
     let id = format!("t-{}", uuid::Uuid::new_v4().simple());
     state
-        .queue
+        .work
         .submit_tasks(vec![NewTask {
             id: id.clone(),
             job_id: None,
@@ -194,7 +159,7 @@ pub(super) async fn submit(
             options,
         }])
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({"id": id}))))
+    Ok((StatusCode::CREATED, Json(Created { id })))
 }
 
 /// `GET /v1/tasks/{id}`: the record, payload, result, logs and timeline.
@@ -203,8 +168,8 @@ pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    let record = state.queue.task(&id).await?;
-    let timeline = state.queue.timeline(&id).await?;
+    let record = state.reads.task(&id).await?;
+    let timeline = state.reads.timeline(&id).await?;
     let mut value = views::task(&record, true);
     if record.state == TaskState::Running
         && let Some(progress) = state.board.as_ref().and_then(|b| b.progress_of(&id))
@@ -245,14 +210,7 @@ pub(super) async fn list(
         None => None,
     };
     let tag = match &q.tag {
-        Some(t) => Some(
-            t.split_once('=')
-                .or_else(|| t.split_once(':'))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| {
-                    AppError::bad_request("invalid_query", "tag must look like key=value")
-                })?,
-        ),
+        Some(t) => Some(parse_tag(t).map_err(|e| AppError::bad_request("invalid_query", e))?),
         None => None,
     };
     let limit = q.limit.unwrap_or(100);
@@ -263,7 +221,7 @@ pub(super) async fn list(
         ));
     }
     let page = state
-        .queue
+        .reads
         .tasks(TaskFilter {
             job: q.job,
             state: state_filter,
@@ -284,18 +242,14 @@ pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    state.queue.cancel_task(&id).await?;
+    state
+        .work
+        .control(Control::CancelTask { task: id.clone() })
+        .await?;
     Ok(Json(json!({"id": id, "cancelled": true})))
 }
 
-/// Body of `POST /v1/tasks/{id}/priority`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PriorityRequest {
-    priority: u8,
-}
-
-impl PriorityRequest {
+impl PriorityChange {
     /// The priority asked for, checked to be 0..=9.
     pub(super) fn checked(&self) -> Result<u8, AppError> {
         if self.priority > 9 {
@@ -313,9 +267,15 @@ impl PriorityRequest {
 pub(super) async fn set_priority(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    ApiJson(request): ApiJson<PriorityRequest>,
+    ApiJson(request): ApiJson<PriorityChange>,
 ) -> Result<Json<Value>, AppError> {
     let priority = request.checked()?;
-    state.queue.set_priority(&id, priority).await?;
+    state
+        .work
+        .control(Control::TaskPriority {
+            task: id.clone(),
+            priority,
+        })
+        .await?;
     Ok(Json(json!({"id": id, "priority": priority})))
 }

@@ -1,6 +1,8 @@
 //! Client commands: they talk to a running `kwq serve` over its HTTP API.
 
 use super::{CliError, parse};
+use crate::api::wire::{JobSubmission, PriorityChange, SubmitOptions, TaskSubmission, parse_tag};
+use serde_json::Number;
 use serde_json::{Map, Value, json};
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,7 +38,7 @@ pub struct TaskFlags {
     /// Priority 0..=9 (9 highest; 0 holds the task).
     #[arg(long)]
     priority: Option<u8>,
-    /// Tag as key=value; repeat for more.
+    /// Tag as key=value (or key:value); repeat for more.
     #[arg(long = "tag", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
     /// Affinity key, e.g. curve=USD.
@@ -56,43 +58,19 @@ pub struct TaskFlags {
     delay: Option<Duration>,
 }
 
-fn parse_tag(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("tag {text:?} must look like key=value"))
-}
-
 impl TaskFlags {
-    fn into_body(self) -> Map<String, Value> {
-        let mut body = Map::new();
-        body.insert("module".into(), json!(self.module));
-        let optional = [
-            ("priority", self.priority.map(|p| json!(p))),
-            ("affinity", self.affinity.map(|a| json!(a))),
-            (
-                "timeout_ms",
-                self.timeout.map(|t| json!(t.as_millis() as u64)),
-            ),
-            ("memory_bytes", self.memory.map(|m| json!(m))),
-            ("max_attempts", self.max_attempts.map(|m| json!(m))),
-            ("delay_ms", self.delay.map(|d| json!(d.as_millis() as u64))),
-        ];
-        for (name, value) in optional {
-            if let Some(value) = value {
-                body.insert(name.into(), value);
-            }
+    /// The options of a submission, as the API reads them.
+    fn options(&self) -> SubmitOptions {
+        SubmitOptions {
+            priority: self.priority.map(Number::from),
+            tags: self.tags.iter().cloned().collect(),
+            affinity: self.affinity.clone(),
+            timeout_ms: self.timeout.map(|t| Number::from(t.as_millis() as u64)),
+            memory_bytes: self.memory.map(Number::from),
+            max_attempts: self.max_attempts.map(Number::from),
+            delay_ms: self.delay.map(|d| Number::from(d.as_millis() as u64)),
+            ..SubmitOptions::default()
         }
-        if !self.tags.is_empty() {
-            body.insert(
-                "tags".into(),
-                json!(
-                    self.tags
-                        .into_iter()
-                        .collect::<std::collections::BTreeMap<_, _>>()
-                ),
-            );
-        }
-        body
     }
 }
 
@@ -214,7 +192,7 @@ impl Client {
         self.send(self.request(reqwest::Method::GET, path)).await
     }
 
-    async fn post(&self, path: &str, body: &Value) -> Result<Value, CliError> {
+    async fn post(&self, path: &str, body: &impl serde::Serialize) -> Result<Value, CliError> {
         self.send(self.request(reqwest::Method::POST, path).json(body))
             .await
     }
@@ -263,10 +241,14 @@ pub(super) fn submit(
 ) -> Result<(), CliError> {
     let client = Client::new(&connection);
     let payload = read_json_arg(&payload)?;
-    let mut body = task.into_body();
-    body.insert("payload".into(), payload);
+    let body = TaskSubmission {
+        options: task.options(),
+        module: task.module,
+        payload: Some(payload),
+        payload_base64: None,
+    };
     block_on(async move {
-        let created = client.post("/v1/tasks", &Value::Object(body)).await?;
+        let created = client.post("/v1/tasks", &body).await?;
         println!("{}", created["id"].as_str().unwrap_or_default());
         Ok(())
     })
@@ -337,21 +319,25 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
             name,
             watch,
         } => {
-            let mut body = task.into_body();
-            if let Some(name) = name {
-                body.insert("name".into(), json!(name));
-            }
+            let mut body = JobSubmission {
+                options: task.options(),
+                module: task.module,
+                name,
+                payloads: None,
+                payloads_base64: None,
+                sweep: None,
+            };
             match (payloads, sweep.is_empty()) {
-                (Some(path), _) => {
-                    body.insert("payloads".into(), Value::Array(read_payloads(&path)?));
-                }
+                (Some(path), _) => body.payloads = Some(read_payloads(&path)?),
                 (None, false) => {
                     let base = read_json_arg(&base)?;
                     let params: Map<String, Value> = sweep
                         .iter()
                         .map(|s| parse_axis(s))
                         .collect::<Result<_, _>>()?;
-                    body.insert("sweep".into(), json!({"base": base, "params": params}));
+                    let sweep = serde_json::from_value(json!({"base": base, "params": params}))
+                        .map_err(|e| CliError::usage(format!("sweep: {e}")))?;
+                    body.sweep = Some(sweep);
                 }
                 (None, true) => {
                     return Err(CliError::usage(
@@ -360,7 +346,7 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
                 }
             }
             let id = block_on(async {
-                let job = client.post("/v1/jobs", &Value::Object(body)).await?;
+                let job = client.post("/v1/jobs", &body).await?;
                 Ok(job["id"].as_str().unwrap_or_default().to_string())
             })?;
             println!("{id}");
@@ -399,7 +385,7 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
                 &client
                     .post(
                         &format!("/v1/jobs/{id}/priority"),
-                        &json!({ "priority": priority }),
+                        &PriorityChange { priority },
                     )
                     .await?,
             );

@@ -12,7 +12,7 @@ pub use registry::{ModuleRegistry, ModuleStats, RegisterError, Registered};
 pub use retry::RetryPolicy;
 
 use crate::model::{ErrorKind, TaskLimits, now_ms};
-use crate::queue::{Completion, Failure, Lease, Queue, WorkerView};
+use crate::queue::{Completion, Failure, Lease, WorkQueue, WorkerView};
 use crate::runtime::{Runtime, TaskSpec, Worker};
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,7 +83,7 @@ impl Dispatcher {
     /// Start `config.workers` workers on the current tokio runtime.
     pub fn start(
         runtime: Runtime,
-        queue: Arc<dyn Queue>,
+        queue: Arc<dyn WorkQueue>,
         config: DispatchConfig,
         host: &str,
     ) -> Self {
@@ -130,7 +130,7 @@ impl Dispatcher {
 struct WorkerContext {
     index: usize,
     id: String,
-    queue: Arc<dyn Queue>,
+    queue: Arc<dyn WorkQueue>,
     board: Arc<WorkerBoard>,
     config: DispatchConfig,
     stopping: watch::Receiver<bool>,

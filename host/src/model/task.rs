@@ -237,6 +237,25 @@ pub struct NewJob {
     pub sweep: Option<Sweep>,
 }
 
+impl NewJob {
+    /// The record of this job accepted at `now` with `total` tasks, of
+    /// which `expanded` exist as tasks already; neither paused nor cancelled.
+    pub fn record(&self, total: u64, expanded: u64, now: Millis) -> JobRecord {
+        JobRecord {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            module: self.module.clone(),
+            options: self.options.clone(),
+            total,
+            expanded,
+            paused: false,
+            cancelled: false,
+            created_at: now,
+            sweep: self.sweep.clone(),
+        }
+    }
+}
+
 /// Counts of a job's tasks per state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobCounts(pub [u64; 7]);

@@ -8,6 +8,10 @@
 
 pub mod embedded;
 pub mod kafka;
+mod open;
+pub(crate) mod scheduler;
+
+pub use open::{StoreUrl, open};
 
 use crate::model::{
     ErrorKind, Event, JobId, JobRecord, LogLine, Micros, Millis, ModuleId, ModuleKind, NewJob,
@@ -21,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 /// Why a queue operation failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     /// The named thing does not exist.
     #[error("{0} not found")]
@@ -32,9 +36,16 @@ pub enum QueueError {
     /// The lease is no longer held (it expired and the task was re-offered).
     #[error("lease on task {0} is no longer held")]
     StaleLease(TaskId),
-    /// The store failed.
-    #[error("store error: {0}")]
-    Storage(String),
+    /// The store failed: what it was doing, and the error underneath
+    /// (SQLite's, librdkafka's), kept as the source.
+    #[error("store error: {context}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+    Storage {
+        /// What the store was doing.
+        context: String,
+        /// The error underneath, if any.
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     /// The queue is shutting down.
     #[error("queue is shutting down")]
     Closed,
@@ -42,6 +53,35 @@ pub enum QueueError {
     /// error); the host retries and recovers by itself once it can.
     #[error("{0}; try again later")]
     Unavailable(String),
+}
+
+impl QueueError {
+    /// A store failure while doing `context`, caused by `source`.
+    pub fn storage(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        QueueError::Storage {
+            context: context.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// A store failure with no error underneath (a broker's refusal code).
+    pub fn storage_message(context: impl Into<String>) -> Self {
+        QueueError::Storage {
+            context: context.into(),
+            source: None,
+        }
+    }
+}
+
+/// Errors are equal when they say the same (sources compared by message).
+impl PartialEq for QueueError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
 }
 
 /// A module as the store keeps it.
@@ -210,22 +250,61 @@ pub trait CommitObserver: Send + Sync {
     fn modules_stored(&self, _modules: &[ModuleRecord]) {}
 }
 
-/// The task store, as the dispatcher and the API see it.
+/// A user's control over unfinished work, as the API sends it to the store
+/// (and a remote client could send it over the wire).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(tag = "control", rename_all = "snake_case")]
+pub enum Control {
+    /// Stop leasing a job's tasks.
+    PauseJob {
+        /// The job.
+        job: JobId,
+    },
+    /// Lease a paused job's tasks again.
+    ResumeJob {
+        /// The job.
+        job: JobId,
+    },
+    /// Cancel a job's unfinished tasks (running ones are stopped).
+    CancelJob {
+        /// The job.
+        job: JobId,
+    },
+    /// Change the priority of a job's unfinished tasks and of the sweep
+    /// points not created yet (0 holds the job: a held sweep creates no
+    /// points until raised).
+    JobPriority {
+        /// The job.
+        job: JobId,
+        /// 0..=9.
+        priority: u8,
+    },
+    /// Cancel one unfinished task.
+    CancelTask {
+        /// The task.
+        task: TaskId,
+    },
+    /// Change an unfinished task's priority (0 holds it; raising releases it).
+    TaskPriority {
+        /// The task.
+        task: TaskId,
+        /// 0..=9.
+        priority: u8,
+    },
+}
+
+/// The work side of a store, as the dispatcher (and whoever submits or
+/// controls work) uses it: accept work, lease it by priority and affinity,
+/// hear how each attempt went. Leases are plain data named by task id and
+/// token, so a remote worker can hold one over the wire.
 #[async_trait]
-pub trait Queue: Send + Sync + 'static {
+pub trait WorkQueue: Send + Sync + 'static {
     /// Store a module's bytes (idempotent by id).
     async fn put_module(
         &self,
         record: ModuleRecord,
         bytes: Vec<u8>,
     ) -> Result<ModuleRecord, QueueError>;
-    /// A module's record.
-    async fn module(&self, id: &ModuleId) -> Result<ModuleRecord, QueueError>;
-    /// Every module.
-    async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError>;
-    /// The module a name points at (names are aliases; each points at the
-    /// latest module uploaded under it), if any.
-    async fn module_named(&self, name: &str) -> Result<Option<ModuleId>, QueueError>;
     /// A module's bytes (blocking-safe: used by the runtime on a cache miss).
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>>;
 
@@ -233,6 +312,8 @@ pub trait Queue: Send + Sync + 'static {
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError>;
     /// Durably accept a job (explicit payloads or a sweep).
     async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError>;
+    /// Durably apply a user's control (pause, resume, cancel, priority).
+    async fn control(&self, control: Control) -> Result<(), QueueError>;
 
     /// Wait for the best task for this worker; `None` once the queue is closed.
     async fn lease(&self, worker: &WorkerView) -> Option<Lease>;
@@ -247,20 +328,31 @@ pub trait Queue: Send + Sync + 'static {
     /// The attempt was abandoned (shutdown, cancellation): give the task back.
     fn release(&self, lease: &Lease, cancelled: bool);
 
-    /// Stop leasing a job's tasks.
-    async fn pause_job(&self, job: &JobId) -> Result<JobRecord, QueueError>;
-    /// Lease a paused job's tasks again.
-    async fn resume_job(&self, job: &JobId) -> Result<JobRecord, QueueError>;
-    /// Cancel a job's unfinished tasks.
-    async fn cancel_job(&self, job: &JobId) -> Result<JobRecord, QueueError>;
-    /// Cancel one unfinished task.
-    async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError>;
-    /// Change an unfinished task's priority (0 holds it; raising releases it).
-    async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError>;
-    /// Change the priority of a job's unfinished tasks and of the sweep
-    /// points not created yet (0 holds the job: a held sweep creates no
-    /// points until raised).
-    async fn set_job_priority(&self, job: &JobId, priority: u8) -> Result<JobRecord, QueueError>;
+    /// Whether the store takes writes: `Err(reason)` while it fails (a
+    /// full disk); leasing stops and `/healthz` reports it meanwhile.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Stop handing out leases; wake every waiting worker.
+    fn close(&self);
+    /// Wait until everything accepted so far is durable.
+    async fn flush(&self) -> Result<(), QueueError>;
+    /// Begin taking work and events from outside (the Kafka backend's
+    /// consumers); called once statistics are attached, so none is missed.
+    fn start(&self) {}
+}
+
+/// The read side of a store, as the API and the tracker use it: records,
+/// timelines, listings, results and the live event stream.
+#[async_trait]
+pub trait ReadStore: Send + Sync + 'static {
+    /// A module's record.
+    async fn module(&self, id: &ModuleId) -> Result<ModuleRecord, QueueError>;
+    /// Every module.
+    async fn modules(&self) -> Result<Vec<ModuleRecord>, QueueError>;
+    /// The module a name points at (names are aliases; each points at the
+    /// latest module uploaded under it), if any.
+    async fn module_named(&self, name: &str) -> Result<Option<ModuleId>, QueueError>;
 
     /// One task with its full record.
     async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError>;
@@ -289,16 +381,51 @@ pub trait Queue: Send + Sync + 'static {
     fn observe(&self, observer: Arc<dyn CommitObserver>);
     /// Tasks waiting to be leased, per priority 0..=9 (including unexpanded sweep points).
     fn depth(&self) -> [u64; 10];
-    /// Whether the store takes writes: `Err(reason)` while it fails (a
-    /// full disk); leasing stops and `/healthz` reports it meanwhile.
-    fn health(&self) -> Result<(), String> {
-        Ok(())
-    }
-    /// Stop handing out leases; wake every waiting worker.
-    fn close(&self);
-    /// Wait until everything accepted so far is durable.
-    async fn flush(&self) -> Result<(), QueueError>;
-    /// Begin taking work and events from outside (the Kafka backend's
-    /// consumers); called once statistics are attached, so none is missed.
-    fn start(&self) {}
 }
+
+/// A whole store, both sides: what a backend is and what a host assembles.
+/// Its provided methods pair a control with the job record it leaves.
+#[async_trait]
+pub trait Queue: WorkQueue + ReadStore {
+    /// Pause a job; its record after.
+    async fn pause_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
+        self.control(Control::PauseJob { job: job.clone() }).await?;
+        self.job(job).await
+    }
+    /// Resume a paused job; its record after.
+    async fn resume_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
+        self.control(Control::ResumeJob { job: job.clone() })
+            .await?;
+        self.job(job).await
+    }
+    /// Cancel a job; its record after.
+    async fn cancel_job(&self, job: &JobId) -> Result<JobRecord, QueueError> {
+        self.control(Control::CancelJob { job: job.clone() })
+            .await?;
+        self.job(job).await
+    }
+    /// Change a job's priority; its record after.
+    async fn set_job_priority(&self, job: &JobId, priority: u8) -> Result<JobRecord, QueueError> {
+        self.control(Control::JobPriority {
+            job: job.clone(),
+            priority,
+        })
+        .await?;
+        self.job(job).await
+    }
+    /// Cancel one unfinished task.
+    async fn cancel_task(&self, task: &TaskId) -> Result<(), QueueError> {
+        self.control(Control::CancelTask { task: task.clone() })
+            .await
+    }
+    /// Change an unfinished task's priority.
+    async fn set_priority(&self, task: &TaskId, priority: u8) -> Result<(), QueueError> {
+        self.control(Control::TaskPriority {
+            task: task.clone(),
+            priority,
+        })
+        .await
+    }
+}
+
+impl<T: WorkQueue + ReadStore + ?Sized> Queue for T {}

@@ -8,7 +8,7 @@ mod stats;
 pub use stats::{JobStats, Overview, RunTimes, TagCounts};
 
 use crate::model::{JobCounts, JobId, ModuleId, TaskState, now_ms};
-use crate::queue::{CensusRow, CommitObserver, Committed, ModuleRecord, Queue, QueueError};
+use crate::queue::{CensusRow, CommitObserver, Committed, ModuleRecord, QueueError, ReadStore};
 use stats::Throughput;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,7 +48,7 @@ struct JobEntry {
 
 impl Tracker {
     /// A tracker rebuilt from the store and registered for its commits.
-    pub async fn attach(queue: &Arc<dyn Queue>) -> Result<Arc<Self>, QueueError> {
+    pub async fn attach(queue: &Arc<dyn ReadStore>) -> Result<Arc<Self>, QueueError> {
         let tracker = Arc::new(Tracker {
             inner: Mutex::new(Inner::default()),
         });

@@ -18,8 +18,8 @@ pub(super) struct Reader {
     pool: Arc<Mutex<Vec<Connection>>>,
 }
 
-fn storage(e: impl std::fmt::Display) -> QueueError {
-    QueueError::Storage(e.to_string())
+fn storage(e: rusqlite::Error) -> QueueError {
+    QueueError::storage("reading the store", e)
 }
 
 impl Reader {
@@ -56,7 +56,7 @@ impl Reader {
         let reader = self.clone();
         tokio::task::spawn_blocking(move || reader.with(read))
             .await
-            .map_err(storage)?
+            .map_err(|e| QueueError::storage("running a store read", e))?
     }
 }
 

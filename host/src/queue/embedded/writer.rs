@@ -11,15 +11,13 @@ use crate::model::{
     ErrorKind, Event, JobRecord, LogLine, Micros, Millis, ModuleId, NewTask, TaskState,
 };
 use rusqlite::{Connection, OptionalExtension, params};
-use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Operations per transaction at most; more wait for the next commit.
 const MAX_BATCH_OPS: usize = 50_000;
 
-/// Tags shared between a task's in-memory entry and its transitions.
-pub(crate) type Tags = Arc<BTreeMap<String, String>>;
+pub(crate) use crate::queue::scheduler::Tags;
 
 /// Whether the store takes writes. Set by the writer when a transaction
 /// fails (a full disk, an I/O error) and cleared when a retry commits; read

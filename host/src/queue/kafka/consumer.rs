@@ -4,7 +4,7 @@
 //! pauses after a rebalance, which clears them), and commits each
 //! partition up to its lowest unfinished task.
 
-use super::Shared;
+use super::Member;
 use super::offsets::Partition;
 use crate::queue::QueueError;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -21,7 +21,7 @@ const COMMIT_EVERY: Duration = Duration::from_millis(50);
 
 /// Rebalance hooks: commit and drop what is revoked, note new assignments.
 struct GroupContext {
-    shared: Arc<Shared>,
+    shared: Arc<Member>,
     reassigned: AtomicBool,
     /// The partitions revoked by the rebalance in progress.
     revoked: Mutex<Vec<Partition>>,
@@ -49,9 +49,9 @@ impl ConsumerContext for GroupContext {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
             tracing::debug!(error = %e, "a commit of task offsets failed; retrying with the next");
-            let mut sched = self.shared.sched();
+            let mut state = self.shared.state();
             for e in offsets.elements() {
-                sched
+                state
                     .progress
                     .commit_failed(&(e.topic().to_string(), e.partition()));
             }
@@ -79,7 +79,7 @@ impl ConsumerContext for GroupContext {
 }
 
 /// Start the task consumer thread.
-pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, QueueError> {
+pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, QueueError> {
     let context = GroupContext {
         shared: shared.clone(),
         reassigned: AtomicBool::new(false),
@@ -99,26 +99,26 @@ pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, 
         .set("fetch.wait.max.ms", "10")
         .set("topic.metadata.refresh.interval.ms", "10000")
         .create_with_context(context)
-        .map_err(|e| QueueError::Storage(format!("kafka consumer: {e}")))?;
+        .map_err(|e| QueueError::storage("kafka consumer", e))?;
     subscribe(&consumer, &shared)?;
     std::thread::Builder::new()
         .name("kwq-kafka-tasks".into())
         .spawn(move || run(consumer, shared))
-        .map_err(|e| QueueError::Storage(e.to_string()))
+        .map_err(|e| QueueError::storage("starting the task consumer thread", e))
 }
 
-fn subscribe(consumer: &BaseConsumer<GroupContext>, shared: &Shared) -> Result<(), QueueError> {
+fn subscribe(consumer: &BaseConsumer<GroupContext>, shared: &Member) -> Result<(), QueueError> {
     let bands = shared.topics.bands();
     let names: Vec<&str> = bands.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
-        .map_err(|e| QueueError::Storage(format!("subscribing to the task topics: {e}")))
+        .map_err(|e| QueueError::storage("subscribing to the task topics", e))
 }
 
 /// Least time between two rejoins of the group.
 const REJOIN_EVERY: Duration = Duration::from_secs(20);
 
-fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Shared>) {
+fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
     let buffer = shared.config.band_buffer.max(1) as u64;
     let mut paused: HashSet<Partition> = HashSet::new();
     let mut last_commit = Instant::now();
@@ -183,7 +183,7 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Shared>) {
 
 fn assigned_of_band(
     consumer: &BaseConsumer<GroupContext>,
-    shared: &Shared,
+    shared: &Member,
     band: u8,
 ) -> Vec<Partition> {
     let topic = shared.topics.band(band);
@@ -201,7 +201,7 @@ fn assigned_of_band(
 
 fn pause_band(
     consumer: &BaseConsumer<GroupContext>,
-    shared: &Shared,
+    shared: &Member,
     band: u8,
     paused: &mut HashSet<Partition>,
 ) {
@@ -219,7 +219,7 @@ fn pause_band(
 
 fn resume_drained(
     consumer: &BaseConsumer<GroupContext>,
-    shared: &Shared,
+    shared: &Member,
     buffer: u64,
     paused: &mut HashSet<Partition>,
 ) {
@@ -258,15 +258,15 @@ fn list_of(partitions: &[Partition]) -> TopicPartitionList {
 /// Commit every partition's progress (or only `only`'s).
 fn commit(
     consumer: &BaseConsumer<GroupContext>,
-    shared: &Shared,
+    shared: &Member,
     mode: CommitMode,
     only: Option<&[Partition]>,
 ) {
     let points = {
-        let mut sched = shared.sched();
+        let mut state = shared.state();
         match (mode, only) {
-            (CommitMode::Async, None) => sched.progress.take_commit_points(),
-            _ => sched.progress.all(),
+            (CommitMode::Async, None) => state.progress.take_commit_points(),
+            _ => state.progress.all(),
         }
     };
     let mut list = TopicPartitionList::new();

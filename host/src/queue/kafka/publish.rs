@@ -46,7 +46,7 @@ impl Publisher {
             // Java's default partitioner for keyed messages, so foreign producers agree.
             .set("partitioner", "murmur2_random")
             .create()
-            .map_err(|e| QueueError::Storage(format!("kafka producer: {e}")))?;
+            .map_err(|e| QueueError::storage("kafka producer", e))?;
         Ok(Publisher {
             producer,
             pending: Arc::default(),
@@ -89,7 +89,7 @@ impl Publisher {
     pub(crate) async fn send_all(&self, records: &[Outgoing]) -> Result<(), QueueError> {
         let deliveries: Vec<_> = records.iter().map(|r| self.send(r)).collect();
         for result in join_all(deliveries).await {
-            result.map_err(|e| QueueError::Storage(format!("kafka produce: {e}")))?;
+            result.map_err(|e| QueueError::storage_message(format!("kafka produce: {e}")))?;
         }
         Ok(())
     }

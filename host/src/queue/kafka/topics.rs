@@ -62,7 +62,7 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
     let admin: AdminClient<DefaultClientContext> = config
         .client_config()
         .create()
-        .map_err(|e| QueueError::Storage(format!("kafka admin client: {e}")))?;
+        .map_err(|e| QueueError::storage("kafka admin client", e))?;
     let replication = || TopicReplication::Fixed(config.replication);
     let bands = topics.bands();
     let (events, modules, dead) = (topics.events(), topics.modules(), topics.dead());
@@ -81,12 +81,12 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
     let results = admin
         .create_topics(&wanted, &options)
         .await
-        .map_err(|e| QueueError::Storage(format!("creating topics: {e}")))?;
+        .map_err(|e| QueueError::storage("creating topics", e))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(QueueError::Storage(format!(
+                return Err(QueueError::storage_message(format!(
                     "creating topic {topic}: {code}"
                 )));
             }

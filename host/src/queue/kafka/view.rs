@@ -4,10 +4,10 @@
 //! stored in the view with what was read), and applies what it reads in
 //! batches. Job and task controls also act on the tasks this host holds.
 
+use super::Member;
 use super::wire::{EventMessage, ModuleChunk, TaskEvent};
-use super::{Shared, remote_task};
 use crate::model::ModuleId;
-use crate::queue::embedded::ViewChange;
+use crate::queue::embedded::{Carried, RemoteTask, ViewChange};
 use crate::queue::{ModuleRecord, QueueError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -25,7 +25,7 @@ pub(super) fn change_of(event: &TaskEvent) -> ViewChange {
 }
 
 /// Act on a job or task control (here or read from another host).
-pub(super) fn apply_control(shared: &Arc<Shared>, event: &EventMessage) {
+pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
     match event {
         EventMessage::JobControl {
             job,
@@ -64,7 +64,7 @@ pub(super) fn apply_control(shared: &Arc<Shared>, event: &EventMessage) {
 }
 
 /// Start the view thread.
-pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, QueueError> {
+pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, QueueError> {
     let consumer: BaseConsumer = shared
         .config
         .client_config()
@@ -76,13 +76,13 @@ pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, 
         .set("enable.auto.offset.store", "false")
         .set("fetch.wait.max.ms", "10")
         .create()
-        .map_err(|e| QueueError::Storage(format!("kafka view consumer: {e}")))?;
+        .map_err(|e| QueueError::storage("kafka view consumer", e))?;
     let stored = shared.view.view_offsets()?;
     let mut list = TopicPartitionList::new();
     for topic in [shared.topics.events(), shared.topics.modules()] {
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(30))
-            .map_err(|e| QueueError::Storage(format!("metadata of {topic}: {e}")))?;
+            .map_err(|e| QueueError::storage(format!("metadata of {topic}"), e))?;
         let partitions = metadata
             .topics()
             .first()
@@ -93,19 +93,19 @@ pub(super) fn start(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, 
                 .get(&(topic.clone(), partition))
                 .map_or(Offset::Beginning, |next| Offset::Offset(*next));
             list.add_partition_offset(&topic, partition, offset)
-                .map_err(|e| QueueError::Storage(e.to_string()))?;
+                .map_err(|e| QueueError::storage("choosing where to read from", e))?;
         }
     }
     consumer
         .assign(&list)
-        .map_err(|e| QueueError::Storage(format!("reading the event topic: {e}")))?;
+        .map_err(|e| QueueError::storage("reading the event topic", e))?;
     std::thread::Builder::new()
         .name("kwq-kafka-view".into())
         .spawn(move || run(consumer, shared))
-        .map_err(|e| QueueError::Storage(e.to_string()))
+        .map_err(|e| QueueError::storage("starting the view thread", e))
 }
 
-fn run(consumer: BaseConsumer, shared: Arc<Shared>) {
+fn run(consumer: BaseConsumer, shared: Arc<Member>) {
     let mut modules = Assembler::default();
     let modules_topic = shared.topics.modules();
     while !shared.closed() {
@@ -213,5 +213,33 @@ impl Assembler {
             },
             bytes,
         ))
+    }
+}
+
+/// What a view stores for a task event.
+fn remote_task(event: &TaskEvent) -> RemoteTask {
+    RemoteTask {
+        task_id: event.task_id.clone(),
+        job_id: event.job_id.clone(),
+        state: event.state,
+        attempt: event.attempt,
+        at: event.at,
+        carried: Carried {
+            worker: event.worker.clone(),
+            error: event
+                .error_kind
+                .map(|k| (k, event.message.clone().unwrap_or_default())),
+            message: event.message.clone(),
+            result: event.result(),
+            logs: event.logs.clone(),
+            progress: event.progress,
+            not_before: event.not_before,
+            run_us: event.run_us(),
+            wait_us: event.wait_us(),
+        },
+        spec: match (&event.module, &event.options) {
+            (Some(module), Some(options)) => ModuleId::parse(module).map(|m| (m, options.clone())),
+            _ => None,
+        },
     }
 }

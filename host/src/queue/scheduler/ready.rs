@@ -5,8 +5,8 @@
 //! Queues hold `(id, generation)` and entries are removed lazily: a queue
 //! slot whose entry is gone, re-queued or moved is skipped when reached.
 
-use super::writer::Tags;
-use crate::model::{Millis, ModuleId};
+use super::Tags;
+use crate::model::{Millis, ModuleId, TaskOptions, TaskState};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -35,10 +35,67 @@ pub(crate) struct Entry {
     pub(crate) ready_us: crate::model::Micros,
     pub(crate) not_before: Option<Millis>,
     /// Pending, or Error while it waits for a retry (what the store says).
-    pub(crate) state: crate::model::TaskState,
+    pub(crate) state: TaskState,
 }
 
 impl Entry {
+    /// A task waiting for its first attempt since `queued_at`, as submitted
+    /// (or as read from a band topic), its payload held in memory.
+    pub(crate) fn new(
+        id: &str,
+        job: Option<Arc<str>>,
+        module: &ModuleId,
+        payload: &[u8],
+        options: &TaskOptions,
+        tags: Tags,
+        queued_at: Millis,
+    ) -> Self {
+        Entry {
+            id: Arc::from(id),
+            job,
+            module: module.clone(),
+            payload: Some(Arc::from(payload)),
+            affinity: options.affinity.as_deref().map(Arc::from),
+            priority: options.priority,
+            tags,
+            timeout_ms: options.timeout_ms,
+            memory_bytes: options.memory_bytes,
+            max_attempts: options.max_attempts,
+            attempts: 0,
+            queued_at,
+            ready_us: queued_at * 1000,
+            not_before: options.not_before,
+            state: TaskState::Pending,
+        }
+    }
+
+    /// The same entry after `attempts` attempts: a task that failed waits
+    /// in Error for its retry, one never tried (or given back) in Pending.
+    pub(crate) fn after_attempts(self, attempts: u32, failed: bool) -> Self {
+        Entry {
+            attempts,
+            state: if failed {
+                TaskState::Error
+            } else {
+                TaskState::Pending
+            },
+            ..self
+        }
+    }
+
+    /// The options this entry was submitted with (re-published on retry).
+    pub(crate) fn options(&self) -> TaskOptions {
+        TaskOptions {
+            priority: self.priority,
+            tags: (*self.tags).clone(),
+            affinity: self.affinity.as_deref().map(str::to_string),
+            timeout_ms: self.timeout_ms,
+            memory_bytes: self.memory_bytes,
+            max_attempts: self.max_attempts,
+            not_before: self.not_before,
+        }
+    }
+
     /// The lease of this entry's next attempt, for `worker`, under `token`.
     pub(crate) fn lease(
         &self,

@@ -1,0 +1,183 @@
+//! The user's controls on the embedded store ([`Control`](crate::queue::Control)):
+//! pause, resume and cancel a job, change a job's or a task's priority,
+//! cancel a task. Each is made durable before memory changes (or, for a
+//! job's priority, under the same lock as the writer's queue).
+
+use super::writer::Op;
+use super::{EmbeddedQueue, JobFlags, transition};
+use crate::model::{JobId, TaskId, TaskState, now_ms};
+use crate::queue::{Control, QueueError, ReadStore};
+use std::sync::Arc;
+
+impl EmbeddedQueue {
+    /// Apply one control, durably.
+    pub(super) async fn apply_control(&self, control: Control) -> Result<(), QueueError> {
+        match control {
+            Control::PauseJob { job } => self.pause(&job).await,
+            Control::ResumeJob { job } => self.resume(&job).await,
+            Control::CancelJob { job } => self.cancel(&job).await,
+            Control::JobPriority { job, priority } => self.reprioritise_job(&job, priority).await,
+            Control::CancelTask { task } => self.cancel_one(&task).await,
+            Control::TaskPriority { task, priority } => self.reprioritise(&task, priority).await,
+        }
+    }
+
+    async fn pause(&self, job: &JobId) -> Result<(), QueueError> {
+        self.set_paused(job, true).await?;
+        self.state().scheduler.ready.pause(Arc::from(job.as_str()));
+        Ok(())
+    }
+
+    async fn resume(&self, job: &JobId) -> Result<(), QueueError> {
+        self.set_paused(job, false).await?;
+        self.state().scheduler.ready.resume(job, now_ms());
+        self.inner.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn cancel(&self, job: &JobId) -> Result<(), QueueError> {
+        self.job_flags(job)?;
+        self.set_job_flags(
+            job,
+            JobFlags {
+                cancelled: true,
+                paused: false,
+            },
+        )
+        .await?;
+        let ops = {
+            let mut state = self.state();
+            state.sweeps.retain(|c| &*c.job != job.as_str());
+            state.scheduler.cancel_leased_job(job);
+            state
+                .scheduler
+                .ready
+                .remove_job(job)
+                .into_iter()
+                .map(|entry| {
+                    Op::Transition(Box::new(transition(
+                        &entry,
+                        Some(entry.state),
+                        TaskState::Cancelled,
+                        entry.attempts,
+                    )))
+                })
+                .collect::<Vec<_>>()
+        };
+        self.inner.writer.write(ops).await?;
+        Ok(())
+    }
+
+    async fn cancel_one(&self, task: &TaskId) -> Result<(), QueueError> {
+        let op = {
+            let mut state = self.state();
+            if state.scheduler.cancel_leased(task) {
+                return Ok(());
+            }
+            state.scheduler.ready.remove(task).map(|entry| {
+                Op::Transition(Box::new(transition(
+                    &entry,
+                    Some(entry.state),
+                    TaskState::Cancelled,
+                    entry.attempts,
+                )))
+            })
+        };
+        match op {
+            Some(op) => self.inner.writer.write(vec![op]).await,
+            None => {
+                let record = self.task(task).await?;
+                Err(QueueError::Conflict(format!(
+                    "task {task} is already {}",
+                    record.state
+                )))
+            }
+        }
+    }
+
+    async fn reprioritise(&self, task: &TaskId, priority: u8) -> Result<(), QueueError> {
+        let known = {
+            let scheduler = &mut self.state().scheduler;
+            let waiting = scheduler.ready.set_priority(task, priority, now_ms());
+            if let Some(leased) = scheduler.leased_mut(task) {
+                leased.entry.priority = priority;
+            }
+            waiting || scheduler.is_leased(task)
+        };
+        if !known {
+            let record = self.task(task).await?;
+            return Err(QueueError::Conflict(format!(
+                "task {task} is already {}",
+                record.state
+            )));
+        }
+        self.inner
+            .writer
+            .write(vec![Op::Priority(task.clone(), priority)])
+            .await?;
+        self.inner.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn reprioritise_job(&self, job: &JobId, priority: u8) -> Result<(), QueueError> {
+        let durable = {
+            let mut state = self.state();
+            let flags = state
+                .jobs
+                .get(job.as_str())
+                .copied()
+                .ok_or_else(|| QueueError::NotFound(format!("job {job}")))?;
+            if flags.cancelled {
+                return Err(QueueError::Conflict(format!("job {job} is cancelled")));
+            }
+            // Memory and the writer's queue change together, under the
+            // lock: points expanded after this carry the new priority, and
+            // their rows are written after the job's update.
+            let now = now_ms();
+            state.scheduler.ready.set_job_priority(job, priority, now);
+            state.scheduler.set_leased_job_priority(job, priority);
+            if let Some(cursor) = state.sweeps.iter_mut().find(|c| *c.job == **job) {
+                cursor.options.priority = priority;
+            }
+            let durable = self
+                .inner
+                .writer
+                .write(vec![Op::JobPriority(job.clone(), priority)]);
+            self.refill_sweeps(&mut state, now);
+            durable
+        };
+        durable.await?;
+        self.inner.wake.notify_waiters();
+        Ok(())
+    }
+
+    fn job_flags(&self, job: &JobId) -> Result<JobFlags, QueueError> {
+        self.state()
+            .jobs
+            .get(job.as_str())
+            .copied()
+            .ok_or_else(|| QueueError::NotFound(format!("job {job}")))
+    }
+
+    /// Durably pause or resume a job that is not cancelled.
+    async fn set_paused(&self, job: &JobId, paused: bool) -> Result<(), QueueError> {
+        let flags = self.job_flags(job)?;
+        if flags.cancelled {
+            return Err(QueueError::Conflict(format!("job {job} is cancelled")));
+        }
+        self.set_job_flags(job, JobFlags { paused, ..flags }).await
+    }
+
+    async fn set_job_flags(&self, job: &JobId, flags: JobFlags) -> Result<(), QueueError> {
+        self.inner
+            .writer
+            .write(vec![Op::JobFlags {
+                job: job.clone(),
+                paused: flags.paused,
+                cancelled: flags.cancelled,
+            }])
+            .await?;
+        self.state().jobs.insert(Arc::from(job.as_str()), flags);
+        Ok(())
+    }
+}

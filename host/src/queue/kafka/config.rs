@@ -1,0 +1,143 @@
+//! How a host joins a Kafka grid: the `kafka://` store URL and the
+//! librdkafka settings every client of the grid shares.
+
+use rdkafka::ClientConfig;
+use std::path::PathBuf;
+
+/// How a host joins a Kafka grid: `kafka://host:port[,host:port...][?prefix=kwq.&partitions=8&replication=3]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port,...`.
+    pub brokers: String,
+    /// Topic prefix, so several grids can share a cluster.
+    pub prefix: String,
+    /// Partitions of each priority topic (at least the number of hosts, or
+    /// some hosts get none of a band's work).
+    pub task_partitions: i32,
+    /// Partitions of the event topic.
+    pub event_partitions: i32,
+    /// Replication factor of created topics.
+    pub replication: i32,
+    /// This host's view of the grid (an embedded store file).
+    pub view_path: PathBuf,
+    /// This host's name in worker ids and the consumer group.
+    pub host: String,
+    /// Tasks read ahead per priority band before its partitions are paused.
+    pub band_buffer: usize,
+    /// Largest sweep a job may have (the submitting host writes every point).
+    pub max_sweep: u64,
+    /// Extra librdkafka settings (`?kafka.<name>=<value>` in the URL).
+    pub extra: Vec<(String, String)>,
+    /// Create absent topics at start (`?create_topics=false` where an
+    /// operator manages topics, or a broker lacks the admin API).
+    pub create_topics: bool,
+}
+
+impl KafkaConfig {
+    /// Parse a `kafka://` URL; the view path and host come from the caller.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| format!("{url:?} is not a kafka:// URL"))?;
+        let (brokers, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if brokers.is_empty() || brokers.split(',').any(|b| !b.contains(':')) {
+            return Err(format!(
+                "store URL {url:?} needs brokers as host:port[,host:port...]"
+            ));
+        }
+        let mut config = KafkaConfig {
+            brokers: brokers.to_string(),
+            ..KafkaConfig::default()
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("store URL option {pair:?} needs a value"))?;
+            let number = |v: &str| {
+                v.parse::<i32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("store URL option {name} must be a positive number"))
+            };
+            match name {
+                "prefix" => config.prefix = value.to_string(),
+                "partitions" => config.task_partitions = number(value)?,
+                "event_partitions" => config.event_partitions = number(value)?,
+                "replication" => config.replication = number(value)?,
+                "band_buffer" => config.band_buffer = number(value)? as usize,
+                "create_topics" => {
+                    config.create_topics = value.parse().map_err(|_| {
+                        "store URL option create_topics must be true or false".to_string()
+                    })?
+                }
+                _ => match name.strip_prefix("kafka.") {
+                    Some(setting) => config.extra.push((setting.into(), value.into())),
+                    None => return Err(format!("unknown store URL option {name:?}")),
+                },
+            }
+        }
+        Ok(config)
+    }
+
+    /// librdkafka settings every client of this grid shares.
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", format!("kwq-{}", self.host))
+            .set("broker.address.family", "v4");
+        for (name, value) in &self.extra {
+            config.set(name, value);
+        }
+        config
+    }
+
+    /// The consumer group every host of the grid joins.
+    pub fn group(&self) -> String {
+        format!("{}workers", self.prefix)
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            prefix: "kwq.".into(),
+            task_partitions: 4,
+            event_partitions: 4,
+            replication: 1,
+            view_path: PathBuf::from("kwq-view.db"),
+            host: "host".into(),
+            band_buffer: 1000,
+            max_sweep: 1_000_000,
+            extra: Vec::new(),
+            create_topics: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::kafka::Topics;
+
+    #[test]
+    fn kafka_urls() {
+        let c = KafkaConfig::parse(
+            "kafka://a:9092,b:9093?prefix=risk.&partitions=12&kafka.security.protocol=plaintext",
+        )
+        .unwrap();
+        assert_eq!(c.brokers, "a:9092,b:9093");
+        assert_eq!(c.prefix, "risk.");
+        assert_eq!(c.task_partitions, 12);
+        assert_eq!(
+            c.extra,
+            vec![("security.protocol".to_string(), "plaintext".to_string())]
+        );
+        assert!(KafkaConfig::parse("kafka://").is_err());
+        assert!(KafkaConfig::parse("kafka://a:1?partitions=0").is_err());
+        assert!(KafkaConfig::parse("kafka://a:1?colour=red").is_err());
+        assert_eq!(Topics::new("kwq.").priority_of("kwq.tasks.p7"), Some(7));
+        assert_eq!(Topics::new("kwq.").priority_of("kwq.events"), None);
+    }
+}
