@@ -96,3 +96,45 @@ async fn a_closed_queue_wakes_waiting_workers_with_none() {
             .unwrap()
     );
 }
+
+/// A lease is plain data: one sent over the wire and read back (as a
+/// worker on another machine would hold it) heartbeats and completes the
+/// task, and a copy with a forged token is refused.
+#[tokio::test]
+async fn a_lease_read_back_from_json_still_names_its_task_and_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = EmbeddedQueue::open(&dir.path().join("q.db"), EmbeddedConfig::default()).unwrap();
+    let task = NewTask {
+        id: "t-wire".into(),
+        job_id: None,
+        module: ModuleId::of(b"m"),
+        payload: b"{\"x\":1}".to_vec(),
+        options: TaskOptions::default(),
+    };
+    queue.submit_tasks(vec![task]).await.unwrap();
+    let lease = queue.lease(&view("remote")).await.unwrap();
+    let wire = serde_json::to_string(&lease).unwrap();
+    let held: kwq::queue::Lease = serde_json::from_str(&wire).unwrap();
+    assert_eq!(&*held.payload, b"{\"x\":1}");
+    let mut forged = held.clone();
+    forged.token += 1;
+    assert_eq!(
+        queue.heartbeat(&forged).unwrap_err(),
+        QueueError::StaleLease("t-wire".into())
+    );
+    queue.started(&held);
+    queue.heartbeat(&held).unwrap();
+    queue
+        .complete(
+            &held,
+            Completion {
+                result: b"7".to_vec(),
+                ..Completion::default()
+            },
+        )
+        .unwrap();
+    queue.flush().await.unwrap();
+    let record = queue.task(&"t-wire".to_string()).await.unwrap();
+    assert_eq!(record.state, TaskState::Completed);
+    assert_eq!(record.result.as_deref(), Some(&b"7"[..]));
+}

@@ -4,7 +4,7 @@
 use super::error::{ApiJson, ApiQuery, AppError};
 #[allow(unused_imports)]
 use super::tasks::payload_bytes;
-use super::wire::{ErrorBody, JobSubmission, PriorityChange};
+use super::wire::{ErrorBody, JobSubmission, JobView, PriorityChange};
 use super::{AppState, modules, views};
 use crate::model::NewJob;
 use crate::queue::Control;
@@ -17,11 +17,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 /// `POST /v1/jobs`: 201 with the job once it (and its explicit tasks) are durable.
-#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission, responses((status = 201, description = "the job with its counts", body = Object), (status = 400, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission, responses((status = 201, description = "the job with its counts", body = JobView), (status = 400, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<JobSubmission>,
-) -> Result<(StatusCode, Json<Value>), AppError> {
+) -> Result<(StatusCode, Json<JobView>), AppError> {
     let options = request.options.into_options()?;
     if let Some(name) = &request.name
         && (name.is_empty() || name.chars().count() > 256 || name.chars().any(char::is_control))
@@ -84,11 +84,11 @@ pub(super) async fn submit(
 }
 
 /// `GET /v1/jobs/{id}`: counts per state, progress, throughput, run times.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "counts per state, progress, throughput, run times", body = Object), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "counts per state, progress, throughput, run times", body = JobView), (status = 404, body = ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<JobView>, AppError> {
     let job = state.reads.job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))
 }
@@ -101,11 +101,11 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/jobs`: newest first.
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")), responses((status = 200, body = Vec<Object>), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")), responses((status = 200, body = Vec<JobView>), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<Vec<JobView>>, AppError> {
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
         return Err(AppError::bad_request(
@@ -114,11 +114,11 @@ pub(super) async fn list(
         ));
     }
     let jobs = state.reads.jobs(limit).await?;
-    Ok(Json(Value::Array(
+    Ok(Json(
         jobs.iter()
             .map(|j| views::job(j, &state.tracker.job(&j.id)))
             .collect(),
-    )))
+    ))
 }
 
 /// `GET /v1/jobs/{id}/results`: NDJSON, one line per completed task, in
@@ -160,32 +160,32 @@ pub(super) async fn results(
 }
 
 /// `POST /v1/jobs/{id}/pause`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/pause", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/pause", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn pause(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<JobView>, AppError> {
     control(&state, id.clone(), Control::PauseJob { job: id }).await
 }
 
 /// `POST /v1/jobs/{id}/resume`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/resume", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/resume", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn resume(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<JobView>, AppError> {
     control(&state, id.clone(), Control::ResumeJob { job: id }).await
 }
 
 /// `POST /v1/jobs/{id}/priority`: raise a held job (priority 0: a held
 /// sweep creates no points) or reorder a waiting one; its unfinished tasks
 /// and the points not yet created take the new priority.
-#[utoipa::path(post, path = "/v1/jobs/{id}/priority", tag = "jobs", params(("id" = String, Path)), request_body = PriorityChange, responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/priority", tag = "jobs", params(("id" = String, Path)), request_body = PriorityChange, responses((status = 200, body = JobView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn set_priority(
     State(state): State<AppState>,
     Path(id): Path<String>,
     ApiJson(request): ApiJson<PriorityChange>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<JobView>, AppError> {
     let priority = request.checked()?;
     control(
         &state,
@@ -196,16 +196,20 @@ pub(super) async fn set_priority(
 }
 
 /// `POST /v1/jobs/{id}/cancel`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = JobView), (status = 404, body = ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<JobView>, AppError> {
     control(&state, id.clone(), Control::CancelJob { job: id }).await
 }
 
 /// Apply a job control, then answer with the job as it is after it.
-async fn control(state: &AppState, id: String, control: Control) -> Result<Json<Value>, AppError> {
+async fn control(
+    state: &AppState,
+    id: String,
+    control: Control,
+) -> Result<Json<JobView>, AppError> {
     state.work.control(control).await?;
     let job = state.reads.job(&id).await?;
     Ok(Json(views::job(&job, &state.tracker.job(&id))))

@@ -3,7 +3,8 @@
 //! `swagger-ui-dist` files vendored in `host/assets/swagger-ui`.
 
 use super::wire::{
-    Created, ErrorBody, ErrorDetail, JobSubmission, PriorityChange, SubmitOptions, TaskSubmission,
+    Created, ErrorBody, ErrorDetail, JobSubmission, JobView, PriorityChange, SubmitOptions,
+    TaskPage, TaskSubmission, TaskView,
 };
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
@@ -89,7 +90,7 @@ pub fn document() -> serde_json::Value {
         super::system::metrics, super::system::metrics_root,
         openapi_json, docs, docs_slash, swagger_bundle, swagger_css, dashboard,
     ),
-    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
+    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, JobView, TaskView, TaskPage, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
     tags(
         (name = "modules", description = "Wasm task modules, content-addressed by SHA-256"),
         (name = "tasks", description = "Single tasks"),

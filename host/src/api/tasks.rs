@@ -2,7 +2,10 @@
 //! filters, cancel, change priority.
 
 use super::error::{ApiJson, ApiQuery, AppError};
-use super::wire::{Created, ErrorBody, PriorityChange, SubmitOptions, TaskSubmission, parse_tag};
+use super::wire::{
+    Created, ErrorBody, PriorityChange, SubmitOptions, TaskPage, TaskSubmission, TaskView,
+    parse_tag,
+};
 use super::{AppState, modules, views};
 use crate::model::{NewTask, TaskOptions, TaskState, now_ms};
 use crate::queue::{Control, TaskFilter};
@@ -163,21 +166,19 @@ pub(super) async fn submit(
 }
 
 /// `GET /v1/tasks/{id}`: the record, payload, result, logs and timeline.
-#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)), responses((status = 200, description = "record, payload, result, logs, timeline", body = Object), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)), responses((status = 200, description = "record, payload, result, logs, timeline", body = TaskView), (status = 404, body = ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
-    let record = state.reads.task(&id).await?;
+) -> Result<Json<TaskView>, AppError> {
+    let mut record = state.reads.task(&id).await?;
     let timeline = state.reads.timeline(&id).await?;
-    let mut value = views::task(&record, true);
     if record.state == TaskState::Running
         && let Some(progress) = state.board.as_ref().and_then(|b| b.progress_of(&id))
     {
-        value["progress"] = json!(progress);
+        record.progress = progress;
     }
-    value["timeline"] = Value::Array(timeline.iter().map(views::event).collect());
-    Ok(Json(value))
+    Ok(Json(views::task_detail(record, timeline)))
 }
 
 /// Query of `GET /v1/tasks`.
@@ -192,11 +193,11 @@ pub(super) struct ListQuery {
 }
 
 /// `GET /v1/tasks?job=&status=&tag=key=value&after=&limit=`: one page; `next` is the cursor.
-#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(("job" = Option<String>, Query), ("status" = Option<String>, Query, description = "Pending, Allocated, Running, Completed, Error, Dead or Cancelled"), ("tag" = Option<String>, Query, description = "key=value"), ("after" = Option<u64>, Query, description = "cursor from the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")), responses((status = 200, description = "{items, next}", body = Object), (status = 400, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(("job" = Option<String>, Query), ("status" = Option<String>, Query, description = "Pending, Allocated, Running, Completed, Error, Dead or Cancelled"), ("tag" = Option<String>, Query, description = "key=value"), ("after" = Option<u64>, Query, description = "cursor from the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 100")), responses((status = 200, description = "one page and the cursor of the next", body = TaskPage), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Json<TaskPage>, AppError> {
     let state_filter = match &q.status {
         Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
             AppError::bad_request(
@@ -230,10 +231,10 @@ pub(super) async fn list(
             limit,
         })
         .await?;
-    Ok(Json(json!({
-        "items": page.items.iter().map(|t| views::task(t, false)).collect::<Vec<_>>(),
-        "next": page.next,
-    })))
+    Ok(Json(TaskPage {
+        items: page.items.into_iter().map(views::task_summary).collect(),
+        next: page.next,
+    }))
 }
 
 /// `POST /v1/tasks/{id}/cancel`.

@@ -1,50 +1,70 @@
 //! How records look on the wire: payloads and results inline as JSON when
 //! they are JSON, base64 otherwise.
 
+use super::wire::{JobView, TaskView};
 use crate::model::{Event, JobRecord, TaskRecord, TaskState};
 use crate::tracker::JobStats;
 use base64::Engine;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
+
+/// Bytes as JSON when they are JSON, else as base64: one of the pair is set.
+pub(super) fn json_or_base64(bytes: &[u8]) -> (Option<Value>, Option<String>) {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(value) => (Some(value), None),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    }
+}
 
 /// Bytes as `{"<name>": json}` or `{"<name>_base64": "..."}`.
 pub(super) fn bytes_field(map: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(value) => {
+    match json_or_base64(bytes) {
+        (Some(value), _) => {
             map.insert(name.into(), value);
         }
-        Err(_) => {
-            map.insert(
-                format!("{name}_base64"),
-                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
-            );
+        (None, Some(text)) => {
+            map.insert(format!("{name}_base64"), Value::String(text));
         }
+        (None, None) => {}
     }
 }
 
-/// A task as the API shows it; with `full`, payload, result and logs too.
-pub(super) fn task(task: &TaskRecord, full: bool) -> Value {
-    let mut value = serde_json::to_value(task).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut value {
-        let timestamps: Map<String, Value> = task
-            .timestamps
-            .iter()
-            .map(|(state, at)| (state.as_str().to_string(), json!(at)))
-            .collect();
-        map.insert("timestamps".into(), Value::Object(timestamps));
-        if full {
-            bytes_field(map, "payload", &task.payload);
-            if let Some(result) = &task.result {
-                bytes_field(map, "result", result);
-            }
-        } else {
-            map.remove("logs");
-        }
+/// A task as a listing shows it: its record without logs.
+pub(super) fn task_summary(task: TaskRecord) -> TaskView {
+    TaskView {
+        record: TaskRecord {
+            logs: Vec::new(),
+            ..task
+        },
+        payload: None,
+        payload_base64: None,
+        result: None,
+        result_base64: None,
+        timeline: None,
     }
-    value
+}
+
+/// A task with its payload, result, logs and timeline.
+pub(super) fn task_detail(task: TaskRecord, timeline: Vec<Event>) -> TaskView {
+    let (payload, payload_base64) = json_or_base64(&task.payload);
+    let (result, result_base64) = match &task.result {
+        Some(bytes) => json_or_base64(bytes),
+        None => (None, None),
+    };
+    TaskView {
+        record: task,
+        payload,
+        payload_base64,
+        result,
+        result_base64,
+        timeline: Some(timeline),
+    }
 }
 
 /// A job with its counts, progress and timings.
-pub(super) fn job(job: &JobRecord, stats: &JobStats) -> Value {
+pub(super) fn job(job: &JobRecord, stats: &JobStats) -> JobView {
     let mut counts = stats.counts;
     // Sweep points not created yet are Pending too.
     counts.0[TaskState::Pending.index()] += job.total.saturating_sub(job.expanded);
@@ -58,30 +78,33 @@ pub(super) fn job(job: &JobRecord, stats: &JobStats) -> Value {
     } else {
         "Active"
     };
-    json!({
-        "id": job.id,
-        "name": job.name,
-        "module": job.module,
-        "state": state,
-        "total": job.total,
-        "expanded": job.expanded,
-        "paused": job.paused,
-        "cancelled": job.cancelled,
-        "created_at": job.created_at,
-        "options": job.options,
-        "sweep": job.sweep,
-        "counts": counts.by_name(),
-        "finished": finished,
-        "progress": if job.total == 0 { 1.0 } else { finished as f64 / job.total as f64 },
-        "throughput_per_s": stats.throughput_per_s,
-        "mean_run_us": stats.mean_run_us,
-        "p95_run_us": stats.p95_run_us,
-    })
-}
-
-/// An event as JSON.
-pub(super) fn event(event: &Event) -> Value {
-    serde_json::to_value(event).unwrap_or(Value::Null)
+    JobView {
+        id: job.id.clone(),
+        name: job.name.clone(),
+        module: job.module.clone(),
+        state: state.to_string(),
+        total: job.total,
+        expanded: job.expanded,
+        paused: job.paused,
+        cancelled: job.cancelled,
+        created_at: job.created_at,
+        options: job.options.clone(),
+        sweep: job.sweep.clone(),
+        counts: counts
+            .by_name()
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), n))
+            .collect(),
+        finished,
+        progress: if job.total == 0 {
+            1.0
+        } else {
+            finished as f64 / job.total as f64
+        },
+        throughput_per_s: stats.throughput_per_s,
+        mean_run_us: stats.mean_run_us,
+        p95_run_us: stats.p95_run_us,
+    }
 }
 
 /// An event as one line of JSON (what the event stream sends).

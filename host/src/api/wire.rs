@@ -138,6 +138,86 @@ pub struct PriorityChange {
     pub priority: u8,
 }
 
+/// A job as the API shows it: its record, its counts per state (sweep
+/// points not created yet count as Pending), progress and timings.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    /// `j-...`.
+    pub id: String,
+    /// A name for people.
+    pub name: Option<String>,
+    /// Module id every task runs.
+    #[schema(value_type = String)]
+    pub module: crate::model::ModuleId,
+    /// `Active`, `Paused`, `Finished` or `Cancelled`.
+    pub state: String,
+    /// Tasks in all (explicit payloads or sweep points).
+    pub total: u64,
+    /// Tasks created so far (a sweep creates its points as workers drain them).
+    pub expanded: u64,
+    /// Its tasks are not leased.
+    pub paused: bool,
+    /// Its unfinished tasks were cancelled.
+    pub cancelled: bool,
+    /// Submitted, ms since the epoch.
+    pub created_at: u64,
+    /// Options every task got.
+    #[schema(value_type = Object)]
+    pub options: crate::model::TaskOptions,
+    /// The sweep, if it is one.
+    pub sweep: Option<crate::model::Sweep>,
+    /// Tasks per state, by state name.
+    pub counts: BTreeMap<String, u64>,
+    /// Tasks Completed, Dead or Cancelled.
+    pub finished: u64,
+    /// `finished / total`, 0..=1.
+    pub progress: f64,
+    /// Tasks finished per second between its first and last finish.
+    pub throughput_per_s: f64,
+    /// Mean run time of its completed tasks, µs.
+    pub mean_run_us: f64,
+    /// 95th percentile run time, µs.
+    pub p95_run_us: u64,
+}
+
+/// A task as the API shows it: its record; with its detail (one task's
+/// page), the payload and result inline as JSON when they are JSON
+/// (`payload`, `result`), as base64 otherwise (`payload_base64`,
+/// `result_base64`), its logs, live progress and timeline.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TaskView {
+    /// The stored record (id, job, module, options, state, attempts,
+    /// worker, timestamps per state, error, progress).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub record: crate::model::TaskRecord,
+    /// The payload, when it is JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// The payload, when it is not JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// The result, when it is JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The result, when it is not JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_base64: Option<String>,
+    /// The task's events, oldest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub timeline: Option<Vec<crate::model::Event>>,
+}
+
+/// One page of `GET /v1/tasks`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TaskPage {
+    /// The tasks, without payloads, results or logs.
+    pub items: Vec<TaskView>,
+    /// Cursor of the next page (`after=`), if there may be one.
+    pub next: Option<u64>,
+}
+
 /// A tag as people type it, `key=value` (or `key:value`, as KWQ's origin
 /// wrote `currency:USD`): the one parser for `--tag` and `?tag=`. The
 /// first `=` splits; without one, the first `:`.

@@ -106,7 +106,7 @@ pub struct ModuleRecord {
 }
 
 /// What a free worker tells the queue when it asks for work.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct WorkerView {
     /// Worker id, unique on this host.
     pub id: String,
@@ -114,8 +114,10 @@ pub struct WorkerView {
     pub warm: Vec<(ModuleId, String)>,
 }
 
-/// A task leased to a worker.
-#[derive(Debug, Clone)]
+/// A task leased to a worker: plain data named by task id and token, so a
+/// worker elsewhere can hold one (it learns of a cancellation from the
+/// answer to its heartbeat; `cancelled` is the in-process shortcut).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Lease {
     /// The task.
     pub task_id: TaskId,
@@ -143,12 +145,13 @@ pub struct Lease {
     pub queued_at: Millis,
     /// Whether the task's (module, key) was warm on the worker.
     pub warm_hit: bool,
-    /// Fires when the task is cancelled while leased.
+    /// Fires when the task is cancelled while leased (in this process only).
+    #[serde(skip)]
     pub cancelled: Arc<tokio::sync::Notify>,
 }
 
 /// What a successful attempt produced.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Completion {
     /// Result bytes.
     pub result: Vec<u8>,
@@ -161,7 +164,7 @@ pub struct Completion {
 }
 
 /// What a failed attempt left behind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Failure {
     /// Why it failed.
     pub kind: ErrorKind,
