@@ -64,6 +64,23 @@ pub struct Host {
     dispatcher: Option<Dispatcher>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_http: tokio::sync::oneshot::Sender<()>,
+    /// Kept to the end of the host's life.
+    _api_runtime: ApiRuntime,
+}
+
+/// The threads the HTTP API runs on, apart from the workers': guests keep
+/// the host's own runtime threads busy (they yield only every few ms), and
+/// reads answered behind them waited tens of milliseconds. Shut down
+/// without blocking when the host goes (a runtime may not be dropped from
+/// inside another).
+struct ApiRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ApiRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Host {
@@ -130,9 +147,21 @@ impl Host {
             )
         };
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
-        let http = tokio::spawn(api::serve(listener, state, async move {
-            let _ = stopped.await;
-        }));
+        let api_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kwq-api")
+            .enable_all()
+            .build()
+            .context("starting the API's threads")?;
+        // The listener moves to the API's runtime (its own reactor).
+        let listener = listener.into_std().context("handing the listener over")?;
+        let http = api_runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            api::serve(listener, state, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
         Ok(Host {
             address,
             queue,
@@ -140,6 +169,7 @@ impl Host {
             dispatcher,
             http,
             stop_http,
+            _api_runtime: ApiRuntime(Some(api_runtime)),
         })
     }
 

@@ -66,8 +66,14 @@ pub(super) fn task_detail(task: TaskRecord, timeline: Vec<Event>) -> TaskView {
 /// A job with its counts, progress and timings.
 pub(super) fn job(job: &JobRecord, stats: &JobStats) -> JobView {
     let mut counts = stats.counts;
-    // Sweep points not created yet are Pending too.
-    counts.0[TaskState::Pending.index()] += job.total.saturating_sub(job.expanded);
+    // Sweep points not created yet wait as Pending, or, once the job is
+    // cancelled, will never run: Cancelled (without a row each).
+    let unexpanded = if job.cancelled {
+        TaskState::Cancelled
+    } else {
+        TaskState::Pending
+    };
+    counts.add(unexpanded, job.total.saturating_sub(job.expanded));
     let finished = counts.finished();
     let state = if job.cancelled {
         "Cancelled"

@@ -56,6 +56,10 @@ pub enum BenchCommand {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// One very large no-op sweep: tasks/s, RSS over time, work not yet
+    /// durable, read latency, cancel latency, counts after the cancel and
+    /// bytes per task on disk.
+    Sweep(super::bench_sweep::SweepBench),
 }
 
 /// Run a benchmark.
@@ -75,6 +79,7 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
             hosts,
             workers,
         } => super::bench_kafka::run(brokers, tasks, batch, hosts, workers),
+        BenchCommand::Sweep(bench) => super::bench_sweep::run(bench),
     }
 }
 

@@ -83,6 +83,11 @@ impl LocalGrid {
         })
     }
 
+    /// The temporary directory holding the store.
+    pub(super) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Stop everything and delete the temporary store.
     pub(super) async fn stop(self) {
         let _ = self.host.stop().await;

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_grid;
 mod bench_kafka;
+mod bench_sweep;
 mod client;
 mod local_grid;
 mod parse;

@@ -168,6 +168,12 @@ impl WorkerContext {
                 self.queue.release(&lease, false);
                 break;
             };
+            // Cancelled between its lease and now (its job was cancelled):
+            // it never starts.
+            if futures::FutureExt::now_or_never(lease.cancelled.notified()).is_some() {
+                self.queue.release(&lease, true);
+                continue;
+            }
             self.queue.started(&lease);
             self.board.begin(self.index, &lease);
             // Every line logged about the task (guest logs included) carries its fields.

@@ -274,6 +274,11 @@ impl JobCounts {
         self.0[to.index()] += 1;
     }
 
+    /// `n` more tasks in `state` (rebuilding counts from a grouped census).
+    pub fn add(&mut self, state: TaskState, n: u64) {
+        self.0[state.index()] += n;
+    }
+
     /// Tasks that will not change again.
     pub fn finished(&self) -> u64 {
         self.get(TaskState::Completed) + self.get(TaskState::Dead) + self.get(TaskState::Cancelled)

@@ -226,7 +226,10 @@ pub struct Committed {
     pub tags: Arc<BTreeMap<String, String>>,
 }
 
-/// One task's facts for rebuilding statistics after a restart.
+/// Tasks that share their facts, for rebuilding statistics after a
+/// restart: the census is grouped in the store, so rebuilding the
+/// statistics of a 50-million-task job holds a few thousand rows, not one
+/// per task.
 #[derive(Debug, Clone)]
 pub struct CensusRow {
     /// Its job.
@@ -237,8 +240,10 @@ pub struct CensusRow {
     pub tags: BTreeMap<String, String>,
     /// Its state.
     pub state: TaskState,
-    /// Run time, µs, if Completed.
+    /// Run time, µs, if Completed (to three significant digits).
     pub run_us: Option<Micros>,
+    /// How many tasks share these facts.
+    pub count: u64,
 }
 
 /// Told of every batch of events right after it is durably stored, in order.
@@ -336,6 +341,11 @@ pub trait WorkQueue: Send + Sync + 'static {
     fn health(&self) -> Result<(), String> {
         Ok(())
     }
+    /// Changes handed to the store and not yet durable: how far memory is
+    /// ahead of the store (leasing waits while it is over the bound).
+    fn undurable(&self) -> usize {
+        0
+    }
     /// Stop handing out leases; wake every waiting worker.
     fn close(&self);
     /// Wait until everything accepted so far is durable.
@@ -376,7 +386,7 @@ pub trait ReadStore: Send + Sync + 'static {
     ) -> Result<Vec<TaskResult>, QueueError>;
     /// Stored events after an offset.
     async fn events_since(&self, offset: u64, limit: usize) -> Result<Vec<Event>, QueueError>;
-    /// One row per stored task, for rebuilding statistics at start.
+    /// Stored tasks grouped by their facts, for rebuilding statistics at start.
     async fn census(&self) -> Result<Vec<CensusRow>, QueueError>;
     /// Live events, as they are stored.
     fn subscribe(&self) -> broadcast::Receiver<Event>;

@@ -35,27 +35,42 @@ pub fn install() {
     handle();
 }
 
-/// A completed (or failed) attempt's run time, per module: labelled with
-/// the module's SHA-256 (`module`, stable) and its name (`module_name`, what
-/// a dashboard legend shows; empty while this host has not learnt it).
-pub(super) fn record_run(module: &str, name: &str, run_us: u64) {
-    metrics::histogram!(
-        "kwq_task_run_seconds",
-        "module" => module.to_string(),
-        "module_name" => name.to_string()
-    )
-    .record(run_us as f64 / 1e6);
+/// One module's histograms, looked up once (not per event: the label
+/// lookup costs more than the recording, and the tracker records under its
+/// lock). Labelled with the module's SHA-256 (`module`, stable) and its
+/// name (`module_name`, what a dashboard legend shows; empty while this
+/// host has not learnt it).
+pub(super) struct ModuleHistograms {
+    run: metrics::Histogram,
+    wait: metrics::Histogram,
 }
 
-/// Time a task waited between becoming ready and being leased, per module
-/// (labelled as [`record_run`]).
-pub(super) fn record_wait(module: &str, name: &str, wait_us: u64) {
-    metrics::histogram!(
-        "kwq_task_queue_wait_seconds",
-        "module" => module.to_string(),
-        "module_name" => name.to_string()
-    )
-    .record(wait_us as f64 / 1e6);
+impl ModuleHistograms {
+    /// The histograms of `module` known as `name`.
+    pub(super) fn new(module: &str, name: &str) -> Self {
+        ModuleHistograms {
+            run: metrics::histogram!(
+                "kwq_task_run_seconds",
+                "module" => module.to_string(),
+                "module_name" => name.to_string()
+            ),
+            wait: metrics::histogram!(
+                "kwq_task_queue_wait_seconds",
+                "module" => module.to_string(),
+                "module_name" => name.to_string()
+            ),
+        }
+    }
+
+    /// A completed (or failed) attempt's run time.
+    pub(super) fn record_run(&self, run_us: u64) {
+        self.run.record(run_us as f64 / 1e6);
+    }
+
+    /// Time a task waited between becoming ready and being leased.
+    pub(super) fn record_wait(&self, wait_us: u64) {
+        self.wait.record(wait_us as f64 / 1e6);
+    }
 }
 
 /// Everything known at scrape time, beyond the tracker's own statistics.

@@ -22,8 +22,10 @@ pub struct Tracker {
 struct Inner {
     totals: JobCounts,
     jobs: HashMap<JobId, JobEntry>,
-    tags: HashMap<(String, String), JobCounts>,
-    modules: HashMap<String, ModuleEntry>,
+    /// Tag key -> value -> counts (two levels, so an event's tags are found
+    /// by reference, without copying them).
+    tags: HashMap<String, HashMap<String, JobCounts>>,
+    modules: HashMap<ModuleId, ModuleEntry>,
     throughput: Throughput,
     retries: u64,
     dead_letters: u64,
@@ -36,6 +38,8 @@ struct Inner {
 struct ModuleEntry {
     counts: JobCounts,
     run: RunTimes,
+    /// Its metric handles, made on first use (and again once its name is learnt).
+    histograms: Option<metrics::ModuleHistograms>,
 }
 
 #[derive(Default)]
@@ -68,25 +72,22 @@ impl Tracker {
     fn rebuild(&self, census: &[CensusRow]) {
         let mut inner = self.lock();
         for row in census {
-            inner.totals.transition(None, row.state);
+            let n = row.count;
+            inner.totals.add(row.state, n);
             if let Some(job) = &row.job_id {
                 let entry = inner.jobs.entry(job.clone()).or_default();
-                entry.counts.transition(None, row.state);
+                entry.counts.add(row.state, n);
                 if let Some(us) = row.run_us {
-                    entry.run.record(us);
+                    entry.run.record_n(us, n);
                 }
             }
-            for tag in &row.tags {
-                inner
-                    .tags
-                    .entry((tag.0.clone(), tag.1.clone()))
-                    .or_default()
-                    .transition(None, row.state);
+            for (key, value) in &row.tags {
+                tag_counts(&mut inner.tags, key, value).add(row.state, n);
             }
-            let module = inner.modules.entry(row.module.to_string()).or_default();
-            module.counts.transition(None, row.state);
+            let module = inner.modules.entry(row.module.clone()).or_default();
+            module.counts.add(row.state, n);
             if let Some(us) = row.run_us {
-                module.run.record(us);
+                module.run.record_n(us, n);
             }
         }
     }
@@ -143,15 +144,17 @@ impl Tracker {
             tags: inner
                 .tags
                 .iter()
-                .map(|((k, v), counts)| TagCounts {
-                    tag: format!("{k}={v}"),
-                    counts: *counts,
+                .flat_map(|(k, values)| {
+                    values.iter().map(move |(v, counts)| TagCounts {
+                        tag: format!("{k}={v}"),
+                        counts: *counts,
+                    })
                 })
                 .collect(),
             modules: inner
                 .modules
                 .iter()
-                .map(|(m, e)| (m.clone(), e.run.summary()))
+                .map(|(m, e)| (m.to_string(), e.run.summary()))
                 .collect(),
         }
     }
@@ -164,12 +167,8 @@ impl CommitObserver for Tracker {
         for c in batch {
             let (from, to) = (c.from, c.event.state);
             inner.totals.transition(from, to);
-            for tag in c.tags.iter() {
-                inner
-                    .tags
-                    .entry((tag.0.clone(), tag.1.clone()))
-                    .or_default()
-                    .transition(from, to);
+            for (key, value) in c.tags.iter() {
+                tag_counts(&mut inner.tags, key, value).transition(from, to);
             }
             match to {
                 TaskState::Completed => inner.throughput.add(now, true),
@@ -183,18 +182,21 @@ impl CommitObserver for Tracker {
                 }
                 _ => {}
             }
-            let module_id = c.module.to_string();
             let (run_us, wait_us) = (c.event.run_us, c.event.wait_us);
+            let Inner { modules, names, .. } = &mut *inner;
+            let module = modules.entry(c.module.clone()).or_default();
             if run_us.is_some() || wait_us.is_some() {
-                let name = inner.names.get(&c.module).map_or("", |n| &**n);
+                let histograms = module.histograms.get_or_insert_with(|| {
+                    let name = names.get(&c.module).map_or("", |n| &**n);
+                    metrics::ModuleHistograms::new(c.module.as_str(), name)
+                });
                 if let Some(us) = run_us {
-                    metrics::record_run(&module_id, name, us);
+                    histograms.record_run(us);
                 }
                 if let Some(us) = wait_us {
-                    metrics::record_wait(&module_id, name, us);
+                    histograms.record_wait(us);
                 }
             }
-            let module = inner.modules.entry(module_id).or_default();
             module.counts.transition(from, to);
             if to == TaskState::Completed
                 && let Some(us) = run_us
@@ -202,7 +204,10 @@ impl CommitObserver for Tracker {
                 module.run.record(us);
             }
             if let Some(job) = &c.event.job_id {
-                let entry = inner.jobs.entry(job.clone()).or_default();
+                if !inner.jobs.contains_key(job.as_str()) {
+                    inner.jobs.insert(job.clone(), JobEntry::default());
+                }
+                let entry = inner.jobs.get_mut(job.as_str()).expect("just inserted");
                 entry.counts.transition(from, to);
                 if to.is_terminal() {
                     entry.first_finish.get_or_insert(c.event.at);
@@ -224,7 +229,28 @@ impl CommitObserver for Tracker {
                 inner
                     .names
                     .insert(module.id.clone(), Arc::from(name.as_str()));
+                // Its histograms are labelled anew with the name.
+                if let Some(entry) = inner.modules.get_mut(&module.id) {
+                    entry.histograms = None;
+                }
             }
         }
     }
+}
+
+/// The counts of one tag, created on first sight (only then are its key
+/// and value copied).
+fn tag_counts<'a>(
+    tags: &'a mut HashMap<String, HashMap<String, JobCounts>>,
+    key: &str,
+    value: &str,
+) -> &'a mut JobCounts {
+    if !tags.contains_key(key) {
+        tags.insert(key.to_string(), HashMap::new());
+    }
+    let values = tags.get_mut(key).expect("just inserted");
+    if !values.contains_key(value) {
+        values.insert(value.to_string(), JobCounts::default());
+    }
+    values.get_mut(value).expect("just inserted")
 }

@@ -32,6 +32,11 @@ impl RunTimes {
         self.0.saturating_record(us.max(1));
     }
 
+    /// Add `count` run times of `us` each.
+    pub fn record_n(&mut self, us: u64, count: u64) {
+        self.0.saturating_record_n(us.max(1), count);
+    }
+
     /// Mean, µs (0 when empty).
     pub fn mean(&self) -> f64 {
         if self.0.is_empty() {

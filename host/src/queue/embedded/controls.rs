@@ -35,37 +35,50 @@ impl EmbeddedQueue {
         Ok(())
     }
 
+    /// Cancel a job at once, whatever its size: memory and the writer's
+    /// queue change together under the lock, so no task of the job is
+    /// leased after this starts; waiting tasks (at most the points created
+    /// ahead) become Cancelled, running ones are told to stop, and sweep
+    /// points never created stay uncreated (the job's view counts them as
+    /// Cancelled). Answers once all of it is durable.
     async fn cancel(&self, job: &JobId) -> Result<(), QueueError> {
-        self.job_flags(job)?;
-        self.set_job_flags(
-            job,
-            JobFlags {
-                cancelled: true,
-                paused: false,
-            },
-        )
-        .await?;
-        let ops = {
+        let durable = {
             let mut state = self.state();
+            if !state.jobs.contains_key(job.as_str()) {
+                return Err(QueueError::NotFound(format!("job {job}")));
+            }
+            state.jobs.insert(
+                Arc::from(job.as_str()),
+                JobFlags {
+                    cancelled: true,
+                    paused: false,
+                },
+            );
             state.sweeps.retain(|c| &*c.job != job.as_str());
             state.scheduler.cancel_leased_job(job);
-            state
-                .scheduler
-                .ready
-                .remove_job(job)
-                .into_iter()
-                .map(|entry| {
-                    Op::Transition(Box::new(transition(
-                        &entry,
-                        Some(entry.state),
-                        TaskState::Cancelled,
-                        entry.attempts,
-                    )))
-                })
-                .collect::<Vec<_>>()
+            let mut ops = vec![Op::JobFlags {
+                job: job.clone(),
+                paused: false,
+                cancelled: true,
+            }];
+            ops.extend(
+                state
+                    .scheduler
+                    .ready
+                    .remove_job(job)
+                    .into_iter()
+                    .map(|entry| {
+                        Op::Transition(Box::new(transition(
+                            &entry,
+                            Some(entry.state),
+                            TaskState::Cancelled,
+                            entry.attempts,
+                        )))
+                    }),
+            );
+            self.inner.writer.write(ops)
         };
-        self.inner.writer.write(ops).await?;
-        Ok(())
+        durable.await
     }
 
     async fn cancel_one(&self, task: &TaskId) -> Result<(), QueueError> {

@@ -32,6 +32,7 @@ use sweeps::SweepCursor;
 use tokio::sync::{Notify, broadcast};
 pub(crate) use view::ViewChange;
 pub(crate) use writer::{Carried, RemoteTask};
+pub use writer::{MAX_BACKLOG_BYTES, MAX_BACKLOG_OPS};
 use writer::{Op, Transition, Writer};
 
 /// Tuning of the embedded queue.
@@ -347,6 +348,19 @@ impl WorkQueue for EmbeddedQueue {
                 }
                 continue;
             }
+            // Back-pressure: while the store is a window behind, no new
+            // work is leased; a crash then re-runs at most that window.
+            let backlog = &self.inner.writer.backlog;
+            let drained = backlog.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if backlog.is_over() {
+                tokio::select! {
+                    _ = &mut drained => {}
+                    _ = &mut notified => {}
+                }
+                continue;
+            }
             let now = now_ms();
             let step = {
                 let mut state = self.state();
@@ -507,6 +521,12 @@ impl WorkQueue for EmbeddedQueue {
 
     async fn flush(&self) -> Result<(), QueueError> {
         self.inner.writer.write(Vec::new()).await
+    }
+
+    /// Operations handed to the writer and not yet durable (leasing waits
+    /// above [`MAX_BACKLOG_OPS`] of them).
+    fn undurable(&self) -> usize {
+        self.inner.writer.backlog.ops()
     }
 
     async fn control(&self, control: Control) -> Result<(), QueueError> {

@@ -9,6 +9,7 @@ use crate::model::{
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -106,13 +107,45 @@ pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, TaskRecord)
 }
 
 pub(super) fn task(conn: &Connection, id: &str) -> Result<TaskRecord, QueueError> {
-    conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
+    let mut task = conn
+        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))
         .map_err(storage)?
         .query_row(params![id], task_from_row)
         .optional()
         .map_err(storage)?
         .map(|(_, task)| task)
-        .ok_or_else(|| QueueError::NotFound(format!("task {id}")))
+        .ok_or_else(|| QueueError::NotFound(format!("task {id}")))?;
+    if task.payload.is_empty()
+        && let Some(job) = &task.job_id
+        && let Some(payload) = sweep_point(conn, job, id)?
+    {
+        task.payload = payload;
+    }
+    Ok(task)
+}
+
+/// A sweep point's payload, made again from its job's sweep: points are
+/// stored without one (it would copy the sweep's base into every row).
+/// `None` if the task is not a sweep point.
+fn sweep_point(conn: &Connection, job: &str, task: &str) -> Result<Option<Vec<u8>>, QueueError> {
+    let sweep: Option<String> = conn
+        .prepare_cached("SELECT sweep FROM jobs WHERE id = ?1")
+        .map_err(storage)?
+        .query_row(params![job], |row| row.get(0))
+        .optional()
+        .map_err(storage)?
+        .flatten();
+    let Some(sweep) = sweep.and_then(|s| serde_json::from_str::<crate::model::Sweep>(&s).ok())
+    else {
+        return Ok(None);
+    };
+    Ok(point_of(&sweep, task))
+}
+
+/// The payload of the sweep point named by task id `<job>.<index>`.
+fn point_of(sweep: &crate::model::Sweep, task: &str) -> Option<Vec<u8>> {
+    let index = task.rsplit_once('.')?.1.parse::<u64>().ok()?;
+    serde_json::to_vec(&sweep.point(index)).ok()
 }
 
 /// The SQL and arguments of one page of [`tasks`].
@@ -348,12 +381,17 @@ pub(super) fn module_bytes(conn: &Connection, id: &str) -> Result<Option<Vec<u8>
 /// Every unfinished task, for rebuilding the ready index at start.
 /// A task's payload (a waiting task may leave it on disk until leased).
 pub(super) fn payload(conn: &Connection, id: &str) -> Result<Vec<u8>, QueueError> {
-    conn.prepare_cached("SELECT payload FROM tasks WHERE id = ?1")
+    let (payload, job): (Vec<u8>, Option<String>) = conn
+        .prepare_cached("SELECT payload, job_id FROM tasks WHERE id = ?1")
         .map_err(storage)?
-        .query_row(params![id], |row| row.get(0))
+        .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()
         .map_err(storage)?
-        .ok_or_else(|| QueueError::NotFound(format!("task {id}")))
+        .ok_or_else(|| QueueError::NotFound(format!("task {id}")))?;
+    match job {
+        Some(job) if payload.is_empty() => Ok(sweep_point(conn, &job, id)?.unwrap_or(payload)),
+        _ => Ok(payload),
+    }
 }
 
 /// Every unfinished task, oldest first, for rebuilding the ready index.
@@ -369,9 +407,29 @@ pub(super) fn unfinished(
         ))
         .map_err(storage)?;
     let mut held = 0u64;
+    // Sweep points are stored without a payload: made again from their
+    // job's sweep, read once per job.
+    let mut sweeps: HashMap<String, Option<crate::model::Sweep>> = HashMap::new();
     let rows = stmt.query_map([], task_from_row).map_err(storage)?;
     rows.map(|r| {
         r.map(|(_, mut task)| {
+            if task.payload.is_empty()
+                && let Some(job) = &task.job_id
+            {
+                let sweep = sweeps.entry(job.clone()).or_insert_with(|| {
+                    conn.query_row(
+                        "SELECT sweep FROM jobs WHERE id = ?1",
+                        params![job],
+                        |row| row.get::<_, Option<String>>(0),
+                    )
+                    .ok()
+                    .flatten()
+                    .and_then(|s| serde_json::from_str(&s).ok())
+                });
+                if let Some(payload) = sweep.as_ref().and_then(|s| point_of(s, &task.id)) {
+                    task.payload = payload;
+                }
+            }
             let size = task.payload.len() as u64;
             let on_disk = held + size > held_payload_bytes;
             if on_disk {
@@ -390,9 +448,24 @@ pub(super) fn unfinished(
 pub(super) fn census(conn: &Connection) -> Result<Vec<super::super::CensusRow>, QueueError> {
     let mut stmt = conn
         .prepare(
-            "SELECT job_id, module, json_extract(options, '$.tags'), state,
-                    CASE WHEN state = 'Completed' THEN COALESCE(run_us, (completed_at - running_at) * 1000) END
-             FROM tasks",
+            // Run times to three significant digits, so the groups stay
+            // few however many tasks there are.
+            "WITH facts AS (
+                 SELECT job_id, module, json_extract(options, '$.tags') AS tags, state,
+                        CASE WHEN state = 'Completed'
+                             THEN MAX(COALESCE(run_us, (completed_at - running_at) * 1000), 0) END AS r
+                 FROM tasks)
+             SELECT job_id, module, tags, state,
+                    CASE WHEN r IS NULL THEN NULL
+                         WHEN r < 1000 THEN r
+                         WHEN r < 10000 THEN r / 10 * 10
+                         WHEN r < 100000 THEN r / 100 * 100
+                         WHEN r < 1000000 THEN r / 1000 * 1000
+                         WHEN r < 10000000 THEN r / 10000 * 10000
+                         WHEN r < 100000000 THEN r / 100000 * 100000
+                         ELSE r / 1000000 * 1000000 END AS run,
+                    COUNT(*)
+             FROM facts GROUP BY 1, 2, 3, 4, 5",
         )
         .map_err(storage)?;
     let rows = stmt
@@ -407,6 +480,7 @@ pub(super) fn census(conn: &Connection) -> Result<Vec<super::super::CensusRow>, 
                     .unwrap_or_default(),
                 state: TaskState::parse(&row.get::<_, String>(3)?).unwrap_or(TaskState::Pending),
                 run_us: row.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
+                count: row.get::<_, i64>(5)?.max(0) as u64,
             })
         })
         .map_err(storage)?;

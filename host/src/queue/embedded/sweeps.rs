@@ -86,7 +86,13 @@ impl EmbeddedQueue {
                     options: cursor.options.clone(),
                 };
                 ready.insert(entry_from_new(&task, cursor.tags.clone(), now), now);
-                tasks.push((task, cursor.tags.clone()));
+                // Stored without its payload: it is made again from the
+                // sweep when read (a 64 KiB base is not copied into every row).
+                let stored = NewTask {
+                    payload: Vec::new(),
+                    ..task
+                };
+                tasks.push((stored, cursor.tags.clone()));
             }
             cursor.next = end;
             ops.push(Op::NewTasks(tasks, now));

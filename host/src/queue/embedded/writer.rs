@@ -11,6 +11,7 @@ use crate::model::{
     ErrorKind, Event, JobRecord, LogLine, Micros, Millis, ModuleId, NewTask, TaskState,
 };
 use rusqlite::{Connection, OptionalExtension, params};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -194,11 +195,80 @@ impl Transition {
 struct Command {
     ops: Vec<Op>,
     done: Option<oneshot::Sender<Result<(), QueueError>>>,
+    /// What this command adds to the [`Backlog`] until it leaves the queue.
+    weight: Weight,
+}
+
+/// Operations and bytes one command holds in the writer's queue.
+#[derive(Debug, Clone, Copy, Default)]
+struct Weight {
+    ops: usize,
+    bytes: usize,
+}
+
+impl Weight {
+    fn of(ops: &[Op]) -> Self {
+        let bytes = ops
+            .iter()
+            .map(|op| match op {
+                Op::Transition(t) => t.carried.result.as_ref().map_or(0, Vec::len),
+                Op::NewTasks(tasks, _) => tasks.iter().map(|(t, _)| t.payload.len()).sum(),
+                Op::Module(_, bytes) => bytes.len(),
+                _ => 0,
+            })
+            .sum();
+        Weight {
+            ops: ops.len(),
+            bytes,
+        }
+    }
+}
+
+/// What the writer has been given and not yet made durable (or refused):
+/// how far the host's memory is ahead of its store. Leasing waits while it
+/// is over [`Backlog::is_over`]'s bound, so workers run only as fast as
+/// their outcomes become durable and a crash re-runs at most that window.
+#[derive(Default)]
+pub(crate) struct Backlog {
+    ops: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Told whenever a batch leaves the queue.
+    pub(crate) drained: tokio::sync::Notify,
+}
+
+/// Operations (about three per task run: Allocated, Running, the outcome)
+/// the writer may hold before leasing waits: about 4,096 tasks' worth.
+pub const MAX_BACKLOG_OPS: usize = 12_288;
+/// Result and payload bytes the writer may hold before leasing waits.
+pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
+
+impl Backlog {
+    fn add(&self, weight: Weight) {
+        self.ops.fetch_add(weight.ops, Ordering::AcqRel);
+        self.bytes.fetch_add(weight.bytes, Ordering::AcqRel);
+    }
+
+    fn remove(&self, weight: Weight) {
+        self.ops.fetch_sub(weight.ops, Ordering::AcqRel);
+        self.bytes.fetch_sub(weight.bytes, Ordering::AcqRel);
+    }
+
+    /// Operations not yet durable.
+    pub(crate) fn ops(&self) -> usize {
+        self.ops.load(Ordering::Acquire)
+    }
+
+    /// Whether the store is too far behind for more work to be leased.
+    pub(crate) fn is_over(&self) -> bool {
+        self.ops() >= MAX_BACKLOG_OPS || self.bytes.load(Ordering::Acquire) >= MAX_BACKLOG_BYTES
+    }
 }
 
 /// Handle to the writer thread.
 pub(super) struct Writer {
     tx: mpsc::UnboundedSender<Command>,
+    /// Shared with the writer thread.
+    pub(super) backlog: Arc<Backlog>,
 }
 
 impl Writer {
@@ -209,16 +279,32 @@ impl Writer {
         health: Arc<StoreHealth>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
+        let drained = backlog.clone();
         std::thread::Builder::new()
             .name("kwq-store-writer".into())
-            .spawn(move || run(conn, rx, events, observers, health))
+            .spawn(move || run(conn, rx, events, observers, health, drained))
             .expect("cannot start the store writer thread");
-        Writer { tx }
+        Writer { tx, backlog }
+    }
+
+    fn queue(&self, command: Command) -> Result<(), QueueError> {
+        let weight = command.weight;
+        self.backlog.add(weight);
+        self.tx.send(command).map_err(|_| {
+            self.backlog.remove(weight);
+            QueueError::Closed
+        })
     }
 
     /// Queue operations without waiting for them to be durable.
     pub(super) fn send(&self, ops: Vec<Op>) {
-        let _ = self.tx.send(Command { ops, done: None });
+        let weight = Weight::of(&ops);
+        let _ = self.queue(Command {
+            ops,
+            done: None,
+            weight,
+        });
     }
 
     /// Queue operations now (in order with every other send) and return a
@@ -228,12 +314,14 @@ impl Writer {
         ops: Vec<Op>,
     ) -> impl std::future::Future<Output = Result<(), QueueError>> + use<> {
         let (done, wait) = oneshot::channel();
-        let sent = self.tx.send(Command {
+        let weight = Weight::of(&ops);
+        let sent = self.queue(Command {
             ops,
             done: Some(done),
+            weight,
         });
         async move {
-            sent.map_err(|_| QueueError::Closed)?;
+            sent?;
             wait.await.map_err(|_| QueueError::Closed)?
         }
     }
@@ -258,6 +346,7 @@ fn run(
     events: broadcast::Sender<Event>,
     observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
     health: Arc<StoreHealth>,
+    backlog: Arc<Backlog>,
 ) {
     let mut pending: std::collections::VecDeque<Command> = std::collections::VecDeque::new();
     let mut backoff = RETRY_FIRST;
@@ -305,10 +394,12 @@ fn run(
                     }
                 }
                 for command in batch {
+                    backlog.remove(command.weight);
                     if let Some(done) = command.done {
                         let _ = done.send(Ok(()));
                     }
                 }
+                backlog.drained.notify_waiters();
                 for c in committed {
                     let _ = events.send(c.event);
                 }
@@ -320,6 +411,7 @@ fn run(
                 for command in batch.into_iter().rev() {
                     match command.done {
                         Some(done) => {
+                            backlog.remove(command.weight);
                             let _ = done.send(Err(QueueError::Unavailable(reason.clone())));
                         }
                         None => {
