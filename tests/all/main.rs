@@ -13,4 +13,5 @@ mod queue;
 mod readme;
 mod runtime;
 mod safety;
+mod scale;
 mod support;

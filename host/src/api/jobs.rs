@@ -4,7 +4,7 @@
 use super::error::{ApiJson, ApiQuery, AppError};
 #[allow(unused_imports)]
 use super::tasks::payload_bytes;
-use super::wire::{ErrorBody, JobSubmission, JobView, PriorityChange};
+use super::wire::{Deleted, ErrorBody, JobSubmission, JobView, PriorityChange};
 use super::{AppState, modules, views};
 use crate::model::NewJob;
 use crate::queue::Control;
@@ -202,6 +202,22 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, AppError> {
     control(&state, id.clone(), Control::CancelJob { job: id }).await
+}
+
+/// `DELETE /v1/jobs/{id}`: delete a finished or cancelled job with its
+/// tasks, results and events (their space in the store is reused); 409
+/// while any of its tasks may still run.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = Deleted), (status = 404, body = ErrorBody), (status = 409, description = "the job has unfinished tasks, or the backend keeps what its topics keep", body = ErrorBody)))]
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>, AppError> {
+    state
+        .work
+        .control(Control::DeleteJob { job: id.clone() })
+        .await?;
+    state.tracker.forget_job(&id);
+    Ok(Json(Deleted { id, deleted: true }))
 }
 
 /// Apply a job control, then answer with the job as it is after it.

@@ -24,7 +24,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -122,6 +122,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/jobs/{id}/pause"),
     ("post", "/v1/jobs/{id}/resume"),
     ("post", "/v1/jobs/{id}/cancel"),
+    ("delete", "/v1/jobs/{id}"),
     ("post", "/v1/jobs/{id}/priority"),
     ("get", "/v1/events"),
     ("get", "/v1/stats"),
@@ -156,6 +157,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/priority", post(jobs::set_priority))
+        .route("/v1/jobs/{id}", delete(jobs::delete))
         .layer(DefaultBodyLimit::max(limits.other_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let reads = Router::new()

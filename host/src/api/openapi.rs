@@ -3,8 +3,8 @@
 //! `swagger-ui-dist` files vendored in `host/assets/swagger-ui`.
 
 use super::wire::{
-    Created, ErrorBody, ErrorDetail, JobSubmission, JobView, PriorityChange, SubmitOptions,
-    TaskPage, TaskSubmission, TaskView,
+    Created, Deleted, ErrorBody, ErrorDetail, JobSubmission, JobView, PriorityChange,
+    SubmitOptions, TaskPage, TaskSubmission, TaskView,
 };
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
@@ -84,13 +84,13 @@ pub fn document() -> serde_json::Value {
         super::modules::upload, super::modules::list, super::modules::get,
         super::tasks::submit, super::tasks::list, super::tasks::get, super::tasks::cancel, super::tasks::set_priority,
         super::jobs::submit, super::jobs::list, super::jobs::get, super::jobs::results,
-        super::jobs::pause, super::jobs::resume, super::jobs::cancel, super::jobs::set_priority,
+        super::jobs::pause, super::jobs::resume, super::jobs::cancel, super::jobs::set_priority, super::jobs::delete,
         super::events::stream,
         super::system::stats, super::system::healthz, super::system::healthz_root,
         super::system::metrics, super::system::metrics_root,
         openapi_json, docs, docs_slash, swagger_bundle, swagger_css, dashboard,
     ),
-    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, JobView, TaskView, TaskPage, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
+    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, JobView, TaskView, TaskPage, Deleted, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
     tags(
         (name = "modules", description = "Wasm task modules, content-addressed by SHA-256"),
         (name = "tasks", description = "Single tasks"),

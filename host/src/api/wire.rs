@@ -218,6 +218,15 @@ pub struct TaskPage {
     pub next: Option<u64>,
 }
 
+/// What `DELETE /v1/jobs/{id}` answers.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    /// The job.
+    pub id: String,
+    /// Always true: the job, its tasks, results and events are gone.
+    pub deleted: bool,
+}
+
 /// A tag as people type it, `key=value` (or `key:value`, as KWQ's origin
 /// wrote `currency:USD`): the one parser for `--tag` and `?tag=`. The
 /// first `=` splits; without one, the first `:`.

@@ -129,6 +129,11 @@ pub enum JobCommand {
         /// Job id.
         id: String,
     },
+    /// Delete a finished or cancelled job with its tasks, results and events.
+    Delete {
+        /// Job id.
+        id: String,
+    },
     /// Change a job's priority: 1..=9 releases a held job, 0 holds it.
     Priority {
         /// Job id.
@@ -376,6 +381,14 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
             print_json(
                 &client
                     .post(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+                    .await?,
+            );
+            Ok(())
+        }),
+        JobCommand::Delete { id } => block_on(async {
+            print_json(
+                &client
+                    .send(client.request(reqwest::Method::DELETE, &format!("/v1/jobs/{id}")))
                     .await?,
             );
             Ok(())

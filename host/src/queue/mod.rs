@@ -292,6 +292,13 @@ pub enum Control {
         /// The task.
         task: TaskId,
     },
+    /// Delete a finished (or cancelled) job with its tasks, results and
+    /// events, freeing their space in the store for new work; a job with
+    /// unfinished tasks is refused.
+    DeleteJob {
+        /// The job.
+        job: JobId,
+    },
     /// Change an unfinished task's priority (0 holds it; raising releases it).
     TaskPriority {
         /// The task.

@@ -92,6 +92,20 @@ impl Tracker {
         }
     }
 
+    /// Forget a deleted job: its entry goes and its tasks leave the totals.
+    /// (Tag and module counts keep them until the next start, which counts
+    /// only what the store holds.)
+    pub fn forget_job(&self, job: &str) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.jobs.remove(job) {
+            for state in TaskState::ALL {
+                let n = entry.counts.get(state);
+                let total = &mut inner.totals.0[state.index()];
+                *total = total.saturating_sub(n);
+            }
+        }
+    }
+
     /// Counts and timings of one job, if it has any tasks yet.
     pub fn job(&self, job: &str) -> JobStats {
         let inner = self.lock();

@@ -4,10 +4,13 @@
 //! job's priority, under the same lock as the writer's queue).
 
 use super::writer::Op;
-use super::{EmbeddedQueue, JobFlags, transition};
+use super::{EmbeddedQueue, JobFlags, reader, transition};
 use crate::model::{JobId, TaskId, TaskState, now_ms};
 use crate::queue::{Control, QueueError, ReadStore};
 use std::sync::Arc;
+
+/// Tasks deleted per transaction when a job is deleted.
+const DELETE_CHUNK: usize = 10_000;
 
 impl EmbeddedQueue {
     /// Apply one control, durably.
@@ -19,7 +22,44 @@ impl EmbeddedQueue {
             Control::JobPriority { job, priority } => self.reprioritise_job(&job, priority).await,
             Control::CancelTask { task } => self.cancel_one(&task).await,
             Control::TaskPriority { task, priority } => self.reprioritise(&task, priority).await,
+            Control::DeleteJob { job } => self.delete(&job).await,
         }
+    }
+
+    /// Delete a job none of whose tasks will run again: its tasks (a chunk
+    /// per transaction), their events and results, then its record.
+    async fn delete(&self, job: &JobId) -> Result<(), QueueError> {
+        {
+            let mut state = self.state();
+            if !state.jobs.contains_key(job.as_str()) {
+                return Err(QueueError::NotFound(format!("job {job}")));
+            }
+            let unfinished = state.sweeps.iter().any(|c| *c.job == **job)
+                || state.scheduler.ready.job_waiting(job) > 0
+                || state.scheduler.has_leases_of(job);
+            if unfinished {
+                return Err(QueueError::Conflict(format!(
+                    "job {job} has unfinished tasks; cancel it first"
+                )));
+            }
+            state.jobs.remove(job.as_str());
+        }
+        let id = job.clone();
+        let tasks = self
+            .inner
+            .reader
+            .read(move |c| reader::job_task_count(c, &id))
+            .await?;
+        for _ in 0..tasks.div_ceil(DELETE_CHUNK as u64) {
+            self.inner
+                .writer
+                .write(vec![Op::DropJobTasks(job.clone(), DELETE_CHUNK)])
+                .await?;
+        }
+        self.inner
+            .writer
+            .write(vec![Op::DropJob(job.clone())])
+            .await
     }
 
     async fn pause(&self, job: &JobId) -> Result<(), QueueError> {

@@ -282,6 +282,15 @@ pub(super) fn job(conn: &Connection, id: &str) -> Result<JobRecord, QueueError> 
         .ok_or_else(|| QueueError::NotFound(format!("job {id}")))
 }
 
+/// How many tasks of a job the store holds.
+pub(super) fn job_task_count(conn: &Connection, job: &str) -> Result<u64, QueueError> {
+    conn.prepare_cached("SELECT COUNT(*) FROM tasks WHERE job_id = ?1")
+        .map_err(storage)?
+        .query_row(params![job], |row| row.get::<_, i64>(0))
+        .map(|n| n.max(0) as u64)
+        .map_err(storage)
+}
+
 pub(super) fn jobs(conn: &Connection, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
     let mut stmt = conn
         .prepare_cached(&format!(

@@ -77,6 +77,9 @@ pub(super) enum Op {
     /// Remove a job whose acceptance a crash cut short (its submitter was
     /// never told it was accepted): its record, tasks and their events.
     DropJob(String),
+    /// Delete up to this many of a job's tasks with their events (a big
+    /// job is deleted a chunk per transaction, so other writes interleave).
+    DropJobTasks(String, usize),
     /// A job's priority changed: its record and its unfinished tasks.
     JobPriority(String, u8),
     /// An event another host (or this one) published, applied if it moves
@@ -538,6 +541,20 @@ fn apply(
             } => {
                 tx.prepare_cached("UPDATE jobs SET paused = ?2, cancelled = ?3 WHERE id = ?1")?
                     .execute(params![job, paused, cancelled])?;
+            }
+            Op::DropJobTasks(job, limit) => {
+                let rows: Vec<(i64, String)> = tx
+                    .prepare_cached("SELECT seq, id FROM tasks WHERE job_id = ?1 LIMIT ?2")?
+                    .query_map(params![job, *limit as i64], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                let mut events = tx.prepare_cached("DELETE FROM events WHERE task_id = ?1")?;
+                let mut tasks = tx.prepare_cached("DELETE FROM tasks WHERE seq = ?1")?;
+                for (seq, id) in rows {
+                    events.execute(params![id])?;
+                    tasks.execute(params![seq])?;
+                }
             }
             Op::DropJob(job) => {
                 tx.prepare_cached(

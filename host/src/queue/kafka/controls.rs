@@ -19,6 +19,9 @@ impl KafkaQueue {
                 self.set_job_flags(&job, None, false, Some(priority)).await
             }
             Control::CancelTask { task } => self.task_control(&task, true, None).await,
+            Control::DeleteJob { job } => Err(QueueError::Conflict(format!(
+                "job {job} cannot be deleted on a Kafka grid: its topics keep what they keep for their retention time"
+            ))),
             Control::TaskPriority { task, priority } => {
                 self.task_control(&task, false, Some(priority)).await
             }

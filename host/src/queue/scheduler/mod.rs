@@ -220,6 +220,11 @@ impl<X> Scheduler<X> {
         }
     }
 
+    /// Whether any task of a job is leased here.
+    pub(crate) fn has_leases_of(&self, job: &str) -> bool {
+        self.leases_of(job).next().is_some()
+    }
+
     fn leases_of<'a>(&'a self, job: &'a str) -> impl Iterator<Item = &'a Leased<X>> + 'a {
         self.leases
             .values()
