@@ -30,11 +30,11 @@ use std::sync::{Arc, RwLock};
 /// Cheap to clone; every clone shares the same engine and caches.
 #[derive(Clone)]
 pub struct Runtime {
-    shared: Arc<Shared>,
+    shared: Arc<EngineAndCaches>,
 }
 
 /// What every worker of a runtime shares.
-struct Shared {
+struct EngineAndCaches {
     engine: engine::EngineHandle,
     modules: modules::ModuleCache,
     source: RwLock<Option<Arc<dyn ModuleSource>>>,
@@ -47,7 +47,7 @@ impl Runtime {
         let engine = engine::EngineHandle::new(&config)?;
         let modules = modules::ModuleCache::new(&engine, config.compiled_cache_bytes)?;
         Ok(Runtime {
-            shared: Arc::new(Shared {
+            shared: Arc::new(EngineAndCaches {
                 engine,
                 modules,
                 source: RwLock::new(None),

@@ -15,11 +15,12 @@ use std::sync::{Arc, Mutex};
 
 /// Live statistics of a host's view of the grid.
 pub struct Tracker {
-    inner: Mutex<Inner>,
+    inner: Mutex<Figures>,
 }
 
+/// Every figure the tracker keeps, behind one lock.
 #[derive(Default)]
-struct Inner {
+struct Figures {
     totals: JobCounts,
     jobs: HashMap<JobId, JobEntry>,
     /// Tag key -> value -> counts (two levels, so an event's tags are found
@@ -54,7 +55,7 @@ impl Tracker {
     /// A tracker rebuilt from the store and registered for its commits.
     pub async fn attach(queue: &Arc<dyn ReadStore>) -> Result<Arc<Self>, QueueError> {
         let tracker = Arc::new(Tracker {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Figures::default()),
         });
         // Register first so no commit is missed; the census may then count a
         // few tasks twice for a moment at start-up, which is harmless for stats.
@@ -65,7 +66,7 @@ impl Tracker {
         Ok(tracker)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Figures> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -197,7 +198,7 @@ impl CommitObserver for Tracker {
                 _ => {}
             }
             let (run_us, wait_us) = (c.event.run_us, c.event.wait_us);
-            let Inner { modules, names, .. } = &mut *inner;
+            let Figures { modules, names, .. } = &mut *inner;
             let module = modules.entry(c.module.clone()).or_default();
             if run_us.is_some() || wait_us.is_some() {
                 let histograms = module.histograms.get_or_insert_with(|| {
