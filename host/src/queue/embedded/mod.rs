@@ -4,12 +4,14 @@
 //! it, so `kill -9` loses nothing that was acknowledged.
 
 mod controls;
+mod pressure;
 mod reader;
 mod recover;
 mod schema;
 mod submit;
 mod sweeps;
 mod view;
+mod view_apply;
 mod writer;
 
 use super::scheduler::ready::{Entry, Policy};

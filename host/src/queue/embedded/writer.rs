@@ -10,52 +10,18 @@ use super::super::{CommitObserver, Committed, ModuleRecord, QueueError};
 use crate::model::{
     ErrorKind, Event, JobRecord, LogLine, Micros, Millis, ModuleId, NewTask, TaskState,
 };
-use rusqlite::{Connection, OptionalExtension, params};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use rusqlite::{Connection, params};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Operations per transaction at most; more wait for the next commit.
 const MAX_BATCH_OPS: usize = 50_000;
 
+use super::pressure::Weight;
+pub(crate) use super::pressure::{Backlog, StoreHealth};
+pub use super::pressure::{MAX_BACKLOG_BYTES, MAX_BACKLOG_OPS};
+pub(crate) use super::view_apply::RemoteTask;
 pub(crate) use crate::queue::scheduler::Tags;
-
-/// Whether the store takes writes. Set by the writer when a transaction
-/// fails (a full disk, an I/O error) and cleared when a retry commits; read
-/// by leasing (which stops while the store fails), `/healthz` and submits.
-#[derive(Default)]
-pub(crate) struct StoreHealth {
-    failing: std::sync::Mutex<Option<String>>,
-    /// Told of every change between failing and healthy.
-    pub(crate) changed: tokio::sync::Notify,
-}
-
-impl StoreHealth {
-    /// Why writes fail, if they do.
-    pub(crate) fn failing(&self) -> Option<String> {
-        self.failing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set(&self, failing: Option<String>) {
-        let mut current = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-        if current.is_some() != failing.is_some() {
-            match &failing {
-                Some(reason) => {
-                    tracing::error!(reason = %reason, "store writes fail; leasing stopped, submits refused until a retry commits")
-                }
-                None => tracing::warn!("store writes commit again; leasing resumed"),
-            }
-            *current = failing;
-            drop(current);
-            self.changed.notify_waiters();
-        } else {
-            *current = failing;
-        }
-    }
-}
 
 /// One change to the store.
 pub(super) enum Op {
@@ -83,7 +49,7 @@ pub(super) enum Op {
     /// A job's priority changed: its record and its unfinished tasks.
     JobPriority(String, u8),
     /// An event another host (or this one) published, applied if it moves
-    /// the task forward (see [`supersedes`]).
+    /// the task forward (see `view_apply::supersedes`).
     Remote(Box<RemoteTask>),
     /// A job announced on the event topic: its record and one Pending row per
     /// explicit task or sweep point, unless already known.
@@ -94,52 +60,6 @@ pub(super) enum Op {
         partition: i32,
         next: i64,
     },
-}
-
-/// A task event as a view receives it from the event topic: the transition,
-/// what the state carries, and (on the first events of a task) its definition
-/// so a view that never saw the task submitted can create its row.
-#[derive(Debug, Clone)]
-pub(crate) struct RemoteTask {
-    pub(crate) task_id: String,
-    pub(crate) job_id: Option<String>,
-    pub(crate) state: TaskState,
-    pub(crate) attempt: u32,
-    pub(crate) at: Millis,
-    pub(crate) carried: Carried,
-    /// Module and options of the task (payload not needed by a view).
-    pub(crate) spec: Option<(ModuleId, crate::model::TaskOptions)>,
-}
-
-/// Whether an event (`state`, `attempt`) moves a task that is in
-/// (`current`, `attempts`) forward. Events of one task can arrive twice (a
-/// host applies its own events at once and again when it reads them back)
-/// and out of order (a replayed attempt after a crash), so a view applies
-/// only those that move the task on: nothing leaves a final state; a final
-/// state always wins over an unfinished one; a later attempt wins; within
-/// one attempt the later state in a task's life wins.
-pub(crate) fn supersedes(
-    current: TaskState,
-    attempts: u32,
-    state: TaskState,
-    attempt: u32,
-) -> bool {
-    fn rank(state: TaskState) -> u8 {
-        match state {
-            TaskState::Pending => 0,
-            TaskState::Allocated => 1,
-            TaskState::Running => 2,
-            TaskState::Error => 3,
-            TaskState::Completed | TaskState::Dead | TaskState::Cancelled => 4,
-        }
-    }
-    if current.is_terminal() {
-        return false;
-    }
-    if state.is_terminal() || attempt > attempts {
-        return true;
-    }
-    attempt == attempts && rank(state) > rank(current)
 }
 
 /// A task entering a state.
@@ -200,71 +120,6 @@ struct Command {
     done: Option<oneshot::Sender<Result<(), QueueError>>>,
     /// What this command adds to the [`Backlog`] until it leaves the queue.
     weight: Weight,
-}
-
-/// Operations and bytes one command holds in the writer's queue.
-#[derive(Debug, Clone, Copy, Default)]
-struct Weight {
-    ops: usize,
-    bytes: usize,
-}
-
-impl Weight {
-    fn of(ops: &[Op]) -> Self {
-        let bytes = ops
-            .iter()
-            .map(|op| match op {
-                Op::Transition(t) => t.carried.result.as_ref().map_or(0, Vec::len),
-                Op::NewTasks(tasks, _) => tasks.iter().map(|(t, _)| t.payload.len()).sum(),
-                Op::Module(_, bytes) => bytes.len(),
-                _ => 0,
-            })
-            .sum();
-        Weight {
-            ops: ops.len(),
-            bytes,
-        }
-    }
-}
-
-/// What the writer has been given and not yet made durable (or refused):
-/// how far the host's memory is ahead of its store. Leasing waits while it
-/// is over [`Backlog::is_over`]'s bound, so workers run only as fast as
-/// their outcomes become durable and a crash re-runs at most that window.
-#[derive(Default)]
-pub(crate) struct Backlog {
-    ops: AtomicUsize,
-    bytes: AtomicUsize,
-    /// Told whenever a batch leaves the queue.
-    pub(crate) drained: tokio::sync::Notify,
-}
-
-/// Operations (about three per task run: Allocated, Running, the outcome)
-/// the writer may hold before leasing waits: about 4,096 tasks' worth.
-pub const MAX_BACKLOG_OPS: usize = 12_288;
-/// Result and payload bytes the writer may hold before leasing waits.
-pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
-
-impl Backlog {
-    fn add(&self, weight: Weight) {
-        self.ops.fetch_add(weight.ops, Ordering::AcqRel);
-        self.bytes.fetch_add(weight.bytes, Ordering::AcqRel);
-    }
-
-    fn remove(&self, weight: Weight) {
-        self.ops.fetch_sub(weight.ops, Ordering::AcqRel);
-        self.bytes.fetch_sub(weight.bytes, Ordering::AcqRel);
-    }
-
-    /// Operations not yet durable.
-    pub(crate) fn ops(&self) -> usize {
-        self.ops.load(Ordering::Acquire)
-    }
-
-    /// Whether the store is too far behind for more work to be leased.
-    pub(crate) fn is_over(&self) -> bool {
-        self.ops() >= MAX_BACKLOG_OPS || self.bytes.load(Ordering::Acquire) >= MAX_BACKLOG_BYTES
-    }
 }
 
 /// Handle to the writer thread.
@@ -496,10 +351,10 @@ fn apply(
             }
             Op::RemoteJob(job) => {
                 if insert_job(&tx, job)? {
-                    apply_remote_job(&tx, job, &mut committed)?;
+                    super::view_apply::apply_remote_job(&tx, job, &mut committed)?;
                 }
             }
-            Op::Remote(remote) => apply_remote(&tx, remote, &mut committed)?,
+            Op::Remote(remote) => super::view_apply::apply_remote(&tx, remote, &mut committed)?,
             Op::ViewOffset {
                 topic,
                 partition,
@@ -589,7 +444,7 @@ fn apply(
 }
 
 /// Move a task to a new state and log the event.
-fn apply_transition(
+pub(super) fn apply_transition(
     tx: &rusqlite::Transaction<'_>,
     t: &Transition,
     committed: &mut Vec<Committed>,
@@ -651,7 +506,10 @@ fn apply_transition(
 }
 
 /// Insert a job's record; false if it was already there.
-fn insert_job(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> rusqlite::Result<bool> {
+pub(super) fn insert_job(
+    tx: &rusqlite::Transaction<'_>,
+    job: &JobRecord,
+) -> rusqlite::Result<bool> {
     let inserted = tx
         .prepare_cached(
             "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at)
@@ -672,31 +530,8 @@ fn insert_job(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> rusqlite::Resu
     Ok(inserted > 0)
 }
 
-/// A view learns of a job: one Pending row per task it will have
-/// (`<job>.<index>`), so counts and listings are right before any host runs one.
-fn apply_remote_job(
-    tx: &rusqlite::Transaction<'_>,
-    job: &JobRecord,
-    committed: &mut Vec<Committed>,
-) -> rusqlite::Result<()> {
-    let tags: Tags = Arc::new(job.options.tags.clone());
-    for index in 0..job.total {
-        let task = NewTask {
-            id: format!("{}.{index}", job.id),
-            job_id: Some(job.id.clone()),
-            module: job.module.clone(),
-            payload: Vec::new(),
-            options: job.options.clone(),
-        };
-        if insert_task_row(tx, &task, job.created_at)? {
-            log_pending(tx, &task, &tags, job.created_at, committed)?;
-        }
-    }
-    Ok(())
-}
-
 /// Log a new task's Pending event (its row is inserted) and count it as new.
-fn log_pending(
+pub(super) fn log_pending(
     tx: &rusqlite::Transaction<'_>,
     task: &NewTask,
     tags: &Tags,
@@ -729,7 +564,7 @@ fn log_pending(
 }
 
 /// Insert a task's row in Pending without an event; false if it exists.
-fn insert_task_row(
+pub(super) fn insert_task_row(
     tx: &rusqlite::Transaction<'_>,
     task: &NewTask,
     at: Millis,
@@ -752,64 +587,10 @@ fn insert_task_row(
     Ok(inserted > 0)
 }
 
-/// Apply an event from the event topic if it moves its task forward.
-fn apply_remote(
+pub(super) fn insert_event(
     tx: &rusqlite::Transaction<'_>,
-    remote: &RemoteTask,
-    committed: &mut Vec<Committed>,
-) -> rusqlite::Result<()> {
-    let current: Option<(String, u32, String, String)> = tx
-        .prepare_cached("SELECT state, attempts, module, options FROM tasks WHERE id = ?1")?
-        .query_row(params![remote.task_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })
-        .optional()?;
-    let (from, module, options) = match current {
-        Some((state, attempts, module, options)) => {
-            let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
-            if !supersedes(state, attempts, remote.state, remote.attempt) {
-                return Ok(());
-            }
-            let options: crate::model::TaskOptions =
-                serde_json::from_str(&options).unwrap_or_default();
-            (
-                Some(state),
-                ModuleId::parse(&module).unwrap_or_else(|| ModuleId::of(b"")),
-                options,
-            )
-        }
-        None => {
-            // A task this view has not seen: only an event that says what it is can create it.
-            let Some((module, options)) = &remote.spec else {
-                return Ok(());
-            };
-            let task = NewTask {
-                id: remote.task_id.clone(),
-                job_id: remote.job_id.clone(),
-                module: module.clone(),
-                payload: Vec::new(),
-                options: options.clone(),
-            };
-            insert_task_row(tx, &task, remote.at)?;
-            (None, module.clone(), options.clone())
-        }
-    };
-    let mut t = Transition::new(
-        Arc::from(remote.task_id.as_str()),
-        remote.job_id.as_deref().map(Arc::from),
-        module,
-        Arc::new(options.tags),
-        from,
-        remote.state,
-        remote.attempt,
-    );
-    t.at = remote.at;
-    t.carried = remote.carried.clone();
-    apply_transition(tx, &t, committed)
-}
-
-/// Log an event; it comes back with its offset.
-fn insert_event(tx: &rusqlite::Transaction<'_>, mut event: Event) -> rusqlite::Result<Event> {
+    mut event: Event,
+) -> rusqlite::Result<Event> {
     tx.prepare_cached(
         "INSERT INTO events (task_id, job_id, state, attempt, worker, at, error_kind, message, run_us, wait_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -828,29 +609,4 @@ fn insert_event(tx: &rusqlite::Transaction<'_>, mut event: Event) -> rusqlite::R
     ])?;
     event.offset = tx.last_insert_rowid() as u64;
     Ok(event)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::supersedes;
-    use crate::model::TaskState::*;
-
-    #[test]
-    fn only_events_that_move_a_task_forward_apply() {
-        // A host reading back its own event, or a late duplicate: no change.
-        assert!(!supersedes(Running, 1, Running, 1));
-        assert!(!supersedes(Running, 1, Allocated, 1));
-        assert!(!supersedes(Error, 1, Pending, 0));
-        // Forward within an attempt, and a new attempt.
-        assert!(supersedes(Allocated, 1, Running, 1));
-        assert!(supersedes(Error, 1, Allocated, 2));
-        // A final state wins over anything unfinished, even from an older
-        // attempt (a slow host finishing a replayed task)...
-        assert!(supersedes(Running, 2, Completed, 1));
-        assert!(supersedes(Pending, 0, Cancelled, 0));
-        // ...and nothing leaves a final state.
-        assert!(!supersedes(Completed, 1, Completed, 2));
-        assert!(!supersedes(Cancelled, 0, Allocated, 1));
-        assert!(!supersedes(Dead, 3, Running, 4));
-    }
 }

@@ -1,0 +1,160 @@
+//! How the store's writer applies what a Kafka host's view reads from the
+//! event topic: task events, applied only if they move the task forward,
+//! and job announcements, which create the job's Pending rows.
+
+use super::writer::{Carried, Tags, Transition, apply_transition, insert_task_row, log_pending};
+use crate::model::{JobRecord, Millis, ModuleId, NewTask, TaskState};
+use crate::queue::Committed;
+use rusqlite::{OptionalExtension, params};
+use std::sync::Arc;
+
+/// A task event as a view receives it from the event topic: the transition,
+/// what the state carries, and (on the first events of a task) its definition
+/// so a view that never saw the task submitted can create its row.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteTask {
+    pub(crate) task_id: String,
+    pub(crate) job_id: Option<String>,
+    pub(crate) state: TaskState,
+    pub(crate) attempt: u32,
+    pub(crate) at: Millis,
+    pub(crate) carried: Carried,
+    /// Module and options of the task (payload not needed by a view).
+    pub(crate) spec: Option<(ModuleId, crate::model::TaskOptions)>,
+}
+
+/// Whether an event (`state`, `attempt`) moves a task that is in
+/// (`current`, `attempts`) forward. Events of one task can arrive twice (a
+/// host applies its own events at once and again when it reads them back)
+/// and out of order (a replayed attempt after a crash), so a view applies
+/// only those that move the task on: nothing leaves a final state; a final
+/// state always wins over an unfinished one; a later attempt wins; within
+/// one attempt the later state in a task's life wins.
+pub(crate) fn supersedes(
+    current: TaskState,
+    attempts: u32,
+    state: TaskState,
+    attempt: u32,
+) -> bool {
+    fn rank(state: TaskState) -> u8 {
+        match state {
+            TaskState::Pending => 0,
+            TaskState::Allocated => 1,
+            TaskState::Running => 2,
+            TaskState::Error => 3,
+            TaskState::Completed | TaskState::Dead | TaskState::Cancelled => 4,
+        }
+    }
+    if current.is_terminal() {
+        return false;
+    }
+    if state.is_terminal() || attempt > attempts {
+        return true;
+    }
+    attempt == attempts && rank(state) > rank(current)
+}
+
+/// A view learns of a job: one Pending row per task it will have
+/// (`<job>.<index>`), so counts and listings are right before any host runs one.
+pub(super) fn apply_remote_job(
+    tx: &rusqlite::Transaction<'_>,
+    job: &JobRecord,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    let tags: Tags = Arc::new(job.options.tags.clone());
+    for index in 0..job.total {
+        let task = NewTask {
+            id: format!("{}.{index}", job.id),
+            job_id: Some(job.id.clone()),
+            module: job.module.clone(),
+            payload: Vec::new(),
+            options: job.options.clone(),
+        };
+        if insert_task_row(tx, &task, job.created_at)? {
+            log_pending(tx, &task, &tags, job.created_at, committed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Apply an event from the event topic if it moves its task forward.
+pub(super) fn apply_remote(
+    tx: &rusqlite::Transaction<'_>,
+    remote: &RemoteTask,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    let current: Option<(String, u32, String, String)> = tx
+        .prepare_cached("SELECT state, attempts, module, options FROM tasks WHERE id = ?1")?
+        .query_row(params![remote.task_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let (from, module, options) = match current {
+        Some((state, attempts, module, options)) => {
+            let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
+            if !supersedes(state, attempts, remote.state, remote.attempt) {
+                return Ok(());
+            }
+            let options: crate::model::TaskOptions =
+                serde_json::from_str(&options).unwrap_or_default();
+            (
+                Some(state),
+                ModuleId::parse(&module).unwrap_or_else(|| ModuleId::of(b"")),
+                options,
+            )
+        }
+        None => {
+            // A task this view has not seen: only an event that says what it is can create it.
+            let Some((module, options)) = &remote.spec else {
+                return Ok(());
+            };
+            let task = NewTask {
+                id: remote.task_id.clone(),
+                job_id: remote.job_id.clone(),
+                module: module.clone(),
+                payload: Vec::new(),
+                options: options.clone(),
+            };
+            insert_task_row(tx, &task, remote.at)?;
+            (None, module.clone(), options.clone())
+        }
+    };
+    let mut t = Transition::new(
+        Arc::from(remote.task_id.as_str()),
+        remote.job_id.as_deref().map(Arc::from),
+        module,
+        Arc::new(options.tags),
+        from,
+        remote.state,
+        remote.attempt,
+    );
+    t.at = remote.at;
+    t.carried = remote.carried.clone();
+    apply_transition(tx, &t, committed)
+}
+
+/// Log an event; it comes back with its offset.
+#[cfg(test)]
+mod tests {
+    use super::supersedes;
+    use crate::model::TaskState::*;
+
+    #[test]
+    fn only_events_that_move_a_task_forward_apply() {
+        // A host reading back its own event, or a late duplicate: no change.
+        assert!(!supersedes(Running, 1, Running, 1));
+        assert!(!supersedes(Running, 1, Allocated, 1));
+        assert!(!supersedes(Error, 1, Pending, 0));
+        // Forward within an attempt, and a new attempt.
+        assert!(supersedes(Allocated, 1, Running, 1));
+        assert!(supersedes(Error, 1, Allocated, 2));
+        // A final state wins over anything unfinished, even from an older
+        // attempt (a slow host finishing a replayed task)...
+        assert!(supersedes(Running, 2, Completed, 1));
+        assert!(supersedes(Pending, 0, Cancelled, 0));
+        // ...and nothing leaves a final state.
+        assert!(!supersedes(Completed, 1, Completed, 2));
+        assert!(!supersedes(Cancelled, 0, Allocated, 1));
+        assert!(!supersedes(Dead, 3, Running, 4));
+    }
+}
