@@ -30,9 +30,30 @@ fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Make sure the recorder exists before the first event is recorded.
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Make sure the recorder exists before the first event is recorded, and
+/// keep it bounded: the exporter holds every histogram sample recorded
+/// since the last fold into buckets (a scrape folds them too), so a host
+/// nobody scrapes grew by two samples per task run until this thread
+/// folded them on a timer.
 pub fn install() {
+    static UPKEEP: OnceLock<()> = OnceLock::new();
     handle();
+    UPKEEP.get_or_init(|| {
+        let started = std::thread::Builder::new()
+            .name("kwq-metrics-upkeep".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    handle().run_upkeep();
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start folding metric samples; they are folded at each scrape only");
+        }
+    });
 }
 
 /// One module's histograms, looked up once (not per event: the label
