@@ -80,8 +80,8 @@ pub(crate) struct Backlog {
 }
 
 /// Operations (about three per task run: Allocated, Running, the outcome)
-/// the writer may hold before leasing waits: about 4,096 tasks' worth.
-pub const MAX_BACKLOG_OPS: usize = 12_288;
+/// the writer may hold before leasing waits: about 2,048 tasks' worth (halving it from 12,288 cost no throughput).
+pub const MAX_BACKLOG_OPS: usize = 6_144;
 /// Result and payload bytes the writer may hold before leasing waits.
 pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
 
