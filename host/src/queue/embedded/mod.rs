@@ -46,7 +46,9 @@ pub struct EmbeddedConfig {
     pub affinity_window: Duration,
     /// A lease not renewed within this time is re-offered.
     pub lease_ttl: Duration,
-    /// Sweep points created per expansion step.
+    /// Sweep points created per expansion step (2,048 by default: few
+    /// enough that cancelling a sweep writes its waiting points in tens of
+    /// milliseconds, enough that refills are rare next to the runs).
     pub sweep_chunk: u64,
     /// Payload bytes waiting tasks may hold in memory; beyond it a stored
     /// task's payload stays on disk until the task is leased.
@@ -59,7 +61,7 @@ impl Default for EmbeddedConfig {
             aging: Duration::from_secs(30),
             affinity_window: Duration::from_millis(500),
             lease_ttl: Duration::from_secs(30),
-            sweep_chunk: 4096,
+            sweep_chunk: 2048,
             held_payload_bytes: 128 << 20,
         }
     }
