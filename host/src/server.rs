@@ -7,6 +7,7 @@ use crate::dispatch::{Dispatcher, ModuleRegistry};
 use crate::examples;
 use crate::model::ModuleId;
 use crate::queue::embedded::EmbeddedConfig;
+use crate::queue::remote::{Hub, HubConfig, RemoteQueue};
 use crate::queue::{Queue, ReadStore, WorkQueue};
 use crate::runtime::{ModuleSource, Runtime, RuntimeConfig};
 use anyhow::Context;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 // (the CLI) depend on the composition root, not on the parts it assembles.
 pub use crate::dispatch::DispatchConfig;
 pub use crate::queue::StoreUrl;
+pub use crate::queue::remote::RemoteConfig;
 pub use crate::tracker::Tracker;
 
 /// Everything `kwq serve` can be told.
@@ -42,6 +44,27 @@ pub struct ServerConfig {
     pub host: String,
     /// The `Host` names the API answers to.
     pub allowed_hosts: api::AllowedHosts,
+    /// The worker protocol: its token and lease time.
+    pub remote: RemoteWorkers,
+}
+
+/// How this host serves worker machines (`/v1/workers`).
+#[derive(Debug, Clone)]
+pub struct RemoteWorkers {
+    /// Bearer token workers must send (`--worker-token`); without one,
+    /// workers send the submitters' `--token`, if that is set.
+    pub token: Option<String>,
+    /// A remote lease not renewed for this long goes to another worker.
+    pub lease_ttl: std::time::Duration,
+}
+
+impl Default for RemoteWorkers {
+    fn default() -> Self {
+        RemoteWorkers {
+            token: None,
+            lease_ttl: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 /// The runtime fetches module bytes it has not compiled from the store.
@@ -134,7 +157,18 @@ impl Host {
                 &config.host,
             )
         });
+        let retry = config.dispatch.retry;
+        let hub = Hub::new(
+            queue.clone(),
+            HubConfig {
+                lease_ttl: config.remote.lease_ttl,
+                retry_delay: Arc::new(move |attempt| retry.delay(attempt)),
+            },
+        );
+        hub.start_reaper();
         let state = AppState {
+            hub,
+            worker_token: config.remote.token.clone(),
             board: dispatcher.as_ref().map(Dispatcher::board),
             token: config.token.clone(),
             token_reads: config.token_reads,
@@ -199,6 +233,54 @@ impl Host {
         self.queue.close();
         self.queue.flush().await.context("flushing the store")?;
         served.context("serving HTTP")
+    }
+}
+
+/// Everything `kwq worker` can be told.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The scheduler host and this worker's name and slots.
+    pub remote: RemoteConfig,
+    /// Runtime settings (compile cache, memory, fuel).
+    pub runtime: RuntimeConfig,
+    /// Worker pool settings (`workers` is the slots).
+    pub dispatch: DispatchConfig,
+}
+
+/// A worker machine: the dispatcher and Wasm runtime of a host, leasing
+/// from a scheduler host over the worker protocol instead of a store here.
+pub struct WorkerHost {
+    queue: RemoteQueue,
+    dispatcher: Dispatcher,
+}
+
+impl WorkerHost {
+    /// Register with the scheduler host and start the workers. A host that
+    /// refuses (a wrong token) is an error; one not up yet is retried.
+    pub async fn start(config: WorkerConfig) -> anyhow::Result<WorkerHost> {
+        let queue = RemoteQueue::connect(config.remote.clone())
+            .await
+            .with_context(|| format!("registering with {}", config.remote.server))?;
+        let runtime = Runtime::new(config.runtime).context("starting the Wasm runtime")?;
+        let work: Arc<dyn WorkQueue> = Arc::new(queue.clone());
+        runtime.set_module_source(Arc::new(StoreModules(work.clone())));
+        let dispatcher = Dispatcher::start(runtime, work, config.dispatch, &config.remote.name);
+        Ok(WorkerHost { queue, dispatcher })
+    }
+
+    /// This worker's id on the scheduler host, once registered.
+    pub fn worker_id(&self) -> Option<String> {
+        self.queue.worker_id()
+    }
+
+    /// Stop: let running tasks finish within the grace period (or give
+    /// them back), deliver every outcome, and deregister.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.dispatcher.stop().await;
+        self.queue.close();
+        let flushed = self.queue.flush().await;
+        self.queue.deregister().await;
+        flushed.context("delivering the last outcomes")
     }
 }
 

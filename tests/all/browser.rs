@@ -146,6 +146,7 @@ async fn start_host(token: Option<&str>, token_reads: bool) -> TestHost {
         limits: Default::default(),
         host: "browser".into(),
         allowed_hosts: kwq::api::AllowedHosts::for_listener(listener.local_addr().unwrap(), &[]),
+        remote: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(kwq::server::run(config, listener, async move {

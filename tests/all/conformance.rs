@@ -164,6 +164,7 @@ pub(crate) fn worker(id: &str, warm: &[&str]) -> WorkerView {
     WorkerView {
         id: id.into(),
         warm: warm.iter().map(|k| (module(), k.to_string())).collect(),
+        pool: None,
     }
 }
 

@@ -10,6 +10,7 @@ fn view(id: &str) -> WorkerView {
     WorkerView {
         id: id.into(),
         warm: Vec::new(),
+        pool: None,
     }
 }
 

@@ -311,6 +311,7 @@ async fn sweep_bases_are_capped_and_expansion_ahead_is_bounded_in_bytes() {
     let view = kwq::queue::WorkerView {
         id: "w".into(),
         warm: Vec::new(),
+        pool: None,
     };
     for _ in 0..3 {
         let leased =
@@ -471,6 +472,7 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
     let view = |id: &str| WorkerView {
         id: id.into(),
         warm: Vec::new(),
+        pool: None,
     };
     let first = queue.lease(&view("w1")).await.unwrap();
     queue.started(&first);
@@ -797,6 +799,7 @@ async fn waiting_payloads_beyond_the_cap_stay_on_disk_and_come_back_intact() {
     let view = kwq::queue::WorkerView {
         id: "w".into(),
         warm: Vec::new(),
+        pool: None,
     };
     // Half now; the rest after a restart.
     for _ in 0..50 {

@@ -11,13 +11,15 @@ pub mod openapi;
 mod system;
 mod tasks;
 mod views;
+mod workers;
 pub mod wire;
 
 pub use error::AppError;
 pub use events::EventFeed;
 pub use guard::AllowedHosts;
 
-use crate::dispatch::WorkerBoard;
+use crate::dispatch::{RetryPolicy, WorkerBoard};
+use crate::queue::remote::{Hub, HubConfig};
 use crate::queue::{Queue, ReadStore, WorkQueue};
 use crate::tracker::Tracker;
 use axum::Router;
@@ -77,6 +79,10 @@ pub struct AppState {
     pub allowed_hosts: AllowedHosts,
     /// Stored events, serialised once for every `/v1/events` client.
     pub events: EventFeed,
+    /// Remote workers and their leases (the worker protocol).
+    pub hub: Arc<Hub>,
+    /// Bearer token the worker protocol needs, if set (else `token`, if set).
+    pub worker_token: Option<String>,
 }
 
 impl AppState {
@@ -89,7 +95,19 @@ impl AppState {
         tracker: Arc<Tracker>,
         allowed_hosts: AllowedHosts,
     ) -> Self {
+        let hub = Hub::new(
+            queue.clone(),
+            HubConfig {
+                lease_ttl: std::time::Duration::from_secs(30),
+                retry_delay: Arc::new(|attempt| RetryPolicy::default().delay(attempt)),
+            },
+        );
+        if tokio::runtime::Handle::try_current().is_ok() {
+            hub.start_reaper();
+        }
         AppState {
+            hub,
+            worker_token: None,
             work: queue.clone(),
             reads: queue,
             modules,
@@ -136,6 +154,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/docs/swagger-ui-bundle.js"),
     ("get", "/docs/swagger-ui.css"),
     ("get", "/"),
+    ("post", "/v1/workers"),
+    ("get", "/v1/workers"),
+    ("delete", "/v1/workers/{id}"),
+    ("post", "/v1/workers/{id}/lease"),
+    ("post", "/v1/workers/{id}/heartbeat"),
+    ("post", "/v1/workers/{id}/report"),
+    ("get", "/v1/workers/modules/{id}"),
 ];
 
 /// The router with every endpoint.
@@ -160,7 +185,23 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}", delete(jobs::delete))
         .layer(DefaultBodyLimit::max(limits.other_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let workers = Router::new()
+        .route("/v1/workers", post(workers::register))
+        .route("/v1/workers/{id}", delete(workers::deregister))
+        .route("/v1/workers/{id}/lease", post(workers::lease))
+        .route("/v1/workers/{id}/heartbeat", post(workers::heartbeat))
+        .route(
+            "/v1/workers/{id}/report",
+            post(workers::report).layer(DefaultBodyLimit::max(limits.job_bytes)),
+        )
+        .route("/v1/workers/modules/{id}", get(workers::module_bytes))
+        .layer(DefaultBodyLimit::max(limits.other_bytes))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_worker_token,
+        ));
     let reads = Router::new()
+        .route("/v1/workers", get(workers::list))
         .route("/v1/modules", get(modules::list))
         .route("/v1/modules/{id}", get(modules::get))
         .route("/v1/tasks", get(tasks::list))
@@ -186,6 +227,7 @@ pub fn app(state: AppState) -> Router {
         .route("/docs/swagger-ui.css", get(openapi::swagger_css))
         .route("/healthz", get(system::healthz_root));
     writes
+        .merge(workers)
         .merge(reads)
         .merge(open)
         .fallback(system::not_found)
@@ -206,6 +248,18 @@ async fn require_read_token(
     Ok(next.run(request).await)
 }
 
+/// Reject worker-protocol requests without the worker token (or, when no
+/// worker token is set, the submitters' token, if that is set).
+async fn require_worker_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    let wanted = state.worker_token.as_ref().or(state.token.as_ref());
+    check_bearer(wanted.map(String::as_str), &request)?;
+    Ok(next.run(request).await)
+}
+
 /// Reject writes without the configured bearer token.
 async fn require_token(
     State(state): State<AppState>,
@@ -218,7 +272,12 @@ async fn require_token(
 
 /// Whether the request carries the configured token (if one is set).
 fn check_token(state: &AppState, request: &Request) -> Result<(), AppError> {
-    if let Some(token) = &state.token {
+    check_bearer(state.token.as_deref(), request)
+}
+
+/// Whether the request carries `token` as its bearer token (if one is wanted).
+fn check_bearer(token: Option<&str>, request: &Request) -> Result<(), AppError> {
+    if let Some(token) = token {
         let given = request
             .headers()
             .get(axum::http::header::AUTHORIZATION)
@@ -241,7 +300,9 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    // Peer addresses are kept for the workers table (where each worker is).
+    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
 }

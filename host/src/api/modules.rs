@@ -48,7 +48,7 @@ pub(super) async fn upload(
 }
 
 /// A module name: 1 to 128 characters, no control characters, and not 64
-/// hex digits (that would read as a module id).
+/// hex digits (that would read as a module id), nor `external:…`.
 fn check_name(name: &str) -> Result<(), AppError> {
     let why = if name.is_empty() || name.chars().count() > 128 {
         "must be 1 to 128 characters"
@@ -56,6 +56,8 @@ fn check_name(name: &str) -> Result<(), AppError> {
         "must not contain control characters"
     } else if ModuleId::parse(name).is_some() {
         "must not be 64 hex digits (that is how module ids look)"
+    } else if name.starts_with(ModuleId::EXTERNAL_PREFIX) {
+        "must not start with `external:` (that names tasks for external workers)"
     } else {
         return Ok(());
     };
@@ -81,8 +83,17 @@ pub(super) async fn get(
 }
 
 /// A module named by its id (64 hex digits) or by one of its names (a name
-/// points at the latest module uploaded under it).
+/// points at the latest module uploaded under it), or an external kind
+/// (`external:NAME`: tasks for workers outside the Wasm runtime).
 pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, AppError> {
+    if module.starts_with(ModuleId::EXTERNAL_PREFIX) {
+        return ModuleId::external(module).ok_or_else(|| {
+            AppError::bad_request(
+                "invalid_module",
+                format!("{module:?}: an external kind is `external:` and 1-64 letters, digits, '-', '_' or '.'"),
+            )
+        });
+    }
     if let Some(id) = ModuleId::parse(module) {
         return match state.reads.module(&id).await {
             Ok(_) => Ok(id),

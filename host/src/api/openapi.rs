@@ -35,6 +35,7 @@ fn with_constraints(mut doc: serde_json::Value) -> serde_json::Value {
             ],
         ),
         ("PriorityChange", vec![]),
+        ("Completed", vec![not_both("result", "result_base64")]),
     ];
     // Bounds utoipa's derive has no attribute for, by JSON pointer.
     let bounds = [
@@ -89,6 +90,9 @@ pub fn document() -> serde_json::Value {
         super::system::stats, super::system::healthz, super::system::healthz_root,
         super::system::metrics, super::system::metrics_root,
         openapi_json, docs, docs_slash, swagger_bundle, swagger_css, dashboard,
+        super::workers::register, super::workers::list, super::workers::deregister,
+        super::workers::lease, super::workers::heartbeat, super::workers::report,
+        super::workers::module_bytes,
     ),
     components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, JobView, TaskView, TaskPage, Deleted, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
     tags(
@@ -97,6 +101,7 @@ pub fn document() -> serde_json::Value {
         (name = "jobs", description = "Jobs: explicit payloads or lazily expanded sweeps"),
         (name = "events", description = "The tracker topic as server-sent events"),
         (name = "system", description = "Statistics, health, metrics, documentation"),
+        (name = "workers", description = "The worker protocol: register, lease batches by long poll, heartbeat, report outcomes (docs/worker-protocol.md)"),
     )
 )]
 pub struct ApiDoc;

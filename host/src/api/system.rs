@@ -24,6 +24,7 @@ pub(super) async fn stats(State(state): State<AppState>) -> Json<Value> {
             .map(|t| json!({"tag": t.tag, "counts": t.counts.by_name()}))
             .collect(),
     );
+    value["remote_workers"] = json!(state.hub.workers());
     if let Some(board) = &state.board {
         value["workers"] = json!(board.snapshot());
         value["busy_ratio"] = json!(board.busy_ratio());

@@ -66,6 +66,7 @@ impl LocalGrid {
             limits: Default::default(),
             host,
             allowed_hosts: AllowedHosts::any(),
+            remote: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

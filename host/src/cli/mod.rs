@@ -11,6 +11,7 @@ mod parse;
 mod run;
 mod serve;
 mod simulate;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -66,6 +67,9 @@ pub enum WasmProfiler {
 pub enum Command {
     /// Run a grid host: store, workers and the HTTP API.
     Serve(serve::ServeArgs),
+    /// Run a worker machine: lease tasks from a scheduler host over HTTP
+    /// and run them here.
+    Worker(worker::WorkerArgs),
     /// Run one task module locally, without a server, and print its result.
     Run(run::RunArgs),
     /// Upload or list modules on a server.
@@ -171,7 +175,7 @@ impl CliError {
 pub fn main(cli: Cli) -> ExitCode {
     // A server logs what it does; one-shot commands only what went wrong.
     init_logging(
-        if matches!(cli.command, Command::Serve(_)) {
+        if matches!(cli.command, Command::Serve(_) | Command::Worker(_)) {
             "info"
         } else {
             "warn"
@@ -181,6 +185,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let perf_map = cli.wasm_profiler == WasmProfiler::Perfmap;
     let outcome = match cli.command {
         Command::Serve(args) => serve::run(args, perf_map),
+        Command::Worker(args) => worker::run(args, perf_map),
         Command::Run(args) => run::run(args, perf_map),
         Command::Module {
             connection,

@@ -67,6 +67,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_hosts: Vec<String>,
+    /// Bearer token of the worker protocol (/v1/workers): what `kwq worker
+    /// --worker-token` sends. Without it, workers send --token (if set).
+    #[arg(long, env = "KWQ_WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
+    /// A remote worker's lease not renewed by a heartbeat for this long goes
+    /// to another worker (its late results are refused).
+    #[arg(long, value_parser = parse::duration, default_value = "30s")]
+    worker_lease: Duration,
     /// Guest memory the tasks running at once may ask for together (their
     /// memory_bytes summed), e.g. 12GiB (default: 3/4 of the machine's memory).
     #[arg(long, env = "KWQ_MEMORY_BUDGET", value_parser = parse::bytes)]
@@ -122,6 +130,10 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
         limits: Default::default(),
         host,
         allowed_hosts: crate::api::AllowedHosts::for_listener(args.listen, &args.allowed_hosts),
+        remote: crate::server::RemoteWorkers {
+            token: args.worker_token,
+            lease_ttl: args.worker_lease,
+        },
     };
     let rt = super::tokio_runtime()?;
     rt.block_on(async move {
@@ -153,7 +165,7 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
 }
 
 /// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -169,7 +181,7 @@ async fn shutdown_signal() {
     let _ = writeln!(std::io::stderr(), "shutting down: finishing running tasks");
 }
 
-fn hostname() -> String {
+pub(super) fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .ok()

@@ -153,6 +153,7 @@ impl WorkerContext {
             let view = WorkerView {
                 id: self.id.clone(),
                 warm: worker.warm_keys(),
+                pool: None,
             };
             let lease = tokio::select! {
                 lease = self.queue.lease(&view) => lease,

@@ -36,7 +36,29 @@ impl ModuleId {
         ok.then(|| ModuleId(text.to_ascii_lowercase().into()))
     }
 
-    /// The hex digest.
+    /// The prefix of the modules no Wasm worker runs: tasks of
+    /// `external:NAME` wait for a worker that asked for that kind (a GPU
+    /// job, a legacy pricer) and carry no uploaded module.
+    pub const EXTERNAL_PREFIX: &'static str = "external:";
+
+    /// The module of tasks reserved for external workers of `kind`
+    /// (`external:pricer-gpu`), or `None` if the text is not one: after the
+    /// prefix, 1 to 64 letters, digits, `-`, `_` or `.`.
+    pub fn external(text: &str) -> Option<Self> {
+        let kind = text.strip_prefix(Self::EXTERNAL_PREFIX)?;
+        let ok = (1..=64).contains(&kind.len())
+            && kind
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        ok.then(|| ModuleId(text.into()))
+    }
+
+    /// Whether tasks of this module are for external workers (no Wasm).
+    pub fn is_external(&self) -> bool {
+        self.0.starts_with(Self::EXTERNAL_PREFIX)
+    }
+
+    /// The hex digest (or `external:KIND`).
     pub fn as_str(&self) -> &str {
         &self.0
     }

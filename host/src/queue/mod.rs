@@ -9,6 +9,7 @@
 pub mod embedded;
 pub mod kafka;
 mod open;
+pub mod remote;
 pub(crate) mod scheduler;
 
 pub use open::{StoreUrl, open};
@@ -112,6 +113,11 @@ pub struct WorkerView {
     pub id: String,
     /// (module, affinity key) pairs warm on this worker.
     pub warm: Vec<(ModuleId, String)>,
+    /// Which tasks it runs: `None` for Wasm tasks (a `kwq` worker),
+    /// `external:KIND` for the tasks of that kind only (a worker written
+    /// against the HTTP protocol, running no Wasm).
+    #[serde(default)]
+    pub pool: Option<ModuleId>,
 }
 
 /// A task leased to a worker: plain data named by task id and token, so a
@@ -332,6 +338,26 @@ pub trait WorkQueue: Send + Sync + 'static {
 
     /// Wait for the best task for this worker; `None` once the queue is closed.
     async fn lease(&self, worker: &WorkerView) -> Option<Lease>;
+    /// Up to `max` tasks for a worker that runs many (a remote worker's
+    /// long poll): waits up to `wait` for the first, then takes what is
+    /// ready now. Empty when the wait runs out or the queue closes.
+    async fn lease_batch(&self, worker: &WorkerView, max: usize, wait: Duration) -> Vec<Lease> {
+        let mut leases = Vec::new();
+        match tokio::time::timeout(wait, self.lease(worker)).await {
+            Ok(Some(lease)) => leases.push(lease),
+            _ => return leases,
+        }
+        while leases.len() < max {
+            match futures::FutureExt::now_or_never(self.lease(worker)) {
+                Some(Some(lease)) => leases.push(lease),
+                _ => break,
+            }
+        }
+        leases
+    }
+    /// A worker is gone for good (a remote worker deregistered or went
+    /// silent): forget what it had warm.
+    fn forget_worker(&self, _worker: &str) {}
     /// The leased task started running.
     fn started(&self, lease: &Lease);
     /// Keep a long-running lease alive.

@@ -425,6 +425,10 @@ impl WorkQueue for EmbeddedQueue {
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
     }
 
+    fn forget_worker(&self, worker: &str) {
+        self.state().scheduler.forget_worker(worker);
+    }
+
     fn heartbeat(&self, lease: &Lease) -> Result<(), QueueError> {
         self.state()
             .scheduler

@@ -421,6 +421,10 @@ impl WorkQueue for KafkaQueue {
         self.shared.publish(vec![event], Vec::new(), Vec::new());
     }
 
+    fn forget_worker(&self, worker: &str) {
+        self.shared.state().scheduler.forget_worker(worker);
+    }
+
     fn heartbeat(&self, lease: &Lease) -> Result<(), QueueError> {
         self.shared
             .state()

@@ -108,7 +108,9 @@ impl<X> Scheduler<X> {
                 .filter(|(id, _)| **id != worker.id)
                 .any(|(_, warm)| warm.iter().any(|(m, k)| m == module && k == key))
         };
-        let (entry, warm_hit) = match self.ready.pick(&worker.warm, &check, now, self.policy) {
+        let (entry, warm_hit) = match self.ready.pick(
+            worker.pool.as_ref(),
+            &worker.warm, &check, now, self.policy) {
             Pick::Task(entry, warm_hit) => (entry, warm_hit),
             Pick::Wait(at) => return Offer::Wait(at),
         };
@@ -137,6 +139,11 @@ impl<X> Scheduler<X> {
             from,
             wait_us,
         }
+    }
+
+    /// Forget a worker that is gone (its warm pairs reserve nothing any more).
+    pub(crate) fn forget_worker(&mut self, worker: &str) {
+        self.workers.remove(worker);
     }
 
     /// The lease of `id` if `token` still holds it.

@@ -156,6 +156,9 @@ pub(crate) enum Pick {
 
 type Key = (ModuleId, Arc<str>);
 
+/// One queue of task ids with the generation they were queued under.
+type Band = VecDeque<(Arc<str>, u64)>;
+
 /// Effective priority, then age (older wins ties).
 type Score = (f64, Reverse<Millis>);
 
@@ -165,7 +168,11 @@ type Best = Option<(Arc<str>, Score)>;
 #[derive(Default)]
 pub(crate) struct ReadyIndex {
     waiting: HashMap<Arc<str>, Waiting>,
-    by_priority: [VecDeque<(Arc<str>, u64)>; 10],
+    /// Wasm tasks, per priority.
+    by_priority: [Band; 10],
+    /// Tasks of each external kind (`external:NAME`), per priority: only
+    /// a worker asking for that kind is offered them, and no Wasm worker is.
+    external: HashMap<ModuleId, [Band; 10]>,
     by_key: HashMap<Key, VecDeque<(Arc<str>, u64)>>,
     delayed: BinaryHeap<Reverse<(Millis, Arc<str>, u64)>>,
     paused: HashSet<Arc<str>>,
@@ -217,7 +224,12 @@ impl ReadyIndex {
         } else if entry.job.as_ref().is_some_and(|j| self.paused.contains(j)) {
             Slot::Parked
         } else {
-            self.by_priority[entry.priority as usize].push_back((id.clone(), generation));
+            let band = if entry.module.is_external() {
+                &mut self.external.entry(entry.module.clone()).or_default()
+            } else {
+                &mut self.by_priority
+            };
+            band[entry.priority as usize].push_back((id.clone(), generation));
             if let Some(key) = &entry.affinity {
                 self.by_key
                     .entry((entry.module.clone(), key.clone()))
@@ -336,7 +348,7 @@ impl ReadyIndex {
     fn head(&mut self, queue: QueueRef) -> Option<Arc<str>> {
         loop {
             let (id, generation) = match &queue {
-                QueueRef::Priority(p) => self.by_priority[*p].front().cloned()?,
+                QueueRef::Priority(pool, p) => self.bands(pool.as_ref())?[*p].front().cloned()?,
                 QueueRef::Key(key) => self.by_key.get(key).and_then(|q| q.front().cloned())?,
             };
             let live = self
@@ -357,8 +369,10 @@ impl ReadyIndex {
                 }
             }
             match &queue {
-                QueueRef::Priority(p) => {
-                    self.by_priority[*p].pop_front();
+                QueueRef::Priority(pool, p) => {
+                    if let Some(bands) = self.bands_mut(pool.as_ref()) {
+                        bands[*p].pop_front();
+                    }
                 }
                 QueueRef::Key(key) => {
                     if let Some(q) = self.by_key.get_mut(key) {
@@ -372,6 +386,21 @@ impl ReadyIndex {
         }
     }
 
+    /// The priority bands of a pool: Wasm tasks (`None`) or one external kind.
+    fn bands(&self, pool: Option<&ModuleId>) -> Option<&[Band; 10]> {
+        match pool {
+            None => Some(&self.by_priority),
+            Some(kind) => self.external.get(kind),
+        }
+    }
+
+    fn bands_mut(&mut self, pool: Option<&ModuleId>) -> Option<&mut [Band; 10]> {
+        match pool {
+            None => Some(&mut self.by_priority),
+            Some(kind) => self.external.get_mut(kind),
+        }
+    }
+
     fn effective(&self, id: &str, now: Millis, policy: Policy) -> Score {
         let entry = &self.waiting[id].entry;
         let waited = now.saturating_sub(entry.queued_at);
@@ -381,10 +410,11 @@ impl ReadyIndex {
         )
     }
 
-    /// The best task for a worker with these warm pairs, given which pairs
-    /// are warm on other workers.
+    /// The best task of `pool` (Wasm tasks, or one external kind) for a
+    /// worker with these warm pairs, given which pairs are warm on other workers.
     pub(crate) fn pick(
         &mut self,
+        pool: Option<&ModuleId>,
         warm_here: &[(ModuleId, String)],
         warm_elsewhere: &dyn Fn(&ModuleId, &str) -> bool,
         now: Millis,
@@ -395,6 +425,13 @@ impl ReadyIndex {
         };
         let mut best_warm: Best = None;
         for (module, key) in warm_here {
+            let in_pool = match pool {
+                None => !module.is_external(),
+                Some(kind) => module == kind,
+            };
+            if !in_pool {
+                continue;
+            }
             if let Some(id) = self.head(QueueRef::Key((module.clone(), Arc::from(key.as_str())))) {
                 let score = self.effective(&id, now, policy);
                 if best_warm
@@ -410,7 +447,7 @@ impl ReadyIndex {
         let mut best_any: Best = None;
         let mut wake: Option<Millis> = None;
         for p in 1..10 {
-            let Some(id) = self.head(QueueRef::Priority(p)) else {
+            let Some(id) = self.head(QueueRef::Priority(pool.cloned(), p)) else {
                 continue;
             };
             let score = self.effective(&id, now, policy);
@@ -475,7 +512,7 @@ impl ReadyIndex {
 }
 
 enum QueueRef {
-    Priority(usize),
+    Priority(Option<ModuleId>, usize),
     Key(Key),
 }
 
@@ -514,7 +551,7 @@ mod tests {
         elsewhere: bool,
         now: Millis,
     ) -> Option<String> {
-        match index.pick(warm, &|_, _| elsewhere, now, POLICY) {
+        match index.pick(None, warm, &|_, _| elsewhere, now, POLICY) {
             Pick::Task(e, _) => Some(e.id.to_string()),
             Pick::Wait(_) => None,
         }
@@ -557,7 +594,7 @@ mod tests {
         later.not_before = Some(500);
         index.insert(later, 0);
         assert!(matches!(
-            index.pick(&[], &|_, _| false, 0, POLICY),
+            index.pick(None, &[], &|_, _| false, 0, POLICY),
             Pick::Wait(Some(500))
         ));
         index.promote_due(500);
@@ -582,7 +619,7 @@ mod tests {
         // A cold worker skips the task reserved for the warm one...
         assert_eq!(take(&mut index, &[], true, 40).as_deref(), Some("plain"));
         assert!(matches!(
-            index.pick(&[], &|_, _| true, 40, POLICY),
+            index.pick(None, &[], &|_, _| true, 40, POLICY),
             Pick::Wait(Some(1030))
         ));
         // ...until the affinity window has passed.
