@@ -2,7 +2,7 @@
 # Run every test of the workspace on a fresh machine: installs the Wasm
 # targets the task modules are built for (rustup does not add a toolchain
 # file's targets by itself when RUSTUP_AUTO_INSTALL=0) and Chromium with
-# chromedriver for the dashboard test, and the tansu Kafka broker for the
+# chromedriver for the dashboard test, python3 for the example worker, and the tansu Kafka broker for the
 # Kafka tests (about 11 minutes the first time, cached after), then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,10 @@ rustup target add wasm32-wasip2 wasm32-wasip1 >/dev/null
 # The dashboard's browser test drives Debian's Chromium through chromedriver.
 if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+# The Python example worker (examples/python-worker) is tested against a real host.
+if ! command -v python3 >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
 fi
 # The Kafka end-to-end tests start a tansu broker (built once, then cached).
 KWQ_TANSU="$(bash scripts/install-tansu.sh)"

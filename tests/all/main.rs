@@ -15,3 +15,4 @@ mod runtime;
 mod safety;
 mod scale;
 mod support;
+mod workers;

@@ -39,15 +39,23 @@ impl Server {
         workers: u32,
         log: &str,
     ) -> Server {
+        Server::start_listening(data_dir, "127.0.0.1:0", global, serve, stderr, workers, log)
+    }
+
+    /// As `start_serving`, on a given `--listen` address (a host restarted
+    /// where its workers look for it).
+    pub(crate) fn start_listening(
+        data_dir: &Path,
+        listen: &str,
+        global: &[&str],
+        serve: &[&str],
+        stderr: Stdio,
+        workers: u32,
+        log: &str,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kwq"))
             .args(global)
-            .args([
-                "serve",
-                "--examples",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(["serve", "--examples", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(["--workers", &workers.to_string()])
             .args(serve)

@@ -11,8 +11,8 @@ pub mod openapi;
 mod system;
 mod tasks;
 mod views;
-mod workers;
 pub mod wire;
+mod workers;
 
 pub use error::AppError;
 pub use events::EventFeed;

@@ -3,14 +3,14 @@
 //! The handlers only translate HTTP; the protocol's rules (leases that
 //! lapse, stale tokens refused) live in [`crate::queue::remote::Hub`].
 
+use super::AppState;
 use super::error::{ApiJson, AppError};
 use super::wire::ErrorBody;
-use super::AppState;
 use crate::model::ModuleId;
 use crate::queue::remote::HubError;
 use crate::queue::remote::wire::{
-    Heartbeat, HeartbeatReply, LeaseBatch, LeaseRequest, Register, Registration,
-    RemoteWorkerView, Report, ReportReply,
+    Heartbeat, HeartbeatReply, LeaseBatch, LeaseRequest, Register, Registration, RemoteWorkerView,
+    Report, ReportReply,
 };
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
@@ -37,7 +37,10 @@ impl From<HubError> for AppError {
 fn peer(extensions: &axum::http::Extensions) -> String {
     extensions
         .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map_or_else(|| "unknown".into(), |ConnectInfo(addr)| addr.ip().to_string())
+        .map_or_else(
+            || "unknown".into(),
+            |ConnectInfo(addr)| addr.ip().to_string(),
+        )
 }
 
 /// `POST /v1/workers`: register a worker.
@@ -123,8 +126,12 @@ pub(super) async fn module_bytes(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, AppError> {
-    let module = ModuleId::parse(&id)
-        .ok_or_else(|| AppError::bad_request("invalid_module", format!("{id:?} is not a module id (64 hex digits)")))?;
+    let module = ModuleId::parse(&id).ok_or_else(|| {
+        AppError::bad_request(
+            "invalid_module",
+            format!("{id:?} is not a module id (64 hex digits)"),
+        )
+    })?;
     let hub = state.hub.clone();
     let bytes = tokio::task::spawn_blocking(move || hub.module_bytes(&module))
         .await

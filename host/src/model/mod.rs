@@ -53,6 +53,11 @@ impl ModuleId {
         ok.then(|| ModuleId(text.into()))
     }
 
+    /// An id as stored or sent between hosts: a digest, or an external kind.
+    pub fn read(text: &str) -> Option<Self> {
+        Self::parse(text).or_else(|| Self::external(text))
+    }
+
     /// Whether tasks of this module are for external workers (no Wasm).
     pub fn is_external(&self) -> bool {
         self.0.starts_with(Self::EXTERNAL_PREFIX)

@@ -502,7 +502,7 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.message = Some(if cancelled {
             "cancelled while running".into()
         } else {
-            "released by a stopping worker".into()
+            "given back: its worker stopped, or its lease lapsed".into()
         });
         self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
         if !cancelled {

@@ -87,7 +87,7 @@ pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, TaskRecord)
         TaskRecord {
             id: row.get(1)?,
             job_id: row.get(2)?,
-            module: ModuleId::parse(&row.get::<_, String>(3)?).unwrap_or_else(|| ModuleId::of(b"")),
+            module: ModuleId::read(&row.get::<_, String>(3)?).unwrap_or_else(|| ModuleId::of(b"")),
             payload: row.get(4)?,
             options,
             state,
@@ -257,7 +257,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     Ok(JobRecord {
         id: row.get(0)?,
         name: row.get(1)?,
-        module: ModuleId::parse(&row.get::<_, String>(2)?).unwrap_or_else(|| ModuleId::of(b"")),
+        module: ModuleId::read(&row.get::<_, String>(2)?).unwrap_or_else(|| ModuleId::of(b"")),
         options: serde_json::from_str(&row.get::<_, String>(3)?).unwrap_or_default(),
         total: row.get::<_, i64>(4)? as u64,
         expanded: row.get::<_, i64>(5)? as u64,
@@ -332,7 +332,7 @@ fn module_from_row(row: &Row<'_>) -> rusqlite::Result<ModuleRecord> {
         .and_then(|names| serde_json::from_str(&names).ok())
         .unwrap_or_default();
     Ok(ModuleRecord {
-        id: ModuleId::parse(&row.get::<_, String>(0)?).unwrap_or_else(|| ModuleId::of(b"")),
+        id: ModuleId::read(&row.get::<_, String>(0)?).unwrap_or_else(|| ModuleId::of(b"")),
         name: names.last().cloned(),
         names,
         kind: serde_json::from_str(&row.get::<_, String>(2)?)
@@ -366,7 +366,7 @@ pub(super) fn module_named(conn: &Connection, name: &str) -> Result<Option<Modul
         .query_row(params![name], |row| row.get::<_, String>(0))
         .optional()
         .map_err(storage)
-        .map(|id| id.and_then(|id| ModuleId::parse(&id)))
+        .map(|id| id.and_then(|id| ModuleId::read(&id)))
 }
 
 pub(super) fn modules(conn: &Connection) -> Result<Vec<ModuleRecord>, QueueError> {
@@ -481,7 +481,7 @@ pub(super) fn census(conn: &Connection) -> Result<Vec<super::super::CensusRow>, 
         .query_map([], |row| {
             Ok(super::super::CensusRow {
                 job_id: row.get(0)?,
-                module: ModuleId::parse(&row.get::<_, String>(1)?)
+                module: ModuleId::read(&row.get::<_, String>(1)?)
                     .unwrap_or_else(|| ModuleId::of(b"")),
                 tags: row
                     .get::<_, Option<String>>(2)?

@@ -99,7 +99,7 @@ pub(super) fn apply_remote(
                 serde_json::from_str(&options).unwrap_or_default();
             (
                 Some(state),
-                ModuleId::parse(&module).unwrap_or_else(|| ModuleId::of(b"")),
+                ModuleId::read(&module).unwrap_or_else(|| ModuleId::of(b"")),
                 options,
             )
         }

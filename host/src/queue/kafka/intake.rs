@@ -45,7 +45,7 @@ impl Member {
             .id
             .clone()
             .unwrap_or_else(|| format!("k-{topic}-{partition}-{offset}"));
-        let module = ModuleId::parse(&message.module)
+        let module = ModuleId::read(&message.module)
             .or_else(|| self.view.module_named_now(&message.module))
             .unwrap_or_else(|| ModuleId::of(message.module.as_bytes()));
         let options = message.options(band);

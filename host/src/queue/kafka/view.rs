@@ -238,7 +238,7 @@ fn remote_task(event: &TaskEvent) -> RemoteTask {
             wait_us: event.wait_us(),
         },
         spec: match (&event.module, &event.options) {
-            (Some(module), Some(options)) => ModuleId::parse(module).map(|m| (m, options.clone())),
+            (Some(module), Some(options)) => ModuleId::read(module).map(|m| (m, options.clone())),
             _ => None,
         },
     }

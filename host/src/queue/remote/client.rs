@@ -198,7 +198,10 @@ impl RemoteQueue {
     pub async fn deregister(&self) {
         let Some(id) = self.worker_id() else { return };
         let path = format!("/v1/workers/{id}");
-        let _ = self.inner.send(reqwest::Method::DELETE, &path, None, Duration::from_secs(5)).await;
+        let _ = self
+            .inner
+            .send(reqwest::Method::DELETE, &path, None, Duration::from_secs(5))
+            .await;
     }
 }
 
@@ -295,7 +298,12 @@ impl Inner {
         };
         let body = serde_json::to_vec(&body).expect("serialisable");
         let answer = self
-            .send(reqwest::Method::POST, "/v1/workers", Some(body), Duration::from_secs(10))
+            .send(
+                reqwest::Method::POST,
+                "/v1/workers",
+                Some(body),
+                Duration::from_secs(10),
+            )
             .await
             .map_err(|e| RegisterFailure::Unreachable(e.to_string()))?;
         match answer {
@@ -314,9 +322,11 @@ impl Inner {
                 Ok(())
             }
             Answer::Unknown => Err(RegisterFailure::Refused("registration refused".into())),
-            Answer::Refused(status, body) if status.is_client_error() => Err(
-                RegisterFailure::Refused(format!("the scheduler host refused to register this worker ({status}): {body}")),
-            ),
+            Answer::Refused(status, body) if status.is_client_error() => {
+                Err(RegisterFailure::Refused(format!(
+                    "the scheduler host refused to register this worker ({status}): {body}"
+                )))
+            }
             Answer::Refused(status, body) => {
                 Err(RegisterFailure::Unreachable(format!("{status}: {body}")))
             }
@@ -392,7 +402,10 @@ impl Inner {
             let path = format!("/v1/workers/{}/lease", registration.worker_id);
             let body = serde_json::to_vec(&request).expect("serialisable");
             let timeout = Duration::from_millis(LONG_POLL_MS + 10_000);
-            match self.send(reqwest::Method::POST, &path, Some(body), timeout).await {
+            match self
+                .send(reqwest::Method::POST, &path, Some(body), timeout)
+                .await
+            {
                 Ok(Answer::Ok(bytes)) => {
                     self.reached(Ok(()));
                     backoff = Duration::from_millis(100);
@@ -428,10 +441,11 @@ impl Inner {
             return;
         }
         for wire in leases {
-            let Some(module) =
-                ModuleId::parse(&wire.module).or_else(|| ModuleId::external(&wire.module))
-            else {
-                tracing::warn!(module = wire.module, "lease of an unreadable module id; ignored");
+            let Some(module) = ModuleId::read(&wire.module) else {
+                tracing::warn!(
+                    module = wire.module,
+                    "lease of an unreadable module id; ignored"
+                );
                 continue;
             };
             let payload = engine.decode(&wire.payload_base64).unwrap_or_default();
@@ -502,7 +516,15 @@ impl Inner {
             };
             let path = format!("/v1/workers/{}/report", registration.worker_id);
             let body = serde_json::to_vec(&report).expect("serialisable");
-            match self.send(reqwest::Method::POST, &path, Some(body), Duration::from_secs(30)).await {
+            match self
+                .send(
+                    reqwest::Method::POST,
+                    &path,
+                    Some(body),
+                    Duration::from_secs(30),
+                )
+                .await
+            {
                 Ok(Answer::Ok(_)) => {
                     self.reached(Ok(()));
                     backoff = Duration::from_millis(50);
@@ -560,7 +582,15 @@ impl Inner {
             }
             let path = format!("/v1/workers/{}/heartbeat", registration.worker_id);
             let body = serde_json::to_vec(&Heartbeat { leases: refs }).expect("serialisable");
-            match self.send(reqwest::Method::POST, &path, Some(body), Duration::from_secs(10)).await {
+            match self
+                .send(
+                    reqwest::Method::POST,
+                    &path,
+                    Some(body),
+                    Duration::from_secs(10),
+                )
+                .await
+            {
                 Ok(Answer::Ok(bytes)) => {
                     self.reached(Ok(()));
                     if let Ok(reply) = serde_json::from_slice::<HeartbeatReply>(&bytes) {
@@ -825,7 +855,8 @@ impl WorkQueue for RemoteQueue {
             token: lease.token,
             cancelled,
         };
-        self.inner.finish(lease, None, |r| r.released.push(released));
+        self.inner
+            .finish(lease, None, |r| r.released.push(released));
     }
 
     fn health(&self) -> Result<(), String> {

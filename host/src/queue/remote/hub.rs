@@ -226,7 +226,9 @@ impl Hub {
                 .filter(|(_, h)| h.worker == worker)
                 .map(|(id, _)| id.clone())
                 .collect();
-            ids.iter().filter_map(|id| state.leases.remove(id)).collect()
+            ids.iter()
+                .filter_map(|id| state.leases.remove(id))
+                .collect()
         };
         for held in leases {
             self.queue.release(&held.lease, false);
@@ -258,11 +260,9 @@ impl Hub {
         }
         let mut warm = Vec::with_capacity(request.warm.len());
         for pair in request.warm {
-            let module = ModuleId::parse(&pair.module)
-                .or_else(|| ModuleId::external(&pair.module))
-                .ok_or_else(|| {
-                    HubError::Invalid(format!("warm: {:?} is not a module id", pair.module))
-                })?;
+            let module = ModuleId::read(&pair.module).ok_or_else(|| {
+                HubError::Invalid(format!("warm: {:?} is not a module id", pair.module))
+            })?;
             warm.push((module, pair.key));
         }
         let view = {

@@ -108,12 +108,14 @@ impl<X> Scheduler<X> {
                 .filter(|(id, _)| **id != worker.id)
                 .any(|(_, warm)| warm.iter().any(|(m, k)| m == module && k == key))
         };
-        let (entry, warm_hit) = match self.ready.pick(
-            worker.pool.as_ref(),
-            &worker.warm, &check, now, self.policy) {
-            Pick::Task(entry, warm_hit) => (entry, warm_hit),
-            Pick::Wait(at) => return Offer::Wait(at),
-        };
+        let (entry, warm_hit) =
+            match self
+                .ready
+                .pick(worker.pool.as_ref(), &worker.warm, &check, now, self.policy)
+            {
+                Pick::Task(entry, warm_hit) => (entry, warm_hit),
+                Pick::Wait(at) => return Offer::Wait(at),
+            };
         self.next_token += 1;
         let token = self.next_token;
         let cancelled = Arc::new(Notify::new());
