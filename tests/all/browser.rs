@@ -400,3 +400,70 @@ async fn dashboard_asks_for_the_token_and_sends_it() {
     let _ = host.stop.send(());
     host.server.await.unwrap().unwrap();
 }
+
+/// Worker machines registered over the worker protocol show on the
+/// overview: name, address, kind, slots, current task, last heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_worker_machines() {
+    let host = start_host(None, false).await;
+    let http = reqwest::Client::new();
+    let registered: serde_json::Value = http
+        .post(format!("{}/v1/workers", host.url))
+        .json(&serde_json::json!({"name": "gpu-box-7", "slots": 8, "kind": "external:gpu"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let worker = registered["worker_id"].as_str().unwrap().to_string();
+    let created: serde_json::Value = http
+        .post(format!("{}/v1/tasks", host.url))
+        .json(&serde_json::json!({"module": "external:gpu", "payload": {"n": 1}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let task = created["id"].as_str().unwrap().to_string();
+    let leased: serde_json::Value = http
+        .post(format!("{}/v1/workers/{worker}/lease", host.url))
+        .json(&serde_json::json!({"max": 1, "wait_ms": 5000}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(leased["leases"][0]["task_id"], serde_json::json!(task));
+
+    let driver = start_driver();
+    let client = connect(&driver, &host.dir.path().join("profile")).await;
+    client.goto(&format!("{}/#/", host.url)).await.unwrap();
+    let row = format!("tr[data-remote-worker='{worker}']");
+    wait_for(&client, "the worker machine's row", async |c| {
+        text(c, &row).await.contains("gpu-box-7")
+    })
+    .await;
+    let shown = text(&client, &row).await;
+    for expected in ["127.0.0.1", "external:gpu", "8", &task, "s ago"] {
+        assert!(shown.contains(expected), "{expected:?} not in {shown:?}");
+    }
+    client
+        .execute(
+            "document.querySelector('#remote-workers-section').scrollIntoView()",
+            vec![],
+        )
+        .await
+        .unwrap();
+    client
+        .screenshot()
+        .await
+        .map(|png| std::fs::write(screenshot_dir().join("workers.png"), png))
+        .unwrap()
+        .unwrap();
+    client.close().await.unwrap();
+    let _ = host.stop.send(());
+    host.server.await.unwrap().unwrap();
+}

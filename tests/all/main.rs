@@ -5,6 +5,7 @@ mod browser;
 mod cli_run;
 mod conformance;
 mod grid;
+mod invoke;
 mod kafka;
 mod kafka_grid;
 mod paths;

@@ -11,6 +11,7 @@ pub mod openapi;
 mod system;
 mod tasks;
 mod views;
+mod waiters;
 pub mod wire;
 mod workers;
 
@@ -83,6 +84,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Bearer token the worker protocol needs, if set (else `token`, if set).
     pub worker_token: Option<String>,
+    /// Callers of `POST /v1/tasks?wait=` waiting for their task.
+    pub waiters: Arc<waiters::Waiters>,
 }
 
 impl AppState {
@@ -105,9 +108,12 @@ impl AppState {
         if tokio::runtime::Handle::try_current().is_ok() {
             hub.start_reaper();
         }
+        let waiters = Arc::new(waiters::Waiters::default());
+        queue.observe(waiters.clone());
         AppState {
             hub,
             worker_token: None,
+            waiters,
             work: queue.clone(),
             reads: queue,
             modules,

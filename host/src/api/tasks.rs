@@ -12,6 +12,7 @@ use crate::queue::{Control, TaskFilter};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -142,16 +143,46 @@ pub(super) fn payload_bytes(
     }
 }
 
-/// `POST /v1/tasks`: 201 `{"id": ...}` once the task is durable.
-#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = TaskSubmission, responses((status = 201, description = "durably accepted", body = Created), (status = 400, body = ErrorBody)))]
+/// Query of `POST /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SubmitQuery {
+    /// Wait up to this long (`2s`, `500ms`; at most 5 min) for the task to
+    /// finish and answer with it, result included.
+    wait: Option<String>,
+}
+
+/// The longest `?wait=` of a synchronous invocation.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn parse_wait(text: &str) -> Result<std::time::Duration, AppError> {
+    let bad =
+        |why: &str| AppError::bad_request("invalid_field", format!("wait: {why}, got {text:?}"));
+    let wait =
+        humantime::parse_duration(text).map_err(|_| bad("must be a duration like 2s or 500ms"))?;
+    if wait > MAX_WAIT {
+        return Err(bad("must be at most 5m"));
+    }
+    Ok(wait)
+}
+
+/// `POST /v1/tasks`: 201 `{"id": ...}` once the task is durable. With
+/// `?wait=DURATION`: 200 with the finished task (state, result, logs) if
+/// it finishes (Completed, Dead or Cancelled) within the wait, else 202
+/// `{"id": ...}`; the task is durable either way.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = TaskSubmission, params(("wait" = Option<String>, Query, description = "wait up to this long (e.g. 2s, 500ms; at most 5m) for the task to finish and answer with it")), responses((status = 201, description = "durably accepted", body = Created), (status = 200, description = "with ?wait=: finished within the wait, result included", body = TaskView), (status = 202, description = "with ?wait=: accepted, not finished within the wait", body = Created), (status = 400, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<SubmitQuery>,
     ApiJson(request): ApiJson<TaskSubmission>,
-) -> Result<(StatusCode, Json<Created>), AppError> {
+) -> Result<Response, AppError> {
+    let wait = query.wait.as_deref().map(parse_wait).transpose()?;
     let options = request.options.into_options()?;
     let module = modules::resolve(&state, &request.module).await?;
     let payload = payload_bytes(request.payload, request.payload_base64)?;
     let id = format!("t-{}", uuid::Uuid::new_v4().simple());
+    // Registered before the submit, so an end however quick is not missed.
+    let waiting = wait.map(|_| state.waiters.wait_for(&id));
     state
         .work
         .submit_tasks(vec![NewTask {
@@ -162,7 +193,16 @@ pub(super) async fn submit(
             options,
         }])
         .await?;
-    Ok((StatusCode::CREATED, Json(Created { id })))
+    let (Some(wait), Some(mut waiting)) = (wait, waiting) else {
+        return Ok((StatusCode::CREATED, Json(Created { id })).into_response());
+    };
+    match tokio::time::timeout(wait, &mut waiting.finished).await {
+        Ok(Ok(_)) => {
+            let record = state.reads.task(&id).await?;
+            Ok((StatusCode::OK, Json(views::task_outcome(record))).into_response())
+        }
+        _ => Ok((StatusCode::ACCEPTED, Json(Created { id })).into_response()),
+    }
 }
 
 /// `GET /v1/tasks/{id}`: the record, payload, result, logs and timeline.

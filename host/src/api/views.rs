@@ -46,6 +46,15 @@ pub(super) fn task_summary(task: TaskRecord) -> TaskView {
     }
 }
 
+/// A finished task as a synchronous invocation answers it: the detail
+/// without the timeline (one store read fewer on the fast path).
+pub(super) fn task_outcome(task: TaskRecord) -> TaskView {
+    TaskView {
+        timeline: None,
+        ..task_detail(task, Vec::new())
+    }
+}
+
 /// A task with its payload, result, logs and timeline.
 pub(super) fn task_detail(task: TaskRecord, timeline: Vec<Event>) -> TaskView {
     let (payload, payload_base64) = json_or_base64(&task.payload);

@@ -60,6 +60,20 @@ pub enum BenchCommand {
     /// durable, read latency, cancel latency, counts after the cancel and
     /// bytes per task on disk.
     Sweep(super::bench_sweep::SweepBench),
+    /// Synchronous invocation: sequential `POST /v1/tasks?wait=` of a
+    /// no-op task from one client on an idle host; latency percentiles.
+    Invoke {
+        /// Invocations timed.
+        #[arg(long, default_value_t = 5_000)]
+        samples: u32,
+        /// Workers (default: cores).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Worker machines: no-op and 1 ms tasks through 1, 2 and 4 `kwq
+    /// worker` processes against one `kwq serve --workers 0`, beside
+    /// in-process workers; tasks/s and host CPU per task.
+    Workers(super::bench_workers::WorkersBench),
 }
 
 /// Run a benchmark.
@@ -80,6 +94,8 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
             workers,
         } => super::bench_kafka::run(brokers, tasks, batch, hosts, workers),
         BenchCommand::Sweep(bench) => super::bench_sweep::run(bench),
+        BenchCommand::Invoke { samples, workers } => super::bench_invoke::run(samples, workers),
+        BenchCommand::Workers(bench) => super::bench_workers::run(bench),
     }
 }
 

@@ -243,6 +243,7 @@ pub(super) fn submit(
     connection: Connection,
     task: TaskFlags,
     payload: String,
+    wait: Option<std::time::Duration>,
 ) -> Result<(), CliError> {
     let client = Client::new(&connection);
     let payload = read_json_arg(&payload)?;
@@ -253,9 +254,34 @@ pub(super) fn submit(
         payload_base64: None,
     };
     block_on(async move {
-        let created = client.post("/v1/tasks", &body).await?;
-        println!("{}", created["id"].as_str().unwrap_or_default());
-        Ok(())
+        let path = match wait {
+            Some(wait) => format!("/v1/tasks?wait={}ms", wait.as_millis()),
+            None => "/v1/tasks".to_string(),
+        };
+        let answer = client.post(&path, &body).await?;
+        let id = answer["id"].as_str().unwrap_or_default();
+        // With --wait, a finished task comes back whole: print its result.
+        match answer["state"].as_str() {
+            None => {
+                println!("{id}");
+                if let Some(wait) = wait {
+                    eprintln!("not finished within {wait:?}: follow it with `kwq status {id}`");
+                }
+                Ok(())
+            }
+            Some("Completed") => {
+                let result = answer
+                    .get("result")
+                    .cloned()
+                    .unwrap_or_else(|| answer.get("result_base64").cloned().unwrap_or(Value::Null));
+                println!("{result}");
+                Ok(())
+            }
+            Some(state) => Err(CliError::failed(format!(
+                "task {id} ended {state}: {}",
+                answer["error_message"].as_str().unwrap_or("cancelled")
+            ))),
+        }
     })
 }
 

@@ -3,8 +3,10 @@
 
 mod bench;
 mod bench_grid;
+mod bench_invoke;
 mod bench_kafka;
 mod bench_sweep;
+mod bench_workers;
 mod client;
 mod local_grid;
 mod parse;
@@ -92,6 +94,11 @@ pub enum Command {
         /// The payload: JSON text, @FILE, or - for stdin.
         #[arg(long, short, default_value = "null")]
         payload: String,
+        /// Wait up to this long (e.g. 2s) for the task to finish and print
+        /// its result instead of its id (exit 1 if it died); if it is still
+        /// running then, print its id as without --wait.
+        #[arg(long, value_parser = parse::duration)]
+        wait: Option<std::time::Duration>,
     },
     /// Submit, pause, resume, cancel or list jobs.
     Job {
@@ -195,7 +202,8 @@ pub fn main(cli: Cli) -> ExitCode {
             connection,
             task,
             payload,
-        } => client::submit(connection, task, payload),
+            wait,
+        } => client::submit(connection, task, payload, wait),
         Command::Job {
             connection,
             command,

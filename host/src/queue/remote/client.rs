@@ -690,7 +690,8 @@ impl Inner {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                let temp = path.with_extension(format!("tmp{}", std::process::id()));
+                // Unique per writer: two workers here may fetch it at once.
+                let temp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
                 std::fs::write(&temp, &bytes)?;
                 std::fs::rename(&temp, &path)
             };

@@ -284,12 +284,39 @@ impl Hub {
         let max = request.max as usize;
         let wait = Duration::from_millis(request.wait_ms);
         // Spawned, so a caller that hangs up mid-poll cannot drop a lease
-        // between the store granting it and the table recording it.
+        // between the store granting it and the table recording it; the
+        // poll ends when the caller is gone, and what it got meanwhile
+        // goes straight back to the store.
+        let (caller, mut gone) = tokio::sync::oneshot::channel::<()>();
         let leased = tokio::spawn(async move {
-            let leases = hub.queue.lease_batch(&view, max, wait).await;
-            hub.record(&view.id, leases)
+            tokio::select! {
+                biased;
+                leases = hub.queue.lease_batch(&view, max, wait) => {
+                    if matches!(gone.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)) {
+                        hub.abandoned(&view.id, &leases);
+                        return Err(HubError::Closed);
+                    }
+                    hub.record(&view.id, leases)
+                }
+                _ = &mut gone => {
+                    hub.abandoned(&view.id, &[]);
+                    Err(HubError::Closed)
+                }
+            }
         });
-        leased.await.unwrap_or(Err(HubError::Closed))
+        let answer = leased.await.unwrap_or(Err(HubError::Closed));
+        drop(caller);
+        answer
+    }
+
+    /// A poll whose caller hung up: its leases go back at once.
+    fn abandoned(&self, worker: &str, leases: &[Lease]) {
+        if let Some(remote) = self.lock().workers.get_mut(worker) {
+            remote.polling = remote.polling.saturating_sub(1);
+        }
+        for lease in leases {
+            self.queue.release(lease, false);
+        }
     }
 
     fn record(&self, worker: &str, leases: Vec<Lease>) -> Result<Vec<WireLease>, HubError> {
@@ -303,7 +330,7 @@ impl Hub {
             }
             return Err(HubError::UnknownWorker(worker.to_string()));
         };
-        remote.polling -= 1;
+        remote.polling = remote.polling.saturating_sub(1);
         remote.last_seen = now;
         remote.leased += leases.len();
         let expires = now + self.ttl_ms();
