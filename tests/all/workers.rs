@@ -667,3 +667,101 @@ async fn the_python_example_worker_prices_external_tasks() {
     let status = python.wait().unwrap();
     assert!(status.success(), "the worker stops after --tasks {TASKS}");
 }
+
+/// The worker protocol over a host of a Kafka grid (librdkafka's mock
+/// cluster): `kwq worker`'s assembly, in process, runs a job from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_machine_runs_a_job_from_a_kafka_grid_host() {
+    const TASKS: u64 = 300;
+    let kafka = crate::conformance::MockKafka::new();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = ServerConfig {
+        store: StoreUrl::Kafka(Box::new(kafka.config("sched"))),
+        runtime: crate::support::test_config(),
+        dispatch: kwq::dispatch::DispatchConfig {
+            workers: 0,
+            ..Default::default()
+        },
+        queue: Default::default(),
+        token: None,
+        token_reads: false,
+        examples: true,
+        limits: Default::default(),
+        host: "sched".into(),
+        allowed_hosts: kwq::api::AllowedHosts::any(),
+        remote: Default::default(),
+    };
+    let host = Host::start(config, listener).await.unwrap();
+    let url = format!("http://{}", host.address());
+    let worker = kwq::server::WorkerHost::start(kwq::server::WorkerConfig {
+        remote: kwq::server::RemoteConfig {
+            server: url.clone(),
+            token: None,
+            name: "kafka-worker".into(),
+            slots: 2,
+            module_dir: Some(dir.path().join("modules")),
+        },
+        runtime: crate::support::test_config(),
+        dispatch: kwq::dispatch::DispatchConfig {
+            workers: 2,
+            ..Default::default()
+        },
+    })
+    .await
+    .unwrap();
+    assert!(worker.worker_id().unwrap().starts_with("kafka-worker-"));
+    let http = reqwest::Client::new();
+    let payloads: Vec<Value> = (0..TASKS)
+        .map(|i| json!({"action": "echo", "value": i}))
+        .collect();
+    let created: Value = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({"module": "misbehave", "payloads": payloads}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = created["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let view: Value = http
+            .get(format!("{url}/v1/jobs/{job}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["counts"]["Completed"] == json!(TASKS) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = http
+        .get(format!("{url}/v1/jobs/{job}/results"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let values: std::collections::BTreeSet<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["result"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(values, (0..TASKS).collect());
+    assert!(
+        dir.path().join("modules").read_dir().unwrap().count() >= 1,
+        "module bytes cached on disk"
+    );
+    worker.stop().await.unwrap();
+    host.stop().await.unwrap();
+}
