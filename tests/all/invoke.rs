@@ -7,22 +7,11 @@ use std::time::{Duration, Instant};
 
 async fn host(dir: &std::path::Path) -> (kwq::server::Host, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = kwq::server::ServerConfig {
-        store: kwq::server::StoreUrl::Sqlite(dir.join("kwq.db")),
-        runtime: crate::support::test_config(),
-        dispatch: kwq::dispatch::DispatchConfig {
-            workers: 2,
-            ..Default::default()
-        },
-        queue: Default::default(),
-        token: None,
-        token_reads: false,
-        examples: true,
-        limits: Default::default(),
-        host: "invoke".into(),
-        allowed_hosts: kwq::api::AllowedHosts::any(),
-        remote: Default::default(),
-    };
+    let config = crate::support::server_config(
+        kwq::server::StoreUrl::Sqlite(dir.join("kwq.db")),
+        2,
+        "invoke",
+    );
     let host = kwq::server::Host::start(config, listener).await.unwrap();
     let url = format!("http://{}", host.address());
     (host, url)

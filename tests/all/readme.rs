@@ -557,8 +557,8 @@ fn the_readme_runs_as_written_from_a_fresh_copy() {
     );
     assert!(output.contains("option-pricer"), "module list:\n{output}");
     assert!(
-        output.contains("\"price\":4.7"),
-        "kwq run's price:\n{output}"
+        output.matches("\"price\":4.7").count() >= 2,
+        "the prices printed by `kwq submit --wait` and `kwq run`:\n{output}"
     );
     // The single task of the walk-through is Hull's call with a million paths.
     let single = get(&host.url("/v1/tasks?tag=currency=USD"));

@@ -283,3 +283,28 @@ impl TestGrid {
         }
     }
 }
+
+/// A host's configuration for in-process tests: `workers` local workers,
+/// the bundled examples, no tokens, answering to any `Host` name.
+pub(crate) fn server_config(
+    store: kwq::server::StoreUrl,
+    workers: usize,
+    host: &str,
+) -> kwq::server::ServerConfig {
+    kwq::server::ServerConfig {
+        store,
+        runtime: test_config(),
+        dispatch: kwq::dispatch::DispatchConfig {
+            workers,
+            ..Default::default()
+        },
+        queue: Default::default(),
+        token: None,
+        token_reads: false,
+        examples: true,
+        limits: Default::default(),
+        host: host.into(),
+        allowed_hosts: kwq::api::AllowedHosts::any(),
+        remote: Default::default(),
+    }
+}

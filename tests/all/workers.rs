@@ -23,23 +23,12 @@ async fn scheduler(
 ) -> (Host, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = ServerConfig {
-        store: StoreUrl::Sqlite(dir.join("kwq.db")),
-        runtime: crate::support::test_config(),
-        dispatch: kwq::dispatch::DispatchConfig {
-            workers,
-            ..Default::default()
-        },
-        queue: Default::default(),
         token: token.map(str::to_string),
-        token_reads: false,
-        examples: true,
-        limits: Default::default(),
-        host: "sched".into(),
-        allowed_hosts: kwq::api::AllowedHosts::any(),
         remote: RemoteWorkers {
             token: worker_token.map(str::to_string),
             lease_ttl: lease,
         },
+        ..crate::support::server_config(StoreUrl::Sqlite(dir.join("kwq.db")), workers, "sched")
     };
     let host = Host::start(config, listener).await.unwrap();
     let url = format!("http://{}", host.address());
@@ -676,22 +665,8 @@ async fn a_worker_machine_runs_a_job_from_a_kafka_grid_host() {
     let kafka = crate::conformance::MockKafka::new();
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = ServerConfig {
-        store: StoreUrl::Kafka(Box::new(kafka.config("sched"))),
-        runtime: crate::support::test_config(),
-        dispatch: kwq::dispatch::DispatchConfig {
-            workers: 0,
-            ..Default::default()
-        },
-        queue: Default::default(),
-        token: None,
-        token_reads: false,
-        examples: true,
-        limits: Default::default(),
-        host: "sched".into(),
-        allowed_hosts: kwq::api::AllowedHosts::any(),
-        remote: Default::default(),
-    };
+    let config =
+        crate::support::server_config(StoreUrl::Kafka(Box::new(kafka.config("sched"))), 0, "sched");
     let host = Host::start(config, listener).await.unwrap();
     let url = format!("http://{}", host.address());
     let worker = kwq::server::WorkerHost::start(kwq::server::WorkerConfig {

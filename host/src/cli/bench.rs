@@ -69,6 +69,9 @@ pub enum BenchCommand {
         /// Workers (default: cores).
         #[arg(long)]
         workers: Option<usize>,
+        /// What the store's commits survive (as `kwq serve --durability`).
+        #[arg(long, value_enum, default_value = "power")]
+        durability: crate::queue::embedded::Durability,
     },
     /// Worker machines: no-op and 1 ms tasks through 1, 2 and 4 `kwq
     /// worker` processes against one `kwq serve --workers 0`, beside
@@ -94,7 +97,11 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
             workers,
         } => super::bench_kafka::run(brokers, tasks, batch, hosts, workers),
         BenchCommand::Sweep(bench) => super::bench_sweep::run(bench),
-        BenchCommand::Invoke { samples, workers } => super::bench_invoke::run(samples, workers),
+        BenchCommand::Invoke {
+            samples,
+            workers,
+            durability,
+        } => super::bench_invoke::run(samples, workers, durability),
         BenchCommand::Workers(bench) => super::bench_workers::run(bench),
     }
 }

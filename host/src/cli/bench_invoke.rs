@@ -6,15 +6,28 @@
 
 use super::CliError;
 use super::local_grid::{LocalGrid, failed};
+use crate::queue::embedded::{Durability, EmbeddedConfig};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
-pub(super) fn run(samples: u32, workers: Option<usize>) -> Result<(), CliError> {
-    super::tokio_runtime()?.block_on(bench(samples, workers))
+pub(super) fn run(
+    samples: u32,
+    workers: Option<usize>,
+    durability: Durability,
+) -> Result<(), CliError> {
+    super::tokio_runtime()?.block_on(bench(samples, workers, durability))
 }
 
-async fn bench(samples: u32, workers: Option<usize>) -> Result<(), CliError> {
-    let grid = LocalGrid::start(workers).await?;
+async fn bench(
+    samples: u32,
+    workers: Option<usize>,
+    durability: Durability,
+) -> Result<(), CliError> {
+    let queue = EmbeddedConfig {
+        durability,
+        ..EmbeddedConfig::default()
+    };
+    let grid = LocalGrid::start_tuned(workers, None, queue).await?;
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .build()

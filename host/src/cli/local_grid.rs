@@ -38,6 +38,15 @@ impl LocalGrid {
         workers: Option<usize>,
         kafka: Option<KafkaConfig>,
     ) -> Result<Self, CliError> {
+        Self::start_tuned(workers, kafka, Default::default()).await
+    }
+
+    /// As `start_on`, with the embedded store tuned by `queue`.
+    pub(super) async fn start_tuned(
+        workers: Option<usize>,
+        kafka: Option<KafkaConfig>,
+        queue: crate::queue::embedded::EmbeddedConfig,
+    ) -> Result<Self, CliError> {
         let dir = std::env::temp_dir().join(format!("kwq-local-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).map_err(failed)?;
         let host = kafka
@@ -59,7 +68,7 @@ impl LocalGrid {
             store,
             runtime: RuntimeConfig::default(),
             dispatch,
-            queue: Default::default(),
+            queue,
             token: None,
             token_reads: false,
             examples: true,

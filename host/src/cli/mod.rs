@@ -8,6 +8,7 @@ mod bench_kafka;
 mod bench_sweep;
 mod bench_workers;
 mod client;
+mod compute;
 mod local_grid;
 mod parse;
 mod run;

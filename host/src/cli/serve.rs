@@ -2,8 +2,7 @@
 
 use super::{CliError, parse};
 use crate::queue::embedded::EmbeddedConfig;
-use crate::runtime::RuntimeConfig;
-use crate::server::{DispatchConfig, ServerConfig, StoreUrl};
+use crate::server::{ServerConfig, StoreUrl};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,16 +22,9 @@ pub struct ServeArgs {
     /// Directory for the store and the compiled-module cache.
     #[arg(long, env = "KWQ_DATA_DIR", default_value = "kwq-data")]
     data_dir: PathBuf,
-    /// Concurrent workers (default: number of cores; 0 for an API-only host).
-    #[arg(long, env = "KWQ_WORKERS")]
-    workers: Option<usize>,
-    /// Warm instances kept per worker.
-    #[arg(long, default_value_t = 16)]
-    max_warm: usize,
-    /// An instance whose linear memory grew beyond this (e.g. 256MiB) is not
-    /// kept warm: its memory is given back when its task ends.
-    #[arg(long, value_parser = parse::bytes, default_value = "64MiB")]
-    max_warm_memory: u64,
+    /// Workers, memory and metering of the tasks run here.
+    #[command(flatten)]
+    compute: super::compute::ComputeFlags,
     /// Bearer token required on every write endpoint.
     #[arg(long, env = "KWQ_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -50,9 +42,6 @@ pub struct ServeArgs {
     /// Waiting this long raises a task's effective priority by one.
     #[arg(long, value_parser = parse::duration, default_value = "30s")]
     aging: Duration,
-    /// Meter fuel so tasks may carry a fuel budget.
-    #[arg(long)]
-    fuel: bool,
     /// This host's name in worker ids (default: the machine's hostname); each
     /// host of a Kafka grid needs its own.
     #[arg(long, env = "KWQ_HOST")]
@@ -67,6 +56,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_hosts: Vec<String>,
+    /// What a commit of the embedded store survives: `power` (fsync every
+    /// commit: power loss and OS crashes) or `process` (a crash or kill -9
+    /// of kwq, not of the machine; much lower latency on slow-fsync disks).
+    #[arg(long, value_enum, default_value = "power", env = "KWQ_DURABILITY")]
+    durability: crate::queue::embedded::Durability,
     /// Bearer token of the worker protocol (/v1/workers): what `kwq worker
     /// --worker-token` sends. Without it, workers send --token (if set).
     #[arg(long, env = "KWQ_WORKER_TOKEN", hide_env_values = true)]
@@ -75,10 +69,6 @@ pub struct ServeArgs {
     /// to another worker (its late results are refused).
     #[arg(long, value_parser = parse::duration, default_value = "30s")]
     worker_lease: Duration,
-    /// Guest memory the tasks running at once may ask for together (their
-    /// memory_bytes summed), e.g. 12GiB (default: 3/4 of the machine's memory).
-    #[arg(long, env = "KWQ_MEMORY_BUDGET", value_parser = parse::bytes)]
-    memory_budget: Option<u64>,
 }
 
 /// Run `kwq serve`.
@@ -99,29 +89,14 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
             kafka.host = host.clone();
         }
     }
-    let mut dispatch = DispatchConfig {
-        max_warm: args.max_warm,
-        ..DispatchConfig::default()
-    };
-    if let Some(workers) = args.workers {
-        dispatch.workers = workers;
-    }
-    if let Some(budget) = args.memory_budget {
-        dispatch.memory_budget = budget;
-    }
     let config = ServerConfig {
         store,
-        runtime: RuntimeConfig {
-            cache_dir: Some(data_dir.join("compiled")),
-            fuel: args.fuel,
-            perf_map,
-            max_warm_memory_bytes: args.max_warm_memory,
-            ..RuntimeConfig::default()
-        },
-        dispatch,
+        runtime: args.compute.runtime(&data_dir, perf_map),
+        dispatch: args.compute.dispatch(),
         queue: EmbeddedConfig {
             affinity_window: args.affinity_window,
             aging: args.aging,
+            durability: args.durability,
             ..EmbeddedConfig::default()
         },
         token: args.token,

@@ -3,8 +3,7 @@
 //! grows by adding machines while one host keeps the store.
 
 use super::{CliError, parse};
-use crate::runtime::RuntimeConfig;
-use crate::server::{DispatchConfig, RemoteConfig, WorkerConfig, WorkerHost};
+use crate::server::{RemoteConfig, WorkerConfig, WorkerHost};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -14,15 +13,9 @@ pub struct WorkerArgs {
     /// The scheduler host's URL (a `kwq serve`, e.g. one run with --workers 0).
     #[arg(long, env = "KWQ_SERVER")]
     server: String,
-    /// Tasks run at once (default: number of cores).
-    #[arg(long, env = "KWQ_WORKERS")]
-    workers: Option<usize>,
-    /// Warm instances kept per worker.
-    #[arg(long, default_value_t = 16)]
-    max_warm: usize,
-    /// An instance whose linear memory grew beyond this is not kept warm.
-    #[arg(long, value_parser = parse::bytes, default_value = "64MiB")]
-    max_warm_memory: u64,
+    /// Workers (slots), memory and metering of the tasks run here.
+    #[command(flatten)]
+    compute: super::compute::ComputeFlags,
     /// This machine's name on the host's dashboard (default: the hostname).
     #[arg(long, env = "KWQ_WORKER_NAME")]
     name: Option<String>,
@@ -33,12 +26,6 @@ pub struct WorkerArgs {
     /// Where fetched modules and compiled code are cached.
     #[arg(long, env = "KWQ_DATA_DIR", default_value = "kwq-worker-data")]
     data_dir: PathBuf,
-    /// Meter fuel so tasks may carry a fuel budget.
-    #[arg(long)]
-    fuel: bool,
-    /// Guest memory the tasks running at once may ask for together.
-    #[arg(long, env = "KWQ_MEMORY_BUDGET", value_parser = parse::bytes)]
-    memory_budget: Option<u64>,
 }
 
 /// Run `kwq worker` until Ctrl-C or SIGTERM.
@@ -50,19 +37,12 @@ pub(super) fn run(args: WorkerArgs, perf_map: bool) -> Result<(), CliError> {
         )));
     }
     let data_dir = parse::absolute(&args.data_dir)?;
-    let mut dispatch = DispatchConfig {
-        max_warm: args.max_warm,
-        ..DispatchConfig::default()
-    };
-    if let Some(workers) = args.workers {
-        if workers == 0 {
-            return Err(CliError::usage("--workers: a worker needs at least 1"));
-        }
-        dispatch.workers = workers;
+    if args.compute.workers == Some(0) {
+        return Err(CliError::usage(
+            "--workers: a worker machine needs at least 1",
+        ));
     }
-    if let Some(budget) = args.memory_budget {
-        dispatch.memory_budget = budget;
-    }
+    let dispatch = args.compute.dispatch();
     let name = args.name.unwrap_or_else(super::serve::hostname);
     let config = WorkerConfig {
         remote: RemoteConfig {
@@ -72,13 +52,7 @@ pub(super) fn run(args: WorkerArgs, perf_map: bool) -> Result<(), CliError> {
             slots: dispatch.workers,
             module_dir: Some(data_dir.join("modules")),
         },
-        runtime: RuntimeConfig {
-            cache_dir: Some(data_dir.join("compiled")),
-            fuel: args.fuel,
-            perf_map,
-            max_warm_memory_bytes: args.max_warm_memory,
-            ..RuntimeConfig::default()
-        },
+        runtime: args.compute.runtime(&data_dir, perf_map),
         dispatch,
     };
     let rt = super::tokio_runtime()?;
