@@ -85,6 +85,7 @@ pub struct Host {
     queue: Arc<dyn Queue>,
     tracker: Arc<Tracker>,
     dispatcher: Option<Dispatcher>,
+    hub: Arc<Hub>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_http: tokio::sync::oneshot::Sender<()>,
     /// Kept to the end of the host's life.
@@ -167,7 +168,7 @@ impl Host {
         );
         hub.start_reaper();
         let state = AppState {
-            hub,
+            hub: hub.clone(),
             worker_token: config.remote.token.clone(),
             board: dispatcher.as_ref().map(Dispatcher::board),
             token: config.token.clone(),
@@ -201,6 +202,7 @@ impl Host {
             queue,
             tracker,
             dispatcher,
+            hub,
             http,
             stop_http,
             _api_runtime: ApiRuntime(Some(api_runtime)),
@@ -225,6 +227,7 @@ impl Host {
     /// Stop cleanly: stop taking requests, let running tasks finish (or
     /// return them to the queue), flush the store.
     pub async fn stop(self) -> anyhow::Result<()> {
+        self.hub.close();
         let _ = self.stop_http.send(());
         let served = self.http.await.context("the HTTP server task failed")?;
         if let Some(dispatcher) = self.dispatcher {
@@ -271,6 +274,11 @@ impl WorkerHost {
     /// This worker's id on the scheduler host, once registered.
     pub fn worker_id(&self) -> Option<String> {
         self.queue.worker_id()
+    }
+
+    /// What each of its workers is doing.
+    pub fn board(&self) -> Arc<crate::dispatch::WorkerBoard> {
+        self.dispatcher.board()
     }
 
     /// Stop: let running tasks finish within the grace period (or give

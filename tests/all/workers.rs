@@ -740,3 +740,121 @@ async fn a_worker_machine_runs_a_job_from_a_kafka_grid_host() {
     worker.stop().await.unwrap();
     host.stop().await.unwrap();
 }
+
+/// A TCP proxy on 127.0.0.1 that can be cut (every connection dropped,
+/// new ones refused) and mended: a network between a worker and its host.
+struct Proxy {
+    url: String,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn to(target: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if *watch.borrow() {
+                    continue; // dropped at once: the network is down
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Proxy { url, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+fn worker_config(server: &str, name: &str, dir: &Path) -> kwq::server::WorkerConfig {
+    kwq::server::WorkerConfig {
+        remote: kwq::server::RemoteConfig {
+            server: server.to_string(),
+            token: None,
+            name: name.into(),
+            slots: 1,
+            module_dir: Some(dir.join(name)),
+        },
+        runtime: crate::support::test_config(),
+        dispatch: kwq::dispatch::DispatchConfig {
+            workers: 1,
+            ..Default::default()
+        },
+    }
+}
+
+/// A worker cut off from its host stops the task it runs once its lease
+/// has lapsed; the task runs on another worker and its result is recorded
+/// once, from that worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_its_host_stops_and_the_task_runs_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, url) = scheduler(dir.path(), 0, Duration::from_secs(1), None, None).await;
+    let proxy = Proxy::to(host.address()).await;
+    let cut_off = kwq::server::WorkerHost::start(worker_config(&proxy.url, "cut-off", dir.path()))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let id = submit(
+        &http,
+        &url,
+        "misbehave",
+        json!({"action": "sleep", "ms": 6000}),
+    )
+    .await;
+    let running = task_in(&http, &url, &id, "Running").await;
+    assert_eq!(running["worker"], json!(cut_off.worker_id().unwrap()));
+    let cut_at = Instant::now();
+    proxy.set_cut(true);
+    // Its lease lapses after a second without heartbeats: the cut-off
+    // worker stops the task well before its six seconds are up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cut_off.board().snapshot()[0].task.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off worker never stopped its task"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cut_at.elapsed() < Duration::from_secs(5),
+        "stopped after {:?}",
+        cut_at.elapsed()
+    );
+    // Another worker runs it to the end; the network comes back meanwhile.
+    let other = kwq::server::WorkerHost::start(worker_config(&url, "other", dir.path()))
+        .await
+        .unwrap();
+    proxy.set_cut(false);
+    let done = task_in(&http, &url, &id, "Completed").await;
+    assert_eq!(done["worker"], json!(other.worker_id().unwrap()), "{done}");
+    assert_eq!(
+        done["attempts"], 1,
+        "a lapsed lease is not an attempt: {done}"
+    );
+    let completions = done["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["state"] == "Completed")
+        .count();
+    assert_eq!(completions, 1, "{done}");
+    other.stop().await.unwrap();
+    let _ = cut_off.stop().await;
+    host.stop().await.unwrap();
+}

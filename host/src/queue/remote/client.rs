@@ -68,6 +68,8 @@ struct Inner {
     /// Wakes loops that wait for a registration.
     registered: Notify,
     closed: AtomicBool,
+    /// Fires once on close: a long poll in flight is dropped, not waited out.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -171,6 +173,7 @@ impl RemoteQueue {
             sent: Notify::new(),
             registered: Notify::new(),
             closed: AtomicBool::new(false),
+            closing: tokio::sync::watch::Sender::new(false),
         });
         match inner.register().await {
             Ok(()) => {}
@@ -873,6 +876,7 @@ impl WorkQueue for RemoteQueue {
 
     fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
+        self.inner.closing.send_replace(true);
         // Leases fetched and never handed out go back to the host.
         let mut st = self.inner.lock();
         let unstarted: Vec<Lease> = st.buffer.drain(..).collect();

@@ -83,6 +83,8 @@ pub struct Hub {
     queue: Arc<dyn WorkQueue>,
     config: HubConfig,
     state: Mutex<HubState>,
+    /// Set when the host stops: long polls end at once, empty.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// Most tasks in one lease answer.
@@ -97,7 +99,15 @@ impl Hub {
             queue,
             config,
             state: Mutex::new(HubState::default()),
+            closing: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// The host is stopping: answer every long poll now (empty) and lease
+    /// nothing more, so the HTTP server's graceful stop is not held up by
+    /// polls that would wait their full time.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
@@ -288,9 +298,17 @@ impl Hub {
         // poll ends when the caller is gone, and what it got meanwhile
         // goes straight back to the store.
         let (caller, mut gone) = tokio::sync::oneshot::channel::<()>();
+        let mut closing = self.closing.subscribe();
+        if *closing.borrow() {
+            return Err(HubError::Closed);
+        }
         let leased = tokio::spawn(async move {
             tokio::select! {
                 biased;
+                _ = closing.wait_for(|closed| *closed) => {
+                    hub.abandoned(&view.id, &[]);
+                    Ok(Vec::new())
+                }
                 leases = hub.queue.lease_batch(&view, max, wait) => {
                     if matches!(gone.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)) {
                         hub.abandoned(&view.id, &leases);
