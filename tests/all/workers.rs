@@ -858,3 +858,62 @@ async fn a_worker_cut_off_from_its_host_stops_and_the_task_runs_elsewhere() {
     let _ = cut_off.stop().await;
     host.stop().await.unwrap();
 }
+
+/// Soft affinity across machines: a task whose (module, key) is warm on
+/// one worker machine waits for it (within the affinity window) rather
+/// than going to another that asks first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_goes_to_the_worker_machine_warm_for_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, url) = scheduler(dir.path(), 0, Duration::from_secs(30), None, None).await;
+    let http = reqwest::Client::new();
+    let raw = Raw::new(&url, None);
+    let (_, modules) = raw
+        .call(reqwest::Method::GET, "/v1/modules/noop", None)
+        .await;
+    let noop = modules["id"].as_str().unwrap().to_string();
+    let warm = raw.register("warm", None).await;
+    let cold = raw.register("cold", None).await;
+    // The warm machine says what it has warm (nothing to lease yet).
+    let (status, body) = raw
+        .post(
+            &format!("/v1/workers/{warm}/lease"),
+            json!({"max": 1, "wait_ms": 0, "warm": [{"module": noop, "key": "curve=USD"}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["leases"].as_array().unwrap().len()),
+        (200, 0),
+        "{body}"
+    );
+    // FIFO within a priority: the plain task first, then the keyed one.
+    let plain = submit(&http, &url, "noop", json!(2)).await;
+    let keyed = http
+        .post(format!("{url}/v1/tasks"))
+        .json(&json!({"module": "noop", "payload": 1, "affinity": "curve=USD"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let got = raw.lease(&cold, 10, 100).await;
+    let ids: Vec<&str> = got.iter().map(|l| l["task_id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        vec![plain.as_str()],
+        "the cold machine leaves the keyed task alone"
+    );
+    let (_, body) = raw
+        .post(
+            &format!("/v1/workers/{warm}/lease"),
+            json!({"max": 10, "wait_ms": 1000, "warm": [{"module": noop, "key": "curve=USD"}]}),
+        )
+        .await;
+    assert_eq!(body["leases"][0]["task_id"], json!(keyed), "{body}");
+    assert_eq!(body["leases"][0]["warm_hit"], true);
+    host.stop().await.unwrap();
+}

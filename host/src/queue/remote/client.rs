@@ -298,6 +298,7 @@ impl Inner {
             name: self.config.name.clone(),
             slots: self.config.slots.clamp(1, 4096) as u32,
             kind: None,
+            warm: Vec::new(),
         };
         let body = serde_json::to_vec(&body).expect("serialisable");
         let answer = self

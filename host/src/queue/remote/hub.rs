@@ -195,6 +195,7 @@ impl Hub {
                 ))
             })?),
         };
+        let warm = warm_pairs(request.warm)?;
         let suffix: u32 = rand::random();
         let worker_id = format!("{name}-{suffix:08x}");
         let now = now_ms();
@@ -205,7 +206,7 @@ impl Hub {
                 address,
                 slots: request.slots,
                 kind,
-                warm: Vec::new(),
+                warm,
                 registered_at: now,
                 last_seen: now,
                 polling: 0,
@@ -248,8 +249,8 @@ impl Hub {
     }
 
     /// Lease up to `request.max` tasks for `worker`, waiting up to
-    /// `request.wait_ms` for the first. Runs to the end even if the caller
-    /// goes away (its leases are then recorded, unclaimed, and lapse).
+    /// `request.wait_ms` for the first. Ends early, empty, when the host
+    /// stops; when the caller hangs up, what it leased goes straight back.
     pub async fn lease(
         self: &Arc<Self>,
         worker: &str,
@@ -265,16 +266,7 @@ impl Hub {
                 "wait_ms: must be 0..={MAX_WAIT_MS}"
             )));
         }
-        if request.warm.len() > 4096 {
-            return Err(HubError::Invalid("warm: at most 4096 pairs".into()));
-        }
-        let mut warm = Vec::with_capacity(request.warm.len());
-        for pair in request.warm {
-            let module = ModuleId::read(&pair.module).ok_or_else(|| {
-                HubError::Invalid(format!("warm: {:?} is not a module id", pair.module))
-            })?;
-            warm.push((module, pair.key));
-        }
+        let warm = warm_pairs(request.warm)?;
         let view = {
             let mut state = self.lock();
             let remote = state
@@ -589,6 +581,24 @@ impl Hub {
     pub fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {
         self.queue.module_bytes(id)
     }
+}
+
+/// Warm pairs as a worker sends them, checked: at most 4096, module ids
+/// (or external kinds).
+fn warm_pairs(pairs: Vec<super::wire::WarmPair>) -> Result<Vec<(ModuleId, String)>, HubError> {
+    if pairs.len() > 4096 {
+        return Err(HubError::Invalid("warm: at most 4096 pairs".into()));
+    }
+    pairs
+        .into_iter()
+        .map(|pair| {
+            ModuleId::read(&pair.module)
+                .map(|module| (module, pair.key))
+                .ok_or_else(|| {
+                    HubError::Invalid(format!("warm: {:?} is not a module id", pair.module))
+                })
+        })
+        .collect()
 }
 
 impl Held {

@@ -21,6 +21,10 @@ pub struct Register {
     /// `"module": "external:KIND"` and nothing else.
     #[serde(default)]
     pub kind: Option<String>,
+    /// (module, affinity key) pairs already warm on it (a restarted worker
+    /// with a disk cache); each lease request updates them. At most 4096.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<WarmPair>,
 }
 
 /// What `POST /v1/workers` answers: the worker's id and its timings.
