@@ -102,14 +102,65 @@ struct Store {
     observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
     config: EmbeddedConfig,
     health: Arc<writer::StoreHealth>,
+    /// The thread that sends deferred Allocated and Running (unparked when
+    /// there are some).
+    flusher: std::thread::Thread,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Let the flusher see the store is gone and end.
+        self.flusher.unpark();
+    }
+}
+
+/// The deferred flusher's loop: asleep while no lease defers anything,
+/// else waking every [`DEFER_MS`]; ends with the store.
+fn run_flusher(store: std::sync::mpsc::Receiver<std::sync::Weak<Store>>) {
+    let Ok(store) = store.recv() else { return };
+    let mut deferring = false;
+    loop {
+        if deferring {
+            std::thread::park_timeout(Duration::from_millis(DEFER_MS));
+        } else {
+            std::thread::park();
+        }
+        let Some(inner) = store.upgrade() else { return };
+        deferring = EmbeddedQueue { inner }.flush_deferred(now_ms());
+    }
 }
 
 /// Everything about scheduling that lives in memory: the scheduler, the
 /// sweeps still creating points, and each job's flags.
 struct HostState {
-    scheduler: Scheduler<()>,
+    scheduler: Scheduler<Deferred>,
     sweeps: Vec<SweepCursor>,
     jobs: HashMap<Arc<str>, JobFlags>,
+}
+
+/// A lease's Allocated and Running, held back from the writer for a
+/// moment: a task that ends within [`DEFER_MS`] has its whole attempt
+/// (Allocated, Running and the outcome) stored in one commit, one fsync
+/// where three were, and a longer one has them flushed by the deferred
+/// flusher. Lost in a crash exactly as unstored leases are: recovery finds
+/// such a task Pending and runs it again.
+#[derive(Default)]
+struct Deferred {
+    ops: Vec<Op>,
+    /// When the oldest of `ops` was deferred.
+    since: Millis,
+}
+
+/// How long a lease's Allocated and Running may wait for its outcome.
+const DEFER_MS: u64 = 2;
+
+impl Deferred {
+    fn push(&mut self, op: Op, now: Millis) {
+        if self.ops.is_empty() {
+            self.since = now;
+        }
+        self.ops.push(op);
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -164,6 +215,11 @@ impl EmbeddedQueue {
         let health = Arc::new(writer::StoreHealth::default());
         let writer = Writer::start(conn, events.clone(), observers.clone(), health.clone());
         let reader = reader::Reader::new(PathBuf::from(path));
+        let (handover, handed) = std::sync::mpsc::channel();
+        let flusher = std::thread::Builder::new()
+            .name("kwq-deferred".into())
+            .spawn(move || run_flusher(handed))
+            .map_err(|e| QueueError::storage("starting the deferred flusher", e))?;
         let policy = Policy {
             aging_ms: config.aging.as_millis() as u64,
             affinity_window_ms: config.affinity_window.as_millis() as u64,
@@ -183,8 +239,10 @@ impl EmbeddedQueue {
                 observers,
                 config,
                 health,
+                flusher: flusher.thread().clone(),
             }),
         };
+        let _ = handover.send(Arc::downgrade(&queue.inner));
         if recover {
             queue.recover()?;
         }
@@ -224,7 +282,8 @@ impl EmbeddedQueue {
             return;
         }
         let mut ops = Vec::with_capacity(expired.len());
-        for lease in expired {
+        for mut lease in expired {
+            ops.append(&mut lease.extra.ops);
             let mut t = transition(
                 &lease.entry,
                 Some(lease.state),
@@ -246,8 +305,38 @@ impl EmbeddedQueue {
         self.inner.writer.send(ops);
     }
 
-    fn take_lease(&self, lease: &Lease) -> Result<super::scheduler::Leased<()>, QueueError> {
-        self.state().scheduler.take(&lease.task_id, lease.token)
+    /// End a lease: its record, and its deferred operations, which go to
+    /// the writer before whatever ends it.
+    fn take_lease(
+        &self,
+        lease: &Lease,
+    ) -> Result<(super::scheduler::Leased<Deferred>, Vec<Op>), QueueError> {
+        let mut leased = self.state().scheduler.take(&lease.task_id, lease.token)?;
+        let ops = std::mem::take(&mut leased.extra.ops);
+        Ok((leased, ops))
+    }
+
+    /// Send the deferred Allocated and Running of leases older than
+    /// [`DEFER_MS`] (under the lock, so they reach the writer before the
+    /// outcome of their lease); whether any lease still defers some.
+    fn flush_deferred(&self, now: Millis) -> bool {
+        let mut state = self.state();
+        let mut ops = Vec::new();
+        let mut waiting = false;
+        for leased in state.scheduler.leases_mut() {
+            if leased.extra.ops.is_empty() {
+                continue;
+            }
+            if now.saturating_sub(leased.extra.since) >= DEFER_MS {
+                ops.append(&mut leased.extra.ops);
+            } else {
+                waiting = true;
+            }
+        }
+        if !ops.is_empty() {
+            self.inner.writer.send(ops);
+        }
+        waiting
     }
 }
 
@@ -392,7 +481,7 @@ impl WorkQueue for EmbeddedQueue {
                 let mut state = self.state();
                 self.expire_leases(&mut state, now);
                 self.refill_sweeps(&mut state, now);
-                match state.scheduler.offer(worker, now, |_| ()) {
+                match state.scheduler.offer(worker, now, |_| Deferred::default()) {
                     Offer::Granted {
                         lease,
                         leased,
@@ -407,7 +496,8 @@ impl WorkQueue for EmbeddedQueue {
                         );
                         t.carried.worker = Some(worker.id.clone());
                         t.carried.wait_us = Some(wait_us);
-                        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+                        leased.extra.push(Op::Transition(Box::new(t)), now);
+                        self.inner.flusher.unpark();
                         let on_disk = leased.entry.payload.is_none();
                         Step::Leased(lease, on_disk)
                     }
@@ -444,7 +534,8 @@ impl WorkQueue for EmbeddedQueue {
             lease.attempt,
         );
         t.carried.worker = Some(lease.worker.clone());
-        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+        leased.extra.push(Op::Transition(Box::new(t)), now_ms());
+        self.inner.flusher.unpark();
     }
 
     fn forget_worker(&self, worker: &str) {
@@ -458,7 +549,7 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     fn complete(&self, lease: &Lease, completion: Completion) -> Result<(), QueueError> {
-        let leased = self.take_lease(lease)?;
+        let (leased, mut ops) = self.take_lease(lease)?;
         let mut t = transition(
             &leased.entry,
             Some(leased.state),
@@ -470,12 +561,13 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.logs = Some(completion.logs);
         t.carried.progress = Some(completion.progress);
         t.carried.run_us = Some(completion.run_us);
-        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+        ops.push(Op::Transition(Box::new(t)));
+        self.inner.writer.send(ops);
         Ok(())
     }
 
     fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), QueueError> {
-        let leased = self.take_lease(lease)?;
+        let (leased, mut ops) = self.take_lease(lease)?;
         let to = if failure.retry_at.is_some() {
             TaskState::Error
         } else {
@@ -487,7 +579,8 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.logs = Some(failure.logs);
         t.carried.run_us = Some(failure.run_us);
         t.carried.not_before = failure.retry_at;
-        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+        ops.push(Op::Transition(Box::new(t)));
+        self.inner.writer.send(ops);
         if let Some(retry_at) = failure.retry_at {
             let now = now_ms();
             self.state().scheduler.ready.insert(
@@ -506,7 +599,7 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     fn release(&self, lease: &Lease, cancelled: bool) {
-        let Ok(leased) = self.take_lease(lease) else {
+        let Ok((leased, mut ops)) = self.take_lease(lease) else {
             return;
         };
         let to = if cancelled {
@@ -526,7 +619,8 @@ impl WorkQueue for EmbeddedQueue {
         } else {
             "given back: its worker stopped, or its lease lapsed".into()
         });
-        self.inner.writer.send(vec![Op::Transition(Box::new(t))]);
+        ops.push(Op::Transition(Box::new(t)));
+        self.inner.writer.send(ops);
         if !cancelled {
             let now = now_ms();
             self.state()

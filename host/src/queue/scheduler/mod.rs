@@ -48,7 +48,7 @@ pub(crate) enum Offer<'a, X> {
         /// What the worker runs.
         lease: Lease,
         /// The table's record of it.
-        leased: &'a Leased<X>,
+        leased: &'a mut Leased<X>,
         /// The state the task waited in (Pending, or Error for a retry).
         from: TaskState,
         /// How long it waited to be leased, µs.
@@ -154,7 +154,7 @@ impl<X> Scheduler<X> {
     }
 
     /// The leased task started running; `None` if the lease is stale.
-    pub(crate) fn start(&mut self, id: &str, token: u64) -> Option<&Leased<X>> {
+    pub(crate) fn start(&mut self, id: &str, token: u64) -> Option<&mut Leased<X>> {
         let leased = self.held(id, token)?;
         leased.state = TaskState::Running;
         Some(leased)
@@ -192,6 +192,11 @@ impl<X> Scheduler<X> {
             .iter()
             .filter_map(|id| self.leases.remove(id))
             .collect()
+    }
+
+    /// Every lease, to update what the backend keeps beside each.
+    pub(crate) fn leases_mut(&mut self) -> impl Iterator<Item = &mut Leased<X>> {
+        self.leases.values_mut()
     }
 
     /// Whether a task is leased here.
