@@ -3,11 +3,13 @@
 //! Table of contents, in dependency order (each module uses only those
 //! below it; `../shared/architecture.json` holds the same picture and
 //! `farm-studio draw` checks the code against it):
-//! - [`cli`]: the `kwq` subcommands (`serve`, `run`, client commands,
-//!   `bench`, `simulate`). Configures and reads hosts through [`server`].
+//! - [`cli`]: the `kwq` subcommands (`serve`, `worker`, `run`, client
+//!   commands, `bench`, `simulate`). Configures and reads hosts through [`server`].
 //! - [`server`]: the one place a host is assembled: [`server::Host::start`]
 //!   opens the store, starts the runtime, tracker, workers and HTTP API,
-//!   for `kwq serve`, the local grids of `bench`/`simulate` and the tests.
+//!   for `kwq serve`, the local grids of `bench`/`simulate` and the tests;
+//!   [`server::WorkerHost::start`] assembles a worker machine (`kwq worker`):
+//!   the same runtime and workers against a scheduler host over HTTP.
 //! - [`api`]: the HTTP API (axum) under `/v1`, the dashboard and OpenAPI;
 //!   `api::wire` holds the request and response bodies the handlers, the
 //!   OpenAPI document and the CLI client share. Reads through the store's
@@ -23,7 +25,9 @@
 //!   `queue::open` choosing a backend by store URL, and the backends: the
 //!   embedded SQLite store (`queue::embedded`) and the Kafka grid
 //!   (`queue::kafka`, whose hosts each keep an embedded store as their
-//!   view). **Where scheduling is decided**: `queue::scheduler`, the one
+//!   view); `queue::remote` is the worker protocol (`/v1/workers`): the
+//!   host's `Hub` of remote workers and leases that lapse, and the worker's
+//!   `RemoteQueue`, the work trait over HTTP. **Where scheduling is decided**: `queue::scheduler`, the one
 //!   scheduler both backends use. Its ready index ranks waiting tasks
 //!   (strict priority with aging, soft affinity with its window, delayed
 //!   starts, held priority 0, paused jobs); its pick loop offers a free

@@ -665,26 +665,7 @@ impl Inner {
         {
             return Some(bytes);
         }
-        let url = format!(
-            "{}/v1/workers/modules/{id}",
-            self.config.server.trim_end_matches('/')
-        );
-        let mut request = self.http.get(url).timeout(Duration::from_secs(120));
-        if let Some(token) = &self.config.token {
-            request = request.bearer_auth(token);
-        }
-        let fetch = async move {
-            let response = request.send().await?.error_for_status()?;
-            response.bytes().await
-        };
-        let bytes = match futures::executor::block_on(self.handle.spawn(fetch)) {
-            Ok(Ok(bytes)) => bytes.to_vec(),
-            Ok(Err(e)) => {
-                tracing::warn!(module = %id, error = %e, "cannot fetch module bytes");
-                return None;
-            }
-            Err(_) => return None,
-        };
+        let bytes = self.fetch_module(id)?;
         if ModuleId::of(&bytes) != *id {
             tracing::warn!(module = %id, "fetched module bytes do not match their id");
             return None;
@@ -704,6 +685,49 @@ impl Inner {
             }
         }
         Some(bytes)
+    }
+}
+
+impl Inner {
+    /// A module's bytes from the host, retried with backoff (100, 200,
+    /// 400 ms) while the host does not answer or fails; `None` if it says
+    /// there is no such module or never answers.
+    fn fetch_module(&self, id: &ModuleId) -> Option<Vec<u8>> {
+        let url = format!(
+            "{}/v1/workers/modules/{id}",
+            self.config.server.trim_end_matches('/')
+        );
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=4 {
+            let mut request = self.http.get(&url).timeout(Duration::from_secs(120));
+            if let Some(token) = &self.config.token {
+                request = request.bearer_auth(token);
+            }
+            let fetch = async move {
+                let response = request.send().await?;
+                let status = response.status();
+                Ok::<_, reqwest::Error>((status, response.bytes().await?))
+            };
+            match futures::executor::block_on(self.handle.spawn(fetch)) {
+                Ok(Ok((status, bytes))) if status.is_success() => return Some(bytes.to_vec()),
+                Ok(Ok((status, _))) if status.is_client_error() => {
+                    tracing::warn!(module = %id, %status, "the host has no such module");
+                    return None;
+                }
+                Ok(Ok((status, _))) => {
+                    tracing::warn!(module = %id, %status, attempt, "module fetch failed")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(module = %id, error = %e, attempt, "module fetch failed")
+                }
+                Err(_) => return None,
+            }
+            // Backoff between tries of a failing network (this runs on a
+            // blocking thread of the runtime's, never on an async one).
+            std::thread::sleep(backoff);
+            backoff *= 2;
+        }
+        None
     }
 }
 
