@@ -159,28 +159,25 @@ impl Host {
             )
         });
         let retry = config.dispatch.retry;
-        let hub = Hub::new(
-            queue.clone(),
-            HubConfig {
-                lease_ttl: config.remote.lease_ttl,
-                retry_delay: Arc::new(move |attempt| retry.delay(attempt)),
-            },
-        );
-        hub.start_reaper();
+        let remote = HubConfig {
+            lease_ttl: config.remote.lease_ttl,
+            retry_delay: Arc::new(move |attempt| retry.delay(attempt)),
+        };
         let state = AppState {
-            hub: hub.clone(),
             worker_token: config.remote.token.clone(),
             board: dispatcher.as_ref().map(Dispatcher::board),
             token: config.token.clone(),
             token_reads: config.token_reads,
             limits: config.limits.clone(),
-            ..AppState::new(
+            ..AppState::with_remote_workers(
                 queue.clone(),
                 modules,
                 tracker.clone(),
                 config.allowed_hosts.clone(),
+                remote,
             )
         };
+        let hub = state.hub.clone();
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let api_runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -98,13 +98,23 @@ impl AppState {
         tracker: Arc<Tracker>,
         allowed_hosts: AllowedHosts,
     ) -> Self {
-        let hub = Hub::new(
-            queue.clone(),
-            HubConfig {
-                lease_ttl: std::time::Duration::from_secs(30),
-                retry_delay: Arc::new(|attempt| RetryPolicy::default().delay(attempt)),
-            },
-        );
+        let remote = HubConfig {
+            lease_ttl: std::time::Duration::from_secs(30),
+            retry_delay: Arc::new(|attempt| RetryPolicy::default().delay(attempt)),
+        };
+        Self::with_remote_workers(queue, modules, tracker, allowed_hosts, remote)
+    }
+
+    /// As [`AppState::new`], with remote workers' leases timed and retried
+    /// by `remote` (a host's `--worker-lease` and its retry policy).
+    pub fn with_remote_workers(
+        queue: Arc<dyn Queue>,
+        modules: crate::dispatch::ModuleRegistry,
+        tracker: Arc<Tracker>,
+        allowed_hosts: AllowedHosts,
+        remote: HubConfig,
+    ) -> Self {
+        let hub = Hub::new(queue.clone(), remote);
         if tokio::runtime::Handle::try_current().is_ok() {
             hub.start_reaper();
         }

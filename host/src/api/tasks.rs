@@ -182,7 +182,7 @@ pub(super) async fn submit(
     let payload = payload_bytes(request.payload, request.payload_base64)?;
     let id = format!("t-{}", uuid::Uuid::new_v4().simple());
     // Registered before the submit, so an end however quick is not missed.
-    let waiting = wait.map(|_| state.waiters.wait_for(&id));
+    let waiting = wait.map(|wait| (wait, state.waiters.wait_for(&id)));
     state
         .work
         .submit_tasks(vec![NewTask {
@@ -193,7 +193,7 @@ pub(super) async fn submit(
             options,
         }])
         .await?;
-    let (Some(wait), Some(mut waiting)) = (wait, waiting) else {
+    let Some((wait, mut waiting)) = waiting else {
         return Ok((StatusCode::CREATED, Json(Created { id })).into_response());
     };
     match tokio::time::timeout(wait, &mut waiting.finished).await {

@@ -95,8 +95,30 @@ impl Drop for Process {
     }
 }
 
+/// The tasks of a run's job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// The no-op module: what the protocol itself costs.
+    Noop,
+    /// A 1 ms WASI sleep.
+    Sleep1ms,
+}
+
+impl Work {
+    fn label(self) -> &'static str {
+        match self {
+            Work::Noop => "no-op",
+            Work::Sleep1ms => "1 ms",
+        }
+    }
+}
+
 /// One measured run.
 struct Run {
+    work: Work,
+    /// Through `kwq worker` processes (else in-process workers).
+    remote: bool,
+    /// Who ran it, for the table.
     label: String,
     tasks: u64,
     seconds: f64,
@@ -134,18 +156,13 @@ async fn measure(bench: &WorkersBench, dir: &Path) -> Result<(), CliError> {
     {
         let host = Process::spawn(&host_args(bench.slots), &dir.join("inproc"))?;
         let url = host.url.clone().ok_or_else(|| failed("no host address"))?;
-        for (kind, tasks) in [("no-op", bench.tasks), ("1 ms", bench.sleep_tasks)] {
-            runs.push(
-                job_run(
-                    &client,
-                    &url,
-                    &host,
-                    kind,
-                    tasks,
-                    format!("in-process, {} workers", bench.slots),
-                )
-                .await?,
-            );
+        for (work, tasks) in [
+            (Work::Noop, bench.tasks),
+            (Work::Sleep1ms, bench.sleep_tasks),
+        ] {
+            let mut run = job_run(&client, &url, &host, work, tasks).await?;
+            run.label = format!("in-process, {} workers", bench.slots);
+            runs.push(run);
         }
         host.stop();
     }
@@ -168,9 +185,14 @@ async fn measure(bench: &WorkersBench, dir: &Path) -> Result<(), CliError> {
                 Process::spawn(&args, &dir.join(format!("worker-{count}-{i}")))
             })
             .collect::<Result<_, _>>()?;
-        for (kind, tasks) in [("no-op", bench.tasks), ("1 ms", bench.sleep_tasks)] {
-            let label = format!("{count} kwq worker x {} slots", bench.slots);
-            runs.push(job_run(&client, &url, &host, kind, tasks, label).await?);
+        for (work, tasks) in [
+            (Work::Noop, bench.tasks),
+            (Work::Sleep1ms, bench.sleep_tasks),
+        ] {
+            let mut run = job_run(&client, &url, &host, work, tasks).await?;
+            run.remote = true;
+            run.label = format!("{count} kwq worker x {} slots", bench.slots);
+            runs.push(run);
         }
         for worker in workers {
             worker.stop();
@@ -185,15 +207,14 @@ async fn job_run(
     client: &reqwest::Client,
     url: &str,
     host: &Process,
-    kind: &str,
+    work: Work,
     tasks: u64,
-    label: String,
 ) -> Result<Run, CliError> {
-    let body = match kind {
-        "no-op" => {
+    let body = match work {
+        Work::Noop => {
             json!({"module": "noop", "sweep": {"params": {"i": {"from": 1, "to": tasks, "step": 1}}}})
         }
-        _ => {
+        Work::Sleep1ms => {
             json!({"module": "misbehave", "sweep": {"base": {"action": "sleep", "ms": 1}, "params": {"i": {"from": 1, "to": tasks, "step": 1}}}})
         }
     };
@@ -233,7 +254,9 @@ async fn job_run(
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(Run {
-        label: format!("{kind}, {label}"),
+        work,
+        remote: false,
+        label: String::new(),
         tasks,
         seconds,
         scheduler_cpu: host.cpu().saturating_sub(cpu_before),
@@ -250,7 +273,8 @@ fn print_table(runs: &[Run]) {
     for run in runs {
         let per_task_us = run.scheduler_cpu.as_secs_f64() * 1e6 / run.tasks.max(1) as f64;
         println!(
-            "| {} | {} | {:.0} | {:.1} µs |",
+            "| {}, {} | {} | {:.0} | {:.1} µs |",
+            run.work.label(),
             run.label,
             run.tasks,
             run.tasks as f64 / run.seconds,
@@ -261,7 +285,7 @@ fn print_table(runs: &[Run]) {
     // times 10 ms per task, is the worker slots kept busy.
     if let Some(best) = runs
         .iter()
-        .filter(|r| r.label.starts_with("no-op") && r.label.contains("kwq worker"))
+        .filter(|r| r.work == Work::Noop && r.remote)
         .map(|r| r.scheduler_cpu.as_secs_f64() / r.tasks.max(1) as f64)
         .filter(|cpu| *cpu > 0.0)
         .reduce(f64::min)

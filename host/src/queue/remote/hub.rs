@@ -11,7 +11,7 @@ use super::wire::{
     Registration, Released, RemoteWorkerView, Report, ReportReply, WireLease,
 };
 use crate::model::{Millis, ModuleId, TaskId, now_ms};
-use crate::queue::{Completion, Failure, Lease, QueueError, WorkQueue, WorkerView};
+use crate::queue::{Completion, Failure, Lease, WorkQueue, WorkerView};
 use base64::Engine as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -546,6 +546,14 @@ impl Hub {
     /// Every registered worker, for `GET /v1/workers` and the dashboard.
     pub fn workers(&self) -> Vec<RemoteWorkerView> {
         let state = self.lock();
+        // One pass over the leases: each worker's least recently renewed one.
+        let mut current: HashMap<&str, &Held> = HashMap::new();
+        for held in state.leases.values() {
+            let slot = current.entry(held.worker.as_str()).or_insert(held);
+            if held.expires < slot.expires {
+                *slot = held;
+            }
+        }
         let mut views: Vec<RemoteWorkerView> = state
             .workers
             .iter()
@@ -556,12 +564,7 @@ impl Hub {
                 slots: w.slots,
                 kind: w.kind.as_ref().map(ToString::to_string),
                 leased: w.leased,
-                current_task: state
-                    .leases
-                    .values()
-                    .filter(|h| h.worker == *id)
-                    .min_by_key(|h| h.expires)
-                    .map(|h| h.lease.task_id.clone()),
+                current_task: current.get(id.as_str()).map(|h| h.lease.task_id.clone()),
                 completed: w.completed,
                 failed: w.failed,
                 registered_at: w.registered_at,
@@ -570,11 +573,6 @@ impl Hub {
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name).then(a.worker_id.cmp(&b.worker_id)));
         views
-    }
-
-    /// Remote leases held now.
-    pub fn leases_held(&self) -> usize {
-        self.lock().leases.len()
     }
 
     /// A module's bytes for a worker (content-addressed: it checks the hash).
@@ -629,14 +627,5 @@ fn refused(task: &str, code: &str, message: &str) -> Refused {
         task_id: task.to_string(),
         code: code.to_string(),
         message: message.to_string(),
-    }
-}
-
-impl From<QueueError> for HubError {
-    fn from(e: QueueError) -> Self {
-        match e {
-            QueueError::Closed => HubError::Closed,
-            other => HubError::Invalid(other.to_string()),
-        }
     }
 }
