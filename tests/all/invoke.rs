@@ -136,3 +136,180 @@ async fn a_waiting_caller_gets_the_finished_task_or_its_id() {
     );
     host.stop().await.unwrap();
 }
+
+async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
+    let response = http.get(url).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Waits (polling the API) until `done` holds for task `id`.
+async fn until_task(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, task) = get(http, format!("{url}/v1/tasks/{id}")).await;
+        if done(&task) {
+            return task;
+        }
+        assert!(Instant::now() < deadline, "{task}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invocation_is_answered_from_its_attempt_and_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, url) = host(dir.path()).await;
+    let http = reqwest::Client::new();
+    let echo = |value: Value| json!({"module": "misbehave", "payload": {"action": "echo", "value": value}});
+
+    // Durable (the default): the answer carries the whole first attempt.
+    let (status, done) = invoke(&http, &url, "?wait=10s", echo(json!("durable"))).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["result"], "durable");
+    assert_eq!(done["attempts"], 1);
+    assert!(done["worker"].is_string(), "{done}");
+    for state in ["Pending", "Allocated", "Running", "Completed"] {
+        assert!(done["timestamps"][state].is_u64(), "{state}: {done}");
+    }
+    let id = done["id"].as_str().unwrap();
+    let (status, stored) = get(&http, format!("{url}/v1/tasks/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(stored["state"], "Completed");
+    assert_eq!(stored["result"], "durable");
+
+    // Not durable: answered with the result, recorded once after.
+    let mut body = echo(json!({"fast": true}));
+    body["durable"] = json!(false);
+    let (status, done) = invoke(&http, &url, "?wait=10s", body).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "Completed");
+    assert_eq!(done["result"], json!({"fast": true}));
+    let id = done["id"].as_str().unwrap();
+    let stored = until_task(&http, &url, id, |t| t["state"] == "Completed").await;
+    assert_eq!(stored["result"], json!({"fast": true}));
+    let states: Vec<&str> = stored["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["Pending", "Allocated", "Running", "Completed"]);
+
+    // Not durable, and the wait runs out: the id comes once the task is
+    // stored, so it can be looked up at once; it runs to the end.
+    let (status, pending) = invoke(
+        &http,
+        &url,
+        "?wait=100ms",
+        json!({"module": "misbehave", "durable": false, "payload": {"action": "sleep", "ms": 500}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{pending}");
+    let id = pending["id"].as_str().unwrap();
+    let (status, task) = get(&http, format!("{url}/v1/tasks/{id}")).await;
+    assert_eq!(status, 200, "stored before its id was given: {task}");
+    until_task(&http, &url, id, |t| t["state"] == "Completed").await;
+
+    // A retried task's end comes from the store's commits.
+    let (status, dead) = invoke(
+        &http,
+        &url,
+        "?wait=30s",
+        json!({"module": "misbehave", "durable": false, "max_attempts": 2, "payload": {"action": "fail", "message": "twice"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{dead}");
+    assert_eq!(dead["state"], "Dead");
+    assert_eq!(dead["attempts"], 2);
+
+    // `durable` belongs to a synchronous invocation only.
+    let (status, error) = invoke(
+        &http,
+        &url,
+        "",
+        json!({"module": "noop", "payload": null, "durable": false}),
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error.to_string().contains("durable"), "{error}");
+    let (status, error) = invoke(
+        &http,
+        &url,
+        "?wait=1s",
+        json!({"module": "noop", "payload": null, "durable": "no"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+    host.stop().await.unwrap();
+}
+
+/// `kwq serve` SIGKILLed while a durable and a non-durable invocation run:
+/// both callers get an error; after the restart the durable task is there
+/// and runs to the end, the non-durable one (never acknowledged) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_fails_the_callers_and_keeps_only_the_durable_invocation() {
+    use crate::process::Server;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_serving(
+        dir.path(),
+        &[],
+        &[],
+        std::process::Stdio::inherit(),
+        2,
+        "warn",
+    );
+    let http = reqwest::Client::new();
+    let call = |durable: bool| {
+        let http = http.clone();
+        let url = format!("{}/v1/tasks?wait=60s", server.url);
+        let body = json!({"module": "misbehave", "durable": durable, "tags": {"durable": durable.to_string()}, "payload": {"action": "sleep", "ms": 20000}});
+        tokio::spawn(async move { http.post(url).json(&body).send().await })
+    };
+    let durable = call(true);
+    let in_memory = call(false);
+    // Both run: the dashboard's workers each show a task.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, stats) = get(&http, format!("{}/v1/stats", server.url)).await;
+        let running = stats["workers"]
+            .as_array()
+            .map_or(0, |w| w.iter().filter(|w| w["task"].is_string()).count());
+        if running == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill();
+    assert!(
+        durable.await.unwrap().is_err(),
+        "the durable caller saw the crash"
+    );
+    assert!(
+        in_memory.await.unwrap().is_err(),
+        "the other caller saw the crash"
+    );
+
+    let server = Server::start_serving(
+        dir.path(),
+        &[],
+        &[],
+        std::process::Stdio::inherit(),
+        2,
+        "warn",
+    );
+    let (_, page) = get(&http, format!("{}/v1/tasks", server.url)).await;
+    let tasks = page["items"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1, "{page}");
+    assert_eq!(tasks[0]["options"]["tags"]["durable"], "true", "{page}");
+    let state = tasks[0]["state"].as_str().unwrap();
+    assert!(
+        ["Pending", "Allocated", "Running"].contains(&state),
+        "to run again: {page}"
+    );
+}

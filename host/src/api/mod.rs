@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod guard;
 mod jobs;
+mod module_names;
 mod modules;
 pub mod openapi;
 mod system;
@@ -86,6 +87,8 @@ pub struct AppState {
     pub worker_token: Option<String>,
     /// Callers of `POST /v1/tasks?wait=` waiting for their task.
     pub waiters: Arc<waiters::Waiters>,
+    /// Module names and ids known to be stored (no store read per submission).
+    pub module_names: Arc<module_names::ModuleNames>,
 }
 
 impl AppState {
@@ -120,7 +123,10 @@ impl AppState {
         }
         let waiters = Arc::new(waiters::Waiters::default());
         queue.observe(waiters.clone());
+        let module_names = Arc::new(module_names::ModuleNames::default());
+        queue.observe(module_names.clone());
         AppState {
+            module_names,
             hub,
             worker_token: None,
             waiters,

@@ -95,18 +95,29 @@ pub(super) async fn resolve(state: &AppState, module: &str) -> Result<ModuleId, 
         });
     }
     if let Some(id) = ModuleId::parse(module) {
+        if state.module_names.is_stored(&id) {
+            return Ok(id);
+        }
         return match state.reads.module(&id).await {
-            Ok(_) => Ok(id),
+            Ok(_) => {
+                state.module_names.found_id(&id);
+                Ok(id)
+            }
             Err(_) => Err(AppError::bad_request(
                 "unknown_module",
                 format!("no module with id {id} was uploaded"),
             )),
         };
     }
-    state.reads.module_named(module).await?.ok_or_else(|| {
+    if let Some(id) = state.module_names.named(module) {
+        return Ok(id);
+    }
+    let id = state.reads.module_named(module).await?.ok_or_else(|| {
         AppError::bad_request(
             "unknown_module",
             format!("no module named {module:?}: upload it first"),
         )
-    })
+    })?;
+    state.module_names.found(module, &id);
+    Ok(id)
 }

@@ -7,8 +7,9 @@ use super::wire::{
     parse_tag,
 };
 use super::{AppState, modules, views};
-use crate::model::{NewTask, TaskOptions, TaskState, now_ms};
-use crate::queue::{Control, TaskFilter};
+use crate::model::{NewTask, TaskOptions, TaskRecord, TaskState, now_ms};
+use crate::queue::invocation::{Invocation, Outcome};
+use crate::queue::{Control, QueueError, TaskFilter};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -169,7 +170,9 @@ fn parse_wait(text: &str) -> Result<std::time::Duration, AppError> {
 /// `POST /v1/tasks`: 201 `{"id": ...}` once the task is durable. With
 /// `?wait=DURATION`: 200 with the finished task (state, result, logs) if
 /// it finishes (Completed, Dead or Cancelled) within the wait, else 202
-/// `{"id": ...}`; the task is durable either way.
+/// `{"id": ...}` once the task is durable. A 200 comes once task and
+/// result are durable, unless the body says `"durable": false`: then the
+/// task was not queued on disk and the answer did not wait for its write.
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = TaskSubmission, params(("wait" = Option<String>, Query, description = "wait up to this long (e.g. 2s, 500ms; at most 5m) for the task to finish and answer with it")), responses((status = 201, description = "durably accepted", body = Created), (status = 200, description = "with ?wait=: finished within the wait, result included", body = TaskView), (status = 202, description = "with ?wait=: accepted, not finished within the wait", body = Created), (status = 400, body = ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
@@ -177,31 +180,104 @@ pub(super) async fn submit(
     ApiJson(request): ApiJson<TaskSubmission>,
 ) -> Result<Response, AppError> {
     let wait = query.wait.as_deref().map(parse_wait).transpose()?;
+    if request.durable.is_some() && wait.is_none() {
+        return Err(AppError::bad_request(
+            "invalid_field",
+            "durable: only for a synchronous invocation (POST /v1/tasks?wait=...)",
+        ));
+    }
+    let durable = request.durable.unwrap_or(true);
     let options = request.options.into_options()?;
     let module = modules::resolve(&state, &request.module).await?;
     let payload = payload_bytes(request.payload, request.payload_base64)?;
-    let id = format!("t-{}", uuid::Uuid::new_v4().simple());
-    // Registered before the submit, so an end however quick is not missed.
-    let waiting = wait.map(|wait| (wait, state.waiters.wait_for(&id)));
-    state
-        .work
-        .submit_tasks(vec![NewTask {
-            id: id.clone(),
-            job_id: None,
-            module,
-            payload,
-            options,
-        }])
-        .await?;
-    let Some((wait, mut waiting)) = waiting else {
-        return Ok((StatusCode::CREATED, Json(Created { id })).into_response());
+    let task = NewTask {
+        id: format!("t-{}", uuid::Uuid::new_v4().simple()),
+        job_id: None,
+        module,
+        payload,
+        options,
     };
-    match tokio::time::timeout(wait, &mut waiting.finished).await {
-        Ok(Ok(_)) => {
-            let record = state.reads.task(&id).await?;
-            Ok((StatusCode::OK, Json(views::task_outcome(record))).into_response())
+    match wait {
+        None => {
+            let id = task.id.clone();
+            state.work.submit_tasks(vec![task]).await?;
+            Ok((StatusCode::CREATED, Json(Created { id })).into_response())
         }
-        _ => Ok((StatusCode::ACCEPTED, Json(Created { id })).into_response()),
+        Some(wait) => invoke(&state, task, wait, durable).await,
+    }
+}
+
+/// The longest a synchronous invocation whose wait ran out waits further
+/// for its task to be durable before it is told the id (only a failing
+/// store takes that long).
+const PERSIST_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A synchronous invocation: 200 with the finished task once it ended
+/// (and, if durable, its outcome is durable) within `wait`, else 202 with
+/// its id once it is stored. The end comes straight from the store's
+/// queue when it can, else from its commits (after a retry, a cancel).
+async fn invoke(
+    state: &AppState,
+    task: NewTask,
+    wait: std::time::Duration,
+    durable: bool,
+) -> Result<Response, AppError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let id = task.id.clone();
+    let submitted = task.clone();
+    // Registered before the submit, so an end however quick is not missed.
+    let mut waiting = state.waiters.wait_for(&id);
+    let Invocation { finished, held } = state.work.invoke(task, durable).await?;
+    let handed_over = async {
+        // A dropped sender: this end comes from the commits instead.
+        let Ok(finished) = finished.await else {
+            return std::future::pending().await;
+        };
+        if let Some(durable) = finished.durable {
+            durable.await.ok()?;
+        }
+        Some(finished.outcome)
+    };
+    let ended = tokio::select! {
+        biased;
+        outcome = handed_over => outcome.map(|o| views::task_outcome(outcome_record(submitted, o))),
+        Ok(_) = &mut waiting.finished => Some(views::task_outcome(state.reads.task(&id).await?)),
+        _ = tokio::time::sleep_until(deadline) => None,
+    };
+    if let Some(view) = ended {
+        return Ok((StatusCode::OK, Json(view)).into_response());
+    }
+    match tokio::time::timeout(PERSIST_LIMIT, held.persist()).await {
+        Ok(stored) => stored?,
+        Err(_) => {
+            return Err(QueueError::Unavailable(format!(
+                "task {id} is accepted in memory but not yet durable: the store is not taking writes"
+            ))
+            .into());
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(Created { id })).into_response())
+}
+
+/// The record of an invoked task as its caller submitted it and its
+/// attempt ended.
+fn outcome_record(task: NewTask, outcome: Outcome) -> TaskRecord {
+    let (error_kind, error_message) = outcome.error.unzip();
+    TaskRecord {
+        id: task.id,
+        job_id: None,
+        module: task.module,
+        payload: task.payload,
+        options: task.options,
+        state: outcome.state,
+        attempts: outcome.attempts,
+        worker: Some(outcome.worker),
+        timestamps: outcome.timestamps,
+        error_kind,
+        error_message,
+        result: outcome.result,
+        logs: outcome.logs,
+        progress: outcome.progress,
     }
 }
 

@@ -96,6 +96,13 @@ pub struct TaskSubmission {
     #[schema(content_encoding = "base64")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
+    /// With `?wait=` only. `false`: the task is not queued on disk while
+    /// its caller waits; it and its result are written once, and the
+    /// answer does not wait for that write (on a host crash the caller
+    /// gets an error, never a lost task). Default `true`: answered once
+    /// task and result are durable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<bool>,
     /// Options.
     #[serde(flatten)]
     pub options: SubmitOptions,

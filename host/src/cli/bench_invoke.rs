@@ -2,7 +2,8 @@
 //! as a FaaS caller sees it: one client sends `POST /v1/tasks?wait=10s`
 //! for a no-op task, one after the other, and times each answer (the
 //! finished task with its result, after the task and its result are
-//! durable). Printed, never asserted.
+//! durable), then the same with `"durable": false` (answered before
+//! the write is durable). Printed, never asserted.
 
 use super::CliError;
 use super::local_grid::{LocalGrid, failed};
@@ -33,10 +34,78 @@ async fn bench(
         .build()
         .map_err(failed)?;
     let url = format!("{}/v1/tasks?wait=10s", grid.url);
-    let body = json!({"module": "noop", "payload": null});
+    let durable = sample(
+        &client,
+        &url,
+        json!({"module": "noop", "payload": null}),
+        samples,
+    )
+    .await?;
+    let in_memory = sample(
+        &client,
+        &url,
+        json!({"module": "noop", "payload": null, "durable": false}),
+        samples,
+    )
+    .await?;
+    let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+    println!(
+        "kwq bench invoke: {samples} sequential POST /v1/tasks?wait=10s of a no-op task, one client, {} workers, embedded store (--durability {})",
+        grid.workers,
+        match durability {
+            Durability::Power => "power",
+            Durability::Process => "process",
+        }
+    );
+    println!("| figure | durable (default) | \"durable\": false |");
+    println!("|---|---|---|");
+    for (figure, q) in [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("max", 1.0)] {
+        println!(
+            "| {figure} | {} | {} |",
+            ms(durable.at(q)),
+            ms(in_memory.at(q))
+        );
+    }
+    println!(
+        "| invocations/s (one caller) | {:.0} | {:.0} |",
+        durable.rate(),
+        in_memory.rate()
+    );
+    grid.stop().await;
+    Ok(())
+}
+
+/// Latencies of one series of invocations, sorted.
+struct Series {
+    latencies: Vec<Duration>,
+    total: Duration,
+}
+
+impl Series {
+    fn at(&self, q: f64) -> Duration {
+        let last = self.latencies.len().saturating_sub(1);
+        self.latencies
+            .get(((self.latencies.len() as f64 * q) as usize).min(last))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.total.as_secs_f64().max(1e-9)
+    }
+}
+
+/// `samples` invocations of `body`, one after the other, after a warm-up
+/// (the connection, the module and the store's pages).
+async fn sample(
+    client: &reqwest::Client,
+    url: &str,
+    body: Value,
+    samples: u32,
+) -> Result<Series, CliError> {
     let invoke = || async {
         let started = Instant::now();
-        let response = client.post(&url).json(&body).send().await.map_err(failed)?;
+        let response = client.post(url).json(&body).send().await.map_err(failed)?;
         let status = response.status();
         let answer: Value = response.json().await.map_err(failed)?;
         if status != 200 || answer["state"] != "Completed" {
@@ -46,7 +115,6 @@ async fn bench(
         }
         Ok::<Duration, CliError>(started.elapsed())
     };
-    // Warm the connection, the module and the store's pages first.
     for _ in 0..200.min(samples) {
         invoke().await?;
     }
@@ -57,25 +125,5 @@ async fn bench(
     }
     let total = started.elapsed();
     latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "kwq bench invoke: {samples} sequential POST /v1/tasks?wait=10s of a no-op task, one client, {} workers, embedded store",
-        grid.workers
-    );
-    println!("| figure | value |");
-    println!("|---|---|");
-    println!("| p50 | {:.3} ms |", ms(at(0.50)));
-    println!("| p90 | {:.3} ms |", ms(at(0.90)));
-    println!("| p99 | {:.3} ms |", ms(at(0.99)));
-    println!(
-        "| max | {:.3} ms |",
-        ms(*latencies.last().unwrap_or(&Duration::ZERO))
-    );
-    println!(
-        "| invocations/s (one caller) | {:.0} |",
-        samples as f64 / total.as_secs_f64()
-    );
-    grid.stop().await;
-    Ok(())
+    Ok(Series { latencies, total })
 }

@@ -244,6 +244,7 @@ pub(super) fn submit(
     task: TaskFlags,
     payload: String,
     wait: Option<std::time::Duration>,
+    durable: bool,
 ) -> Result<(), CliError> {
     let client = Client::new(&connection);
     let payload = read_json_arg(&payload)?;
@@ -252,6 +253,7 @@ pub(super) fn submit(
         module: task.module,
         payload: Some(payload),
         payload_base64: None,
+        durable: (!durable).then_some(false),
     };
     block_on(async move {
         let path = match wait {

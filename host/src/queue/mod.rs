@@ -7,6 +7,7 @@
 //! The queue knows nothing about Wasm: a task is a module id and bytes.
 
 pub mod embedded;
+pub mod invocation;
 pub mod kafka;
 mod open;
 pub mod remote;
@@ -331,6 +332,23 @@ pub trait WorkQueue: Send + Sync + 'static {
 
     /// Durably accept tasks; they are Pending when this returns.
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError>;
+    /// Accept one task whose caller waits in the request for it to end
+    /// (synchronous invocation). `durable`: answer only once the task and
+    /// its result are durable, as every task; else the task is not queued
+    /// on disk while the caller waits, and is written once with its result
+    /// (on a host crash the caller gets an error, never a lost task). A
+    /// backend without a faster path stores the task as
+    /// [`submit_tasks`](Self::submit_tasks) does and reports its end
+    /// through its commits.
+    async fn invoke(
+        &self,
+        task: NewTask,
+        durable: bool,
+    ) -> Result<invocation::Invocation, QueueError> {
+        let _ = durable;
+        self.submit_tasks(vec![task]).await?;
+        Ok(invocation::Invocation::stored())
+    }
     /// Durably accept a job (explicit payloads or a sweep).
     async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError>;
     /// Durably apply a user's control (pause, resume, cancel, priority).

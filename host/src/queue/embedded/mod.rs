@@ -4,6 +4,7 @@
 //! it, so `kill -9` loses nothing that was acknowledged.
 
 mod controls;
+mod invoke;
 mod pressure;
 mod reader;
 mod recover;
@@ -14,6 +15,7 @@ mod view;
 mod view_apply;
 mod writer;
 
+use super::invocation::{Invocation, Outcome};
 use super::scheduler::ready::{Entry, Policy};
 use super::scheduler::{Offer, Scheduler, Tags};
 use super::{
@@ -102,20 +104,38 @@ struct Store {
     observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
     config: EmbeddedConfig,
     health: Arc<writer::StoreHealth>,
-    /// The thread that sends deferred Allocated and Running (unparked when
-    /// there are some).
-    flusher: std::thread::Thread,
+    /// The thread that sends deferred operations.
+    flusher: Flusher,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
         // Let the flusher see the store is gone and end.
-        self.flusher.unpark();
+        self.flusher.thread.unpark();
     }
 }
 
-/// The deferred flusher's loop: asleep while no lease defers anything,
-/// else waking every [`DEFER_MS`]; ends with the store.
+/// The deferred flusher: a thread asleep while nothing is deferred, else
+/// waking every [`DEFER_MS`]. Woken by whoever defers an operation, only
+/// when it sleeps: a wake per lease cost every invocation a thread switch
+/// and a turn of the state's lock on a busy two-core host.
+struct Flusher {
+    thread: std::thread::Thread,
+    /// Whether it is looking every [`DEFER_MS`] anyway.
+    deferring: AtomicBool,
+}
+
+impl Flusher {
+    /// Something was deferred (under the state's lock): make sure it is
+    /// looked at within [`DEFER_MS`].
+    fn wake(&self) {
+        if !self.deferring.load(Ordering::SeqCst) {
+            self.thread.unpark();
+        }
+    }
+}
+
+/// The deferred flusher's loop; ends with the store.
 fn run_flusher(store: std::sync::mpsc::Receiver<std::sync::Weak<Store>>) {
     let Ok(store) = store.recv() else { return };
     let mut deferring = false;
@@ -126,7 +146,19 @@ fn run_flusher(store: std::sync::mpsc::Receiver<std::sync::Weak<Store>>) {
             std::thread::park();
         }
         let Some(inner) = store.upgrade() else { return };
-        deferring = EmbeddedQueue { inner }.flush_deferred(now_ms());
+        let queue = EmbeddedQueue { inner };
+        deferring = queue.flush_deferred(now_ms());
+        if !deferring {
+            // About to sleep: from here on deferrers wake it. Look once
+            // more, for what was deferred while they thought it awake.
+            queue.inner.flusher.deferring.store(false, Ordering::SeqCst);
+            deferring = queue.flush_deferred(now_ms());
+        }
+        queue
+            .inner
+            .flusher
+            .deferring
+            .store(deferring, Ordering::SeqCst);
     }
 }
 
@@ -136,6 +168,8 @@ struct HostState {
     scheduler: Scheduler<Deferred>,
     sweeps: Vec<SweepCursor>,
     jobs: HashMap<Arc<str>, JobFlags>,
+    /// Synchronous invocations whose callers wait, by task.
+    invoked: HashMap<Arc<str>, invoke::Invoked>,
 }
 
 /// A lease's Allocated and Running, held back from the writer for a
@@ -143,12 +177,15 @@ struct HostState {
 /// (Allocated, Running and the outcome) stored in one commit, one fsync
 /// where three were, and a longer one has them flushed by the deferred
 /// flusher. Lost in a crash exactly as unstored leases are: recovery finds
-/// such a task Pending and runs it again.
+/// such a task Pending and runs it again. A synchronous invocation's held
+/// insert comes first (see [`invoke`]).
 #[derive(Default)]
 struct Deferred {
     ops: Vec<Op>,
     /// When the oldest of `ops` was deferred.
     since: Millis,
+    /// Held until the attempt ends, however long (a non-durable invocation).
+    until_outcome: bool,
 }
 
 /// How long a lease's Allocated and Running may wait for its outcome.
@@ -232,6 +269,7 @@ impl EmbeddedQueue {
                     scheduler: Scheduler::new(policy, Some(config.lease_ttl)),
                     sweeps: Vec::new(),
                     jobs: HashMap::new(),
+                    invoked: HashMap::new(),
                 }),
                 wake: Notify::new(),
                 closed: AtomicBool::new(false),
@@ -239,7 +277,10 @@ impl EmbeddedQueue {
                 observers,
                 config,
                 health,
-                flusher: flusher.thread().clone(),
+                flusher: Flusher {
+                    thread: flusher.thread().clone(),
+                    deferring: AtomicBool::new(false),
+                },
             }),
         };
         let _ = handover.send(Arc::downgrade(&queue.inner));
@@ -305,15 +346,17 @@ impl EmbeddedQueue {
         self.inner.writer.send(ops);
     }
 
-    /// End a lease: its record, and its deferred operations, which go to
-    /// the writer before whatever ends it.
-    fn take_lease(
-        &self,
-        lease: &Lease,
-    ) -> Result<(super::scheduler::Leased<Deferred>, Vec<Op>), QueueError> {
-        let mut leased = self.state().scheduler.take(&lease.task_id, lease.token)?;
+    /// End a lease: its record, its deferred operations, which go to the
+    /// writer before whatever ends it, and the invocation waiting for it.
+    fn take_lease(&self, lease: &Lease) -> Result<EndedLease, QueueError> {
+        let mut state = self.state();
+        let mut leased = state.scheduler.take(&lease.task_id, lease.token)?;
         let ops = std::mem::take(&mut leased.extra.ops);
-        Ok((leased, ops))
+        let invoked = match state.invoked.is_empty() {
+            true => None,
+            false => state.invoked.remove(lease.task_id.as_str()),
+        };
+        Ok((leased, ops, invoked))
     }
 
     /// Send the deferred Allocated and Running of leases older than
@@ -323,8 +366,14 @@ impl EmbeddedQueue {
         let mut state = self.state();
         let mut ops = Vec::new();
         let mut waiting = false;
-        for leased in state.scheduler.leases_mut() {
-            if leased.extra.ops.is_empty() {
+        let HostState {
+            scheduler, invoked, ..
+        } = &mut *state;
+        for invoked in invoked.values_mut() {
+            waiting |= invoked.due_insert(now, &mut ops);
+        }
+        for leased in scheduler.leases_mut() {
+            if leased.extra.ops.is_empty() || leased.extra.until_outcome {
                 continue;
             }
             if now.saturating_sub(leased.extra.since) >= DEFER_MS {
@@ -339,6 +388,13 @@ impl EmbeddedQueue {
         waiting
     }
 }
+
+/// A lease as ended by [`EmbeddedQueue::take_lease`].
+type EndedLease = (
+    super::scheduler::Leased<Deferred>,
+    Vec<Op>,
+    Option<invoke::Invoked>,
+);
 
 /// A waiting entry for a task as submitted: no attempt made yet.
 fn entry_from_new(task: &NewTask, tags: Tags, now: Millis) -> Entry {
@@ -443,6 +499,10 @@ impl WorkQueue for EmbeddedQueue {
         self.accept_job(job).await
     }
 
+    async fn invoke(&self, task: NewTask, durable: bool) -> Result<Invocation, QueueError> {
+        self.invoke_task(task, durable)
+    }
+
     async fn lease(&self, worker: &WorkerView) -> Option<Lease> {
         loop {
             let notified = self.inner.wake.notified();
@@ -481,13 +541,24 @@ impl WorkQueue for EmbeddedQueue {
                 let mut state = self.state();
                 self.expire_leases(&mut state, now);
                 self.refill_sweeps(&mut state, now);
-                match state.scheduler.offer(worker, now, |_| Deferred::default()) {
+                let HostState {
+                    scheduler, invoked, ..
+                } = &mut *state;
+                match scheduler.offer(worker, now, |_| Deferred::default()) {
                     Offer::Granted {
                         lease,
                         leased,
                         from,
                         wait_us,
                     } => {
+                        if !invoked.is_empty()
+                            && let Some(invoked) = invoked.get_mut(&leased.entry.id)
+                        {
+                            let extra = &mut leased.extra;
+                            (extra.ops, extra.until_outcome) =
+                                invoked.take_insert(&mut extra.since);
+                            invoked.entered(TaskState::Allocated, now);
+                        }
                         let mut t = transition(
                             &leased.entry,
                             Some(from),
@@ -497,7 +568,7 @@ impl WorkQueue for EmbeddedQueue {
                         t.carried.worker = Some(worker.id.clone());
                         t.carried.wait_us = Some(wait_us);
                         leased.extra.push(Op::Transition(Box::new(t)), now);
-                        self.inner.flusher.unpark();
+                        self.inner.flusher.wake();
                         let on_disk = leased.entry.payload.is_none();
                         Step::Leased(lease, on_disk)
                     }
@@ -534,8 +605,14 @@ impl WorkQueue for EmbeddedQueue {
             lease.attempt,
         );
         t.carried.worker = Some(lease.worker.clone());
-        leased.extra.push(Op::Transition(Box::new(t)), now_ms());
-        self.inner.flusher.unpark();
+        let now = now_ms();
+        leased.extra.push(Op::Transition(Box::new(t)), now);
+        if !state.invoked.is_empty()
+            && let Some(invoked) = state.invoked.get_mut(lease.task_id.as_str())
+        {
+            invoked.entered(TaskState::Running, now);
+        }
+        self.inner.flusher.wake();
     }
 
     fn forget_worker(&self, worker: &str) {
@@ -549,37 +626,69 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     fn complete(&self, lease: &Lease, completion: Completion) -> Result<(), QueueError> {
-        let (leased, mut ops) = self.take_lease(lease)?;
+        let (leased, mut ops, invoked) = self.take_lease(lease)?;
         let mut t = transition(
             &leased.entry,
             Some(leased.state),
             TaskState::Completed,
             lease.attempt,
         );
+        let at = t.at;
+        let outcome = invoked.as_ref().map(|_| Outcome {
+            state: TaskState::Completed,
+            attempts: lease.attempt,
+            worker: lease.worker.clone(),
+            timestamps: Default::default(),
+            error: None,
+            result: Some(completion.result.clone()),
+            logs: completion.logs.clone(),
+            progress: completion.progress,
+        });
         t.carried.worker = Some(lease.worker.clone());
         t.carried.result = Some(completion.result);
         t.carried.logs = Some(completion.logs);
         t.carried.progress = Some(completion.progress);
         t.carried.run_us = Some(completion.run_us);
         ops.push(Op::Transition(Box::new(t)));
+        if let (Some(invoked), Some(outcome)) = (invoked, outcome) {
+            invoked.hand_over(outcome, at, &mut ops);
+        }
         self.inner.writer.send(ops);
         Ok(())
     }
 
     fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), QueueError> {
-        let (leased, mut ops) = self.take_lease(lease)?;
+        let (leased, mut ops, invoked) = self.take_lease(lease)?;
         let to = if failure.retry_at.is_some() {
             TaskState::Error
         } else {
             TaskState::Dead
         };
         let mut t = transition(&leased.entry, Some(leased.state), to, lease.attempt);
+        let at = t.at;
+        // A retry ends nothing: its caller hears the end from the commits.
+        let outcome = invoked
+            .as_ref()
+            .filter(|_| to == TaskState::Dead)
+            .map(|_| Outcome {
+                state: TaskState::Dead,
+                attempts: lease.attempt,
+                worker: lease.worker.clone(),
+                timestamps: Default::default(),
+                error: Some((failure.kind, failure.message.clone())),
+                result: None,
+                logs: failure.logs.clone(),
+                progress: 0.0,
+            });
         t.carried.worker = Some(lease.worker.clone());
         t.carried.error = Some((failure.kind, failure.message));
         t.carried.logs = Some(failure.logs);
         t.carried.run_us = Some(failure.run_us);
         t.carried.not_before = failure.retry_at;
         ops.push(Op::Transition(Box::new(t)));
+        if let (Some(invoked), Some(outcome)) = (invoked, outcome) {
+            invoked.hand_over(outcome, at, &mut ops);
+        }
         self.inner.writer.send(ops);
         if let Some(retry_at) = failure.retry_at {
             let now = now_ms();
@@ -599,7 +708,7 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     fn release(&self, lease: &Lease, cancelled: bool) {
-        let Ok((leased, mut ops)) = self.take_lease(lease) else {
+        let Ok((leased, mut ops, _)) = self.take_lease(lease) else {
             return;
         };
         let to = if cancelled {

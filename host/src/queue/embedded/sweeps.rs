@@ -59,6 +59,7 @@ impl EmbeddedQueue {
             sweeps,
             scheduler,
             jobs,
+            ..
         } = state;
         let ready = &mut scheduler.ready;
         for cursor in sweeps.iter_mut() {

@@ -60,6 +60,11 @@ pub(super) enum Op {
         partition: i32,
         next: i64,
     },
+    /// Writes nothing: fires once every operation queued before it is
+    /// durable. Unlike a [`Writer::write`], it travels with operations
+    /// already applied in memory (a synchronous invocation's held insert
+    /// and outcome), so a failing batch keeps it and retries with them.
+    Notify(oneshot::Sender<()>),
 }
 
 /// A task entering a state.
@@ -256,6 +261,11 @@ fn run(
                     if let Some(done) = command.done {
                         let _ = done.send(Ok(()));
                     }
+                    for op in command.ops {
+                        if let Op::Notify(durable) = op {
+                            let _ = durable.send(());
+                        }
+                    }
                 }
                 backlog.drained.notify_waiters();
                 for c in committed {
@@ -340,7 +350,8 @@ fn apply(
     let mut modules = Vec::new();
     for op in batch.iter().flat_map(|c| c.ops.iter()) {
         match op {
-            Op::Quota(_) => {} // applied before the transaction
+            Op::Quota(_) => {}  // applied before the transaction
+            Op::Notify(_) => {} // fired after the commit
             Op::Module(record, bytes) => {
                 // A re-upload rewrites the bytes: that repairs a stored copy
                 // that was corrupted on disk (the id is the hash of good bytes).
