@@ -255,14 +255,7 @@ async fn an_invocation_is_answered_from_its_attempt_and_stored_once() {
 async fn sigkill_fails_the_callers_and_keeps_only_the_durable_invocation() {
     use crate::process::Server;
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_serving(
-        dir.path(),
-        &[],
-        &[],
-        std::process::Stdio::inherit(),
-        2,
-        "warn",
-    );
+    let server = Server::start(dir.path());
     let http = reqwest::Client::new();
     let call = |durable: bool| {
         let http = http.clone();
@@ -295,14 +288,7 @@ async fn sigkill_fails_the_callers_and_keeps_only_the_durable_invocation() {
         "the other caller saw the crash"
     );
 
-    let server = Server::start_serving(
-        dir.path(),
-        &[],
-        &[],
-        std::process::Stdio::inherit(),
-        2,
-        "warn",
-    );
+    let server = Server::start(dir.path());
     let (_, page) = get(&http, format!("{}/v1/tasks", server.url)).await;
     let tasks = page["items"].as_array().unwrap();
     assert_eq!(tasks.len(), 1, "{page}");

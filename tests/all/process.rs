@@ -15,7 +15,8 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    fn start(data_dir: &Path) -> Server {
+    /// `kwq serve --examples` with 2 workers on `data_dir`.
+    pub(crate) fn start(data_dir: &Path) -> Server {
         Server::start_with(data_dir, &[], Stdio::inherit(), 2, "warn")
     }
 
