@@ -181,6 +181,13 @@ async fn an_invocation_is_answered_from_its_attempt_and_stored_once() {
     assert_eq!(status, 200);
     assert_eq!(stored["state"], "Completed");
     assert_eq!(stored["result"], "durable");
+    assert_eq!(stored["worker"], done["worker"]);
+    for state in ["Pending", "Allocated", "Running", "Completed"] {
+        assert_eq!(
+            stored["timestamps"][state], done["timestamps"][state],
+            "{state}"
+        );
+    }
 
     // Not durable: answered with the result, recorded once after.
     let mut body = echo(json!({"fast": true}));

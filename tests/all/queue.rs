@@ -139,3 +139,109 @@ async fn a_lease_read_back_from_json_still_names_its_task_and_token() {
     assert_eq!(record.state, TaskState::Completed);
     assert_eq!(record.result.as_deref(), Some(&b"7"[..]));
 }
+
+/// A short attempt's Allocated, Running and outcome are stored in one
+/// commit, the row updated once: it must end as the updates one by one
+/// would leave it, whatever ends the attempt.
+#[tokio::test]
+async fn a_short_attempt_stored_in_one_commit_keeps_every_column() {
+    use kwq::model::{ErrorKind, now_ms};
+    use kwq::queue::Failure;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = EmbeddedQueue::open(&dir.path().join("q.db"), EmbeddedConfig::default()).unwrap();
+    let id = "t-fold".to_string();
+    queue
+        .submit_tasks(vec![NewTask {
+            id: id.clone(),
+            job_id: None,
+            module: ModuleId::of(b"m"),
+            payload: b"{}".to_vec(),
+            options: TaskOptions::default(),
+        }])
+        .await
+        .unwrap();
+    let record = || async { queue.task(&id).await.unwrap() };
+
+    // A failure to retry: Error, by w1, every state's time recorded.
+    let first = queue.lease(&view("w1")).await.unwrap();
+    queue.started(&first);
+    let failure = Failure {
+        kind: ErrorKind::Trap,
+        message: "boom".into(),
+        logs: Vec::new(),
+        run_us: 5,
+        retry_at: Some(now_ms()),
+    };
+    queue.fail(&first, failure).unwrap();
+    queue.flush().await.unwrap();
+    let after_failure = record().await;
+    assert_eq!(after_failure.state, TaskState::Error);
+    assert_eq!(after_failure.worker.as_deref(), Some("w1"));
+    assert_eq!(after_failure.attempts, 1);
+    assert_eq!(after_failure.error_message.as_deref(), Some("boom"));
+    for state in [TaskState::Allocated, TaskState::Running, TaskState::Error] {
+        assert!(after_failure.timestamps.contains_key(&state), "{state:?}");
+    }
+
+    // Given back (no worker of its own): the worker is the one that had
+    // it, not the previous attempt's; the attempt does not count.
+    let second = queue.lease(&view("w2")).await.unwrap();
+    queue.started(&second);
+    queue.release(&second, false);
+    queue.flush().await.unwrap();
+    let released = record().await;
+    assert_eq!(released.state, TaskState::Pending);
+    assert_eq!(released.worker.as_deref(), Some("w2"));
+    assert_eq!(released.attempts, 1);
+    assert!(
+        released.timestamps[&TaskState::Allocated]
+            >= after_failure.timestamps[&TaskState::Allocated]
+    );
+
+    // Completed by w3.
+    let third = queue.lease(&view("w3")).await.unwrap();
+    queue.started(&third);
+    queue
+        .complete(
+            &third,
+            Completion {
+                result: b"7".to_vec(),
+                ..Completion::default()
+            },
+        )
+        .unwrap();
+    queue.flush().await.unwrap();
+    let done = record().await;
+    assert_eq!(
+        (
+            done.state,
+            done.worker.as_deref(),
+            done.attempts,
+            done.result.as_deref()
+        ),
+        (TaskState::Completed, Some("w3"), 2, Some(&b"7"[..]))
+    );
+    for state in [
+        TaskState::Pending,
+        TaskState::Allocated,
+        TaskState::Running,
+        TaskState::Completed,
+    ] {
+        assert!(done.timestamps.contains_key(&state), "{state:?}");
+    }
+    let timeline: Vec<TaskState> = queue
+        .timeline(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.state)
+        .collect();
+    use TaskState::*;
+    assert_eq!(
+        timeline,
+        [
+            Pending, Allocated, Running, Error, Allocated, Running, Pending, Allocated, Running,
+            Completed
+        ]
+    );
+}

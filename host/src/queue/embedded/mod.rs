@@ -567,6 +567,8 @@ impl WorkQueue for EmbeddedQueue {
                         );
                         t.carried.worker = Some(worker.id.clone());
                         t.carried.wait_us = Some(wait_us);
+                        // The time an invocation's answer gives too.
+                        t.at = now;
                         leased.extra.push(Op::Transition(Box::new(t)), now);
                         self.inner.flusher.wake();
                         let on_disk = leased.entry.payload.is_none();
@@ -605,7 +607,7 @@ impl WorkQueue for EmbeddedQueue {
             lease.attempt,
         );
         t.carried.worker = Some(lease.worker.clone());
-        let now = now_ms();
+        let now = t.at;
         leased.extra.push(Op::Transition(Box::new(t)), now);
         if !state.invoked.is_empty()
             && let Some(invoked) = state.invoked.get_mut(lease.task_id.as_str())
