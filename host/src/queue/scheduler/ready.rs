@@ -401,6 +401,32 @@ impl ReadyIndex {
         }
     }
 
+    /// The first live, unreserved task behind the head of band `p`, within
+    /// [`SCAN_PAST_RESERVED`] slots (tasks of paused jobs are passed over;
+    /// the head parks them when it reaches them).
+    fn unreserved_behind(
+        &self,
+        pool: Option<&ModuleId>,
+        p: usize,
+        warm_elsewhere: &dyn Fn(&ModuleId, &str) -> bool,
+        now: Millis,
+        policy: Policy,
+    ) -> Option<Arc<str>> {
+        let band = &self.bands(pool)?[p];
+        band.iter()
+            .skip(1)
+            .take(SCAN_PAST_RESERVED)
+            .find_map(|(id, generation)| {
+                let waiting = self.waiting.get(id)?;
+                let entry = &waiting.entry;
+                let usable = waiting.generation == *generation
+                    && waiting.slot == Slot::Queued
+                    && !entry.job.as_ref().is_some_and(|j| self.paused.contains(j))
+                    && reserved_until(entry, warm_elsewhere, now, policy).is_none();
+                usable.then(|| id.clone())
+            })
+    }
+
     fn effective(&self, id: &str, now: Millis, policy: Policy) -> Score {
         let entry = &self.waiting[id].entry;
         let waited = now.saturating_sub(entry.queued_at);
@@ -458,16 +484,16 @@ impl ReadyIndex {
                 best_any = Some((id.clone(), score));
             }
             let entry = &self.waiting[&id].entry;
-            let reserved_until = entry.queued_at + policy.affinity_window_ms;
-            let reserved = entry
-                .affinity
-                .as_ref()
-                .is_some_and(|k| warm_elsewhere(&entry.module, k))
-                && now < reserved_until;
-            if reserved {
-                wake = Some(wake.map_or(reserved_until, |w: Millis| w.min(reserved_until)));
-                continue;
+            let mut id = id;
+            if let Some(until) = reserved_until(entry, warm_elsewhere, now, policy) {
+                wake = Some(wake.map_or(until, |w: Millis| w.min(until)));
+                // A reserved head does not hold up the rest of its band.
+                match self.unreserved_behind(pool, p, warm_elsewhere, now, policy) {
+                    Some(behind) => id = behind,
+                    None => continue,
+                }
             }
+            let score = self.effective(&id, now, policy);
             if best_global
                 .as_ref()
                 .is_none_or(|(_, best)| cmp(&score, best).is_gt())
@@ -509,6 +535,27 @@ impl ReadyIndex {
             }
         }
     }
+}
+
+/// How many slots past a reserved band head a worker looks for a task it
+/// may take: bounded, so a band full of reserved tasks costs a pick little.
+const SCAN_PAST_RESERVED: usize = 64;
+
+/// Until when `entry` is kept for a worker where its (module, key) is warm
+/// (the affinity window after it was queued), if it is.
+fn reserved_until(
+    entry: &Entry,
+    warm_elsewhere: &dyn Fn(&ModuleId, &str) -> bool,
+    now: Millis,
+    policy: Policy,
+) -> Option<Millis> {
+    let until = entry.queued_at + policy.affinity_window_ms;
+    let reserved = entry
+        .affinity
+        .as_ref()
+        .is_some_and(|k| warm_elsewhere(&entry.module, k))
+        && now < until;
+    reserved.then_some(until)
 }
 
 enum QueueRef {
@@ -624,6 +671,25 @@ mod tests {
         ));
         // ...until the affinity window has passed.
         assert_eq!(take(&mut index, &[], true, 1030).as_deref(), Some("usd2"));
+    }
+
+    #[test]
+    fn a_reserved_head_does_not_hold_up_its_band() {
+        let mut index = ReadyIndex::default();
+        index.insert(entry("usd", 5, 0, Some("curve=USD")), 0);
+        index.insert(entry("usd2", 5, 1, Some("curve=USD")), 1);
+        index.insert(entry("plain", 5, 2, None), 2);
+        // A cold worker passes both reserved tasks and takes the one behind...
+        assert_eq!(take(&mut index, &[], true, 10).as_deref(), Some("plain"));
+        // ...then waits for the window, and the warm worker gets its tasks in order.
+        assert!(matches!(
+            index.pick(None, &[], &|_, _| true, 10, POLICY),
+            Pick::Wait(Some(1000))
+        ));
+        let warm = vec![(ModuleId::of(b"m"), "curve=USD".to_string())];
+        assert_eq!(take(&mut index, &warm, false, 20).as_deref(), Some("usd"));
+        assert_eq!(take(&mut index, &warm, false, 20).as_deref(), Some("usd2"));
+        assert_eq!(index.depth(), [0; 10]);
     }
 
     #[test]
