@@ -32,13 +32,11 @@ pub(super) struct Invoked {
     /// The task's insert and the [`Op::Notify`] of its durability, while
     /// held back from the writer; empty once sent (or moved to its lease).
     insert: Vec<Op>,
-    /// When it was submitted.
-    since: Millis,
     /// Answer only once the outcome is durable.
     durable: bool,
     /// Where the ended attempt goes.
     finished: Option<oneshot::Sender<Finished>>,
-    /// When it entered each state so far.
+    /// When it entered each state so far (Pending: its submission).
     timestamps: BTreeMap<TaskState, Millis>,
 }
 
@@ -60,6 +58,14 @@ impl Invoked {
         let _ = finished.send(Finished { outcome, durable });
     }
 
+    /// When it was submitted.
+    fn submitted(&self) -> Millis {
+        self.timestamps
+            .get(&TaskState::Pending)
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// The task entered `state` at `at`.
     pub(super) fn entered(&mut self, state: TaskState, at: Millis) {
         self.timestamps.insert(state, at);
@@ -72,7 +78,7 @@ impl Invoked {
         if self.insert.is_empty() {
             return (Vec::new(), false);
         }
-        *since = self.since;
+        *since = self.submitted();
         (std::mem::take(&mut self.insert), !self.durable)
     }
 
@@ -82,7 +88,7 @@ impl Invoked {
         if !self.durable || self.insert.is_empty() {
             return false;
         }
-        if now.saturating_sub(self.since) >= DEFER_MS {
+        if now.saturating_sub(self.submitted()) >= DEFER_MS {
             due.append(&mut self.insert);
             false
         } else {
@@ -116,7 +122,6 @@ impl EmbeddedQueue {
         let (finished_tx, finished) = oneshot::channel();
         let invoked = Invoked {
             insert: vec![Op::NewTasks(vec![(task, tags)], now), Op::Notify(stored_tx)],
-            since: now,
             durable,
             finished: Some(finished_tx),
             timestamps: BTreeMap::from([(TaskState::Pending, now)]),

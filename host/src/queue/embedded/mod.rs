@@ -352,9 +352,11 @@ impl EmbeddedQueue {
         let mut state = self.state();
         let mut leased = state.scheduler.take(&lease.task_id, lease.token)?;
         let ops = std::mem::take(&mut leased.extra.ops);
-        let invoked = match state.invoked.is_empty() {
-            true => None,
-            false => state.invoked.remove(lease.task_id.as_str()),
+        // Most leases have no invocation: no hashing of their id then.
+        let invoked = if state.invoked.is_empty() {
+            None
+        } else {
+            state.invoked.remove(lease.task_id.as_str())
         };
         Ok((leased, ops, invoked))
     }
@@ -635,16 +637,18 @@ impl WorkQueue for EmbeddedQueue {
             TaskState::Completed,
             lease.attempt,
         );
-        let at = t.at;
-        let outcome = invoked.as_ref().map(|_| Outcome {
-            state: TaskState::Completed,
-            attempts: lease.attempt,
-            worker: lease.worker.clone(),
-            timestamps: Default::default(),
-            error: None,
-            result: Some(completion.result.clone()),
-            logs: completion.logs.clone(),
-            progress: completion.progress,
+        let handed = invoked.map(|invoked| {
+            let outcome = Outcome {
+                state: TaskState::Completed,
+                attempts: lease.attempt,
+                worker: lease.worker.clone(),
+                timestamps: Default::default(),
+                error: None,
+                result: Some(completion.result.clone()),
+                logs: completion.logs.clone(),
+                progress: completion.progress,
+            };
+            (invoked, outcome, t.at)
         });
         t.carried.worker = Some(lease.worker.clone());
         t.carried.result = Some(completion.result);
@@ -652,7 +656,7 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.progress = Some(completion.progress);
         t.carried.run_us = Some(completion.run_us);
         ops.push(Op::Transition(Box::new(t)));
-        if let (Some(invoked), Some(outcome)) = (invoked, outcome) {
+        if let Some((invoked, outcome, at)) = handed {
             invoked.hand_over(outcome, at, &mut ops);
         }
         self.inner.writer.send(ops);
@@ -667,12 +671,9 @@ impl WorkQueue for EmbeddedQueue {
             TaskState::Dead
         };
         let mut t = transition(&leased.entry, Some(leased.state), to, lease.attempt);
-        let at = t.at;
         // A retry ends nothing: its caller hears the end from the commits.
-        let outcome = invoked
-            .as_ref()
-            .filter(|_| to == TaskState::Dead)
-            .map(|_| Outcome {
+        let handed = invoked.filter(|_| to == TaskState::Dead).map(|invoked| {
+            let outcome = Outcome {
                 state: TaskState::Dead,
                 attempts: lease.attempt,
                 worker: lease.worker.clone(),
@@ -681,14 +682,16 @@ impl WorkQueue for EmbeddedQueue {
                 result: None,
                 logs: failure.logs.clone(),
                 progress: 0.0,
-            });
+            };
+            (invoked, outcome, t.at)
+        });
         t.carried.worker = Some(lease.worker.clone());
         t.carried.error = Some((failure.kind, failure.message));
         t.carried.logs = Some(failure.logs);
         t.carried.run_us = Some(failure.run_us);
         t.carried.not_before = failure.retry_at;
         ops.push(Op::Transition(Box::new(t)));
-        if let (Some(invoked), Some(outcome)) = (invoked, outcome) {
+        if let Some((invoked, outcome, at)) = handed {
             invoked.hand_over(outcome, at, &mut ops);
         }
         self.inner.writer.send(ops);

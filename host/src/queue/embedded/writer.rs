@@ -487,10 +487,11 @@ fn apply(
 
 /// Allocated and Running of a task whose next transition follows at once
 /// in the same commit (a short attempt, its deferred operations stored
-/// with its outcome): their events are logged, but the task's row is
-/// updated once, by the last transition, with their timestamps and worker.
-/// The row ends as the updates one by one would leave it, and the state
-/// index moves once instead of three times: fewer pages per commit.
+/// with its outcome): their events are logged, but their own updates of
+/// the task's row are skipped. The last transition updates the row, and
+/// one more update (no indexed column) writes the passed states' times and
+/// worker. The row ends as the updates one by one would leave it, and the
+/// state index moves once instead of three times: fewer pages per commit.
 #[derive(Default)]
 struct PassedStates {
     task: Option<Arc<str>>,
