@@ -2,7 +2,8 @@
 # Run every test of the workspace on a fresh machine: installs the Wasm
 # targets the task modules are built for (rustup does not add a toolchain
 # file's targets by itself when RUSTUP_AUTO_INSTALL=0) and Chromium with
-# chromedriver for the dashboard test, python3 for the example worker, and the tansu Kafka broker for the
+# chromedriver for the dashboard test, python3 for the example worker, componentize-py and componentize-js for
+# the Python and JavaScript task projects, and the tansu Kafka broker for the
 # Kafka tests (about 11 minutes the first time, cached after), then runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,9 @@ fi
 if ! command -v python3 >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
 fi
+# The language tests build Python and JavaScript task modules (kwq build runs
+# componentize-py and componentize-js; both cached after the first install).
+eval "$(bash scripts/install-guest-tools.sh)"
 # The Kafka end-to-end tests start a tansu broker (built once, then cached).
 KWQ_TANSU="$(bash scripts/install-tansu.sh)"
 export KWQ_TANSU

@@ -113,6 +113,10 @@ pub enum JobCommand {
         /// Watch the job with a progress bar after submitting.
         #[arg(long)]
         watch: bool,
+        /// Wait for the job to finish, then print its results as NDJSON
+        /// (the job id goes to stderr). Exit 1 if any task did not complete.
+        #[arg(long)]
+        results: bool,
     },
     /// Stop leasing a job's tasks.
     Pause {
@@ -351,6 +355,7 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
             base,
             name,
             watch,
+            results,
         } => {
             let mut body = JobSubmission {
                 options: task.options(),
@@ -382,6 +387,12 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
                 let job = client.post("/v1/jobs", &body).await?;
                 Ok(job["id"].as_str().unwrap_or_default().to_string())
             })?;
+            if results {
+                eprintln!("job {id}");
+                let finished = watch_job(&client, &id);
+                stream_results(&client, &id)?;
+                return finished;
+            }
             println!("{id}");
             if watch {
                 watch_job(&client, &id)
@@ -507,7 +518,11 @@ fn watch_job(client: &Client, id: &str) -> Result<(), CliError> {
 
 /// `kwq results JOB`: NDJSON to stdout.
 pub(super) fn results(connection: Connection, id: String) -> Result<(), CliError> {
-    let client = Client::new(&connection);
+    stream_results(&Client::new(&connection), &id)
+}
+
+/// A job's results as NDJSON to stdout, as the host streams them.
+fn stream_results(client: &Client, id: &str) -> Result<(), CliError> {
     block_on(async move {
         let mut response = client
             .request(reqwest::Method::GET, &format!("/v1/jobs/{id}/results"))

@@ -11,6 +11,7 @@ mod client;
 mod compute;
 mod local_grid;
 mod parse;
+mod project;
 mod run;
 mod serve;
 mod simulate;
@@ -75,6 +76,12 @@ pub enum Command {
     Worker(worker::WorkerArgs),
     /// Run one task module locally, without a server, and print its result.
     Run(run::RunArgs),
+    /// Start a task project in Rust, Python or JavaScript (an option pricer
+    /// with its test, the SDK and the WIT contract).
+    New(project::NewArgs),
+    /// Build the task project in DIR (default .) into dist/NAME.wasm, with
+    /// the language's own tool.
+    Build(project::BuildArgs),
     /// Upload or list modules on a server.
     Module {
         /// Server connection.
@@ -200,6 +207,8 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(args, perf_map),
         Command::Worker(args) => worker::run(args, perf_map),
         Command::Run(args) => run::run(args, perf_map),
+        Command::New(args) => project::new(args),
+        Command::Build(args) => project::build(args),
         Command::Module {
             connection,
             command,

@@ -1,10 +1,15 @@
-//! Registering a module: check that its bytes are a usable task module by
-//! compiling them (off the async threads), then store them under a name.
+//! Registering a module: check that its bytes are a usable task module
+//! (`Runtime::validate`: milliseconds, off the async threads), store them
+//! under a name, and compile them in the background. An upload is answered
+//! once its bytes are stored, not after a compile that takes seconds for a
+//! 19 MB Python component; a task that needs the module meanwhile waits for
+//! that same compile (the runtime compiles each module once at a time, and
+//! a bounded number of modules at once).
 //! The one path for uploads over HTTP and for the bundled examples a host
 //! loads at start, so both validate and name modules the same way. The API
 //! holds this handle, never the Wasm runtime itself.
 
-use crate::model::now_ms;
+use crate::model::{ModuleId, now_ms};
 use crate::queue::{ModuleRecord, Queue, QueueError};
 use crate::runtime::{Runtime, TaskError};
 use std::sync::Arc;
@@ -47,33 +52,51 @@ impl ModuleRegistry {
         ModuleRegistry { runtime, queue }
     }
 
-    /// Compile `bytes` (which proves they are a task module and warms the
-    /// compiled cache) and store them, adding `name` to the module's names.
+    /// Validate `bytes` and store them, adding `name` to the module's
+    /// names; then compile them in the background (warming the compiled
+    /// cache before the first task asks).
     pub async fn register(
         &self,
         name: Option<String>,
         bytes: Vec<u8>,
     ) -> Result<Registered, RegisterError> {
         let runtime = self.runtime.clone();
-        let (compiled, bytes) =
-            tokio::task::spawn_blocking(move || runtime.compile(&bytes).map(|c| (c, bytes)))
-                .await
-                .map_err(|e| RegisterError::Internal(e.to_string()))?
-                .map_err(|e| match e {
-                    TaskError::InvalidModule(reason) => RegisterError::Invalid(reason),
-                    other => RegisterError::Invalid(other.to_string()),
-                })?;
-        let existed = self.queue.module(&compiled.id).await.is_ok();
+        let (kind, bytes) = tokio::task::spawn_blocking(move || {
+            runtime.validate(&bytes).map(|kind| (kind, Arc::new(bytes)))
+        })
+        .await
+        .map_err(|e| RegisterError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            TaskError::InvalidModule(reason) => RegisterError::Invalid(reason),
+            other => RegisterError::Invalid(other.to_string()),
+        })?;
+        let id = ModuleId::of(&bytes);
+        let existed = self.queue.module(&id).await.is_ok();
         let record = ModuleRecord {
-            id: compiled.id.clone(),
+            id: id.clone(),
             name,
             names: Vec::new(),
-            kind: compiled.kind,
+            kind,
             size: bytes.len() as u64,
             created_at: now_ms(),
         };
-        let record = self.queue.put_module(record, bytes).await?;
+        let record = self.queue.put_module(record, bytes.to_vec()).await?;
+        self.compile_in_background(id, bytes);
         Ok(Registered { record, existed })
+    }
+
+    /// Compile a stored module on the blocking pool; a failure is logged
+    /// here and reported to each task that needs the module.
+    fn compile_in_background(&self, id: ModuleId, bytes: Arc<Vec<u8>>) {
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || match runtime.compile(&bytes) {
+            Ok(compiled) => tracing::info!(
+                module = %id,
+                compile_ms = compiled.compile_time.as_millis() as u64,
+                "module compiled"
+            ),
+            Err(error) => tracing::warn!(module = %id, %error, "module does not compile"),
+        });
     }
 
     /// Compiled-module cache figures, for statistics and metrics.

@@ -6,6 +6,9 @@ use crate::model::LogLevel;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::http_refused::RefuseOutgoing;
 
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 mod bindings {
@@ -23,6 +26,8 @@ pub(super) use bindings::{KwqTask, KwqTaskPre};
 pub(super) struct ComponentState {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    refuse_outgoing: RefuseOutgoing,
     guest: GuestContext,
 }
 
@@ -32,6 +37,8 @@ impl ComponentState {
         ComponentState {
             wasi,
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            refuse_outgoing: RefuseOutgoing,
             guest,
         }
     }
@@ -51,6 +58,16 @@ impl WasiView for ComponentState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for ComponentState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.refuse_outgoing,
         }
     }
 }
@@ -81,10 +98,12 @@ impl ContextHost for ComponentState {
 }
 
 /// The linker every component is instantiated with: WASI preview 2 (its
-/// sandbox is set per store) plus `kwq:task/context`.
+/// sandbox is set per store), `wasi:http` that refuses every request (see
+/// `http_refused`), plus `kwq:task/context`.
 pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<ComponentState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     KwqTask::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
     Ok(linker)
 }

@@ -23,6 +23,9 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Bound on compiled code kept in memory, in bytes (LRU beyond it).
     pub compiled_cache_bytes: usize,
+    /// Module compiles allowed at once (each uses every core and, for a
+    /// 20 MB component, hundreds of MB); more wait their turn.
+    pub compile_concurrency: usize,
     /// The largest linear memory any task may have; per-task caps are below it.
     pub max_memory_bytes: u64,
     /// Meter fuel, so tasks may carry a fuel budget (costs some speed).
@@ -47,6 +50,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             cache_dir: None,
             compiled_cache_bytes: 512 << 20,
+            compile_concurrency: 1,
             max_memory_bytes: 4 << 30,
             fuel: false,
             epoch_tick: Duration::from_millis(5),

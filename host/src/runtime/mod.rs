@@ -15,7 +15,9 @@ mod component;
 mod engine;
 mod error;
 mod guest;
+mod http_refused;
 mod modules;
+mod validate;
 mod worker;
 
 pub use engine::RuntimeConfig;
@@ -45,7 +47,11 @@ impl Runtime {
     /// on-disk compilation cache) and empty caches.
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let engine = engine::EngineHandle::new(&config)?;
-        let modules = modules::ModuleCache::new(&engine, config.compiled_cache_bytes)?;
+        let modules = modules::ModuleCache::new(
+            &engine,
+            config.compiled_cache_bytes,
+            config.compile_concurrency,
+        )?;
         Ok(Runtime {
             shared: Arc::new(EngineAndCaches {
                 engine,
@@ -65,6 +71,18 @@ impl Runtime {
     /// CPU-heavy on a miss: call it from a blocking context.
     pub fn compile(&self, bytes: &[u8]) -> Result<Arc<CompiledModule>, TaskError> {
         self.shared.modules.compile(&self.shared.engine, bytes)
+    }
+
+    /// Check that `bytes` are a task module without compiling them
+    /// (milliseconds): its kind, or the reason it is not one. The compile
+    /// checks again; this lets an upload be answered before it.
+    pub fn validate(&self, bytes: &[u8]) -> Result<crate::model::ModuleKind, TaskError> {
+        validate::validate(bytes)
+    }
+
+    /// Compiles queued or running now (uploads compile in the background).
+    pub fn compiles_in_flight(&self) -> usize {
+        self.shared.modules.compiles_in_flight()
     }
 
     /// A compiled module by id, for async callers: a cached one at once; on

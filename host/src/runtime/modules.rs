@@ -9,9 +9,10 @@ use super::engine::EngineHandle;
 use super::error::TaskError;
 use crate::model::{ModuleId, ModuleKind};
 use lru::LruCache;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where a runtime gets module bytes it has not compiled (the host's module store).
@@ -63,6 +64,13 @@ pub(super) struct ModuleCache {
     command_linker: wasmtime::Linker<CommandState>,
     cap_bytes: usize,
     lru: Mutex<Lru>,
+    /// Compiles under way, by module: a second caller for the same module
+    /// (a task arriving while its upload compiles) waits for the first.
+    in_flight: Mutex<HashMap<ModuleId, Arc<Flight>>>,
+    /// Compiles allowed at once: a compile takes every core (Cranelift
+    /// compiles functions in parallel) and, for a 20 MB component, hundreds
+    /// of MB, so more at once would only share the cores and add the memory.
+    permits: Permits,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
@@ -77,6 +85,7 @@ impl ModuleCache {
     pub(super) fn new(
         engine: &EngineHandle,
         cap_bytes: usize,
+        compile_concurrency: usize,
     ) -> Result<Self, super::RuntimeError> {
         let err =
             |e: wasmtime::Error| super::RuntimeError::Engine(format!("cannot link WASI: {e:#}"));
@@ -88,6 +97,8 @@ impl ModuleCache {
                 entries: LruCache::unbounded(),
                 bytes: 0,
             }),
+            in_flight: Mutex::new(HashMap::new()),
+            permits: Permits::new(compile_concurrency.max(1)),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -114,6 +125,53 @@ impl ModuleCache {
         if let Some(found) = self.lock().entries.get(&id).cloned() {
             return Ok(found);
         }
+        let (flight, leader) = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            match in_flight.get(&id) {
+                Some(flight) => (flight.clone(), false),
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    in_flight.insert(id.clone(), flight.clone());
+                    (flight, true)
+                }
+            }
+        };
+        if !leader {
+            return flight.wait();
+        }
+        let outcome = {
+            let _permit = self.permits.acquire();
+            // It may have been compiled while this caller waited for a
+            // permit. (The lookup is its own statement: a guard in a
+            // `match` scrutinee would be held into `compile_now`.)
+            let compiled = self.lock().entries.get(&id).cloned();
+            match compiled {
+                Some(found) => Ok(found),
+                None => self.compile_now(engine, id.clone(), bytes),
+            }
+        };
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        flight.finish(outcome.clone());
+        outcome
+    }
+
+    /// Compiles queued or running now.
+    pub(super) fn compiles_in_flight(&self) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    fn compile_now(
+        &self,
+        engine: &EngineHandle,
+        id: ModuleId,
+        bytes: &[u8],
+    ) -> Result<Arc<CompiledModule>, TaskError> {
         let started = Instant::now();
         let invalid =
             |what: &str, e: wasmtime::Error| TaskError::InvalidModule(format!("{what}: {e:#}"));
@@ -199,6 +257,65 @@ impl ModuleCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
         self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One compile under way, which later callers for the same module wait on.
+#[derive(Default)]
+struct Flight {
+    outcome: Mutex<Option<Result<Arc<CompiledModule>, TaskError>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn wait(&self) -> Result<Arc<CompiledModule>, TaskError> {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(outcome) = outcome.as_ref() {
+                return outcome.clone();
+            }
+            outcome = self.done.wait(outcome).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn finish(&self, result: Result<Arc<CompiledModule>, TaskError>) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        self.done.notify_all();
+    }
+}
+
+/// A counting semaphore for blocking threads (compiles run on tokio's
+/// blocking pool, where an async semaphore cannot be awaited).
+struct Permits {
+    free: Mutex<usize>,
+    released: Condvar,
+}
+
+/// A held compile permit, given back when dropped.
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    fn new(count: usize) -> Self {
+        Permits {
+            free: Mutex::new(count),
+            released: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.released.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.released.notify_one();
     }
 }
 

@@ -1,0 +1,30 @@
+// The JavaScript SDK's promises, checked by tests/all/languages.rs.
+import { TaskError, attempt, log, progress, setup, state, task, taskId } from '../kwq-task/index.js';
+
+let inits = 0;
+
+export const init = setup((key) => {
+  inits += 1;
+  return { key, count: 0 };
+});
+
+export const run = task(async (payload) => {
+  switch (payload.op) {
+    case 'count': {
+      const s = state();
+      s.count += 1;
+      return { key: s.key, count: s.count, inits, task_id: taskId(), attempt: attempt() };
+    }
+    case 'log':
+      log('hello from the guest', 'warn');
+      progress(0.75);
+      return {};
+    case 'fail':
+      throw new TaskError('asked to fail');
+    case 'crash':
+      // Not a TaskError: a plain exception, as a bug would throw.
+      throw new RangeError('division by zero');
+    default:
+      throw new TaskError(`unknown op ${payload.op}`);
+  }
+});
