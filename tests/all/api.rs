@@ -53,6 +53,27 @@ async fn module_upload_is_content_addressed_and_validated() {
     let no_start = wat::parse_str(r#"(module (func (export "main")))"#).unwrap();
     let (status, body) = grid.call_raw("POST", "/v1/modules", no_start, None).await;
     assert_error(status, &body, 400, "invalid_module", "_start");
+    // Checked at upload, before any compile: imports outside the sandbox,
+    // a component that is not a task, and bytes that do not validate.
+    let foreign = wat::parse_str(
+        r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#,
+    )
+    .unwrap();
+    let (status, body) = grid.call_raw("POST", "/v1/modules", foreign, None).await;
+    assert_error(status, &body, 400, "invalid_module", "env::launch_missiles");
+    let not_a_task = wat::parse_str("(component)").unwrap();
+    let (status, body) = grid.call_raw("POST", "/v1/modules", not_a_task, None).await;
+    assert_error(status, &body, 400, "invalid_module", "kwq:task/task");
+    let mut truncated = std::fs::read(examples::NOOP).unwrap();
+    truncated.truncate(1000);
+    let (status, body) = grid.call_raw("POST", "/v1/modules", truncated, None).await;
+    assert_error(
+        status,
+        &body,
+        400,
+        "invalid_module",
+        "not a valid component",
+    );
 
     let (status, list) = grid.call("GET", "/v1/modules", None).await;
     assert_eq!((status, list.as_array().unwrap().len()), (200, 1));

@@ -19,6 +19,14 @@ export const run = task(async (payload) => {
       log('hello from the guest', 'warn');
       progress(0.75);
       return {};
+    case 'fetch':
+      // The sandbox has no network: the host refuses every request.
+      try {
+        const response = await fetch('http://127.0.0.1:9/');
+        return { fetched: response.status };
+      } catch (error) {
+        return { refused: String(error) };
+      }
     case 'fail':
       throw new TaskError('asked to fail');
     case 'crash':

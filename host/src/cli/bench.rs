@@ -77,6 +77,9 @@ pub enum BenchCommand {
     /// worker` processes against one `kwq serve --workers 0`, beside
     /// in-process workers; tasks/s and host CPU per task.
     Workers(super::bench_workers::WorkersBench),
+    /// What task modules cost, in any language: size, first compile, and
+    /// time per task cold (fresh instance) and warm (reused after init).
+    Modules(super::bench_modules::ModulesBench),
 }
 
 /// Run a benchmark.
@@ -103,6 +106,7 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
             durability,
         } => super::bench_invoke::run(samples, workers, durability),
         BenchCommand::Workers(bench) => super::bench_workers::run(bench),
+        BenchCommand::Modules(bench) => super::bench_modules::run(bench),
     }
 }
 

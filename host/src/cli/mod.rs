@@ -5,10 +5,12 @@ mod bench;
 mod bench_grid;
 mod bench_invoke;
 mod bench_kafka;
+mod bench_modules;
 mod bench_sweep;
 mod bench_workers;
 mod client;
 mod compute;
+mod dev;
 mod local_grid;
 mod parse;
 mod project;
@@ -82,6 +84,9 @@ pub enum Command {
     /// Build the task project in DIR (default .) into dist/NAME.wasm, with
     /// the language's own tool.
     Build(project::BuildArgs),
+    /// Build the task project in DIR and run it on its payload.json; again
+    /// whenever a source file changes (the inner loop, no server).
+    Dev(dev::DevArgs),
     /// Upload or list modules on a server.
     Module {
         /// Server connection.
@@ -209,6 +214,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run(args) => run::run(args, perf_map),
         Command::New(args) => project::new(args),
         Command::Build(args) => project::build(args),
+        Command::Dev(args) => dev::run(args),
         Command::Module {
             connection,
             command,

@@ -34,9 +34,32 @@ pub struct NewArgs {
     /// The language of the task.
     #[arg(long, value_enum)]
     lang: Lang,
+    /// Which task to start from.
+    #[arg(long, value_enum, default_value = "pricer")]
+    example: Example,
     /// Where to write the project (must not exist, or be empty).
     #[arg(long)]
     dir: Option<PathBuf>,
+}
+
+/// The task a new project starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum Example {
+    /// A European option priced by Monte Carlo with antithetic variates:
+    /// `{spot, strike, rate, vol, maturity, kind, paths, seed}` in,
+    /// `{price, std_error, paths}` out.
+    Pricer,
+    /// Pi by Monte Carlo: `{samples, seed}` in, `{estimate, std_error, inside, samples}` out.
+    Pi,
+}
+
+impl Example {
+    fn description(self) -> &'static str {
+        match self {
+            Example::Pricer => "it prices a European\noption by Monte Carlo",
+            Example::Pi => "it estimates pi by Monte\nCarlo",
+        }
+    }
 }
 
 /// Arguments of `kwq build`.
@@ -73,15 +96,46 @@ macro_rules! template {
 }
 
 /// Files every project has.
-const COMMON: &[TemplateFile] = &[
-    template!("wit/kwq-task.wit" => "wit/kwq-task.wit"),
+const COMMON: &[TemplateFile] = &[template!("wit/kwq-task.wit" => "wit/kwq-task.wit")];
+
+const PRICER: &[TemplateFile] = &[
     template!("payload.json" => "guest-sdk/templates/common/payload.json"),
     template!("payloads.json" => "guest-sdk/templates/common/payloads.json"),
 ];
 
+const PI: &[TemplateFile] = &[
+    template!("payload.json" => "guest-sdk/templates/common/pi/payload.json"),
+    template!("payloads.json" => "guest-sdk/templates/common/pi/payloads.json"),
+];
+
+const RUST_PRICER: &[TemplateFile] =
+    &[template!("src/lib.rs" => "guest-sdk/templates/rust/src/lib.rs")];
+
+const RUST_PI: &[TemplateFile] =
+    &[template!("src/lib.rs" => "guest-sdk/templates/rust/pi/src/lib.rs")];
+
+const PYTHON_PRICER: &[TemplateFile] = &[
+    template!("app.py" => "guest-sdk/templates/python/app.py"),
+    template!("test_app.py" => "guest-sdk/templates/python/test_app.py"),
+];
+
+const PYTHON_PI: &[TemplateFile] = &[
+    template!("app.py" => "guest-sdk/templates/python/pi/app.py"),
+    template!("test_app.py" => "guest-sdk/templates/python/pi/test_app.py"),
+];
+
+const JS_PRICER: &[TemplateFile] = &[
+    template!("src/task.js" => "guest-sdk/templates/js/src/task.js"),
+    template!("test/task.test.js" => "guest-sdk/templates/js/test/task.test.js"),
+];
+
+const JS_PI: &[TemplateFile] = &[
+    template!("src/task.js" => "guest-sdk/templates/js/pi/src/task.js"),
+    template!("test/task.test.js" => "guest-sdk/templates/js/pi/test/task.test.js"),
+];
+
 const RUST: &[TemplateFile] = &[
     template!("Cargo.toml" => "guest-sdk/templates/rust/Cargo.toml"),
-    template!("src/lib.rs" => "guest-sdk/templates/rust/src/lib.rs"),
     template!("kwq-guest/Cargo.toml" => "guest-sdk/templates/rust/kwq-guest/Cargo.toml"),
     template!("kwq-guest/src/lib.rs" => "guest-sdk/src/lib.rs"),
     template!("README.md" => "guest-sdk/templates/rust/README.md"),
@@ -89,8 +143,6 @@ const RUST: &[TemplateFile] = &[
 ];
 
 const PYTHON: &[TemplateFile] = &[
-    template!("app.py" => "guest-sdk/templates/python/app.py"),
-    template!("test_app.py" => "guest-sdk/templates/python/test_app.py"),
     template!("kwq_task/__init__.py" => "guest-sdk/python/kwq_task/__init__.py"),
     template!("README.md" => "guest-sdk/templates/python/README.md"),
     template!(".gitignore" => "guest-sdk/templates/python/gitignore"),
@@ -98,8 +150,6 @@ const PYTHON: &[TemplateFile] = &[
 
 const JS: &[TemplateFile] = &[
     template!("package.json" => "guest-sdk/templates/js/package.json"),
-    template!("src/task.js" => "guest-sdk/templates/js/src/task.js"),
-    template!("test/task.test.js" => "guest-sdk/templates/js/test/task.test.js"),
     template!("kwq-task/index.js" => "guest-sdk/js/kwq-task/index.js"),
     template!("kwq-task/entry.js" => "guest-sdk/js/kwq-task/entry.js"),
     template!("README.md" => "guest-sdk/templates/js/README.md"),
@@ -123,12 +173,22 @@ impl Lang {
         }
     }
 
-    fn files(self) -> &'static [TemplateFile] {
-        match self {
-            Lang::Rust => RUST,
-            Lang::Python => PYTHON,
-            Lang::Js => JS,
-        }
+    /// The project's files: the language's SDK and set-up, the example's
+    /// task and test, and the example's payloads.
+    fn files(self, example: Example) -> impl Iterator<Item = &'static TemplateFile> {
+        let (base, task) = match (self, example) {
+            (Lang::Rust, Example::Pricer) => (RUST, RUST_PRICER),
+            (Lang::Rust, Example::Pi) => (RUST, RUST_PI),
+            (Lang::Python, Example::Pricer) => (PYTHON, PYTHON_PRICER),
+            (Lang::Python, Example::Pi) => (PYTHON, PYTHON_PI),
+            (Lang::Js, Example::Pricer) => (JS, JS_PRICER),
+            (Lang::Js, Example::Pi) => (JS, JS_PI),
+        };
+        let payloads = match example {
+            Example::Pricer => PRICER,
+            Example::Pi => PI,
+        };
+        COMMON.iter().chain(base).chain(task).chain(payloads)
     }
 }
 
@@ -160,10 +220,11 @@ pub(super) fn new(args: NewArgs) -> Result<(), CliError> {
         "kwq.toml",
         &format!("# Written by `kwq new`; read by `kwq build`.\n{manifest_text}"),
     )?;
-    for file in COMMON.iter().chain(args.lang.files()) {
+    for file in args.lang.files(args.example) {
         let text = file
             .text
             .replace("{{name}}", &args.name)
+            .replace("{{description}}", args.example.description())
             .replace("{{wit_bindgen}}", WIT_BINDGEN_VERSION);
         write(file.path, &text)?;
     }
@@ -320,9 +381,11 @@ fn check_rust_target(cargo: &Path) -> Result<(), CliError> {
     }
 }
 
-/// Run a build tool with its output shown; a failure names the tool.
+/// Run a build tool with its output shown on stderr (stdout is kept for
+/// results: `kwq dev` prints them there); a failure names the tool.
 fn run_tool(command: &mut Command, what: &str) -> Result<(), CliError> {
     let status = command
+        .stdout(std::io::stderr())
         .status()
         .map_err(|e| CliError::usage(format!("cannot run {what}: {e}")))?;
     if status.success() {

@@ -81,22 +81,8 @@ impl ModuleRegistry {
             created_at: now_ms(),
         };
         let record = self.queue.put_module(record, bytes.to_vec()).await?;
-        self.compile_in_background(id, bytes);
+        self.runtime.compile_in_background(bytes);
         Ok(Registered { record, existed })
-    }
-
-    /// Compile a stored module on the blocking pool; a failure is logged
-    /// here and reported to each task that needs the module.
-    fn compile_in_background(&self, id: ModuleId, bytes: Arc<Vec<u8>>) {
-        let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || match runtime.compile(&bytes) {
-            Ok(compiled) => tracing::info!(
-                module = %id,
-                compile_ms = compiled.compile_time.as_millis() as u64,
-                "module compiled"
-            ),
-            Err(error) => tracing::warn!(module = %id, %error, "module does not compile"),
-        });
     }
 
     /// Compiled-module cache figures, for statistics and metrics.

@@ -80,6 +80,36 @@ impl Runtime {
         validate::validate(bytes)
     }
 
+    /// Compile `bytes` on the blocking pool, logging the outcome. From the
+    /// moment this returns, a task that needs the module waits for this
+    /// compile (see [`Self::module`]) rather than looking for the bytes.
+    /// Call from within a tokio runtime.
+    pub fn compile_in_background(&self, bytes: Arc<Vec<u8>>) {
+        let id = ModuleId::of(&bytes);
+        if self.shared.modules.contains(&id) {
+            return;
+        }
+        let (flight, leader) = self.shared.modules.join_or_lead(&id);
+        if !leader {
+            return;
+        }
+        let runtime = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let shared = &runtime.shared;
+            match shared
+                .modules
+                .lead(&shared.engine, id.clone(), &bytes, &flight)
+            {
+                Ok(compiled) => tracing::info!(
+                    module = %id,
+                    compile_ms = compiled.compile_time.as_millis() as u64,
+                    "module compiled"
+                ),
+                Err(error) => tracing::warn!(module = %id, %error, "module does not compile"),
+            }
+        });
+    }
+
     /// Compiles queued or running now (uploads compile in the background).
     pub fn compiles_in_flight(&self) -> usize {
         self.shared.modules.compiles_in_flight()
@@ -104,6 +134,9 @@ impl Runtime {
     pub fn module(&self, id: &ModuleId) -> Result<Arc<CompiledModule>, TaskError> {
         if let Some(found) = self.shared.modules.get(id) {
             return Ok(found);
+        }
+        if let Some(outcome) = self.shared.modules.wait_in_flight(id) {
+            return outcome;
         }
         let source = self
             .shared

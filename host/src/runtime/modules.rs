@@ -125,20 +125,36 @@ impl ModuleCache {
         if let Some(found) = self.lock().entries.get(&id).cloned() {
             return Ok(found);
         }
-        let (flight, leader) = {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            match in_flight.get(&id) {
-                Some(flight) => (flight.clone(), false),
-                None => {
-                    let flight = Arc::new(Flight::default());
-                    in_flight.insert(id.clone(), flight.clone());
-                    (flight, true)
-                }
-            }
-        };
+        let (flight, leader) = self.join_or_lead(&id);
         if !leader {
             return flight.wait();
         }
+        self.lead(engine, id, bytes, &flight)
+    }
+
+    /// The compile of `id` under way, or a new one this caller must run
+    /// (`true`: call [`Self::lead`] with it).
+    pub(super) fn join_or_lead(&self, id: &ModuleId) -> (Arc<Flight>, bool) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        match in_flight.get(id) {
+            Some(flight) => (flight.clone(), false),
+            None => {
+                let flight = Arc::new(Flight::default());
+                in_flight.insert(id.clone(), flight.clone());
+                (flight, true)
+            }
+        }
+    }
+
+    /// Run the compile this caller leads (waiting for a permit first), and
+    /// hand its outcome to everyone waiting on `flight`.
+    pub(super) fn lead(
+        &self,
+        engine: &EngineHandle,
+        id: ModuleId,
+        bytes: &[u8],
+        flight: &Flight,
+    ) -> Result<Arc<CompiledModule>, TaskError> {
         let outcome = {
             let _permit = self.permits.acquire();
             // It may have been compiled while this caller waited for a
@@ -156,6 +172,27 @@ impl ModuleCache {
             .remove(&id);
         flight.finish(outcome.clone());
         outcome
+    }
+
+    /// Whether `id` is compiled and in memory (no hit or miss counted).
+    pub(super) fn contains(&self, id: &ModuleId) -> bool {
+        self.lock().entries.contains(id)
+    }
+
+    /// The outcome of a compile of `id` under way, once it ends; `None`
+    /// when none is (a task waits for its module's upload compile here
+    /// instead of fetching and compiling the bytes itself).
+    pub(super) fn wait_in_flight(
+        &self,
+        id: &ModuleId,
+    ) -> Option<Result<Arc<CompiledModule>, TaskError>> {
+        let flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()?;
+        Some(flight.wait())
     }
 
     /// Compiles queued or running now.
@@ -262,7 +299,7 @@ impl ModuleCache {
 
 /// One compile under way, which later callers for the same module wait on.
 #[derive(Default)]
-struct Flight {
+pub(super) struct Flight {
     outcome: Mutex<Option<Result<Arc<CompiledModule>, TaskError>>>,
     done: Condvar,
 }
