@@ -27,6 +27,11 @@ pub(super) struct ComputeFlags {
     /// memory_bytes summed), e.g. 12GiB (default: 3/4 of the machine's memory).
     #[arg(long, env = "KWQ_MEMORY_BUDGET", value_parser = parse::bytes)]
     memory_budget: Option<u64>,
+    /// Modules compiled at once; more wait their turn. Each compile already
+    /// uses every core, and a large component (a 19 MB Python one) takes
+    /// hundreds of MB while it compiles.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    compile_concurrency: u32,
 }
 
 impl ComputeFlags {
@@ -52,6 +57,7 @@ impl ComputeFlags {
             fuel: self.fuel,
             perf_map,
             max_warm_memory_bytes: self.max_warm_memory,
+            compile_concurrency: self.compile_concurrency as usize,
             ..RuntimeConfig::default()
         }
     }
