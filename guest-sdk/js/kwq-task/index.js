@@ -6,6 +6,8 @@
 // Build with `kwq build` (it runs componentize-js on kwq-task/entry.js,
 // which imports your src/task.js and exports `kwq:task/task`).
 //
+// - A plain `export function run(payload)` (and `init(affinityKey)`) works
+//   too; `task()` and `setup()` only mark them, so any export name will do.
 // - The payload is decoded from JSON and the returned value (or the value a
 //   returned promise resolves to) encoded as JSON.
 // - `export const init = setup((affinityKey) => state)` runs once per
@@ -83,8 +85,13 @@ function failure(error) {
  */
 export function component(context, module) {
   host = context;
-  const run = Object.values(module).find((f) => typeof f === 'function' && f.kwqTask);
-  const init = Object.values(module).find((f) => typeof f === 'function' && f.kwqSetup);
+  // The functions marked by task() and setup(); plain exports named `run`
+  // and `init` also do.
+  const marked = (flag, name) =>
+    Object.values(module).find((f) => typeof f === 'function' && f[flag]) ??
+    (typeof module[name] === 'function' ? module[name] : undefined);
+  const run = marked('kwqTask', 'run');
+  const init = marked('kwqSetup', 'init');
   const decoder = new TextDecoder();
   const encoder = new TextEncoder();
   return {
