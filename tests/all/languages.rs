@@ -182,15 +182,19 @@ async fn sdk_promises(lang: &str) {
     kwq(cwd, &["build", "check"]);
     let server = Server::start(&cwd.join("data"));
     let client = reqwest::Client::new();
-    let module: Value = client
-        .post(format!("{}/v1/modules?name=check", server.url))
-        .body(std::fs::read(cwd.join("check/dist/check.wasm")).unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pushed = kwq(
+        cwd,
+        &[
+            "module",
+            "push",
+            "check/dist/check.wasm",
+            "--name",
+            "check",
+            "--server",
+            &server.url,
+        ],
+    );
+    let module: Value = serde_json::from_slice(&pushed.stdout).unwrap();
     assert!(module["id"].is_string(), "{module}");
     let invoke = |payload: Value| {
         let client = client.clone();

@@ -4,8 +4,8 @@
 //! warm one (reused after `init`), on one core.
 
 use super::CliError;
-use crate::model::TaskLimits;
-use crate::runtime::{Runtime, RuntimeConfig, TaskSpec};
+use super::bench::time_tasks;
+use crate::runtime::{Runtime, RuntimeConfig};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -15,10 +15,10 @@ pub struct ModulesBench {
     /// The modules to measure (e.g. the dist/NAME.wasm of `kwq build`).
     #[arg(required = true)]
     modules: Vec<PathBuf>,
-    /// The payload every task gets: JSON text or @FILE.
+    /// The payload every task gets: JSON text, @FILE, or - for stdin.
     #[arg(long, short, default_value = "null")]
     payload: String,
-    /// Tasks timed per measurement (after a warm-up of a tenth as many).
+    /// Tasks timed per measurement (after a warm-up of as many, at most 200).
     #[arg(long, default_value_t = 50)]
     tasks: u32,
 }
@@ -33,11 +33,7 @@ struct Figures {
 
 /// Run `kwq bench modules`.
 pub(super) fn run(bench: ModulesBench) -> Result<(), CliError> {
-    let payload = match bench.payload.strip_prefix('@') {
-        Some(path) => std::fs::read(path)
-            .map_err(|e| CliError::usage(format!("cannot read payload file {path}: {e}")))?,
-        None => bench.payload.clone().into_bytes(),
-    };
+    let payload = super::run::read_payload(&bench.payload)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -73,43 +69,12 @@ async fn measure(bytes: &[u8], payload: &[u8], tasks: u32) -> Result<Figures, Cl
         .map_err(|e| CliError::usage(e.to_string()))?;
     let compile = started.elapsed();
     let mut worker = runtime.worker(2);
-    let spec = |affinity: Option<&str>| TaskSpec {
-        task_id: "bench".into(),
-        attempt: 1,
-        module: module.id.clone(),
-        payload: payload.to_vec(),
-        affinity: affinity.map(str::to_string),
-        limits: TaskLimits {
-            timeout: Duration::from_secs(600),
-            ..TaskLimits::default()
-        },
-        on_progress: None,
-    };
-    let mut time = async |affinity: Option<&str>| -> Result<Duration, CliError> {
-        for _ in 0..(tasks / 10).max(1) {
-            run_one(&mut worker, spec(affinity)).await?;
-        }
-        let started = Instant::now();
-        for _ in 0..tasks {
-            run_one(&mut worker, spec(affinity)).await?;
-        }
-        Ok(started.elapsed() / tasks.max(1))
-    };
-    let cold = time(None).await?;
-    let warm = time(Some("bench")).await?;
+    let cold = time_tasks(&mut worker, &module.id, payload, None, tasks).await?;
+    let warm = time_tasks(&mut worker, &module.id, payload, Some("bench"), tasks).await?;
     Ok(Figures {
         size: bytes.len(),
         compile,
         cold,
         warm,
     })
-}
-
-async fn run_one(worker: &mut crate::runtime::Worker, spec: TaskSpec) -> Result<(), CliError> {
-    worker
-        .run(spec)
-        .await
-        .outcome
-        .map(drop)
-        .map_err(|e| CliError::failed(format!("task failed: {e}")))
 }

@@ -19,7 +19,8 @@ pub struct DevArgs {
     /// The project directory (the one with kwq.toml).
     #[arg(default_value = ".")]
     dir: PathBuf,
-    /// The payload: JSON text or @FILE (default: the project's payload.json).
+    /// The payload: JSON text or @FILE (default: the project's payload.json;
+    /// `-` reads stdin once per run, so it suits only `--builds 1`).
     #[arg(long, short)]
     payload: Option<String>,
     /// Stop after this many builds (default: until interrupted).
@@ -67,13 +68,8 @@ fn build_and_run(
     let module_path = build_project(&args.dir)?;
     let bytes = std::fs::read(&module_path)
         .map_err(|e| CliError::failed(format!("cannot read {}: {e}", module_path.display())))?;
-    let payload = match &args.payload {
-        None => read(&args.dir.join("payload.json"))?,
-        Some(text) => match text.strip_prefix('@') {
-            Some(path) => read(Path::new(path))?,
-            None => text.clone().into_bytes(),
-        },
-    };
+    let default_payload = format!("@{}", args.dir.join("payload.json").display());
+    let payload = super::run::read_payload(args.payload.as_deref().unwrap_or(&default_payload))?;
     let module = runtime
         .compile(&bytes)
         .map_err(|e| CliError::usage(format!("{}: {e}", module_path.display())))?;
@@ -94,11 +90,6 @@ fn build_and_run(
         .outcome
         .map_err(|e| CliError::failed(format!("task failed ({}): {e}", e.kind().as_str())))?;
     Ok(String::from_utf8_lossy(&result).into_owned())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, CliError> {
-    std::fs::read(path)
-        .map_err(|e| CliError::usage(format!("cannot read payload file {}: {e}", path.display())))
 }
 
 /// Every source file under `dir` with its modification time and size.

@@ -255,12 +255,13 @@ fn check_name(name: &str) -> Result<(), CliError> {
 pub(super) fn build(args: BuildArgs) -> Result<(), CliError> {
     let output = build_project(&args.dir)?;
     let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+    // The output is dist/NAME.wasm: its stem is the module's name.
+    let name = output.file_stem().unwrap_or_default().to_string_lossy();
     eprintln!(
-        "built {} ({:.1} MB); next: kwq module push {} --name {}",
+        "built {} ({:.1} MB); next: kwq module push {} --name {name}",
         output.display(),
         size as f64 / 1e6,
         output.display(),
-        read_manifest(&args.dir)?.name
     );
     Ok(())
 }

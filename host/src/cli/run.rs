@@ -125,7 +125,9 @@ async fn run_repeated(
     reports
 }
 
-fn read_payload(arg: &str) -> Result<Vec<u8>, CliError> {
+/// A payload argument: text, `@FILE`, or `-` for stdin (`kwq run`,
+/// `kwq dev`, `kwq bench modules`).
+pub(super) fn read_payload(arg: &str) -> Result<Vec<u8>, CliError> {
     if arg == "-" {
         let mut buf = Vec::new();
         std::io::stdin()

@@ -110,11 +110,6 @@ impl Runtime {
         });
     }
 
-    /// Compiles queued or running now (uploads compile in the background).
-    pub fn compiles_in_flight(&self) -> usize {
-        self.shared.modules.compiles_in_flight()
-    }
-
     /// A compiled module by id, for async callers: a cached one at once; on
     /// a miss the fetch (which may wait for bytes still on their way, on a
     /// Kafka grid) and the compile run on a blocking thread, so one slow

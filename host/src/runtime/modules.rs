@@ -195,14 +195,6 @@ impl ModuleCache {
         Some(flight.wait())
     }
 
-    /// Compiles queued or running now.
-    pub(super) fn compiles_in_flight(&self) -> usize {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-    }
-
     fn compile_now(
         &self,
         engine: &EngineHandle,
@@ -230,10 +222,7 @@ impl ModuleCache {
                 .exports()
                 .any(|e| e.name() == "_start" && e.ty().func().is_some())
             {
-                return Err(TaskError::InvalidModule(
-                    "core module has no _start function: only WASI preview-1 commands are accepted"
-                        .into(),
-                ));
+                return Err(TaskError::InvalidModule(super::validate::NO_START.into()));
             }
             let pre = self
                 .command_linker
@@ -242,9 +231,7 @@ impl ModuleCache {
             let size = image_len(module.image_range());
             (ModuleKind::WasiCommand, Ready::Command(pre), size)
         } else {
-            return Err(TaskError::InvalidModule(
-                "not a WebAssembly module or component (bad magic or version)".into(),
-            ));
+            return Err(TaskError::InvalidModule(super::validate::NOT_WASM.into()));
         };
         metrics::histogram!("kwq_module_compile_seconds").record(started.elapsed().as_secs_f64());
         let compiled = Arc::new(CompiledModule {

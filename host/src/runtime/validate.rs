@@ -10,6 +10,12 @@ use super::error::TaskError;
 use crate::model::ModuleKind;
 use wasmparser::{Parser, Payload, Validator};
 
+/// Why a core module without `_start` is refused (here and by the compile).
+pub(super) const NO_START: &str =
+    "core module has no _start function: only WASI preview-1 commands are accepted";
+/// Why bytes that are neither a module nor a component are refused.
+pub(super) const NOT_WASM: &str = "not a WebAssembly module or component (bad magic or version)";
+
 /// The interface a component must export.
 const TASK_EXPORT: &str = "kwq:task/task@";
 /// Import namespaces a component may use: WASI (refused where it reaches
@@ -48,10 +54,7 @@ pub(super) fn validate(bytes: &[u8]) -> Result<ModuleKind, TaskError> {
             .map_err(|e| invalid("not a valid module", e))?;
         let (imports, exports) = top_level_names(bytes, false);
         if !exports.iter().any(|n| n == "_start") {
-            return Err(TaskError::InvalidModule(
-                "core module has no _start function: only WASI preview-1 commands are accepted"
-                    .into(),
-            ));
+            return Err(TaskError::InvalidModule(NO_START.into()));
         }
         if let Some(name) = imports.iter().find(|n| {
             !COMMAND_IMPORTS
@@ -64,9 +67,7 @@ pub(super) fn validate(bytes: &[u8]) -> Result<ModuleKind, TaskError> {
         }
         Ok(ModuleKind::WasiCommand)
     } else {
-        Err(TaskError::InvalidModule(
-            "not a WebAssembly module or component (bad magic or version)".into(),
-        ))
+        Err(TaskError::InvalidModule(NOT_WASM.into()))
     }
 }
 
