@@ -7,7 +7,7 @@
 use super::CliError;
 use super::local_grid::{LocalGrid, failed, submit_noop_jobs};
 use crate::model::TaskState;
-use crate::queue::kafka::{KafkaConfig, Topics};
+use crate::queue::kafka::{KafkaConfig, Topics, written};
 use futures::future::join_all;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -45,26 +45,32 @@ async fn bench(
         }
     );
     println!(
-        "{:<28} {:>10} {:>10} {:>12}",
-        "run", "tasks", "seconds", "tasks/s"
+        "{:<28} {:>10} {:>10} {:>12} {:>10} {:>10}",
+        "run", "tasks", "seconds", "tasks/s", "msgs/task", "bytes/task"
     );
     for &count in hosts.iter().filter(|h| **h > 0) {
-        let seconds = grid_run(&brokers, mock.as_ref(), count, tasks, batch, workers).await?;
+        let run = grid_run(&brokers, mock.as_ref(), count, tasks, batch, workers).await?;
         println!(
-            "{:<28} {:>10} {:>10.2} {:>12.0}",
+            "{:<28} {:>10} {:>10.2} {:>12.0} {:>10.3} {:>10.0}",
             format!("{count} host(s)"),
             tasks,
-            seconds,
-            tasks as f64 / seconds
+            run.seconds,
+            tasks as f64 / run.seconds,
+            run.messages as f64 / tasks as f64,
+            run.bytes as f64 / tasks as f64,
         );
     }
+    println!(
+        "(msgs/task and bytes/task: everything the hosts wrote to the broker during the timed run, \
+         tasks and events, keys and values before lz4)"
+    );
     if mock.is_some() {
         // The mock cluster shares this process's cores; its own rate says
         // nothing about a real broker.
         return Ok(());
     }
-    // Each task costs the broker about four messages: the task, and its
-    // Allocated, Running and Completed events (plus reads of each).
+    // The broker's own rate for as many 300-byte messages as four per task
+    // (what a task cost before events were batched), for comparison.
     let messages = tasks * 4;
     let (produce, consumed, consume) = broker_rate(&brokers, mock.as_ref(), messages).await?;
     println!(
@@ -88,14 +94,23 @@ async fn bench(
         );
     }
     println!(
-        "(a task is ~4 messages written and read once each: the broker alone caps one host near {:.0} tasks/s)",
+        "(at 4 messages a task, written and read once each, the broker alone would cap one host near {:.0} tasks/s)",
         1.0 / (4.0 / (messages as f64 / produce) + 4.0 / (consumed as f64 / consume))
     );
     Ok(())
 }
 
-/// One run: `hosts` hosts on fresh topics; seconds from the first submit
-/// until the first host's view has every task Completed.
+/// What one timed run measured.
+struct GridRun {
+    /// From the first submit until the first host's view had every task Completed.
+    seconds: f64,
+    /// Messages the hosts wrote meanwhile.
+    messages: u64,
+    /// Their bytes (keys and values, before compression).
+    bytes: u64,
+}
+
+/// One run: `hosts` hosts on fresh topics.
 async fn grid_run(
     brokers: &str,
     mock: Option<&MockBroker>,
@@ -103,7 +118,7 @@ async fn grid_run(
     tasks: u64,
     batch: u64,
     workers: Option<usize>,
-) -> Result<f64, CliError> {
+) -> Result<GridRun, CliError> {
     let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
     let partitions = (2 * hosts as i32).max(4);
     if let Some(mock) = mock {
@@ -146,14 +161,20 @@ async fn grid_run(
     submit_noop_jobs(&client, &first.url, warmup, warmup).await?;
     wait_completed(&completed, warmup).await?;
 
+    let (messages_before, bytes_before) = written();
     let started = Instant::now();
     submit_noop_jobs(&client, &first.url, tasks, batch).await?;
     wait_completed(&completed, warmup + tasks).await?;
     let seconds = started.elapsed().as_secs_f64();
+    let (messages, bytes) = written();
     for grid in grids {
         grid.stop().await;
     }
-    Ok(seconds)
+    Ok(GridRun {
+        seconds,
+        messages: messages - messages_before,
+        bytes: bytes - bytes_before,
+    })
 }
 
 /// Wait until `completed()` reaches `target`; fails if it stops moving.

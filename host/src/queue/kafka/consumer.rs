@@ -86,13 +86,15 @@ pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, 
         revoked: Mutex::default(),
         unchanged: AtomicBool::new(false),
     };
-    let consumer: BaseConsumer<GroupContext> = shared
-        .config
-        .client_config()
+    let mut settings = shared.config.client_config();
+    if shared.config.static_membership {
+        settings.set("group.instance.id", &shared.config.host);
+    }
+    let consumer: BaseConsumer<GroupContext> = settings
         .set("group.id", shared.config.group())
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "roundrobin")
+        .set("partition.assignment.strategy", &shared.config.assignor)
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")

@@ -44,7 +44,7 @@ impl KafkaQueue {
         }
         self.shared
             .control(EventMessage::TaskControl {
-                v: wire::WIRE_VERSION,
+                v: wire::EVENT_VERSION,
                 task: task.clone(),
                 cancel,
                 priority,
@@ -65,7 +65,7 @@ impl KafkaQueue {
         }
         self.shared
             .control(EventMessage::JobControl {
-                v: wire::WIRE_VERSION,
+                v: wire::EVENT_VERSION,
                 job: job.clone(),
                 paused: paused.unwrap_or(record.paused),
                 cancelled,

@@ -19,6 +19,7 @@
 //!   not-before time; exhausted tasks go to `<prefix>dead`.
 
 mod arrivals;
+mod batch;
 mod config;
 mod consumer;
 mod controls;
@@ -30,10 +31,11 @@ mod view;
 pub mod wire;
 
 pub use config::KafkaConfig;
+pub use publish::written;
 pub use topics::Topics;
 
 use super::embedded::EmbeddedQueue;
-use super::scheduler::ready::Policy;
+use super::scheduler::ready::{Entry, Policy};
 use super::scheduler::{Leased, Offer, Scheduler};
 use super::{
     CensusRow, CommitObserver, Completion, Control, Failure, Lease, ModuleRecord, Page, QueueError,
@@ -44,6 +46,7 @@ use crate::model::{
     TaskState, now_ms,
 };
 use async_trait::async_trait;
+use batch::EventBatcher;
 use offsets::{Partition, Progress};
 use publish::{Outgoing, Publisher};
 use std::collections::{HashMap, HashSet};
@@ -77,6 +80,10 @@ struct GridState {
     /// priority change may arrive before some of its tasks are read).
     job_priorities: HashMap<Arc<str>, u8>,
     cancelled_tasks: HashSet<String>,
+    /// When each leased task not yet started was allocated, and how long
+    /// it had waited (µs): its Running event carries both, as Kafka hosts
+    /// write no Allocated event of their own.
+    allocations: HashMap<Arc<str>, (u64, u64)>,
     progress: Progress,
 }
 
@@ -89,6 +96,8 @@ struct Member {
     /// Wakes fetches of modules uploaded on another host.
     arrivals: Arc<arrivals::ModuleArrivals>,
     publisher: Publisher,
+    /// Gathers task events into few messages.
+    batcher: EventBatcher,
     state: Mutex<GridState>,
     wake: Notify,
     closed: AtomicBool,
@@ -128,6 +137,7 @@ impl KafkaQueue {
             cancelled_jobs: HashSet::new(),
             job_priorities: HashMap::new(),
             cancelled_tasks: HashSet::new(),
+            allocations: HashMap::new(),
             progress: Progress::default(),
         };
         for job in view.jobs(usize::MAX >> 1).await? {
@@ -143,6 +153,7 @@ impl KafkaQueue {
         }
         let arrivals = Arc::new(arrivals::ModuleArrivals::default());
         view.observe(arrivals.clone());
+        let source = format!("{}/{}", config.host, uuid::Uuid::new_v4().simple());
         Ok(KafkaQueue {
             shared: Arc::new(Member {
                 config,
@@ -150,6 +161,7 @@ impl KafkaQueue {
                 view,
                 arrivals,
                 publisher,
+                batcher: EventBatcher::new(source),
                 state: Mutex::new(state),
                 wake: Notify::new(),
                 closed: AtomicBool::new(false),
@@ -179,26 +191,16 @@ impl Member {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Publish task events (and any other records), apply the events to this
-    /// host's view at once, and when all are delivered let the offsets the
-    /// task was read from be committed.
+    /// Publish task events (and any other records) in the next batch, apply
+    /// the events to this host's view at once, and when all are delivered
+    /// let the offsets the task was read from be committed.
     fn publish(self: &Arc<Self>, events: Vec<TaskEvent>, extra: Vec<Outgoing>, done: Vec<Origin>) {
-        let mut records = extra;
         let mut local = Vec::with_capacity(events.len());
-        for event in events {
-            local.push(view::change_of(&event));
-            records.push(self.event_record(EventMessage::Task(event)));
+        for event in &events {
+            view::changes_of(event, &mut local);
         }
         self.view.apply_view(local);
-        let shared = self.clone();
-        self.publisher.send_then(records, move |delivered| {
-            if delivered {
-                let mut state = shared.state();
-                for origin in &done {
-                    state.progress.finished(&origin.partition, origin.offset);
-                }
-            }
-        });
+        EventBatcher::push(self, events, extra, done);
     }
 
     fn event_record(&self, event: EventMessage) -> Outgoing {
@@ -217,8 +219,21 @@ impl Member {
         }
     }
 
-    fn take_lease(&self, lease: &Lease) -> Result<Leased<Vec<Origin>>, QueueError> {
-        self.state().scheduler.take(&lease.task_id, lease.token)
+    /// End a lease; `event` (its outcome) carries the Allocated that was
+    /// never written if the task ended without starting.
+    fn take_lease(
+        &self,
+        lease: &Lease,
+        event: Option<&mut TaskEvent>,
+    ) -> Result<Leased<Vec<Origin>>, QueueError> {
+        let mut state = self.state();
+        let leased = state.scheduler.take(&lease.task_id, lease.token)?;
+        let allocated = state.allocations.remove(lease.task_id.as_str());
+        drop(state);
+        if let (Some(event), Some(allocated)) = (event, allocated) {
+            carry_allocation(event, &leased.entry, allocated);
+        }
+        Ok(leased)
     }
 
     /// Publish a control event and apply it here at once.
@@ -228,6 +243,17 @@ impl Member {
         view::apply_control(self, &event);
         Ok(())
     }
+}
+
+/// Put a task's Allocated (when, and how long it had waited) on its next
+/// event, with its definition, as the Allocated event carried it: a view
+/// may read this event before the job message that made the task's row
+/// (they are on different partitions), and creates the row from it.
+fn carry_allocation(event: &mut TaskEvent, entry: &Entry, (at, wait_us): (u64, u64)) {
+    event.allocated_at = Some(at);
+    event.wait_us = Some(wait_us);
+    event.module = Some(entry.module.to_string());
+    event.options = Some(entry.options());
 }
 
 /// The event that announces a task's definition (on Pending and Allocated).
@@ -274,8 +300,9 @@ impl WorkQueue for KafkaQueue {
     }
 
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError> {
-        let mut records = Vec::with_capacity(tasks.len() * 2);
+        let mut records = Vec::with_capacity(tasks.len() + 1);
         let mut local = Vec::with_capacity(tasks.len());
+        let mut events = Vec::with_capacity(tasks.len());
         for task in &tasks {
             let message = TaskMessage::new(
                 &task.id,
@@ -293,9 +320,12 @@ impl WorkQueue for KafkaQueue {
                 &task.module,
                 &task.options,
             );
-            local.push(view::change_of(&event));
-            records.push(self.shared.event_record(EventMessage::Task(event)));
+            view::changes_of(&event, &mut local);
+            events.push(event);
         }
+        // The Pending events in batches; a view finds a task's Pending
+        // whether it reads the task message first or its event.
+        records.extend(self.shared.batch_records(&events));
         self.shared.publisher.send_all(&records).await?;
         self.shared.view.apply_view(local);
         self.shared.view.flush().await
@@ -326,7 +356,7 @@ impl WorkQueue for KafkaQueue {
         let mut records = Vec::with_capacity(payloads.len() + 1);
         // The announcement first: a view creates the job's Pending rows from it.
         records.push(self.shared.event_record(EventMessage::Job {
-            v: wire::WIRE_VERSION,
+            v: wire::EVENT_VERSION,
             job: record.clone(),
         }));
         for (index, payload) in payloads.iter().enumerate() {
@@ -372,21 +402,9 @@ impl WorkQueue for KafkaQueue {
                         wait_us,
                         ..
                     } => {
-                        let entry = &leased.entry;
-                        let mut event = with_spec(
-                            TaskEvent::new(
-                                &entry.id,
-                                entry.job.as_deref(),
-                                TaskState::Allocated,
-                                lease.attempt,
-                            ),
-                            &entry.module,
-                            &entry.options(),
-                        );
-                        event.worker = Some(worker.id.clone());
-                        event.wait_us = Some(wait_us);
-                        drop(state);
-                        shared.publish(vec![event], Vec::new(), Vec::new());
+                        // Written with its Running (one event fewer per task).
+                        let id = leased.entry.id.clone();
+                        state.allocations.insert(id, (now, wait_us));
                         return Some(lease);
                     }
                     Offer::Wait(at) => at,
@@ -402,21 +420,22 @@ impl WorkQueue for KafkaQueue {
     }
 
     fn started(&self, lease: &Lease) {
-        if self
-            .shared
-            .state()
-            .scheduler
-            .start(&lease.task_id, lease.token)
-            .is_none()
-        {
-            return;
-        }
         let mut event = TaskEvent::new(
             &lease.task_id,
             lease.job_id.as_deref(),
             TaskState::Running,
             lease.attempt,
         );
+        {
+            let mut state = self.shared.state();
+            let allocated = state.allocations.remove(lease.task_id.as_str());
+            let Some(leased) = state.scheduler.start(&lease.task_id, lease.token) else {
+                return;
+            };
+            if let Some(allocated) = allocated {
+                carry_allocation(&mut event, &leased.entry, allocated);
+            }
+        }
         event.worker = Some(lease.worker.clone());
         self.shared.publish(vec![event], Vec::new(), Vec::new());
     }
@@ -448,7 +467,6 @@ impl WorkQueue for KafkaQueue {
                 },
             );
         }
-        let leased = self.shared.take_lease(lease)?;
         let mut event = TaskEvent::new(
             &lease.task_id,
             lease.job_id.as_deref(),
@@ -456,6 +474,7 @@ impl WorkQueue for KafkaQueue {
             lease.attempt,
         )
         .with_result(&completion.result);
+        let leased = self.shared.take_lease(lease, Some(&mut event))?;
         event.worker = Some(lease.worker.clone());
         event.logs = Some(completion.logs);
         event.progress = Some(completion.progress);
@@ -465,13 +484,13 @@ impl WorkQueue for KafkaQueue {
     }
 
     fn fail(&self, lease: &Lease, failure: Failure) -> Result<(), QueueError> {
-        let leased = self.shared.take_lease(lease)?;
         let to = if failure.retry_at.is_some() {
             TaskState::Error
         } else {
             TaskState::Dead
         };
         let mut event = TaskEvent::new(&lease.task_id, lease.job_id.as_deref(), to, lease.attempt);
+        let leased = self.shared.take_lease(lease, Some(&mut event))?;
         event.worker = Some(lease.worker.clone());
         event.error_kind = Some(failure.kind);
         event.message = Some(failure.message.clone());
@@ -505,16 +524,19 @@ impl WorkQueue for KafkaQueue {
     }
 
     fn release(&self, lease: &Lease, cancelled: bool) {
-        let Ok(leased) = self.shared.take_lease(lease) else {
+        let mut event = TaskEvent::new(
+            &lease.task_id,
+            lease.job_id.as_deref(),
+            TaskState::Cancelled,
+            lease.attempt,
+        );
+        let Ok(leased) = self
+            .shared
+            .take_lease(lease, cancelled.then_some(&mut event))
+        else {
             return;
         };
         if cancelled {
-            let mut event = TaskEvent::new(
-                &lease.task_id,
-                lease.job_id.as_deref(),
-                TaskState::Cancelled,
-                lease.attempt,
-            );
             event.message = Some("cancelled while running".into());
             self.shared.publish(vec![event], Vec::new(), leased.extra);
             return;

@@ -8,9 +8,22 @@ use futures::future::{BoxFuture, FutureExt, join_all};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// Messages and bytes (key and value, before compression) written by
+/// every producer of this process: `kwq bench kafka` divides them by the
+/// tasks it ran to print messages and bytes per task.
+static WRITTEN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Messages and bytes this process has queued for Kafka so far (see [`WRITTEN`]).
+pub fn written() -> (u64, u64) {
+    (
+        WRITTEN[0].load(Ordering::Relaxed),
+        WRITTEN[1].load(Ordering::Relaxed),
+    )
+}
 
 /// One record to write.
 #[derive(Debug, Clone)]
@@ -34,8 +47,13 @@ pub(crate) struct Publisher {
 impl Publisher {
     /// A producer for the cluster in `config`, run from the current tokio runtime.
     pub(crate) fn new(config: &KafkaConfig) -> Result<Self, QueueError> {
-        let producer: FutureProducer = config
-            .client_config()
+        let mut settings = config.client_config();
+        // lz4 by default (JSON events compress several times over); a
+        // `?kafka.compression.type=` in the store URL wins.
+        if settings.get("compression.type").is_none() {
+            settings.set("compression.type", "lz4");
+        }
+        let producer: FutureProducer = settings
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
@@ -60,6 +78,11 @@ impl Publisher {
         let mut future_record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&record.topic)
             .key(record.key.as_str())
             .payload(record.value.as_slice());
+        WRITTEN[0].fetch_add(1, Ordering::Relaxed);
+        WRITTEN[1].fetch_add(
+            (record.key.len() + record.value.len()) as u64,
+            Ordering::Relaxed,
+        );
         loop {
             match self.producer.send_result(future_record) {
                 Ok(delivery) => {

@@ -6,7 +6,7 @@
 
 use super::Member;
 use super::wire::{EventMessage, ModuleChunk, TaskEvent};
-use crate::model::ModuleId;
+use crate::model::{ModuleId, TaskState};
 use crate::queue::embedded::{Carried, RemoteTask, ViewChange};
 use crate::queue::{ModuleRecord, QueueError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -19,9 +19,23 @@ use std::time::Duration;
 /// Messages applied per batch at most.
 const BATCH: usize = 5_000;
 
-/// What the view stores for one of this host's own task events.
-pub(super) fn change_of(event: &TaskEvent) -> ViewChange {
-    ViewChange::Task(Box::new(remote_task(event)))
+/// What the view stores for a task event: one change, or two for an event
+/// that carries its Allocated (`allocated_at`, wire v2: on Running, or on
+/// the outcome of a task that ended without starting).
+pub(super) fn changes_of(event: &TaskEvent, into: &mut Vec<ViewChange>) {
+    let mut task = remote_task(event);
+    if let Some(at) = event
+        .allocated_at
+        .filter(|_| event.state != TaskState::Allocated)
+    {
+        let mut allocated = task.clone();
+        allocated.state = TaskState::Allocated;
+        allocated.at = at;
+        task.carried.wait_us = None;
+        task.spec = None;
+        into.push(ViewChange::Task(Box::new(allocated)));
+    }
+    into.push(ViewChange::Task(Box::new(task)));
 }
 
 /// Act on a job or task control (here or read from another host).
@@ -59,7 +73,7 @@ pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
             }
             shared.task_control(task, *cancel, *priority);
         }
-        EventMessage::Task(_) | EventMessage::Job { .. } => {}
+        EventMessage::Task(_) | EventMessage::Tasks { .. } | EventMessage::Job { .. } => {}
     }
 }
 
@@ -136,7 +150,14 @@ fn run(consumer: BaseConsumer, shared: Arc<Member>) {
                 continue;
             }
             match EventMessage::decode(value) {
-                Ok(EventMessage::Task(event)) => changes.push(change_of(&event)),
+                Ok(EventMessage::Task(event)) => changes_of(&event, &mut changes),
+                // This process applied its own batches when it wrote them.
+                Ok(EventMessage::Tasks { source, .. }) if shared.batcher.is_own(&source) => {}
+                Ok(EventMessage::Tasks { events, .. }) => {
+                    for event in &events {
+                        changes_of(event, &mut changes);
+                    }
+                }
                 Ok(EventMessage::Job { job, .. }) => {
                     shared.job_flags(&job.id, job.paused, job.cancelled);
                     changes.push(ViewChange::Job(job));

@@ -1,9 +1,13 @@
-//! The messages KWQ writes to and reads from Kafka, version 1. Their JSON
-//! schemas are in `docs/wire-format.md`; a producer in any language that
-//! writes a [`TaskMessage`] to a priority topic gets its task run.
+//! The messages KWQ writes to and reads from Kafka. Their JSON schemas are
+//! in `docs/wire-format.md`; a producer in any language that writes a
+//! [`TaskMessage`] to a priority topic gets its task run.
 //!
-//! Every message is JSON with `"v": 1`. Readers ignore fields they do not
-//! know, so adding an optional field is not a new version.
+//! Every message is JSON with a version `"v"`: task messages and module
+//! chunks are version 1 (unchanged since the first grid); event messages are
+//! version 2, which added the `tasks` batch (many transitions in one
+//! message) and Allocated carried on Running. Readers take events of either
+//! version and ignore fields they do not know, so adding an optional field
+//! is not a new version.
 
 use crate::model::{ErrorKind, JobRecord, LogLine, Millis, ModuleKind, TaskOptions, TaskState};
 use base64::Engine;
@@ -11,8 +15,17 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The wire version this build writes and reads.
+/// The version of task messages and module chunks this build writes and reads.
 pub const WIRE_VERSION: u32 = 1;
+
+/// The version of event messages this build writes; it reads this one and
+/// [`WIRE_VERSION`] (a v1 host's events).
+pub const EVENT_VERSION: u32 = 2;
+
+/// Largest batch of task events in one message (their JSON): under Kafka's
+/// default 1 MB message limit with room for the envelope. An event bigger
+/// than this (a result near [`super::MAX_RESULT_BYTES`]) goes alone.
+pub const MAX_BATCH_BYTES: usize = 900 * 1024;
 
 /// Raw module bytes per chunk on the modules topic: base64 makes a chunk
 /// about 700 KB, under Kafka's default 1 MB message limit.
@@ -22,6 +35,10 @@ fn version() -> u32 {
     WIRE_VERSION
 }
 
+fn event_version() -> u32 {
+    EVENT_VERSION
+}
+
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -29,7 +46,9 @@ pub enum WireError {
     #[error("malformed message: {0}")]
     Malformed(#[from] serde_json::Error),
     /// A version this build does not read.
-    #[error("unsupported wire version {0} (this build reads {WIRE_VERSION})")]
+    #[error(
+        "unsupported wire version {0} (this build reads {WIRE_VERSION}, and {EVENT_VERSION} for events)"
+    )]
     Version(u32),
     /// A field's value is not allowed.
     #[error("invalid message: {0}")]
@@ -179,8 +198,21 @@ impl TaskMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum EventMessage {
-    /// A task entered a state.
+    /// A task entered a state (one transition per message, as v1 hosts write).
     Task(TaskEvent),
+    /// Several transitions in one message (v2): what a host's publisher
+    /// gathered while its previous batch was being delivered. Cuts the
+    /// broker's messages per task from three events to a fraction of one.
+    Tasks {
+        /// Wire version.
+        #[serde(default = "event_version")]
+        v: u32,
+        /// `<host>/<process instance>`: a host skips the batches it wrote
+        /// itself in this process, which it applied when it wrote them.
+        source: String,
+        /// The transitions, in the order they happened on that host.
+        events: Vec<TaskEvent>,
+    },
     /// A job was submitted: its tasks are `<job>.<index>` for index < total.
     Job {
         /// Wire version.
@@ -226,11 +258,17 @@ impl EventMessage {
         let message: EventMessage = serde_json::from_slice(bytes)?;
         let v = match &message {
             EventMessage::Task(t) => t.v,
+            EventMessage::Tasks { v, events, .. } => {
+                if let Some(bad) = events.iter().find(|e| !reads_event(e.v)) {
+                    return Err(WireError::Version(bad.v));
+                }
+                *v
+            }
             EventMessage::Job { v, .. }
             | EventMessage::JobControl { v, .. }
             | EventMessage::TaskControl { v, .. } => *v,
         };
-        if v != WIRE_VERSION {
+        if !reads_event(v) {
             return Err(WireError::Version(v));
         }
         Ok(message)
@@ -245,6 +283,7 @@ impl EventMessage {
     pub fn key(&self) -> &str {
         match self {
             EventMessage::Task(t) => &t.task_id,
+            EventMessage::Tasks { source, .. } => source,
             EventMessage::Job { job, .. } => &job.id,
             EventMessage::JobControl { job, .. } => job,
             EventMessage::TaskControl { task, .. } => task,
@@ -252,10 +291,46 @@ impl EventMessage {
     }
 }
 
+/// Whether this build reads an event message of version `v`.
+fn reads_event(v: u32) -> bool {
+    v == WIRE_VERSION || v == EVENT_VERSION
+}
+
+/// The `tasks` batch messages carrying `events`, as JSON: each at most
+/// [`MAX_BATCH_BYTES`] of events (an event bigger than that alone). Built
+/// from each event's own encoding, so nothing is serialised twice.
+pub fn encode_batches(source: &str, events: &[TaskEvent]) -> Vec<Vec<u8>> {
+    let head = format!(
+        r#"{{"type":"tasks","v":{EVENT_VERSION},"source":{},"events":["#,
+        serde_json::Value::String(source.to_string())
+    );
+    let mut messages = Vec::new();
+    let mut current = head.clone().into_bytes();
+    let mut count = 0;
+    for event in events {
+        let encoded = serde_json::to_vec(event).unwrap_or_default();
+        if count > 0 && current.len() + encoded.len() > MAX_BATCH_BYTES {
+            current.extend_from_slice(b"]}");
+            messages.push(std::mem::replace(&mut current, head.clone().into_bytes()));
+            count = 0;
+        }
+        if count > 0 {
+            current.push(b',');
+        }
+        current.extend_from_slice(&encoded);
+        count += 1;
+    }
+    if count > 0 {
+        current.extend_from_slice(b"]}");
+        messages.push(current);
+    }
+    messages
+}
+
 /// One task transition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskEvent {
-    /// Wire version.
+    /// Wire version (1 when left out, as the first hosts wrote it).
     #[serde(default = "version")]
     pub v: u32,
     /// The task.
@@ -296,14 +371,21 @@ pub struct TaskEvent {
     /// Time queued before this lease, µs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_us: Option<u64>,
+    /// On Running (v2): when the task was Allocated to its worker. Kafka
+    /// hosts write no Allocated event; a view records the Allocated
+    /// transition from this field, so a task's timeline is as on any host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_at: Option<Millis>,
     /// Run time in ms, as hosts before the µs fields wrote it: read, never written.
     #[serde(default, skip_serializing)]
     pub run_ms: Option<u64>,
     /// Queue wait in ms, as hosts before the µs fields wrote it: read, never written.
     #[serde(default, skip_serializing)]
     pub wait_ms: Option<u64>,
-    /// On Pending and Allocated: the task's module and options, so a host
-    /// that never saw it submitted (a foreign producer's task) can show it.
+    /// On Pending, Allocated and (v2) an event carrying `allocated_at`: the
+    /// task's module and options, so a host that never saw it submitted (a
+    /// foreign producer's task, or a job's whose job message it has not read
+    /// yet) can show it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
     /// See `module`.
@@ -315,7 +397,7 @@ impl TaskEvent {
     /// A bare transition; callers fill in what the state carries.
     pub fn new(task_id: &str, job_id: Option<&str>, state: TaskState, attempt: u32) -> Self {
         TaskEvent {
-            v: WIRE_VERSION,
+            v: EVENT_VERSION,
             task_id: task_id.to_string(),
             job_id: job_id.map(str::to_string),
             state,
@@ -330,6 +412,7 @@ impl TaskEvent {
             not_before: None,
             run_us: None,
             wait_us: None,
+            allocated_at: None,
             run_ms: None,
             wait_ms: None,
             module: None,
@@ -477,6 +560,51 @@ mod tests {
     }
 
     #[test]
+    fn batches_read_back_and_stay_under_the_message_limit() {
+        let small: Vec<TaskEvent> = (0..1000)
+            .map(|i| TaskEvent::new(&format!("t-{i}"), None, TaskState::Running, 1))
+            .collect();
+        let messages = encode_batches("h/1", &small);
+        assert_eq!(messages.len(), 1, "a thousand small events fit one message");
+        let EventMessage::Tasks { source, events, v } = EventMessage::decode(&messages[0]).unwrap()
+        else {
+            panic!("not a batch")
+        };
+        assert_eq!((source.as_str(), v), ("h/1", EVENT_VERSION));
+        assert_eq!(events, small);
+        // Results near the limit: each batch stays under 1 MB, none is lost.
+        let big: Vec<TaskEvent> = (0..5)
+            .map(|i| {
+                TaskEvent::new(&format!("b-{i}"), None, TaskState::Completed, 1)
+                    .with_result(&vec![7u8; super::super::MAX_RESULT_BYTES])
+            })
+            .collect();
+        let messages = encode_batches("h/1", &big);
+        assert_eq!(messages.len(), 5);
+        let mut back = Vec::new();
+        for message in &messages {
+            assert!(message.len() < 1_000_000, "{} bytes", message.len());
+            let EventMessage::Tasks { events, .. } = EventMessage::decode(message).unwrap() else {
+                panic!("not a batch")
+            };
+            back.extend(events);
+        }
+        assert_eq!(back, big);
+        assert!(encode_batches("h/1", &[]).is_empty());
+        // Version 1 events still read; an unknown version does not.
+        assert!(
+            EventMessage::decode(
+                br#"{"type":"task","v":1,"task_id":"t","state":"Running","attempt":1,"at":1}"#
+            )
+            .is_ok()
+        );
+        assert!(
+            EventMessage::decode(br#"{"type":"tasks","v":3,"source":"h","events":[]}"#).is_err()
+        );
+        assert!(EventMessage::decode(br#"{"type":"tasks","v":2,"source":"h","events":[{"v":9,"task_id":"t","state":"Running","attempt":1,"at":1}]}"#).is_err());
+    }
+
+    #[test]
     fn the_documented_examples_read() {
         let doc = include_str!("../../../../docs/wire-format.md");
         let mut read = 0;
@@ -499,7 +627,7 @@ mod tests {
                 read += 1;
             }
         }
-        assert_eq!(read, 7, "examples in docs/wire-format.md");
+        assert_eq!(read, 8, "examples in docs/wire-format.md");
     }
 
     #[test]

@@ -1,0 +1,136 @@
+//! Gathering a host's task events into few messages. While one batch is
+//! being delivered, every transition published meanwhile (Running,
+//! Completed, Error, Cancelled of any task, with any retry or dead-letter
+//! records they bring) waits here; when the delivery report comes back they
+//! all go out together as one `tasks` message (or a few, each under the
+//! message limit). An idle host sends at once, so a lone task waits for no
+//! timer; a busy one sends one message per delivery round trip instead of
+//! one per transition, which is what a broker's message rate limits.
+//!
+//! Offsets of finished tasks are committed only after the batch holding
+//! their outcome is delivered, as before batching.
+
+use super::publish::Outgoing;
+use super::wire::{self, TaskEvent};
+use super::{Member, Origin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What waits for the batch in flight to be delivered.
+#[derive(Default)]
+struct Waiting {
+    events: Vec<TaskEvent>,
+    records: Vec<Outgoing>,
+    done: Vec<Origin>,
+    /// A batch is being delivered: new work waits for its report.
+    in_flight: bool,
+}
+
+/// One host's event batcher.
+pub(super) struct EventBatcher {
+    /// `<host>/<process instance>`, the batches' `source`.
+    source: String,
+    waiting: Mutex<Waiting>,
+    /// Batch messages sent, so each gets its own key (spreading the
+    /// batches of one host over the event topic's partitions).
+    sent: AtomicU64,
+}
+
+impl EventBatcher {
+    /// A batcher writing as `source`.
+    pub(super) fn new(source: String) -> Self {
+        EventBatcher {
+            source,
+            waiting: Mutex::default(),
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a batch read back from the event topic was written by this
+    /// process (and so already applied to its view).
+    pub(super) fn is_own(&self, source: &str) -> bool {
+        source == self.source
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue events and records; `done` offsets finish once they are
+    /// delivered. Sends at once unless a batch is in flight.
+    pub(super) fn push(
+        shared: &Arc<Member>,
+        events: Vec<TaskEvent>,
+        records: Vec<Outgoing>,
+        done: Vec<Origin>,
+    ) {
+        let batcher = &shared.batcher;
+        let taken = {
+            let mut waiting = batcher.waiting();
+            waiting.events.extend(events);
+            waiting.records.extend(records);
+            waiting.done.extend(done);
+            if waiting.in_flight {
+                return;
+            }
+            let taken = std::mem::take(&mut *waiting);
+            waiting.in_flight = true;
+            taken
+        };
+        Self::send(shared, taken);
+    }
+
+    /// Send one gathered batch; when delivered, finish its offsets and send
+    /// whatever gathered meanwhile.
+    fn send(shared: &Arc<Member>, batch: Waiting) {
+        let mut records = batch.records;
+        records.extend(shared.batch_records(&batch.events));
+        let done = batch.done;
+        let then = shared.clone();
+        shared.publisher.send_then(records, move |delivered| {
+            if delivered {
+                let mut state = then.state();
+                for origin in &done {
+                    state.progress.finished(&origin.partition, origin.offset);
+                }
+            }
+            let next = {
+                let mut waiting = then.batcher.waiting();
+                if waiting.events.is_empty() && waiting.records.is_empty() {
+                    waiting.in_flight = false;
+                    // Offsets with no event (cannot happen today) still finish.
+                    let done = std::mem::take(&mut waiting.done);
+                    drop(waiting);
+                    let mut state = then.state();
+                    for origin in &done {
+                        state.progress.finished(&origin.partition, origin.offset);
+                    }
+                    return;
+                }
+                let taken = std::mem::take(&mut *waiting);
+                waiting.in_flight = true;
+                taken
+            };
+            Self::send(&then, next);
+        });
+    }
+}
+
+impl Member {
+    /// The `tasks` messages carrying `events`, keyed so that this host's
+    /// batches spread over the event topic's partitions.
+    pub(super) fn batch_records(&self, events: &[TaskEvent]) -> Vec<Outgoing> {
+        let batcher = &self.batcher;
+        wire::encode_batches(&batcher.source, events)
+            .into_iter()
+            .map(|value| {
+                let n = batcher.sent.fetch_add(1, Ordering::Relaxed);
+                Outgoing {
+                    topic: self.topics.events(),
+                    key: format!("{}/{n}", batcher.source),
+                    value,
+                }
+            })
+            .collect()
+    }
+}
