@@ -8,7 +8,7 @@ use super::Member;
 use super::offsets::Partition;
 use crate::queue::QueueError;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashSet;
@@ -154,6 +154,15 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
                     if shared.depth()[band as usize] >= buffer {
                         pause_band(&consumer, &shared, band, &mut paused);
                     }
+                }
+                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) => {
+                    // Static membership: another process joined as this
+                    // host's name, and the group keeps only one of them.
+                    tracing::error!(
+                        host = %shared.config.host,
+                        "another host joined the grid under this host's name (--host); this one reads no more tasks"
+                    );
+                    std::thread::sleep(Duration::from_secs(1));
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the task topics"),
             }
