@@ -13,7 +13,6 @@
 use super::publish::Outgoing;
 use super::wire::{self, TaskEvent};
 use super::{Member, Origin};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What waits for the batch in flight to be delivered.
@@ -31,9 +30,6 @@ pub(super) struct EventBatcher {
     /// `<host>/<process instance>`, the batches' `source`.
     source: String,
     waiting: Mutex<Waiting>,
-    /// Batch messages sent, so each gets its own key (spreading the
-    /// batches of one host over the event topic's partitions).
-    sent: AtomicU64,
 }
 
 impl EventBatcher {
@@ -42,7 +38,6 @@ impl EventBatcher {
         EventBatcher {
             source,
             waiting: Mutex::default(),
-            sent: AtomicU64::new(0),
         }
     }
 
@@ -117,19 +112,19 @@ impl EventBatcher {
 }
 
 impl Member {
-    /// The `tasks` messages carrying `events`, keyed so that this host's
-    /// batches spread over the event topic's partitions.
+    /// The `tasks` messages carrying `events`, keyed by this process's
+    /// source: all of them land on one partition of the event topic, so
+    /// views read one host's transitions in the order it made them (a
+    /// Completed never overtakes the Running that created a task's row in
+    /// a view). Hosts spread over the partitions.
     pub(super) fn batch_records(&self, events: &[TaskEvent]) -> Vec<Outgoing> {
-        let batcher = &self.batcher;
-        wire::encode_batches(&batcher.source, events)
+        let source = &self.batcher.source;
+        wire::encode_batches(source, events)
             .into_iter()
-            .map(|value| {
-                let n = batcher.sent.fetch_add(1, Ordering::Relaxed);
-                Outgoing {
-                    topic: self.topics.events(),
-                    key: format!("{}/{n}", batcher.source),
-                    value,
-                }
+            .map(|value| Outgoing {
+                topic: self.topics.events(),
+                key: source.clone(),
+                value,
             })
             .collect()
     }
