@@ -91,15 +91,11 @@ impl EventBatcher {
             }
             let next = {
                 let mut waiting = then.batcher.waiting();
-                if waiting.events.is_empty() && waiting.records.is_empty() {
+                if waiting.events.is_empty()
+                    && waiting.records.is_empty()
+                    && waiting.done.is_empty()
+                {
                     waiting.in_flight = false;
-                    // Offsets with no event (cannot happen today) still finish.
-                    let done = std::mem::take(&mut waiting.done);
-                    drop(waiting);
-                    let mut state = then.state();
-                    for origin in &done {
-                        state.progress.finished(&origin.partition, origin.offset);
-                    }
                     return;
                 }
                 let taken = std::mem::take(&mut *waiting);

@@ -252,15 +252,14 @@ impl Member {
 fn carry_allocation(event: &mut TaskEvent, entry: &Entry, (at, wait_us): (u64, u64)) {
     event.allocated_at = Some(at);
     event.wait_us = Some(wait_us);
-    event.module = Some(entry.module.to_string());
-    event.options = Some(entry.options());
+    set_spec(event, &entry.module, &entry.options());
 }
 
-/// The event that announces a task's definition (on Pending and Allocated).
-fn with_spec(mut event: TaskEvent, module: &ModuleId, options: &TaskOptions) -> TaskEvent {
+/// Let an event announce its task's definition (on Pending, and on the
+/// event that carries the Allocated).
+fn set_spec(event: &mut TaskEvent, module: &ModuleId, options: &TaskOptions) {
     event.module = Some(module.to_string());
     event.options = Some(options.clone());
-    event
 }
 
 #[async_trait]
@@ -315,11 +314,8 @@ impl WorkQueue for KafkaQueue {
                 self.shared
                     .task_record(&message, self.shared.topics.band(task.options.priority)),
             );
-            let event = with_spec(
-                TaskEvent::new(&task.id, task.job_id.as_deref(), TaskState::Pending, 0),
-                &task.module,
-                &task.options,
-            );
+            let mut event = TaskEvent::new(&task.id, task.job_id.as_deref(), TaskState::Pending, 0);
+            set_spec(&mut event, &task.module, &task.options);
             view::changes_of(&event, &mut local);
             events.push(event);
         }
