@@ -18,6 +18,7 @@ use std::sync::Arc;
 // (the CLI) depend on the composition root, not on the parts it assembles.
 pub use crate::dispatch::DispatchConfig;
 pub use crate::queue::StoreUrl;
+pub use crate::queue::kafka::Role as HostRole;
 pub use crate::queue::remote::RemoteConfig;
 pub use crate::tracker::Tracker;
 
@@ -46,6 +47,17 @@ pub struct ServerConfig {
     pub allowed_hosts: api::AllowedHosts,
     /// The worker protocol: its token and lease time.
     pub remote: RemoteWorkers,
+}
+
+impl ServerConfig {
+    /// What this host does: a Kafka host's `--role`; a host on the
+    /// embedded store does everything.
+    pub fn role(&self) -> HostRole {
+        match &self.store {
+            StoreUrl::Kafka(kafka) => kafka.role,
+            StoreUrl::Sqlite(_) => HostRole::All,
+        }
+    }
 }
 
 /// How this host serves worker machines (`/v1/workers`).
@@ -146,11 +158,13 @@ impl Host {
             .await
             .context("rebuilding statistics")?;
         queue.start();
+        let role = config.role();
         let modules = ModuleRegistry::new(runtime.clone(), queue.clone());
-        if config.examples {
+        if config.examples && role.keeps_view() {
             upload_examples(&modules).await?;
         }
-        let dispatcher = (config.dispatch.workers > 0).then(|| {
+        let runs_tasks = config.dispatch.workers > 0 && role.runs_tasks();
+        let dispatcher = runs_tasks.then(|| {
             Dispatcher::start(
                 runtime.clone(),
                 queue.clone(),
@@ -169,6 +183,7 @@ impl Host {
             token: config.token.clone(),
             token_reads: config.token_reads,
             limits: config.limits.clone(),
+            worker_only: !role.keeps_view(),
             ..AppState::with_remote_workers(
                 queue.clone(),
                 modules,

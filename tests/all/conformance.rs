@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use kwq::model::{ErrorKind, ModuleId, NewJob, NewTask, TaskOptions, TaskState, now_ms};
 use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
-use kwq::queue::kafka::{KafkaConfig, KafkaQueue, Topics};
+use kwq::queue::kafka::{KafkaConfig, KafkaQueue, Role, Topics};
 use kwq::queue::{Completion, Failure, Lease, Queue, TaskFilter, WorkQueue, WorkerView};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -80,6 +80,7 @@ impl MockKafka {
             for (topic, partitions) in [
                 (topics.events(), 4),
                 (topics.modules(), 1),
+                (topics.control(), 1),
                 (topics.dead(), 1),
             ] {
                 cluster.create_topic(&topic, partitions, 1).unwrap();
@@ -131,15 +132,25 @@ impl MockKafka {
     }
 }
 
+impl MockKafka {
+    /// A started host of the grid in `role`.
+    pub(crate) async fn host_in_role(&self, name: &str, role: Role) -> KafkaQueue {
+        let config = KafkaConfig {
+            role,
+            ..self.config(name)
+        };
+        let queue = KafkaQueue::connect(config, Duration::from_secs(30), AFFINITY_WINDOW)
+            .await
+            .unwrap();
+        queue.start();
+        queue
+    }
+}
+
 #[async_trait]
 impl Backend for MockKafka {
     async fn host(&self, name: &str) -> Arc<dyn Queue> {
-        let queue =
-            KafkaQueue::connect(self.config(name), Duration::from_secs(30), AFFINITY_WINDOW)
-                .await
-                .unwrap();
-        queue.start();
-        Arc::new(queue)
+        Arc::new(self.host_in_role(name, Role::All).await)
     }
 }
 

@@ -233,3 +233,76 @@ async fn a_task_written_by_a_plain_kafka_producer_runs() {
         .collect();
     assert_eq!(states, ["Allocated", "Running", "Completed"], "{task}");
 }
+
+/// A host of the grid in `role` (`all`, `api` or `worker`).
+fn host_in_role(tansu: &Tansu, dir: &Path, name: &str, role: &str) -> Server {
+    Server::start_serving(
+        dir,
+        &[],
+        &["--store", &tansu.store(), "--host", name, "--role", role],
+        Stdio::inherit(),
+        2,
+        "warn",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_host_and_two_worker_hosts_lose_nothing_when_killed() {
+    const TASKS: u64 = 20_000;
+    let tansu = Tansu::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let client = reqwest::Client::new();
+    let api = host_in_role(&tansu, dirs[0].path(), "api", "api");
+    let w1 = host_in_role(&tansu, dirs[1].path(), "w1", "worker");
+    let w2 = host_in_role(&tansu, dirs[2].path(), "w2", "worker");
+
+    // A worker host keeps no view: it serves health, not the API.
+    let refused = client
+        .get(format!("{}/v1/tasks", w1.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 404);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], json!("worker_host"), "{body}");
+    let health = client
+        .get(format!("{}/healthz", w2.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    let id = submit_echo_job(&client, &api, TASKS, "roles").await;
+    // Both worker hosts run the job's tasks (the API host runs none).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let workers = workers_of(&client, &api, &id).await;
+        assert!(!workers.contains("api"), "the API host ran tasks");
+        if workers.contains("w1") && workers.contains("w2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both worker hosts never ran tasks: {workers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A worker host dies, then the API host.
+    w1.kill();
+    let before = get(&client, format!("{}/v1/jobs/{id}", api.url)).await;
+    api.kill();
+    assert!(
+        before["finished"].as_u64().unwrap() < TASKS,
+        "killed before the end: {before}"
+    );
+
+    // The API host comes back on its view and catches up: every task
+    // completed, each result once (replays of w1's unfinished tasks collapse).
+    let api = host_in_role(&tansu, dirs[0].path(), "api", "api");
+    echo_job_completed_once(&client, &api, &id, TASKS).await;
+    let workers = workers_of(&client, &api, &id).await;
+    assert!(
+        workers.is_subset(&["w1", "w2"].map(String::from).into()),
+        "{workers:?}"
+    );
+}

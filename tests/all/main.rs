@@ -8,6 +8,7 @@ mod grid;
 mod invoke;
 mod kafka;
 mod kafka_grid;
+mod kafka_roles;
 mod languages;
 mod paths;
 mod process;

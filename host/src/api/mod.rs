@@ -89,6 +89,10 @@ pub struct AppState {
     pub waiters: Arc<waiters::Waiters>,
     /// Module names and ids known to be stored (no store read per submission).
     pub module_names: Arc<module_names::ModuleNames>,
+    /// A worker-only host of a Kafka grid (`--role worker`): it keeps no
+    /// view, so it serves health, metrics and the worker protocol only, and
+    /// answers everything else with a 404 that says where to go.
+    pub worker_only: bool,
 }
 
 impl AppState {
@@ -140,6 +144,7 @@ impl AppState {
             limits: ApiLimits::default(),
             allowed_hosts,
             events: EventFeed::default(),
+            worker_only: false,
         }
     }
 }
@@ -222,6 +227,24 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             require_worker_token,
         ));
+    let metrics = Router::new()
+        .route("/metrics", get(system::metrics_root))
+        .route("/v1/metrics", get(system::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_read_token,
+        ));
+    let health = Router::new()
+        .route("/v1/healthz", get(system::healthz))
+        .route("/healthz", get(system::healthz_root));
+    if state.worker_only {
+        return workers
+            .merge(metrics)
+            .merge(health)
+            .fallback(system::not_on_a_worker_host)
+            .layer(middleware::from_fn_with_state(state.clone(), guard::check))
+            .with_state(state);
+    }
     let reads = Router::new()
         .route("/v1/workers", get(workers::list))
         .route("/v1/modules", get(modules::list))
@@ -233,24 +256,22 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/results", get(jobs::results))
         .route("/v1/events", get(events::stream))
         .route("/v1/stats", get(system::stats))
-        .route("/metrics", get(system::metrics_root))
-        .route("/v1/metrics", get(system::metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_read_token,
         ));
     let open = Router::new()
-        .route("/v1/healthz", get(system::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/", get(openapi::dashboard))
         .route("/docs", get(openapi::docs))
         .route("/docs/", get(openapi::docs_slash))
         .route("/docs/swagger-ui-bundle.js", get(openapi::swagger_bundle))
-        .route("/docs/swagger-ui.css", get(openapi::swagger_css))
-        .route("/healthz", get(system::healthz_root));
+        .route("/docs/swagger-ui.css", get(openapi::swagger_css));
     writes
         .merge(workers)
         .merge(reads)
+        .merge(metrics)
+        .merge(health)
         .merge(open)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)

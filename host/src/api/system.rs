@@ -52,6 +52,19 @@ pub(super) async fn not_found(uri: Uri) -> AppError {
     AppError::not_found(format!("no endpoint at {}", uri.path()))
 }
 
+/// Anything but health, metrics and the worker protocol, asked of a
+/// worker-only host (`--role worker`): it keeps no view to answer from.
+pub(super) async fn not_on_a_worker_host(uri: Uri) -> AppError {
+    AppError {
+        status: axum::http::StatusCode::NOT_FOUND,
+        code: "worker_host",
+        message: format!(
+            "this host runs tasks only (--role worker) and serves no {}; ask an API host of the grid (--role api or all)",
+            uri.path()
+        ),
+    }
+}
+
 /// A known path with a method it does not take: 405 in the one error shape.
 pub(super) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> AppError {
     AppError {
@@ -78,6 +91,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl axum::respons
         affinity_hits,
         cache: state.modules.stats(),
         outstanding_seconds: state.tracker.outstanding_seconds(),
+        kafka: state.work.kafka_traffic(),
     });
     (
         [(

@@ -55,6 +55,11 @@ pub enum BenchCommand {
         /// Workers per host (default: cores).
         #[arg(long)]
         workers: Option<usize>,
+        /// Run one API-only host (`--role api`, submitted to and counted
+        /// on) beside each count of --hosts, which are then worker-only
+        /// hosts (`--role worker`).
+        #[arg(long)]
+        api_host: bool,
     },
     /// One very large no-op sweep: tasks/s, RSS over time, work not yet
     /// durable, read latency, cancel latency, counts after the cancel and
@@ -98,7 +103,17 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
             batch,
             hosts,
             workers,
-        } => super::bench_kafka::run(brokers, tasks, batch, hosts, workers),
+            api_host,
+        } => super::bench_kafka::run(
+            brokers,
+            super::bench_kafka::Shape {
+                tasks,
+                batch,
+                hosts,
+                workers,
+                api_host,
+            },
+        ),
         BenchCommand::Sweep(bench) => super::bench_sweep::run(bench),
         BenchCommand::Invoke {
             samples,

@@ -7,7 +7,7 @@
 use super::CliError;
 use super::local_grid::{LocalGrid, failed, submit_noop_jobs};
 use crate::model::TaskState;
-use crate::queue::kafka::{KafkaConfig, Topics, written};
+use crate::queue::kafka::{HostTraffic, KafkaConfig, Role, TopicKind, Topics, written};
 use futures::future::join_all;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -17,23 +17,26 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
-pub(super) fn run(
-    brokers: String,
-    tasks: u64,
-    batch: u64,
-    hosts: Vec<usize>,
-    workers: Option<usize>,
-) -> Result<(), CliError> {
-    super::tokio_runtime()?.block_on(bench(brokers, tasks, batch.max(1), hosts, workers))
+/// What `kwq bench kafka` runs.
+pub(super) struct Shape {
+    /// No-op tasks per run.
+    pub(super) tasks: u64,
+    /// Tasks per submitted job.
+    pub(super) batch: u64,
+    /// Host counts to run.
+    pub(super) hosts: Vec<usize>,
+    /// Workers per host (default: cores).
+    pub(super) workers: Option<usize>,
+    /// One API-only host beside worker-only hosts.
+    pub(super) api_host: bool,
 }
 
-async fn bench(
-    brokers: String,
-    tasks: u64,
-    batch: u64,
-    hosts: Vec<usize>,
-    workers: Option<usize>,
-) -> Result<(), CliError> {
+pub(super) fn run(brokers: String, shape: Shape) -> Result<(), CliError> {
+    super::tokio_runtime()?.block_on(bench(brokers, shape))
+}
+
+async fn bench(brokers: String, shape: Shape) -> Result<(), CliError> {
+    let tasks = shape.tasks;
     let mock = (brokers == "mock").then(MockBroker::start).transpose()?;
     let brokers = mock.as_ref().map_or(brokers, |m| m.brokers.clone());
     println!(
@@ -45,24 +48,33 @@ async fn bench(
         }
     );
     println!(
-        "{:<28} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "run", "tasks", "seconds", "tasks/s", "msgs/task", "bytes/task"
+        "{:<28} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>12}",
+        "run", "tasks", "seconds", "tasks/s", "msgs/task", "bytes/task", "runner rd/t", "view rd/t"
     );
-    for &count in hosts.iter().filter(|h| **h > 0) {
-        let run = grid_run(&brokers, mock.as_ref(), count, tasks, batch, workers).await?;
+    for &count in shape.hosts.iter().filter(|h| **h > 0) {
+        let run = grid_run(&brokers, mock.as_ref(), count, &shape).await?;
+        let name = if shape.api_host {
+            format!("1 api + {count} worker host(s)")
+        } else {
+            format!("{count} host(s)")
+        };
         println!(
-            "{:<28} {:>10} {:>10.2} {:>12.0} {:>10.3} {:>10.0}",
-            format!("{count} host(s)"),
+            "{:<28} {:>10} {:>10.2} {:>12.0} {:>10.3} {:>10.0} {:>12.0} {:>12.0}",
+            name,
             tasks,
             run.seconds,
             tasks as f64 / run.seconds,
             run.messages as f64 / tasks as f64,
             run.bytes as f64 / tasks as f64,
+            run.runner_read_per_task,
+            run.view_read as f64 / tasks as f64,
         );
     }
     println!(
         "(msgs/task and bytes/task: everything the hosts wrote to the broker during the timed run, \
-         tasks and events, keys and values before lz4)"
+         tasks and events, keys and values before lz4; runner rd/t: bytes a host that runs tasks \
+         read per task run there, every topic, mean over those hosts; view rd/t: bytes the host \
+         submitted to read from the event topic per task)"
     );
     if mock.is_some() {
         // The mock cluster shares this process's cores; its own rate says
@@ -108,17 +120,21 @@ struct GridRun {
     messages: u64,
     /// Their bytes (keys and values, before compression).
     bytes: u64,
+    /// Over hosts that run tasks, the mean of bytes read per task run there.
+    runner_read_per_task: f64,
+    /// Bytes the first host (the one submitted to) read from the event topic.
+    view_read: u64,
 }
 
-/// One run: `hosts` hosts on fresh topics.
+/// One run: `hosts` hosts on fresh topics (worker-only, after an API-only
+/// first host, if `shape.api_host`).
 async fn grid_run(
     brokers: &str,
     mock: Option<&MockBroker>,
     hosts: usize,
-    tasks: u64,
-    batch: u64,
-    workers: Option<usize>,
+    shape: &Shape,
 ) -> Result<GridRun, CliError> {
+    let (tasks, batch) = (shape.tasks, shape.batch);
     let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
     let partitions = (2 * hosts as i32).max(4);
     if let Some(mock) = mock {
@@ -131,21 +147,35 @@ async fn grid_run(
         all.extend([
             (topics.events(), 4),
             (topics.modules(), 1),
+            (topics.control(), 1),
             (topics.dead(), 1),
         ]);
         mock.create_topics(all)?;
     }
-    let mut grids = Vec::with_capacity(hosts);
-    for i in 0..hosts {
+    let mut roles = Vec::with_capacity(hosts + 1);
+    if shape.api_host {
+        roles.push(Role::Api);
+    }
+    roles.extend(std::iter::repeat_n(
+        if shape.api_host {
+            Role::Worker
+        } else {
+            Role::All
+        },
+        hosts,
+    ));
+    let mut grids = Vec::with_capacity(roles.len());
+    for (i, role) in roles.into_iter().enumerate() {
         let config = KafkaConfig {
             brokers: brokers.to_string(),
             prefix: prefix.clone(),
             host: format!("bench{i}"),
             task_partitions: partitions,
-            create_topics: mock.is_none(),
+            create_topics: mock.is_none() && i == 0,
+            role,
             ..KafkaConfig::default()
         };
-        grids.push(LocalGrid::start_on(workers, Some(config)).await?);
+        grids.push(LocalGrid::start_on(shape.workers, Some(config)).await?);
     }
     let client = reqwest::Client::new();
     let first = &grids[0];
@@ -161,19 +191,41 @@ async fn grid_run(
     submit_noop_jobs(&client, &first.url, warmup, warmup).await?;
     wait_completed(&completed, warmup).await?;
 
+    let traffic = || -> Vec<HostTraffic> {
+        grids
+            .iter()
+            .map(|g| g.queue.kafka_traffic().unwrap_or_default())
+            .collect()
+    };
     let (messages_before, bytes_before) = written();
+    let traffic_before = traffic();
     let started = Instant::now();
     submit_noop_jobs(&client, &first.url, tasks, batch).await?;
     wait_completed(&completed, warmup + tasks).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (messages, bytes) = written();
+    let during: Vec<HostTraffic> = traffic()
+        .iter()
+        .zip(&traffic_before)
+        .map(|(now, before)| HostTraffic {
+            reads: now.reads.since(&before.reads),
+            finished: now.finished - before.finished,
+        })
+        .collect();
     for grid in grids {
         grid.stop().await;
     }
+    let runners: Vec<f64> = during
+        .iter()
+        .filter(|t| t.finished > 0)
+        .map(|t| t.reads.total_bytes() as f64 / t.finished as f64)
+        .collect();
     Ok(GridRun {
         seconds,
         messages: messages - messages_before,
         bytes: bytes - bytes_before,
+        runner_read_per_task: runners.iter().sum::<f64>() / runners.len().max(1) as f64,
+        view_read: during[0].reads.bytes_of(TopicKind::Events),
     })
 }
 

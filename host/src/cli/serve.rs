@@ -2,7 +2,7 @@
 
 use super::{CliError, parse};
 use crate::queue::embedded::EmbeddedConfig;
-use crate::server::{ServerConfig, StoreUrl};
+use crate::server::{HostRole, ServerConfig, StoreUrl};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +19,13 @@ pub struct ServeArgs {
     /// to join a grid shared through Kafka (this host's view is DATA_DIR/view.db).
     #[arg(long, env = "KWQ_STORE")]
     store: Option<String>,
+    /// What this host of a Kafka grid does: `all` (run tasks and serve the
+    /// API), `api` (serve the API and dashboard from its view, run no
+    /// tasks) or `worker` (run tasks only: it reads no event topic, keeps no
+    /// view and serves only health, metrics and /v1/workers). Hosts on the
+    /// embedded store are always `all`.
+    #[arg(long, env = "KWQ_ROLE", default_value = "all")]
+    role: HostRole,
     /// Directory for the store and the compiled-module cache.
     #[arg(long, env = "KWQ_DATA_DIR", default_value = "kwq-data")]
     data_dir: PathBuf,
@@ -83,10 +90,17 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
         None => StoreUrl::Sqlite(data_dir.join("kwq.db")),
     };
     match &mut store {
+        StoreUrl::Sqlite(_) if args.role != HostRole::All => {
+            return Err(CliError::usage(format!(
+                "--role {} needs a kafka:// store; a host on the embedded store does everything",
+                args.role.as_str()
+            )));
+        }
         StoreUrl::Sqlite(path) => *path = parse::absolute(path)?,
         StoreUrl::Kafka(kafka) => {
             kafka.view_path = data_dir.join("view.db");
             kafka.host = host.clone();
+            kafka.role = args.role;
         }
     }
     let config = ServerConfig {
@@ -116,7 +130,11 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::usage(format!("cannot listen on {}: {e}", args.listen)))?;
         let store = config.store.describe();
-        let workers = config.dispatch.workers;
+        let workers = if config.role().runs_tasks() {
+            config.dispatch.workers
+        } else {
+            0
+        };
         // Signals are watched from before the start, so a SIGTERM during a
         // slow start (compiling the examples) still stops the host cleanly.
         let shutdown = tokio::spawn(shutdown_signal());

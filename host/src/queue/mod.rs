@@ -353,6 +353,12 @@ pub trait WorkQueue: Send + Sync + 'static {
     async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError>;
     /// Durably apply a user's control (pause, resume, cancel, priority).
     async fn control(&self, control: Control) -> Result<(), QueueError>;
+    /// On a Kafka grid, what this host has read from each kind of topic and
+    /// how many task runs ended here (for `/metrics` and `kwq bench kafka`);
+    /// `None` on other backends.
+    fn kafka_traffic(&self) -> Option<kafka::HostTraffic> {
+        None
+    }
 
     /// Wait for the best task for this worker; `None` once the queue is closed.
     async fn lease(&self, worker: &WorkerView) -> Option<Lease>;

@@ -23,8 +23,9 @@ impl StoreUrl {
         match self {
             StoreUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
             StoreUrl::Kafka(kafka) => format!(
-                "kafka://{} (view {})",
+                "kafka://{} (role {}, view {})",
                 kafka.brokers,
+                kafka.role.as_str(),
                 kafka.view_path.display()
             ),
         }

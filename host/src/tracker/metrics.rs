@@ -106,6 +106,8 @@ pub struct ScrapeInputs<'a> {
     pub cache: crate::runtime::ModuleStats,
     /// Sum over waiting tasks of their module's mean run time, seconds.
     pub outstanding_seconds: f64,
+    /// What this host read from a Kafka grid's topics, if it is on one.
+    pub kafka: Option<crate::queue::kafka::HostTraffic>,
 }
 
 /// Render the Prometheus text format.
@@ -130,5 +132,16 @@ pub fn render(inputs: ScrapeInputs<'_>) -> String {
         metrics::gauge!("kwq_worker_busy_ratio").set(ratio);
     }
     metrics::gauge!("kwq_outstanding_estimated_seconds").set(inputs.outstanding_seconds);
+    if let Some(traffic) = inputs.kafka {
+        use crate::queue::kafka::TopicKind;
+        for kind in TopicKind::ALL {
+            let topic = kind.as_str();
+            metrics::counter!("kwq_kafka_read_messages_total", "topic" => topic)
+                .absolute(traffic.reads.messages_of(kind));
+            metrics::counter!("kwq_kafka_read_bytes_total", "topic" => topic)
+                .absolute(traffic.reads.bytes_of(kind));
+        }
+        metrics::counter!("kwq_kafka_task_runs_ended_total").absolute(traffic.finished);
+    }
     handle.render()
 }

@@ -44,6 +44,60 @@ pub struct KafkaConfig {
     /// Create absent topics at start (`?create_topics=false` where an
     /// operator manages topics, or a broker lacks the admin API).
     pub create_topics: bool,
+    /// What this host does in the grid (`kwq serve --role`).
+    pub role: Role,
+}
+
+/// What a host of a Kafka grid does. Reading every event into a view is
+/// what limits how many hosts a grid can have (each host reads every
+/// host's events), so hosts that only run tasks can leave it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Runs tasks and serves the API from its view (the default).
+    #[default]
+    All,
+    /// Serves the API and the dashboard from its view; runs no tasks and
+    /// reads no task topic (it is not in the workers' consumer group).
+    Api,
+    /// Runs tasks only: reads the priority topics, the control topic and the
+    /// modules topic, never the event topic, and keeps no view of tasks (its
+    /// store file holds modules and read positions only). What it reads per
+    /// task does not grow with the number of hosts or the event rate.
+    Worker,
+}
+
+impl Role {
+    /// Whether this host keeps a view of tasks and jobs (reads the event topic).
+    pub fn keeps_view(self) -> bool {
+        self != Role::Worker
+    }
+
+    /// Whether this host reads the task topics and runs tasks.
+    pub fn runs_tasks(self) -> bool {
+        self != Role::Api
+    }
+
+    /// The role's name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Api => "api",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(Role::All),
+            "api" => Ok(Role::Api),
+            "worker" => Ok(Role::Worker),
+            _ => Err(format!("role must be all, api or worker, not {s:?}")),
+        }
+    }
 }
 
 impl KafkaConfig {
@@ -142,6 +196,7 @@ impl Default for KafkaConfig {
             assignor: "roundrobin".into(),
             static_membership: true,
             create_topics: true,
+            role: Role::All,
         }
     }
 }

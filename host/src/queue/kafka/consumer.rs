@@ -6,6 +6,7 @@
 
 use super::Member;
 use super::offsets::Partition;
+use super::reads::TopicKind;
 use crate::queue::QueueError;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
@@ -13,6 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,8 +80,12 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// Start the task consumer thread.
-pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, QueueError> {
+/// Start the task consumer thread: it joins the group once `controls_read`
+/// says the control topic has been read to its end (or its reader is gone).
+pub(super) fn start(
+    shared: Arc<Member>,
+    controls_read: Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>, QueueError> {
     let context = GroupContext {
         shared: shared.clone(),
         reassigned: AtomicBool::new(false),
@@ -102,10 +108,15 @@ pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, 
         .set("topic.metadata.refresh.interval.ms", "10000")
         .create_with_context(context)
         .map_err(|e| QueueError::storage("kafka consumer", e))?;
-    subscribe(&consumer, &shared)?;
     std::thread::Builder::new()
         .name("kwq-kafka-tasks".into())
-        .spawn(move || run(consumer, shared))
+        .spawn(move || {
+            let _ = controls_read.recv();
+            match subscribe(&consumer, &shared) {
+                Ok(()) => run(consumer, shared),
+                Err(e) => tracing::error!(error = %e, "cannot read the task topics"),
+            }
+        })
         .map_err(|e| QueueError::storage("starting the task consumer thread", e))
 }
 
@@ -145,6 +156,11 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
         if let Some(result) = consumer.poll(Duration::from_millis(20)) {
             match result {
                 Ok(message) => {
+                    shared.reads.add(
+                        TopicKind::Tasks,
+                        message.key().map_or(0, <[u8]>::len),
+                        message.payload().map_or(0, <[u8]>::len),
+                    );
                     let band = shared.accept(
                         message.topic(),
                         message.partition(),

@@ -9,10 +9,14 @@
 //! - Offsets are committed only up to the lowest unfinished task of each
 //!   partition ([`offsets`]): a host killed mid-task loses nothing, and the
 //!   next owner of the partition replays at most its unfinished tasks.
-//! - Every transition is an event on `<prefix>events`; every host reads that
-//!   topic into an embedded store, its view, which serves the HTTP API.
-//!   A view applies an event only if it moves the task forward, so
-//!   replays and duplicates collapse into one result per task.
+//! - Every transition is an event on `<prefix>events`; every host with a
+//!   view (roles `all` and `api`, see [`Role`]) reads that topic into an
+//!   embedded store, its view, which serves the HTTP API. A view applies an
+//!   event only if it moves the task forward, so replays and duplicates
+//!   collapse into one result per task. Worker-only hosts do not read it.
+//! - Pauses, resumes, cancels and priority changes go on the compacted
+//!   `<prefix>control` topic ([`controls`]), which every host reads whole
+//!   before it reads a task.
 //! - Modules are chunked onto the compacted `<prefix>modules` topic and
 //!   reassembled (and checked against their SHA-256) by every host.
 //! - Retries are re-published to their band with the attempt count and a
@@ -26,12 +30,14 @@ mod controls;
 mod intake;
 pub(crate) mod offsets;
 mod publish;
+mod reads;
 mod topics;
 mod view;
 pub mod wire;
 
-pub use config::KafkaConfig;
+pub use config::{KafkaConfig, Role};
 pub use publish::written;
+pub use reads::{HostTraffic, ReadTotals, TopicKind};
 pub use topics::Topics;
 
 use super::embedded::EmbeddedQueue;
@@ -50,7 +56,7 @@ use batch::EventBatcher;
 use offsets::{Partition, Progress};
 use publish::{Outgoing, Publisher};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
@@ -101,6 +107,10 @@ struct Member {
     state: Mutex<GridState>,
     wake: Notify,
     closed: AtomicBool,
+    /// What this host has read, per kind of topic.
+    reads: reads::ReadCounters,
+    /// Tasks whose run ended here (completed or failed).
+    finished_here: AtomicU64,
 }
 
 /// A host's handle on a Kafka grid. Cheap to clone.
@@ -165,6 +175,8 @@ impl KafkaQueue {
                 state: Mutex::new(state),
                 wake: Notify::new(),
                 closed: AtomicBool::new(false),
+                reads: reads::ReadCounters::default(),
+                finished_here: AtomicU64::new(0),
             }),
             threads: Arc::default(),
             started: Arc::default(),
@@ -179,6 +191,21 @@ impl KafkaQueue {
     /// Tasks read from Kafka and not yet finished on this host.
     pub fn in_flight(&self) -> usize {
         self.shared.state().progress.in_flight()
+    }
+
+    /// What this host has read from the grid's topics so far.
+    pub fn reads(&self) -> ReadTotals {
+        self.shared.reads.totals()
+    }
+
+    /// Tasks whose run ended on this host (completed, or failed) so far.
+    pub fn finished_here(&self) -> u64 {
+        self.shared.finished_here.load(Ordering::Relaxed)
+    }
+
+    /// This host's role in the grid.
+    pub fn role(&self) -> Role {
+        self.shared.config.role
     }
 }
 
@@ -195,12 +222,20 @@ impl Member {
     /// the events to this host's view at once, and when all are delivered
     /// let the offsets the task was read from be committed.
     fn publish(self: &Arc<Self>, events: Vec<TaskEvent>, extra: Vec<Outgoing>, done: Vec<Origin>) {
+        self.apply_own(&events);
+        EventBatcher::push(self, events, extra, done);
+    }
+
+    /// Apply this host's own task events to its view, if it keeps one.
+    fn apply_own(&self, events: &[TaskEvent]) {
+        if !self.config.role.keeps_view() {
+            return;
+        }
         let mut local = Vec::with_capacity(events.len());
-        for event in &events {
+        for event in events {
             view::changes_of(event, &mut local);
         }
         self.view.apply_view(local);
-        EventBatcher::push(self, events, extra, done);
     }
 
     fn event_record(&self, event: EventMessage) -> Outgoing {
@@ -234,14 +269,6 @@ impl Member {
             carry_allocation(event, &leased.entry, allocated);
         }
         Ok(leased)
-    }
-
-    /// Publish a control event and apply it here at once.
-    async fn control(self: &Arc<Self>, event: EventMessage) -> Result<(), QueueError> {
-        let record = self.event_record(event.clone());
-        self.publisher.send_all(&[record]).await?;
-        view::apply_control(self, &event);
-        Ok(())
     }
 }
 
@@ -300,7 +327,6 @@ impl WorkQueue for KafkaQueue {
 
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError> {
         let mut records = Vec::with_capacity(tasks.len() + 1);
-        let mut local = Vec::with_capacity(tasks.len());
         let mut events = Vec::with_capacity(tasks.len());
         for task in &tasks {
             let message = TaskMessage::new(
@@ -316,14 +342,13 @@ impl WorkQueue for KafkaQueue {
             );
             let mut event = TaskEvent::new(&task.id, task.job_id.as_deref(), TaskState::Pending, 0);
             set_spec(&mut event, &task.module, &task.options);
-            view::changes_of(&event, &mut local);
             events.push(event);
         }
         // The Pending events in batches; a view finds a task's Pending
         // whether it reads the task message first or its event.
         records.extend(self.shared.batch_records(&events));
         self.shared.publisher.send_all(&records).await?;
-        self.shared.view.apply_view(local);
+        self.shared.apply_own(&events);
         self.shared.view.flush().await
     }
 
@@ -367,10 +392,12 @@ impl WorkQueue for KafkaQueue {
             records.push(self.shared.task_record(&message, band.clone()));
         }
         self.shared.publisher.send_all(&records).await?;
-        self.shared
-            .view
-            .apply_view(vec![super::embedded::ViewChange::Job(record.clone())]);
-        self.shared.view.flush().await?;
+        if self.shared.config.role.keeps_view() {
+            self.shared
+                .view
+                .apply_view(vec![super::embedded::ViewChange::Job(record.clone())]);
+            self.shared.view.flush().await?;
+        }
         Ok(record)
     }
 
@@ -475,6 +502,7 @@ impl WorkQueue for KafkaQueue {
         event.logs = Some(completion.logs);
         event.progress = Some(completion.progress);
         event.run_us = Some(completion.run_us);
+        self.shared.finished_here.fetch_add(1, Ordering::Relaxed);
         self.shared.publish(vec![event], Vec::new(), leased.extra);
         Ok(())
     }
@@ -515,6 +543,7 @@ impl WorkQueue for KafkaQueue {
                 self.shared.task_record(&message, self.shared.topics.dead())
             }
         };
+        self.shared.finished_here.fetch_add(1, Ordering::Relaxed);
         self.shared.publish(vec![event], vec![record], leased.extra);
         Ok(())
     }
@@ -594,18 +623,37 @@ impl WorkQueue for KafkaQueue {
             return;
         }
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let role = self.shared.config.role;
         match view::start(self.shared.clone()) {
             Ok(thread) => threads.push(thread),
-            Err(e) => tracing::error!(error = %e, "cannot start reading the event topic"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start reading the event and modules topics")
+            }
         }
-        match consumer::start(self.shared.clone()) {
+        // Tasks are read only once every control written before this host
+        // started is known (a paused job's tasks must not run meanwhile).
+        let (caught_up, controls_read) = std::sync::mpsc::channel();
+        match controls::start(self.shared.clone(), caught_up) {
             Ok(thread) => threads.push(thread),
-            Err(e) => tracing::error!(error = %e, "cannot start reading the task topics"),
+            Err(e) => tracing::error!(error = %e, "cannot start reading the control topic"),
+        }
+        if role.runs_tasks() {
+            match consumer::start(self.shared.clone(), controls_read) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => tracing::error!(error = %e, "cannot start reading the task topics"),
+            }
         }
     }
 
     async fn control(&self, control: Control) -> Result<(), QueueError> {
         self.publish_control(control).await
+    }
+
+    fn kafka_traffic(&self) -> Option<HostTraffic> {
+        Some(HostTraffic {
+            reads: self.reads(),
+            finished: self.finished_here(),
+        })
     }
 }
 

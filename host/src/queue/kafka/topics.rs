@@ -51,6 +51,14 @@ impl Topics {
         format!("{}modules", self.prefix)
     }
 
+    /// The compacted control topic: each job's flags and priority, and each
+    /// task's cancel or priority change, keyed so compaction keeps the
+    /// latest of each. Every host reads all of it, from the start, before
+    /// it reads any task.
+    pub fn control(&self) -> String {
+        format!("{}control", self.prefix)
+    }
+
     /// The dead-letter topic.
     pub fn dead(&self) -> String {
         format!("{}dead", self.prefix)
@@ -65,7 +73,12 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
         .map_err(|e| QueueError::storage("kafka admin client", e))?;
     let replication = || TopicReplication::Fixed(config.replication);
     let bands = topics.bands();
-    let (events, modules, dead) = (topics.events(), topics.modules(), topics.dead());
+    let (events, modules, dead, control) = (
+        topics.events(),
+        topics.modules(),
+        topics.dead(),
+        topics.control(),
+    );
     let mut wanted: Vec<NewTopic<'_>> = bands
         .iter()
         .map(|t| NewTopic::new(t, config.task_partitions, replication()))
@@ -77,6 +90,7 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
     ));
     wanted.push(NewTopic::new(&dead, 1, replication()));
     wanted.push(NewTopic::new(&modules, 1, replication()).set("cleanup.policy", "compact"));
+    wanted.push(NewTopic::new(&control, 1, replication()).set("cleanup.policy", "compact"));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&wanted, &options)

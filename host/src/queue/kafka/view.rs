@@ -2,9 +2,13 @@
 //! that assigns itself every partition of both (no consumer group: every
 //! host reads everything), resumes where the view stopped (positions are
 //! stored in the view with what was read), and applies what it reads in
-//! batches. Job and task controls also act on the tasks this host holds.
+//! batches. A worker-only host reads the modules topic alone (its view
+//! holds modules and read positions, no tasks). Controls read from the
+//! event topic (where hosts before the control topic wrote them) still act.
 
 use super::Member;
+use super::controls::apply_control;
+use super::reads::TopicKind;
 use super::wire::{EventMessage, ModuleChunk, TaskEvent};
 use crate::model::{ModuleId, TaskState};
 use crate::queue::embedded::{Carried, RemoteTask, ViewChange};
@@ -38,45 +42,6 @@ pub(super) fn changes_of(event: &TaskEvent, into: &mut Vec<ViewChange>) {
     into.push(ViewChange::Task(Box::new(task)));
 }
 
-/// Act on a job or task control (here or read from another host).
-pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
-    match event {
-        EventMessage::JobControl {
-            job,
-            paused,
-            cancelled,
-            priority,
-            ..
-        } => {
-            let mut changes = vec![ViewChange::JobFlags {
-                job: job.clone(),
-                paused: *paused,
-                cancelled: *cancelled,
-            }];
-            changes.extend(priority.map(|p| ViewChange::JobPriority(job.clone(), p)));
-            shared.view.apply_view(changes);
-            shared.job_flags(job, *paused, *cancelled);
-            if let Some(priority) = priority {
-                shared.job_priority(job, *priority);
-            }
-        }
-        EventMessage::TaskControl {
-            task,
-            cancel,
-            priority,
-            ..
-        } => {
-            if let Some(priority) = priority {
-                shared
-                    .view
-                    .apply_view(vec![ViewChange::Priority(task.clone(), *priority)]);
-            }
-            shared.task_control(task, *cancel, *priority);
-        }
-        EventMessage::Task(_) | EventMessage::Tasks { .. } | EventMessage::Job { .. } => {}
-    }
-}
-
 /// Start the view thread.
 pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, QueueError> {
     let consumer: BaseConsumer = shared
@@ -93,7 +58,11 @@ pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, 
         .map_err(|e| QueueError::storage("kafka view consumer", e))?;
     let stored = shared.view.view_offsets()?;
     let mut list = TopicPartitionList::new();
-    for topic in [shared.topics.events(), shared.topics.modules()] {
+    let mut topics = vec![shared.topics.modules()];
+    if shared.config.role.keeps_view() {
+        topics.push(shared.topics.events());
+    }
+    for topic in topics {
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(30))
             .map_err(|e| QueueError::storage(format!("metadata of {topic}"), e))?;
@@ -143,7 +112,15 @@ fn run(consumer: BaseConsumer, shared: Arc<Member>) {
                 (message.topic().to_string(), message.partition()),
                 message.offset() + 1,
             );
-            if message.topic() == modules_topic {
+            let kind = if message.topic() == modules_topic {
+                TopicKind::Modules
+            } else {
+                TopicKind::Events
+            };
+            shared
+                .reads
+                .add(kind, message.key().map_or(0, <[u8]>::len), value.len());
+            if kind == TopicKind::Modules {
                 if let Some(change) = modules.add(value) {
                     changes.push(change);
                 }
@@ -159,6 +136,7 @@ fn run(consumer: BaseConsumer, shared: Arc<Member>) {
                     }
                 }
                 Ok(EventMessage::Job { job, .. }) => {
+                    let job = shared.with_controls(job);
                     shared.job_flags(&job.id, job.paused, job.cancelled);
                     changes.push(ViewChange::Job(job));
                 }

@@ -304,6 +304,11 @@ impl ReadyIndex {
         self.paused.insert(job);
     }
 
+    /// Whether a job is paused here.
+    pub(crate) fn is_paused(&self, job: &str) -> bool {
+        self.paused.contains(job)
+    }
+
     /// Offer a paused job's tasks again.
     pub(crate) fn resume(&mut self, job: &str, now: Millis) {
         self.paused.remove(job);

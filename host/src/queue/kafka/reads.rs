@@ -1,0 +1,131 @@
+//! What one host has read from the grid's topics, per kind of topic:
+//! `kwq bench kafka` and `/metrics` show it, because what each host reads
+//! is what limits how many hosts a grid can have (a host that reads every
+//! event reads more the more hosts there are; a worker-only host does not).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The kinds of topic a host reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// The priority bands (`tasks.p0..p9`).
+    Tasks,
+    /// The tracker topic (`events`).
+    Events,
+    /// The compacted modules topic.
+    Modules,
+    /// The compacted control topic.
+    Control,
+}
+
+impl TopicKind {
+    /// Every kind, in the order [`ReadTotals`] lists them.
+    pub const ALL: [TopicKind; 4] = [
+        TopicKind::Tasks,
+        TopicKind::Events,
+        TopicKind::Modules,
+        TopicKind::Control,
+    ];
+
+    /// The kind's label (`topic="..."` in metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicKind::Tasks => "tasks",
+            TopicKind::Events => "events",
+            TopicKind::Modules => "modules",
+            TopicKind::Control => "control",
+        }
+    }
+}
+
+/// Messages and bytes (key and value as the consumer hands them over, so
+/// after decompression) one host has read, per [`TopicKind`].
+#[derive(Debug, Default)]
+pub(super) struct ReadCounters {
+    messages: [AtomicU64; 4],
+    bytes: [AtomicU64; 4],
+}
+
+impl ReadCounters {
+    /// Count one message read.
+    pub(super) fn add(&self, kind: TopicKind, key: usize, value: usize) {
+        let i = kind as usize;
+        self.messages[i].fetch_add(1, Ordering::Relaxed);
+        self.bytes[i].fetch_add((key + value) as u64, Ordering::Relaxed);
+    }
+
+    /// What has been read so far.
+    pub(super) fn totals(&self) -> ReadTotals {
+        let read = |a: &[AtomicU64; 4]| std::array::from_fn(|i| a[i].load(Ordering::Relaxed));
+        ReadTotals {
+            messages: read(&self.messages),
+            bytes: read(&self.bytes),
+        }
+    }
+}
+
+/// A snapshot of a host's [`ReadCounters`], indexed by [`TopicKind`] as
+/// listed in [`TopicKind::ALL`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadTotals {
+    /// Messages read, per kind.
+    pub messages: [u64; 4],
+    /// Bytes read, per kind.
+    pub bytes: [u64; 4],
+}
+
+impl ReadTotals {
+    /// Messages read of one kind.
+    pub fn messages_of(&self, kind: TopicKind) -> u64 {
+        self.messages[kind as usize]
+    }
+
+    /// Bytes read of one kind.
+    pub fn bytes_of(&self, kind: TopicKind) -> u64 {
+        self.bytes[kind as usize]
+    }
+
+    /// Bytes read of every kind.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes.iter().sum()
+    }
+
+    /// What was read between `earlier` and this snapshot.
+    pub fn since(&self, earlier: &ReadTotals) -> ReadTotals {
+        ReadTotals {
+            messages: std::array::from_fn(|i| self.messages[i] - earlier.messages[i]),
+            bytes: std::array::from_fn(|i| self.bytes[i] - earlier.bytes[i]),
+        }
+    }
+}
+
+/// What one host of a Kafka grid has read, and how many task runs ended on
+/// it: bytes read per task run is the figure that says whether a host's
+/// reading grows with the grid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostTraffic {
+    /// Read per kind of topic.
+    pub reads: ReadTotals,
+    /// Task runs that ended here (completed or failed).
+    pub finished: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_each_kind_apart() {
+        let counters = ReadCounters::default();
+        counters.add(TopicKind::Tasks, 3, 100);
+        let before = counters.totals();
+        counters.add(TopicKind::Tasks, 3, 100);
+        counters.add(TopicKind::Control, 10, 50);
+        let now = counters.totals();
+        assert_eq!(now.messages_of(TopicKind::Tasks), 2);
+        assert_eq!(now.bytes_of(TopicKind::Control), 60);
+        assert_eq!(now.messages_of(TopicKind::Events), 0);
+        let delta = now.since(&before);
+        assert_eq!(delta.total_bytes(), 163);
+    }
+}
