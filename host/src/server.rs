@@ -162,6 +162,9 @@ impl Host {
         let modules = ModuleRegistry::new(runtime.clone(), queue.clone());
         if config.examples && role.keeps_view() {
             upload_examples(&modules).await?;
+        } else if config.examples {
+            // Uploads belong to API hosts; this one receives modules from the grid.
+            tracing::info!("--examples is left to the grid's API hosts on a worker host");
         }
         let runs_tasks = config.dispatch.workers > 0 && role.runs_tasks();
         let dispatcher = runs_tasks.then(|| {

@@ -2,7 +2,7 @@
 //! broker (tansu 0.6.0 on its SQLite engine, installed by
 //! `scripts/install-tansu.sh`), all on 127.0.0.1 and stopped by the test.
 
-use crate::process::{Server, echo_job_completed_once, get, submit_echo_job, wait_for};
+use crate::process::{Server, echo_job_completed_once, get, get_text, submit_echo_job, wait_for};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -287,6 +287,17 @@ async fn an_api_host_and_two_worker_hosts_lose_nothing_when_killed() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // What a worker host read, on its /metrics: its tasks, and no event.
+    let metrics = get_text(&client, format!("{}/metrics", w2.url)).await;
+    let read = |topic: &str| {
+        let prefix = format!("kwq_kafka_read_bytes_total{{topic=\"{topic}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(read("events"), Some(0.0), "{metrics}");
+    assert!(read("tasks").unwrap_or(0.0) > 0.0, "{metrics}");
     // A worker host dies, then the API host.
     w1.kill();
     let before = get(&client, format!("{}/v1/jobs/{id}", api.url)).await;

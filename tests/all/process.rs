@@ -112,6 +112,11 @@ pub(crate) async fn get(client: &reqwest::Client, url: String) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// A GET's body as text (NDJSON results, Prometheus metrics).
+pub(crate) async fn get_text(client: &reqwest::Client, url: String) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Poll a job until `done` holds for it (bounded by a deadline).
 pub(crate) async fn wait_for(
     client: &reqwest::Client,
@@ -162,14 +167,7 @@ pub(crate) async fn echo_job_completed_once(
     let done = wait_for(client, server, job, |j| j["state"] == json!("Finished")).await;
     assert_eq!(done["counts"]["Completed"], json!(tasks), "{done}");
     assert_eq!(done["counts"]["Dead"], json!(0));
-    let text = client
-        .get(format!("{}/v1/jobs/{job}/results", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(client, format!("{}/v1/jobs/{job}/results", server.url)).await;
     let mut task_ids = BTreeSet::new();
     let mut values = BTreeSet::new();
     for line in text.lines() {

@@ -716,14 +716,7 @@ async fn a_worker_machine_runs_a_job_from_a_kafka_grid_host() {
         assert!(Instant::now() < deadline, "{view}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = http
-        .get(format!("{url}/v1/jobs/{job}/results"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::process::get_text(&http, format!("{url}/v1/jobs/{job}/results")).await;
     let values: std::collections::BTreeSet<u64> = text
         .lines()
         .map(|l| {

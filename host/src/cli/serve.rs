@@ -130,7 +130,8 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::usage(format!("cannot listen on {}: {e}", args.listen)))?;
         let store = config.store.describe();
-        let workers = if config.role().runs_tasks() {
+        let role = config.role();
+        let workers = if role.runs_tasks() {
             config.dispatch.workers
         } else {
             0
@@ -146,7 +147,11 @@ pub(super) fn run(args: ServeArgs, perf_map: bool) -> Result<(), CliError> {
         // Written, not printed: a host must keep serving when whoever
         // started it has closed its stdout (println! would panic).
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "kwq serving on http://{address} | dashboard http://{address}/ | API http://{address}/v1 | docs http://{address}/docs");
+        if role.keeps_view() {
+            let _ = writeln!(out, "kwq serving on http://{address} | dashboard http://{address}/ | API http://{address}/v1 | docs http://{address}/docs");
+        } else {
+            let _ = writeln!(out, "kwq worker host on http://{address} | health http://{address}/healthz | metrics http://{address}/metrics (no API here: ask an API host)");
+        }
         let _ = writeln!(out, "store: {store}, workers: {workers}");
         let _ = out.flush();
         drop(out);

@@ -14,6 +14,7 @@
 //! task's work acts on it. Hosts with a view record the change there too.
 
 use super::reads::TopicKind;
+use super::topics;
 use super::wire::{self, EventMessage};
 use super::{KafkaQueue, Member};
 use crate::model::{JobId, TaskId};
@@ -188,26 +189,8 @@ pub(super) fn start(
     caught_up: Sender<()>,
 ) -> Result<std::thread::JoinHandle<()>, QueueError> {
     let topic = shared.topics.control();
-    let consumer: BaseConsumer = shared
-        .config
-        .client_config()
-        .set(
-            "group.id",
-            format!("{}control-{}", shared.config.prefix, shared.config.host),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .map_err(|e| QueueError::storage("kafka control consumer", e))?;
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(30))
-        .map_err(|e| QueueError::storage(format!("metadata of {topic}"), e))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len() as i32)
-        .unwrap_or(0);
+    let consumer = topics::reader(&shared.config, "control")?;
+    let partitions = topics::partitions_of(&consumer, &topic)?;
     let mut list = TopicPartitionList::new();
     let mut ends = Vec::new();
     for partition in 0..partitions {

@@ -4,6 +4,7 @@ use super::KafkaConfig;
 use crate::queue::QueueError;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use std::time::Duration;
 
@@ -63,6 +64,35 @@ impl Topics {
     pub fn dead(&self) -> String {
         format!("{}dead", self.prefix)
     }
+}
+
+/// A consumer that assigns itself whole topics, outside any consumer
+/// group (the view and control readers: every host reads all of them).
+/// `purpose` names its group id, under which nothing is ever committed.
+pub(super) fn reader(config: &KafkaConfig, purpose: &str) -> Result<BaseConsumer, QueueError> {
+    config
+        .client_config()
+        .set(
+            "group.id",
+            format!("{}{purpose}-{}", config.prefix, config.host),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .map_err(|e| QueueError::storage(format!("kafka {purpose} consumer"), e))
+}
+
+/// How many partitions `topic` has (0 if the broker does not know it).
+pub(super) fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<i32, QueueError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .map_err(|e| QueueError::storage(format!("metadata of {topic}"), e))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len() as i32)
+        .unwrap_or(0))
 }
 
 /// Create every topic of the grid that does not exist yet.

@@ -9,6 +9,7 @@
 use super::Member;
 use super::controls::apply_control;
 use super::reads::TopicKind;
+use super::topics;
 use super::wire::{EventMessage, ModuleChunk, TaskEvent};
 use crate::model::{ModuleId, TaskState};
 use crate::queue::embedded::{Carried, RemoteTask, ViewChange};
@@ -44,34 +45,15 @@ pub(super) fn changes_of(event: &TaskEvent, into: &mut Vec<ViewChange>) {
 
 /// Start the view thread.
 pub(super) fn start(shared: Arc<Member>) -> Result<std::thread::JoinHandle<()>, QueueError> {
-    let consumer: BaseConsumer = shared
-        .config
-        .client_config()
-        .set(
-            "group.id",
-            format!("{}view-{}", shared.config.prefix, shared.config.host),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .map_err(|e| QueueError::storage("kafka view consumer", e))?;
+    let consumer = topics::reader(&shared.config, "view")?;
     let stored = shared.view.view_offsets()?;
     let mut list = TopicPartitionList::new();
-    let mut topics = vec![shared.topics.modules()];
+    let mut read = vec![shared.topics.modules()];
     if shared.config.role.keeps_view() {
-        topics.push(shared.topics.events());
+        read.push(shared.topics.events());
     }
-    for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(30))
-            .map_err(|e| QueueError::storage(format!("metadata of {topic}"), e))?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        for partition in 0..partitions as i32 {
+    for topic in read {
+        for partition in 0..topics::partitions_of(&consumer, &topic)? {
             let offset = stored
                 .get(&(topic.clone(), partition))
                 .map_or(Offset::Beginning, |next| Offset::Offset(*next));
