@@ -55,7 +55,7 @@ type MockCommand = Box<dyn FnOnce(&MockCluster<'static, DefaultProducerContext>)
 /// thread and faults are injected by sending it commands.
 pub(crate) struct MockKafka {
     commands: std::sync::Mutex<std::sync::mpsc::Sender<MockCommand>>,
-    brokers: String,
+    pub(crate) brokers: String,
     pub(crate) prefix: String,
     pub(crate) band_buffer: usize,
     dir: tempfile::TempDir,
@@ -81,6 +81,7 @@ impl MockKafka {
                 (topics.events(), 4),
                 (topics.modules(), 1),
                 (topics.control(), 1),
+                (topics.expand(), 4),
                 (topics.dead(), 1),
             ] {
                 cluster.create_topic(&topic, partitions, 1).unwrap();

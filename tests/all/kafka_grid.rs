@@ -317,3 +317,79 @@ async fn an_api_host_and_two_worker_hosts_lose_nothing_when_killed() {
         "{workers:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_runs_once_across_a_sigkill_of_its_expanding_host() {
+    const POINTS: u64 = 200_000;
+    let tansu = Tansu::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let client = reqwest::Client::new();
+    let mut hosts: Vec<Option<Server>> = vec![
+        Some(host(&tansu, dirs[0].path(), "h1")),
+        Some(host(&tansu, dirs[1].path(), "h2")),
+    ];
+    let sweep =
+        json!({"base": {"action": "echo"}, "params": {"value": {"from": 0, "to": POINTS - 1}}});
+    let response = client
+        .post(format!("{}/v1/jobs", hosts[1].as_ref().unwrap().url))
+        .json(&json!({"module": "misbehave", "sweep": sweep}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["expanded"], json!(0), "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // The host expanding the sweep says so on its /metrics.
+    let expanding = |metrics: &str| {
+        metrics
+            .lines()
+            .any(|l| l.trim() == "kwq_kafka_expanding_jobs 1")
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let mut found = None;
+        for (i, server) in hosts.iter().enumerate() {
+            let url = &server.as_ref().unwrap().url;
+            if expanding(&get_text(&client, format!("{url}/metrics")).await) {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no host expands the sweep");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let survivor = 1 - victim;
+    // Killed mid-expansion, once the grid is well into the job.
+    let before = wait_for(&client, hosts[survivor].as_ref().unwrap(), &id, |j| {
+        j["counts"]["Completed"].as_u64().unwrap_or(0) >= 20_000
+    })
+    .await;
+    hosts[victim].take().unwrap().kill();
+    assert!(
+        before["expanded"].as_u64().unwrap() < POINTS,
+        "killed after the expansion: {before}"
+    );
+    let name = ["h1", "h2"][victim];
+    hosts[victim] = Some(host(&tansu, dirs[victim].path(), name));
+
+    // Every point ran and is in the results once, seen from either host,
+    // and no point was written to a band twice.
+    for server in hosts.iter().flatten() {
+        echo_job_completed_once(&client, server, &id, POINTS).await;
+    }
+    let brokers = tansu.store().trim_start_matches("kafka://").to_string();
+    let on_bands =
+        tokio::task::spawn_blocking(move || crate::kafka_expand::points_on_bands(&brokers, &id))
+            .await
+            .unwrap();
+    assert_eq!(on_bands.len() as u64, POINTS);
+    assert!(
+        on_bands.values().all(|n| *n == 1),
+        "a point written twice: {:?}",
+        on_bands.iter().find(|(_, n)| **n != 1)
+    );
+}

@@ -7,6 +7,7 @@ mod conformance;
 mod grid;
 mod invoke;
 mod kafka;
+mod kafka_expand;
 mod kafka_grid;
 mod kafka_roles;
 mod languages;

@@ -105,7 +105,21 @@ impl TestGrid {
         let dir = tempfile::tempdir().unwrap();
         let store =
             kwq::queue::embedded::EmbeddedQueue::open(&dir.path().join("kwq.db"), config).unwrap();
-        let queue: std::sync::Arc<dyn kwq::queue::Queue> = std::sync::Arc::new(store);
+        let mut grid = Self::on_queue(std::sync::Arc::new(store)).await;
+        grid.state.token = token.map(str::to_string);
+        grid.state.limits = limits;
+        grid._dir = dir;
+        grid
+    }
+
+    /// A grid (API, tracker, no workers yet) on a queue the test opened,
+    /// e.g. a Kafka host on the mock cluster.
+    pub(crate) async fn on_queue(queue: std::sync::Arc<dyn kwq::queue::Queue>) -> Self {
+        let (token, limits, dir) = (
+            None::<&str>,
+            kwq::api::ApiLimits::default(),
+            tempfile::tempdir().unwrap(),
+        );
         let tracker = kwq::tracker::Tracker::attach(
             &(queue.clone() as std::sync::Arc<dyn kwq::queue::ReadStore>),
         )

@@ -82,7 +82,10 @@ pub(super) fn job(job: &JobRecord, stats: &JobStats) -> JobView {
     } else {
         TaskState::Pending
     };
-    counts.add(unexpanded, job.total.saturating_sub(job.expanded));
+    // On Kafka a point's row can come (with an event of its run) before
+    // the `expanded` message that covers it: rows count as expanded too.
+    let rows: u64 = counts.0.iter().sum();
+    counts.add(unexpanded, job.total.saturating_sub(job.expanded.max(rows)));
     let finished = counts.finished();
     let state = if job.cancelled {
         "Cancelled"

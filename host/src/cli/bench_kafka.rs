@@ -148,6 +148,7 @@ async fn grid_run(
             (topics.events(), 4),
             (topics.modules(), 1),
             (topics.control(), 1),
+            (topics.expand(), 4),
             (topics.dead(), 1),
         ]);
         mock.create_topics(all)?;
@@ -210,6 +211,8 @@ async fn grid_run(
         .map(|(now, before)| HostTraffic {
             reads: now.reads.since(&before.reads),
             finished: now.finished - before.finished,
+            expanding: now.expanding,
+            expanded: now.expanded - before.expanded,
         })
         .collect();
     for grid in grids {

@@ -17,6 +17,8 @@ pub(crate) enum ViewChange {
     Task(Box<RemoteTask>),
     /// A job was submitted.
     Job(JobRecord),
+    /// Points `from..to` of a lazily expanded sweep job were written.
+    Expanded { job: String, from: u64, to: u64 },
     /// A job was paused, resumed or cancelled.
     JobFlags {
         job: String,
@@ -53,6 +55,7 @@ impl EmbeddedQueue {
             .map(|change| match change {
                 ViewChange::Task(task) => Op::Remote(task),
                 ViewChange::Job(job) => Op::RemoteJob(job),
+                ViewChange::Expanded { job, from, to } => Op::RemoteExpanded { job, from, to },
                 ViewChange::JobFlags {
                     job,
                     paused,

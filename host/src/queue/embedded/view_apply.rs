@@ -54,15 +54,17 @@ pub(crate) fn supersedes(
     attempt == attempts && rank(state) > rank(current)
 }
 
-/// A view learns of a job: one Pending row per task it will have
-/// (`<job>.<index>`), so counts and listings are right before any host runs one.
+/// A view learns of a job: one Pending row per task written so far
+/// (`<job>.<index>` below `expanded`: every task of an explicit job; a
+/// lazily expanded sweep's rows come with its `expanded` events), so
+/// counts and listings are right before any host runs one.
 pub(super) fn apply_remote_job(
     tx: &rusqlite::Transaction<'_>,
     job: &JobRecord,
     committed: &mut Vec<Committed>,
 ) -> rusqlite::Result<()> {
     let tags: Tags = Arc::new(job.options.tags.clone());
-    for index in 0..job.total {
+    for index in 0..job.expanded.min(job.total) {
         let task = NewTask {
             id: format!("{}.{index}", job.id),
             job_id: Some(job.id.clone()),
@@ -74,6 +76,50 @@ pub(super) fn apply_remote_job(
             log_pending(tx, &task, &tags, job.created_at, committed)?;
         }
     }
+    Ok(())
+}
+
+/// A view learns that points `from..to` of a lazily expanded sweep job
+/// were written: their Pending rows (those not already made by an event
+/// that overtook this one), and the job's `expanded` mark. Nothing if the
+/// job's announcement has not been read yet: it is on the same partition,
+/// earlier, so this change is read again after it.
+pub(super) fn apply_remote_expanded(
+    tx: &rusqlite::Transaction<'_>,
+    job: &str,
+    from: u64,
+    to: u64,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    let known: Option<(String, String, i64, i64)> = tx
+        .prepare_cached("SELECT module, options, total, created_at FROM jobs WHERE id = ?1")?
+        .query_row(params![job], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let Some((module, options, total, created_at)) = known else {
+        return Ok(());
+    };
+    let Some(module) = ModuleId::read(&module) else {
+        return Ok(());
+    };
+    let options: crate::model::TaskOptions = serde_json::from_str(&options).unwrap_or_default();
+    let tags: Tags = Arc::new(options.tags.clone());
+    let to = to.min(total as u64);
+    for index in from..to {
+        let task = NewTask {
+            id: format!("{job}.{index}"),
+            job_id: Some(job.to_string()),
+            module: module.clone(),
+            payload: Vec::new(),
+            options: options.clone(),
+        };
+        if insert_task_row(tx, &task, created_at as Millis)? {
+            log_pending(tx, &task, &tags, created_at as Millis, committed)?;
+        }
+    }
+    tx.prepare_cached("UPDATE jobs SET expanded = MAX(expanded, ?2) WHERE id = ?1")?
+        .execute(params![job, to as i64])?;
     Ok(())
 }
 

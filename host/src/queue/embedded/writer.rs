@@ -54,6 +54,13 @@ pub(super) enum Op {
     /// A job announced on the event topic: its record and one Pending row per
     /// explicit task or sweep point, unless already known.
     RemoteJob(JobRecord),
+    /// Points `from..to` of a lazily expanded sweep job were written on
+    /// Kafka: their Pending rows, unless already known.
+    RemoteExpanded {
+        job: String,
+        from: u64,
+        to: u64,
+    },
     /// How far a view has read a topic partition (stored with what it read).
     ViewOffset {
         topic: String,
@@ -384,6 +391,9 @@ fn apply(
                 if insert_job(&tx, job)? {
                     super::view_apply::apply_remote_job(&tx, job, &mut committed)?;
                 }
+            }
+            Op::RemoteExpanded { job, from, to } => {
+                super::view_apply::apply_remote_expanded(&tx, job, *from, *to, &mut committed)?
             }
             Op::Remote(remote) => super::view_apply::apply_remote(&tx, remote, &mut committed)?,
             Op::ViewOffset {

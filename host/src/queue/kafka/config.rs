@@ -24,8 +24,6 @@ pub struct KafkaConfig {
     pub host: String,
     /// Tasks read ahead per priority band before its partitions are paused.
     pub band_buffer: usize,
-    /// Largest sweep a job may have (the submitting host writes every point).
-    pub max_sweep: u64,
     /// Extra librdkafka settings (`?kafka.<name>=<value>` in the URL).
     pub extra: Vec<(String, String)>,
     /// How the group shares the band partitions (`?assignor=`):
@@ -191,7 +189,6 @@ impl Default for KafkaConfig {
             view_path: PathBuf::from("kwq-view.db"),
             host: "host".into(),
             band_buffer: 1000,
-            max_sweep: 1_000_000,
             extra: Vec::new(),
             assignor: "roundrobin".into(),
             static_membership: true,

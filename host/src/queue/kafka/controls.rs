@@ -176,17 +176,20 @@ pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
             }
             shared.task_control(task, *cancel, *priority);
         }
-        EventMessage::Task(_) | EventMessage::Tasks { .. } | EventMessage::Job { .. } => {}
+        EventMessage::Task(_)
+        | EventMessage::Tasks { .. }
+        | EventMessage::Job { .. }
+        | EventMessage::Expanded { .. } => {}
     }
 }
 
 /// Start the thread that reads the control topic: from its beginning (it
-/// is compacted: the latest control of each job and task), telling
-/// `caught_up` once it has read to the end it found at start, then
+/// is compacted: the latest control of each job and task), telling each
+/// of `caught_up` once it has read to the end it found at start, then
 /// following it.
 pub(super) fn start(
     shared: Arc<Member>,
-    caught_up: Sender<()>,
+    caught_up: Vec<Sender<()>>,
 ) -> Result<std::thread::JoinHandle<()>, QueueError> {
     let topic = shared.topics.control();
     let consumer = topics::reader(&shared.config, "control")?;
@@ -216,7 +219,7 @@ fn run(
     consumer: BaseConsumer,
     shared: Arc<Member>,
     mut ends: Vec<(i32, i64)>,
-    caught_up: Sender<()>,
+    caught_up: Vec<Sender<()>>,
 ) {
     let started = Instant::now();
     let mut waiting = Some(caught_up);
@@ -244,7 +247,9 @@ fn run(
                     "the control topic was not read to its end within {CATCH_UP_LIMIT:?}; reading tasks anyway"
                 );
             }
-            let _ = waiting.take().map(|w| w.send(()));
+            for waiter in waiting.take().unwrap_or_default() {
+                let _ = waiter.send(());
+            }
         }
         let Some(result) = consumer.poll(Duration::from_millis(50)) else {
             continue;

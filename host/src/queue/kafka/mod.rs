@@ -27,6 +27,7 @@ mod batch;
 mod config;
 mod consumer;
 mod controls;
+mod expand;
 mod intake;
 pub(crate) mod offsets;
 mod publish;
@@ -111,6 +112,10 @@ struct Member {
     reads: reads::ReadCounters,
     /// Tasks whose run ended here (completed or failed).
     finished_here: AtomicU64,
+    /// Sweep jobs this host's expander is expanding now.
+    expanding: AtomicU64,
+    /// Sweep points this host's expander has written.
+    expanded_here: AtomicU64,
 }
 
 /// A host's handle on a Kafka grid. Cheap to clone.
@@ -177,6 +182,8 @@ impl KafkaQueue {
                 closed: AtomicBool::new(false),
                 reads: reads::ReadCounters::default(),
                 finished_here: AtomicU64::new(0),
+                expanding: AtomicU64::new(0),
+                expanded_here: AtomicU64::new(0),
             }),
             threads: Arc::default(),
             started: Arc::default(),
@@ -207,6 +214,48 @@ impl KafkaQueue {
     pub fn role(&self) -> Role {
         self.shared.config.role
     }
+
+    /// A sweep job: its announcement and its first expand cursor, two
+    /// messages whatever its size; the expander that owns the cursor's
+    /// partition writes the points as the job drains (see [`expand`]).
+    async fn submit_sweep(&self, job: NewJob) -> Result<JobRecord, QueueError> {
+        let total = job
+            .sweep
+            .as_ref()
+            .map(|sweep| sweep.validate())
+            .transpose()
+            .map_err(|e| QueueError::Conflict(e.to_string()))?
+            .unwrap_or(0);
+        let record = job.record(total, 0, now_ms());
+        let shared = self.shared.clone();
+        let band = shared.topics.band(job.options.priority);
+        // Where the band ends now: every point will be written past it.
+        let scan = tokio::task::spawn_blocking(move || {
+            expand::positions(shared.publisher.client(), &band)
+        })
+        .await
+        .map_err(|e| QueueError::storage("looking up the band's end", e))??;
+        let cursor = wire::ExpandCursor {
+            v: wire::WIRE_VERSION,
+            job: Some(record.clone()),
+            next: 0,
+            scan,
+            done: false,
+        };
+        let records = [
+            self.shared.event_record(EventMessage::Job {
+                v: wire::EXPANSION_VERSION,
+                job: record.clone(),
+            }),
+            Outgoing {
+                topic: self.shared.topics.expand(),
+                key: record.id.clone(),
+                value: cursor.encode(),
+            },
+        ];
+        self.shared.publisher.send_all(&records).await?;
+        self.shared.view_job(record).await
+    }
 }
 
 impl Member {
@@ -236,6 +285,16 @@ impl Member {
             view::changes_of(event, &mut local);
         }
         self.view.apply_view(local);
+    }
+
+    /// Put a job just submitted here into this host's view, if it keeps one.
+    async fn view_job(&self, record: JobRecord) -> Result<JobRecord, QueueError> {
+        if self.config.role.keeps_view() {
+            self.view
+                .apply_view(vec![super::embedded::ViewChange::Job(record.clone())]);
+            self.view.flush().await?;
+        }
+        Ok(record)
     }
 
     fn event_record(&self, event: EventMessage) -> Outgoing {
@@ -353,24 +412,11 @@ impl WorkQueue for KafkaQueue {
     }
 
     async fn submit_job(&self, mut job: NewJob) -> Result<JobRecord, QueueError> {
+        if job.sweep.is_some() {
+            return self.submit_sweep(job).await;
+        }
         let now = now_ms();
-        let payloads: Vec<Vec<u8>> = match &job.sweep {
-            Some(sweep) => {
-                let total = sweep
-                    .validate()
-                    .map_err(|e| QueueError::Conflict(e.to_string()))?;
-                if total > self.shared.config.max_sweep {
-                    return Err(QueueError::Conflict(format!(
-                        "a sweep of {total} points is more than the Kafka backend writes per job ({}); split it into several jobs",
-                        self.shared.config.max_sweep
-                    )));
-                }
-                (0..total)
-                    .map(|i| serde_json::to_vec(&sweep.point(i)).unwrap_or_default())
-                    .collect()
-            }
-            None => std::mem::take(&mut job.payloads),
-        };
+        let payloads = std::mem::take(&mut job.payloads);
         let total = payloads.len() as u64;
         let record = job.record(total, total, now);
         let band = self.shared.topics.band(job.options.priority);
@@ -392,13 +438,7 @@ impl WorkQueue for KafkaQueue {
             records.push(self.shared.task_record(&message, band.clone()));
         }
         self.shared.publisher.send_all(&records).await?;
-        if self.shared.config.role.keeps_view() {
-            self.shared
-                .view
-                .apply_view(vec![super::embedded::ViewChange::Job(record.clone())]);
-            self.shared.view.flush().await?;
-        }
-        Ok(record)
+        self.shared.view_job(record).await
     }
 
     async fn lease(&self, worker: &WorkerView) -> Option<Lease> {
@@ -630,12 +670,18 @@ impl WorkQueue for KafkaQueue {
                 tracing::error!(error = %e, "cannot start reading the event and modules topics")
             }
         }
-        // Tasks are read only once every control written before this host
-        // started is known (a paused job's tasks must not run meanwhile).
+        // Tasks are read, and sweeps expanded, only once every control
+        // written before this host started is known (a paused job's tasks
+        // must not run meanwhile, nor a cancelled job's points be written).
         let (caught_up, controls_read) = std::sync::mpsc::channel();
-        match controls::start(self.shared.clone(), caught_up) {
+        let (expand_caught_up, expand_controls_read) = std::sync::mpsc::channel();
+        match controls::start(self.shared.clone(), vec![caught_up, expand_caught_up]) {
             Ok(thread) => threads.push(thread),
             Err(e) => tracing::error!(error = %e, "cannot start reading the control topic"),
+        }
+        match expand::start(self.shared.clone(), expand_controls_read) {
+            Ok(thread) => threads.push(thread),
+            Err(e) => tracing::error!(error = %e, "cannot start expanding sweeps"),
         }
         if role.runs_tasks() {
             match consumer::start(self.shared.clone(), controls_read) {
@@ -653,6 +699,8 @@ impl WorkQueue for KafkaQueue {
         Some(HostTraffic {
             reads: self.reads(),
             finished: self.finished_here(),
+            expanding: self.shared.expanding.load(Ordering::Relaxed),
+            expanded: self.shared.expanded_here.load(Ordering::Relaxed),
         })
     }
 }

@@ -75,6 +75,13 @@ impl Publisher {
 
     /// Queue one record; the future reports its delivery.
     fn send(&self, record: &Outgoing) -> BoxFuture<'static, Result<(), String>> {
+        let placed = self.send_placed(record);
+        async move { placed.await.map(|_| ()) }.boxed()
+    }
+
+    /// Queue one record; the future reports the partition and offset it
+    /// was written at.
+    fn send_placed(&self, record: &Outgoing) -> BoxFuture<'static, Result<(i32, i64), String>> {
         let mut future_record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&record.topic)
             .key(record.key.as_str())
             .payload(record.value.as_slice());
@@ -88,7 +95,7 @@ impl Publisher {
                 Ok(delivery) => {
                     return async move {
                         match delivery.await {
-                            Ok(Ok(_)) => Ok(()),
+                            Ok(Ok(placed)) => Ok((placed.partition, placed.offset)),
                             Ok(Err((e, _))) => Err(e.to_string()),
                             Err(_) => Err("delivery cancelled".to_string()),
                         }
@@ -115,6 +122,20 @@ impl Publisher {
             result.map_err(|e| QueueError::storage_message(format!("kafka produce: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Write records, wait until all are durable, and say where each landed
+    /// (partition, offset), in the order given.
+    pub(crate) async fn send_all_placed(
+        &self,
+        records: &[Outgoing],
+    ) -> Result<Vec<(i32, i64)>, QueueError> {
+        let deliveries: Vec<_> = records.iter().map(|r| self.send_placed(r)).collect();
+        join_all(deliveries)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| QueueError::storage_message(format!("kafka produce: {e}"))))
+            .collect()
     }
 
     /// Write records without waiting; `then(delivered)` runs once all are
@@ -157,6 +178,11 @@ impl Publisher {
     }
 
     /// The tokio runtime delivery reports are awaited on.
+    /// The producer's client, for metadata and watermark lookups.
+    pub(crate) fn client(&self) -> &rdkafka::client::Client<impl rdkafka::client::ClientContext> {
+        self.producer.client()
+    }
+
     pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
         &self.runtime
     }

@@ -16,15 +16,19 @@ pub enum TopicKind {
     Modules,
     /// The compacted control topic.
     Control,
+    /// The compacted topic of sweep expansions (and band messages read
+    /// back to check what a dead expander wrote).
+    Expand,
 }
 
 impl TopicKind {
     /// Every kind, in the order [`ReadTotals`] lists them.
-    pub const ALL: [TopicKind; 4] = [
+    pub const ALL: [TopicKind; 5] = [
         TopicKind::Tasks,
         TopicKind::Events,
         TopicKind::Modules,
         TopicKind::Control,
+        TopicKind::Expand,
     ];
 
     /// The kind's label (`topic="..."` in metrics).
@@ -34,6 +38,7 @@ impl TopicKind {
             TopicKind::Events => "events",
             TopicKind::Modules => "modules",
             TopicKind::Control => "control",
+            TopicKind::Expand => "expand",
         }
     }
 }
@@ -42,8 +47,8 @@ impl TopicKind {
 /// after decompression) one host has read, per [`TopicKind`].
 #[derive(Debug, Default)]
 pub(super) struct ReadCounters {
-    messages: [AtomicU64; 4],
-    bytes: [AtomicU64; 4],
+    messages: [AtomicU64; 5],
+    bytes: [AtomicU64; 5],
 }
 
 impl ReadCounters {
@@ -56,7 +61,7 @@ impl ReadCounters {
 
     /// What has been read so far.
     pub(super) fn totals(&self) -> ReadTotals {
-        let read = |a: &[AtomicU64; 4]| std::array::from_fn(|i| a[i].load(Ordering::Relaxed));
+        let read = |a: &[AtomicU64; 5]| std::array::from_fn(|i| a[i].load(Ordering::Relaxed));
         ReadTotals {
             messages: read(&self.messages),
             bytes: read(&self.bytes),
@@ -69,9 +74,9 @@ impl ReadCounters {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReadTotals {
     /// Messages read, per kind.
-    pub messages: [u64; 4],
+    pub messages: [u64; 5],
     /// Bytes read, per kind.
-    pub bytes: [u64; 4],
+    pub bytes: [u64; 5],
 }
 
 impl ReadTotals {
@@ -108,6 +113,10 @@ pub struct HostTraffic {
     pub reads: ReadTotals,
     /// Task runs that ended here (completed or failed).
     pub finished: u64,
+    /// Sweep jobs this host is expanding now.
+    pub expanding: u64,
+    /// Sweep points this host has written.
+    pub expanded: u64,
 }
 
 #[cfg(test)]

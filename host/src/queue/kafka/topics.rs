@@ -60,6 +60,14 @@ impl Topics {
         format!("{}control", self.prefix)
     }
 
+    /// The compacted topic of sweep expansions: each unfinished sweep job's
+    /// [`ExpandCursor`](super::wire::ExpandCursor), keyed by job id. Its
+    /// partitions are shared out in the expanders' group, so each job is
+    /// expanded by one host at a time and taken over when that host dies.
+    pub fn expand(&self) -> String {
+        format!("{}expand", self.prefix)
+    }
+
     /// The dead-letter topic.
     pub fn dead(&self) -> String {
         format!("{}dead", self.prefix)
@@ -103,11 +111,12 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
         .map_err(|e| QueueError::storage("kafka admin client", e))?;
     let replication = || TopicReplication::Fixed(config.replication);
     let bands = topics.bands();
-    let (events, modules, dead, control) = (
+    let (events, modules, dead, control, expand) = (
         topics.events(),
         topics.modules(),
         topics.dead(),
         topics.control(),
+        topics.expand(),
     );
     let mut wanted: Vec<NewTopic<'_>> = bands
         .iter()
@@ -121,6 +130,10 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
     wanted.push(NewTopic::new(&dead, 1, replication()));
     wanted.push(NewTopic::new(&modules, 1, replication()).set("cleanup.policy", "compact"));
     wanted.push(NewTopic::new(&control, 1, replication()).set("cleanup.policy", "compact"));
+    wanted.push(
+        NewTopic::new(&expand, config.task_partitions, replication())
+            .set("cleanup.policy", "compact"),
+    );
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&wanted, &options)

@@ -122,6 +122,9 @@ fn run(consumer: BaseConsumer, shared: Arc<Member>) {
                     shared.job_flags(&job.id, job.paused, job.cancelled);
                     changes.push(ViewChange::Job(job));
                 }
+                Ok(EventMessage::Expanded { job, from, to, .. }) => {
+                    changes.push(ViewChange::Expanded { job, from, to });
+                }
                 Ok(control) => apply_control(&shared, &control),
                 Err(e) => tracing::warn!(
                     offset = message.offset(),

@@ -22,6 +22,13 @@ pub const WIRE_VERSION: u32 = 1;
 /// [`WIRE_VERSION`] (a v1 host's events).
 pub const EVENT_VERSION: u32 = 2;
 
+/// The version of the event messages of lazily expanded sweeps: a `job`
+/// announcement whose `expanded` is below its `total` (its tasks are
+/// written as the job drains) and the `expanded` messages that follow it.
+/// A v2 reader would make every point's row at once, so these are v3,
+/// which it refuses; every other event message stays v2.
+pub const EXPANSION_VERSION: u32 = 3;
+
 /// Largest batch of task events in one message (their JSON): under Kafka's
 /// default 1 MB message limit with room for the envelope. An event bigger
 /// than this (a result near [`super::MAX_RESULT_BYTES`]) goes alone.
@@ -39,6 +46,10 @@ fn event_version() -> u32 {
     EVENT_VERSION
 }
 
+fn expansion_version() -> u32 {
+    EXPANSION_VERSION
+}
+
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -47,7 +58,7 @@ pub enum WireError {
     Malformed(#[from] serde_json::Error),
     /// A version this build does not read.
     #[error(
-        "unsupported wire version {0} (this build reads {WIRE_VERSION}, and {EVENT_VERSION} for events)"
+        "unsupported wire version {0} (this build reads {WIRE_VERSION}, and up to {EXPANSION_VERSION} for events)"
     )]
     Version(u32),
     /// A field's value is not allowed.
@@ -236,6 +247,21 @@ pub enum EventMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         priority: Option<u8>,
     },
+    /// Points `from..to` of a sweep job were written to its band (v3): a
+    /// view makes their Pending rows. Written by the job's expander after
+    /// the points are durable; written again (same range) by a successor
+    /// that confirmed them after the expander's host died.
+    Expanded {
+        /// Wire version.
+        #[serde(default = "expansion_version")]
+        v: u32,
+        /// The job.
+        job: String,
+        /// First point written.
+        from: u64,
+        /// One past the last point written.
+        to: u64,
+    },
     /// A user cancelled a task or changed its priority: the host holding it acts.
     TaskControl {
         /// Wire version.
@@ -265,6 +291,7 @@ impl EventMessage {
                 *v
             }
             EventMessage::Job { v, .. }
+            | EventMessage::Expanded { v, .. }
             | EventMessage::JobControl { v, .. }
             | EventMessage::TaskControl { v, .. } => *v,
         };
@@ -286,6 +313,7 @@ impl EventMessage {
             EventMessage::Tasks { source, .. } => source,
             EventMessage::Job { job, .. } => &job.id,
             EventMessage::JobControl { job, .. } => job,
+            EventMessage::Expanded { job, .. } => job,
             EventMessage::TaskControl { task, .. } => task,
         }
     }
@@ -293,7 +321,7 @@ impl EventMessage {
 
 /// Whether this build reads an event message of version `v`.
 fn reads_event(v: u32) -> bool {
-    v == WIRE_VERSION || v == EVENT_VERSION
+    v == WIRE_VERSION || v == EVENT_VERSION || v == EXPANSION_VERSION
 }
 
 /// The `tasks` batch messages carrying `events`, as JSON: each at most
@@ -530,6 +558,64 @@ impl ModuleChunk {
     }
 }
 
+/// Where a sweep job's expansion stands, on the compacted `<prefix>expand`
+/// topic keyed by the job's id (v1). The host that owns the job's
+/// partition of that topic (in the expanders' consumer group) writes the
+/// job's points as the job drains and, after each chunk is durable, a new
+/// cursor. A host that takes the partition over after a death reads the
+/// cursor, then every band message from `scan` on, to learn which points
+/// past `next` the dead host had written, and writes only the missing ones:
+/// no point is lost or written twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpandCursor {
+    /// Wire version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The job (its module, options and sweep); absent once `done`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRecord>,
+    /// Every point below this is durable on a band topic.
+    pub next: u64,
+    /// Band positions at or after which any point from `next` on was
+    /// written (no earlier: each was read when nothing past `next` had been
+    /// sent yet).
+    #[serde(default)]
+    pub scan: Vec<ScanFrom>,
+    /// Every point is written, or the job was cancelled: nothing to do.
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// One band partition's position in an [`ExpandCursor`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanFrom {
+    /// Band topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+impl ExpandCursor {
+    /// Read one from JSON bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let cursor: ExpandCursor = serde_json::from_slice(bytes)?;
+        if cursor.v != WIRE_VERSION {
+            return Err(WireError::Version(cursor.v));
+        }
+        if !cursor.done && cursor.job.is_none() {
+            return Err(WireError::Invalid("a cursor not done needs its job".into()));
+        }
+        Ok(cursor)
+    }
+
+    /// As JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -621,13 +707,15 @@ mod tests {
                     EventMessage::decode(&bytes).expect("event example");
                 } else if value.get("data_base64").is_some() {
                     ModuleChunk::decode(&bytes).expect("module chunk example");
+                } else if value.get("next").is_some() {
+                    ExpandCursor::decode(&bytes).expect("expand cursor example");
                 } else {
                     TaskMessage::decode(&bytes).expect("task example");
                 }
                 read += 1;
             }
         }
-        assert_eq!(read, 8, "examples in docs/wire-format.md");
+        assert_eq!(read, 12, "examples in docs/wire-format.md");
     }
 
     #[test]

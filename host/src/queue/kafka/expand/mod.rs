@@ -1,0 +1,580 @@
+//! Sweep jobs of any size on Kafka: points are written to their band as the
+//! job drains, not when it is submitted.
+//!
+//! Submitting a sweep writes two messages: the job's announcement (event
+//! topic) and its first [`ExpandCursor`] (the compacted `<prefix>expand`
+//! topic, keyed by job id). Every host is in the expanders' consumer group
+//! on that topic; the host that owns a job's partition is its expander. It
+//! reads its partitions from the start (only the latest cursor of each job
+//! is kept), then for each unfinished job:
+//!
+//! 1. confirms where the job stands: it reads the band messages from the
+//!    cursor's scan positions to the bands' ends and writes the points
+//!    past the cursor that a dead expander had not written ([`repair`]);
+//! 2. writes the next chunk of points while the band's lag (written, not
+//!    yet committed by the workers' group) is under twice `band_buffer`
+//!    per host ([`flow`]), and not while the job is paused or held at
+//!    priority 0;
+//! 3. after each chunk is durable, writes an `expanded` event (views make
+//!    the points' Pending rows) and a new cursor;
+//! 4. ends with a `done` cursor once every point is written or the job is
+//!    cancelled.
+//!
+//! A host that dies loses its partitions to another host after the
+//! session timeout; that host starts at step 1. Points are never lost and
+//! never written twice, as long as a host that lost its partitions has
+//! stopped writing (a SIGKILLed or crashed host has; one cut off from the
+//! brokers stops when it next polls, and writes nothing meanwhile since
+//! its writes fail).
+
+mod flow;
+mod repair;
+
+pub(super) use flow::positions;
+
+use super::Member;
+use super::publish::Outgoing;
+use super::reads::TopicKind;
+use super::wire::{self, EventMessage, ExpandCursor, ScanFrom, TaskMessage};
+use crate::model::JobRecord;
+use crate::queue::QueueError;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Points written per chunk at most (each chunk is then one `expanded`
+/// event and one cursor).
+const CHUNK: u64 = 2048;
+
+/// A chunk smaller than this waits for more room, unless it is the job's last.
+const MIN_CHUNK: u64 = 128;
+
+/// What the expanders' group did to this host's partitions since it last looked.
+#[derive(Default)]
+struct Ownership {
+    assigned: Vec<i32>,
+    revoked: Vec<i32>,
+    /// The partitions the rebalance in progress revoked.
+    in_progress: Vec<i32>,
+    /// A rebalance gave back exactly what it took (see [`Expander::run`]).
+    unchanged: bool,
+}
+
+/// Notes rebalances of the expanders' group for the expander's loop.
+struct OwnerContext {
+    changes: Mutex<Ownership>,
+}
+
+impl ClientContext for OwnerContext {}
+
+impl ConsumerContext for OwnerContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+            let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            changes.revoked.extend(&revoked);
+            changes.in_progress = revoked;
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut assigned: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            let mut revoked = std::mem::take(&mut changes.in_progress);
+            assigned.sort_unstable();
+            revoked.sort_unstable();
+            if !assigned.is_empty() && assigned == revoked {
+                changes.unchanged = true;
+            }
+            changes.assigned.extend(assigned);
+        }
+    }
+}
+
+/// Least time between two rejoins of the expanders' group.
+const REJOIN_EVERY: Duration = Duration::from_secs(20);
+
+/// One sweep job this host expands.
+struct Expansion {
+    job: JobRecord,
+    /// Its partition of the expand topic.
+    partition: i32,
+    /// Every point below this is durable (as far as this host knows).
+    next: u64,
+    /// Band positions from which any point at or past `next` was written.
+    scan: Vec<ScanFrom>,
+    /// What the last durable cursor said: where a check starts after a failure.
+    durable: (u64, Vec<ScanFrom>),
+    /// Checked against the bands since this host took it on.
+    confirmed: bool,
+    /// When points were last written (jobs take turns).
+    last_written: Instant,
+}
+
+/// The expander of one host.
+struct Expander {
+    shared: Arc<Member>,
+    consumer: BaseConsumer<OwnerContext>,
+    flow: flow::Flow,
+    /// Partitions of the expand topic this host owns, and the end each had
+    /// when assigned while it is still being read up to.
+    owned: HashMap<i32, Option<i64>>,
+    jobs: HashMap<String, Expansion>,
+    /// Jobs this host finished, until its own `done` cursor is read back
+    /// (so the cursors before it, read back later, do not revive the job).
+    finished: HashSet<String>,
+}
+
+/// Start the expander thread. It joins the expanders' group once
+/// `controls_read` says the control topic has been read (a cancelled job
+/// must not be expanded meanwhile).
+pub(super) fn start(
+    shared: Arc<Member>,
+    controls_read: Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>, QueueError> {
+    let mut settings = shared.config.client_config();
+    if shared.config.static_membership {
+        settings.set("group.instance.id", &shared.config.host);
+    }
+    let consumer: BaseConsumer<OwnerContext> = settings
+        .set("group.id", format!("{}expanders", shared.config.prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Nothing is committed: each new owner reads its partitions whole.
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "roundrobin")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(OwnerContext {
+            changes: Mutex::default(),
+        })
+        .map_err(|e| QueueError::storage("kafka expander consumer", e))?;
+    let flow = flow::Flow::new(&shared.config)?;
+    std::thread::Builder::new()
+        .name("kwq-kafka-expand".into())
+        .spawn(move || {
+            let _ = controls_read.recv();
+            let topic = shared.topics.expand();
+            if let Err(e) = consumer.subscribe(&[topic.as_str()]) {
+                tracing::error!(error = %e, "cannot join the expanders' group");
+                return;
+            }
+            Expander {
+                shared,
+                consumer,
+                flow,
+                owned: HashMap::new(),
+                jobs: HashMap::new(),
+                finished: HashSet::new(),
+            }
+            .run();
+        })
+        .map_err(|e| QueueError::storage("starting the expander thread", e))
+}
+
+impl Expander {
+    fn run(mut self) {
+        let mut last_rejoin = Instant::now() - REJOIN_EVERY;
+        while !self.shared.closed() {
+            // As the task consumer does: a rebalance that hands back exactly
+            // what it took is how tansu 0.6.0 shows a stale assignment after
+            // a member died (the dead host's sweeps would stay unexpanded);
+            // leaving and rejoining makes it form a new generation.
+            if self.take_unchanged() && last_rejoin.elapsed() >= REJOIN_EVERY {
+                tracing::warn!(
+                    "the expanders' group rebalanced without changing this host's partitions; rejoining"
+                );
+                last_rejoin = Instant::now();
+                self.consumer.unsubscribe();
+                let topic = self.shared.topics.expand();
+                if let Err(e) = self.consumer.subscribe(&[topic.as_str()]) {
+                    tracing::error!(error = %e, "rejoining the expanders' group");
+                }
+            }
+            let wait = if self.jobs.is_empty() { 50 } else { 5 };
+            if let Some(result) = self.consumer.poll(Duration::from_millis(wait)) {
+                match result {
+                    Ok(message) => {
+                        let value = message.payload().unwrap_or_default().to_vec();
+                        self.shared.reads.add(
+                            TopicKind::Expand,
+                            message.key().map_or(0, <[u8]>::len),
+                            value.len(),
+                        );
+                        let partition = message.partition();
+                        drop(message);
+                        self.read(partition, &value);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the expand topic"),
+                }
+            }
+            self.follow_rebalances();
+            self.note_caught_up();
+            if let Err(e) = self.step() {
+                tracing::warn!(error = %e, "expanding a sweep; trying again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            self.shared
+                .expanding
+                .store(self.jobs.len() as u64, Ordering::Relaxed);
+        }
+        self.shared.expanding.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether a rebalance gave back what it took since this was last asked.
+    fn take_unchanged(&self) -> bool {
+        let mut changes = self
+            .consumer
+            .context()
+            .changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut changes.unchanged)
+    }
+
+    /// A cursor read from a partition this host owns.
+    fn read(&mut self, partition: i32, value: &[u8]) {
+        let Some(catching_up) = self.owned.get(&partition).map(Option::is_some) else {
+            return;
+        };
+        let cursor = match ExpandCursor::decode(value) {
+            Ok(cursor) => cursor,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an unreadable expand cursor");
+                return;
+            }
+        };
+        let Some(job) = cursor.job else {
+            // A done cursor (only done cursors lack their job).
+            return;
+        };
+        let id = job.id.clone();
+        if cursor.done {
+            self.jobs.remove(&id);
+            self.finished.remove(&id);
+            return;
+        }
+        if !catching_up && (self.jobs.contains_key(&id) || self.finished.contains(&id)) {
+            // This host's own cursors, read back.
+            return;
+        }
+        self.jobs.insert(
+            id,
+            Expansion {
+                job,
+                partition,
+                next: cursor.next,
+                scan: cursor.scan.clone(),
+                durable: (cursor.next, cursor.scan),
+                confirmed: false,
+                last_written: Instant::now(),
+            },
+        );
+    }
+
+    /// Take on assigned partitions (read them from the start) and drop revoked ones.
+    fn follow_rebalances(&mut self) {
+        let (revoked, assigned) = {
+            let mut changes = self
+                .consumer
+                .context()
+                .changes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut changes.revoked),
+                std::mem::take(&mut changes.assigned),
+            )
+        };
+        for partition in revoked {
+            self.owned.remove(&partition);
+            self.jobs.retain(|_, job| job.partition != partition);
+        }
+        let topic = self.shared.topics.expand();
+        for partition in assigned {
+            let end =
+                match self
+                    .consumer
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(30))
+                {
+                    Ok((low, high)) if high > low => Some(high),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the end of the expand topic; reading on");
+                        None
+                    }
+                };
+            tracing::info!(partition, "expanding the sweeps of an expand partition");
+            self.owned.insert(partition, end);
+        }
+    }
+
+    /// Partitions read up to the end they had when assigned are caught up.
+    fn note_caught_up(&mut self) {
+        if self.owned.values().all(Option::is_none) {
+            return;
+        }
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for (partition, end) in &mut self.owned {
+            let at = positions
+                .elements()
+                .iter()
+                .find(|e| e.partition() == *partition)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(at) => Some(at),
+                    _ => None,
+                });
+            if end.is_some_and(|end| at.is_some_and(|at| at >= end)) {
+                *end = None;
+            }
+        }
+    }
+
+    /// Do one thing for one job: finish it, confirm it, or write its next chunk.
+    fn step(&mut self) -> Result<(), QueueError> {
+        let ready: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| self.owned.get(&job.partition) == Some(&None))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut writable = Vec::new();
+        for id in ready {
+            let (cancelled, paused, priority) = self.flags(&id);
+            let job = &self.jobs[&id];
+            if cancelled || job.next >= job.job.total {
+                return self.finish(&id);
+            }
+            if !job.confirmed {
+                return self.confirm(&id);
+            }
+            // A paused job, or one held at priority 0, gets no new points
+            // until resumed or raised.
+            if !paused && priority > 0 {
+                writable.push((job.last_written, id, priority));
+            }
+        }
+        // The job that has waited longest first, if its band has room.
+        writable.sort();
+        for (_, id, priority) in writable {
+            let band = self.shared.topics.band(priority);
+            let room = self.flow.room(&band)?;
+            let job = &self.jobs[&id];
+            let left = job.job.total - job.next;
+            let n = room.min(CHUNK).min(left);
+            if n >= MIN_CHUNK.min(left) && n > 0 {
+                return self.write_chunk(&id, &band, n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancelled, paused, and the priority its points get now.
+    fn flags(&self, id: &str) -> (bool, bool, u8) {
+        let state = self.shared.state();
+        let priority = state
+            .job_priorities
+            .get(id)
+            .copied()
+            .unwrap_or(self.jobs[id].job.options.priority);
+        (
+            state.cancelled_jobs.contains(id),
+            state.scheduler.ready.is_paused(id),
+            priority,
+        )
+    }
+
+    /// Every point is written (or the job is cancelled): say so for good.
+    fn finish(&mut self, id: &str) -> Result<(), QueueError> {
+        let job = &self.jobs[id];
+        let cursor = ExpandCursor {
+            v: wire::WIRE_VERSION,
+            job: Some(job.job.clone()),
+            next: job.next,
+            scan: Vec::new(),
+            done: true,
+        };
+        self.send(vec![self.cursor_record(id, &cursor)])?;
+        tracing::info!(job = id, points = job.next, "sweep expansion ended");
+        self.jobs.remove(id);
+        self.finished.insert(id.to_string());
+        Ok(())
+    }
+
+    /// Find what was written past the last durable cursor, write what is
+    /// missing below the highest point found, and record a fresh cursor.
+    fn confirm(&mut self, id: &str) -> Result<(), QueueError> {
+        let (next, scan) = self.jobs[id].durable.clone();
+        let found = repair::written_past(&self.shared, id, next, &scan)?;
+        let end = found.last().map_or(next, |last| last + 1);
+        let missing: Vec<u64> = (next..end).filter(|i| !found.contains(i)).collect();
+        let (_, _, priority) = self.flags(id);
+        let band = self.shared.topics.band(priority);
+        if !missing.is_empty() {
+            tracing::warn!(
+                job = id,
+                missing = missing.len(),
+                found = found.len(),
+                "writing the points a previous expander left out"
+            );
+            let records: Vec<Outgoing> = missing.iter().map(|i| self.point(id, *i)).collect();
+            self.send(records)?;
+            self.shared
+                .expanded_here
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+        }
+        let fresh = positions(self.consumer.client(), &band)?;
+        let job = self.jobs.get_mut(id).expect("job being confirmed");
+        job.next = end;
+        job.scan = fresh;
+        job.confirmed = true;
+        self.record_progress(id, next, end)
+    }
+
+    /// Write points `next..next + n` to `band`, then record them.
+    fn write_chunk(&mut self, id: &str, band: &str, n: u64) -> Result<(), QueueError> {
+        if !self.jobs[id].scan.iter().any(|s| s.topic == band) {
+            // The job's priority moved it to a band its cursor does not
+            // scan: record where that band ends before writing to it.
+            let more = positions(self.consumer.client(), band)?;
+            let job = self.jobs.get_mut(id).expect("job being expanded");
+            job.scan.extend(more);
+            let next = job.next;
+            self.record_progress(id, next, next)?;
+        }
+        let from = self.jobs[id].next;
+        let mut records = Vec::with_capacity(n as usize);
+        for index in from..from + n {
+            let mut record = self.point(id, index);
+            record.topic = band.to_string();
+            records.push(record);
+        }
+        let placed = match self.send_placed(records) {
+            Ok(placed) => placed,
+            Err(e) => {
+                // Some may have landed: check from the last durable cursor.
+                self.unconfirm(id);
+                return Err(e);
+            }
+        };
+        self.flow.wrote(band, n);
+        self.shared.expanded_here.fetch_add(n, Ordering::Relaxed);
+        let job = self.jobs.get_mut(id).expect("job being expanded");
+        // Every point written so far is durable: the scan need only start
+        // past them, on the band written to.
+        job.scan.retain(|s| s.topic == band);
+        for (partition, offset) in placed {
+            if let Some(s) = job.scan.iter_mut().find(|s| s.partition == partition) {
+                s.offset = s.offset.max(offset + 1);
+            }
+        }
+        job.next = from + n;
+        job.last_written = Instant::now();
+        self.record_progress(id, from, from + n)
+    }
+
+    /// After a failure nothing past the last durable cursor is certain.
+    fn unconfirm(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.confirmed = false;
+            job.next = job.durable.0;
+            job.scan = job.durable.1.clone();
+        }
+    }
+
+    /// Tell views points `from..to` exist and make the cursor durable.
+    fn record_progress(&mut self, id: &str, from: u64, to: u64) -> Result<(), QueueError> {
+        let job = &self.jobs[id];
+        let cursor = ExpandCursor {
+            v: wire::WIRE_VERSION,
+            job: Some(job.job.clone()),
+            next: job.next,
+            scan: job.scan.clone(),
+            done: false,
+        };
+        let mut records = Vec::with_capacity(2);
+        if to > from {
+            let event = EventMessage::Expanded {
+                v: wire::EXPANSION_VERSION,
+                job: id.to_string(),
+                from,
+                to,
+            };
+            records.push(Outgoing {
+                topic: self.shared.topics.events(),
+                key: id.to_string(),
+                value: event.encode(),
+            });
+        }
+        records.push(self.cursor_record(id, &cursor));
+        if let Err(e) = self.send(records) {
+            self.unconfirm(id);
+            return Err(e);
+        }
+        if to > from && self.shared.config.role.keeps_view() {
+            self.shared
+                .view
+                .apply_view(vec![crate::queue::embedded::ViewChange::Expanded {
+                    job: id.to_string(),
+                    from,
+                    to,
+                }]);
+        }
+        let job = self.jobs.get_mut(id).expect("job being expanded");
+        job.durable = (cursor.next, cursor.scan);
+        Ok(())
+    }
+
+    /// The task message of one point, for the job's band.
+    fn point(&self, id: &str, index: u64) -> Outgoing {
+        let job = &self.jobs[id].job;
+        let (_, _, priority) = self.flags(id);
+        let payload = job
+            .sweep
+            .as_ref()
+            .map(|s| serde_json::to_vec(&s.point(index)).unwrap_or_default())
+            .unwrap_or_default();
+        let options = crate::model::TaskOptions {
+            priority,
+            ..job.options.clone()
+        };
+        let message = TaskMessage::new(
+            &format!("{id}.{index}"),
+            Some(id),
+            job.module.as_str(),
+            &payload,
+            &options,
+        );
+        self.shared
+            .task_record(&message, self.shared.topics.band(priority))
+    }
+
+    fn cursor_record(&self, id: &str, cursor: &ExpandCursor) -> Outgoing {
+        Outgoing {
+            topic: self.shared.topics.expand(),
+            key: id.to_string(),
+            value: cursor.encode(),
+        }
+    }
+
+    fn send(&self, records: Vec<Outgoing>) -> Result<(), QueueError> {
+        let publisher = &self.shared.publisher;
+        publisher.runtime().block_on(publisher.send_all(&records))
+    }
+
+    fn send_placed(&self, records: Vec<Outgoing>) -> Result<Vec<(i32, i64)>, QueueError> {
+        let publisher = &self.shared.publisher;
+        publisher
+            .runtime()
+            .block_on(publisher.send_all_placed(&records))
+    }
+}
