@@ -296,7 +296,7 @@ async fn a_new_expander_writes_exactly_the_points_a_dead_one_left_out() {
             .is_err(),
         "more than the sweep's points were offered"
     );
-    let record = queue.job(&job.id.clone().into()).await.unwrap();
+    let record = queue.job(&job.id).await.unwrap();
     assert_eq!(record.expanded, TOTAL);
     queue.close();
 }

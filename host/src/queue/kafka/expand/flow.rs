@@ -23,6 +23,10 @@ const HOSTS_EVERY: Duration = Duration::from_secs(5);
 /// Broker requests' time limit.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Time limit of describing the workers' group (a broker that cannot may
+/// not answer at all).
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Measures band lags for one expander, and the target it keeps them under.
 pub(super) struct Flow {
     /// A client in the workers' group id that never joins it: it only
@@ -35,6 +39,8 @@ pub(super) struct Flow {
     fallback_hosts: u64,
     hosts: u64,
     hosts_at: Option<Instant>,
+    /// False once the broker failed to describe the group.
+    describes_groups: bool,
     lags: HashMap<String, (u64, Instant)>,
 }
 
@@ -54,6 +60,7 @@ impl Flow {
             fallback_hosts: config.task_partitions.max(1) as u64,
             hosts: 1,
             hosts_at: None,
+            describes_groups: true,
             lags: HashMap::new(),
         })
     }
@@ -72,6 +79,9 @@ impl Flow {
                 lag
             }
         };
+        if lag >= target {
+            tracing::debug!(band, lag, target, "no room on the band");
+        }
         Ok(target.saturating_sub(lag))
     }
 
@@ -83,14 +93,18 @@ impl Flow {
     }
 
     /// Hosts in the workers' group (looked up every few seconds). A broker
-    /// that cannot describe groups is taken to have as many hosts as a
-    /// band has partitions, the most that can be reading it.
+    /// that cannot describe groups (tansu 0.6.0 drops the connection) is
+    /// taken, from then on, to have as many hosts as a band has
+    /// partitions, the most that can be reading it.
     fn hosts(&mut self) -> u64 {
-        if self.hosts_at.is_some_and(|at| at.elapsed() < HOSTS_EVERY) {
+        if self.hosts_at.is_some_and(|at| at.elapsed() < HOSTS_EVERY) || !self.describes_groups {
             return self.hosts;
         }
         self.hosts_at = Some(Instant::now());
-        self.hosts = match self.probe.fetch_group_list(Some(&self.group), TIMEOUT) {
+        self.hosts = match self
+            .probe
+            .fetch_group_list(Some(&self.group), DESCRIBE_TIMEOUT)
+        {
             Ok(list) => list
                 .groups()
                 .iter()
@@ -98,7 +112,12 @@ impl Flow {
                 .sum::<u64>()
                 .max(1),
             Err(e) => {
-                tracing::debug!(error = %e, "cannot describe the workers' group; assuming a host per partition");
+                tracing::info!(
+                    error = %e,
+                    hosts = self.fallback_hosts,
+                    "the broker does not describe the workers' group; sweeps are written ahead for a host per band partition"
+                );
+                self.describes_groups = false;
                 self.fallback_hosts
             }
         };
@@ -118,18 +137,29 @@ impl Flow {
             .map_err(|e| QueueError::storage(format!("the workers' offsets on {band}"), e))?;
         let mut lag = 0;
         for end in &ends {
-            let (low, _) = self
-                .probe
-                .fetch_watermarks(band, end.partition, TIMEOUT)
-                .map_err(|e| QueueError::storage(format!("the start of {band}"), e))?;
-            let done = committed
+            let committed_at = committed
                 .find_partition(band, end.partition)
                 .and_then(|e| match e.offset() {
                     Offset::Offset(at) => Some(at),
                     _ => None,
-                })
-                .unwrap_or(low)
-                .max(low);
+                });
+            // Nothing committed yet: the workers start at the band's start.
+            let done = match committed_at {
+                Some(at) => at,
+                None => {
+                    self.probe
+                        .fetch_watermarks(band, end.partition, TIMEOUT)
+                        .map_err(|e| QueueError::storage(format!("the start of {band}"), e))?
+                        .0
+                }
+            };
+            tracing::trace!(
+                band,
+                partition = end.partition,
+                end = end.offset,
+                done,
+                "band lag"
+            );
             lag += (end.offset - done).max(0) as u64;
         }
         Ok(lag)
