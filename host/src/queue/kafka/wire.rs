@@ -282,20 +282,22 @@ impl EventMessage {
     /// Read one from JSON bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let message: EventMessage = serde_json::from_slice(bytes)?;
-        let v = match &message {
-            EventMessage::Task(t) => t.v,
+        // v3 is only the lazily expanded sweep's messages.
+        let (v, reads) = match &message {
+            EventMessage::Task(t) => (t.v, reads_event(t.v)),
             EventMessage::Tasks { v, events, .. } => {
                 if let Some(bad) = events.iter().find(|e| !reads_event(e.v)) {
                     return Err(WireError::Version(bad.v));
                 }
-                *v
+                (*v, reads_event(*v))
             }
-            EventMessage::Job { v, .. }
-            | EventMessage::Expanded { v, .. }
-            | EventMessage::JobControl { v, .. }
-            | EventMessage::TaskControl { v, .. } => *v,
+            EventMessage::Job { v, .. } => (*v, reads_event(*v) || *v == EXPANSION_VERSION),
+            EventMessage::Expanded { v, .. } => (*v, *v == EXPANSION_VERSION),
+            EventMessage::JobControl { v, .. } | EventMessage::TaskControl { v, .. } => {
+                (*v, reads_event(*v))
+            }
         };
-        if !reads_event(v) {
+        if !reads {
             return Err(WireError::Version(v));
         }
         Ok(message)
@@ -319,9 +321,10 @@ impl EventMessage {
     }
 }
 
-/// Whether this build reads an event message of version `v`.
+/// Whether this build reads an event message of version `v` (v3 only
+/// for the sweep messages, see [`EventMessage::decode`]).
 fn reads_event(v: u32) -> bool {
-    v == WIRE_VERSION || v == EVENT_VERSION || v == EXPANSION_VERSION
+    v == WIRE_VERSION || v == EVENT_VERSION
 }
 
 /// The `tasks` batch messages carrying `events`, as JSON: each at most
