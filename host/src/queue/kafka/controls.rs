@@ -229,15 +229,7 @@ fn run(
             // so the last offset before the end may never be read itself.
             if let Ok(positions) = consumer.position() {
                 ends.retain(|(partition, end)| {
-                    positions
-                        .elements()
-                        .iter()
-                        .find(|e| e.partition() == *partition)
-                        .and_then(|e| match e.offset() {
-                            Offset::Offset(at) => Some(at),
-                            _ => None,
-                        })
-                        .is_none_or(|at| at < *end)
+                    topics::offset_in(&positions, *partition).is_none_or(|at| at < *end)
                 });
             }
         }

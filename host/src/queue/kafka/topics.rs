@@ -151,3 +151,16 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
     }
     Ok(())
 }
+
+/// The offset a partition list gives `partition` (of any topic in it), if
+/// it is a real offset: where a consumer will fetch next, or a committed
+/// position.
+pub(super) fn offset_in(list: &rdkafka::TopicPartitionList, partition: i32) -> Option<i64> {
+    list.elements()
+        .iter()
+        .find(|e| e.partition() == partition)
+        .and_then(|e| match e.offset() {
+            rdkafka::Offset::Offset(at) => Some(at),
+            _ => None,
+        })
+}

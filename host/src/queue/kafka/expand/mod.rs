@@ -38,9 +38,9 @@ use super::reads::TopicKind;
 use super::wire::{self, EventMessage, ExpandCursor, ScanFrom, TaskMessage};
 use crate::model::JobRecord;
 use crate::queue::QueueError;
+use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
@@ -230,13 +230,16 @@ impl Expander {
 
     /// Whether a rebalance gave back what it took since this was last asked.
     fn take_unchanged(&self) -> bool {
-        let mut changes = self
-            .consumer
+        std::mem::take(&mut self.ownership().unchanged)
+    }
+
+    /// What the group's rebalances left for this loop to act on.
+    fn ownership(&self) -> std::sync::MutexGuard<'_, Ownership> {
+        self.consumer
             .context()
             .changes
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut changes.unchanged)
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// A cursor read from a partition this host owns.
@@ -282,12 +285,7 @@ impl Expander {
     /// Take on assigned partitions (read them from the start) and drop revoked ones.
     fn follow_rebalances(&mut self) {
         let (revoked, assigned) = {
-            let mut changes = self
-                .consumer
-                .context()
-                .changes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut changes = self.ownership();
             (
                 std::mem::take(&mut changes.revoked),
                 std::mem::take(&mut changes.assigned),
@@ -325,14 +323,7 @@ impl Expander {
             return;
         };
         for (partition, end) in &mut self.owned {
-            let at = positions
-                .elements()
-                .iter()
-                .find(|e| e.partition() == *partition)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(at) => Some(at),
-                    _ => None,
-                });
+            let at = super::topics::offset_in(&positions, *partition);
             if end.is_some_and(|end| at.is_some_and(|at| at >= end)) {
                 *end = None;
             }
