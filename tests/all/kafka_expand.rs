@@ -298,5 +298,50 @@ async fn a_new_expander_writes_exactly_the_points_a_dead_one_left_out() {
     );
     let record = queue.job(&job.id).await.unwrap();
     assert_eq!(record.expanded, TOTAL);
+    // The job's last messages on the expand topic: a done cursor, then a
+    // tombstone, so compaction forgets the job.
+    let last = cursors_of(&kafka.brokers, &job.id);
+    let (done, tombstone) = (&last[last.len() - 2], &last[last.len() - 1]);
+    let done = ExpandCursor::decode(done.as_deref().expect("a done cursor")).unwrap();
+    assert!(done.done && done.next == TOTAL, "{done:?}");
+    assert!(tombstone.is_none(), "no tombstone after the done cursor");
     queue.close();
+}
+
+/// The values of `job`'s messages on `kwq.expand`, in order (None: a tombstone).
+fn cursors_of(brokers: &str, job: &str) -> Vec<Option<Vec<u8>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "cursor-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for partition in 0..4 {
+        let (low, high) = consumer
+            .fetch_watermarks("kwq.expand", partition, Duration::from_secs(10))
+            .unwrap();
+        if high > low {
+            list.add_partition_offset("kwq.expand", partition, Offset::Offset(low))
+                .unwrap();
+            ends.push((partition, high));
+        }
+    }
+    consumer.assign(&list).unwrap();
+    let mut values = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        assert!(Instant::now() < deadline, "kwq.expand not read to its end");
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.unwrap();
+        if message.key() == Some(job.as_bytes()) {
+            values.push(message.payload().map(<[u8]>::to_vec));
+        }
+        let (partition, offset) = (message.partition(), message.offset());
+        ends.retain(|(p, end)| !(*p == partition && offset + 1 >= *end));
+    }
+    values
 }

@@ -32,7 +32,8 @@ pub(crate) struct Outgoing {
     pub(crate) topic: String,
     /// Message key (decides the partition: murmur2, as Java clients do).
     pub(crate) key: String,
-    /// Message value.
+    /// Message value; empty is written as no value at all: a tombstone,
+    /// which makes compaction drop the key's earlier messages.
     pub(crate) value: Vec<u8>,
 }
 
@@ -82,9 +83,11 @@ impl Publisher {
     /// Queue one record; the future reports the partition and offset it
     /// was written at.
     fn send_placed(&self, record: &Outgoing) -> BoxFuture<'static, Result<(i32, i64), String>> {
-        let mut future_record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&record.topic)
-            .key(record.key.as_str())
-            .payload(record.value.as_slice());
+        let mut future_record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(&record.topic).key(record.key.as_str());
+        if !record.value.is_empty() {
+            future_record = future_record.payload(record.value.as_slice());
+        }
         WRITTEN[0].fetch_add(1, Ordering::Relaxed);
         WRITTEN[1].fetch_add(
             (record.key.len() + record.value.len()) as u64,

@@ -209,8 +209,10 @@ impl Expander {
                             value.len(),
                         );
                         let partition = message.partition();
+                        let key =
+                            String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
                         drop(message);
-                        self.read(partition, &value);
+                        self.read(partition, &key, &value);
                     }
                     Err(e) => tracing::warn!(error = %e, "reading the expand topic"),
                 }
@@ -242,11 +244,18 @@ impl Expander {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A cursor read from a partition this host owns.
-    fn read(&mut self, partition: i32, value: &[u8]) {
+    /// A cursor (or a tombstone) read from a partition this host owns;
+    /// `key` is its job's id.
+    fn read(&mut self, partition: i32, key: &str, value: &[u8]) {
         let Some(catching_up) = self.owned.get(&partition).map(Option::is_some) else {
             return;
         };
+        if value.is_empty() {
+            // The tombstone after a job's done cursor.
+            self.jobs.remove(key);
+            self.finished.remove(key);
+            return;
+        }
         let cursor = match ExpandCursor::decode(value) {
             Ok(cursor) => cursor,
             Err(e) => {
@@ -254,16 +263,15 @@ impl Expander {
                 return;
             }
         };
+        if cursor.done {
+            self.jobs.remove(key);
+            self.finished.remove(key);
+            return;
+        }
         let Some(job) = cursor.job else {
-            // A done cursor (only done cursors lack their job).
             return;
         };
         let id = job.id.clone();
-        if cursor.done {
-            self.jobs.remove(&id);
-            self.finished.remove(&id);
-            return;
-        }
         if !catching_up && (self.jobs.contains_key(&id) || self.finished.contains(&id)) {
             // This host's own cursors, read back.
             return;
@@ -394,7 +402,14 @@ impl Expander {
             scan: Vec::new(),
             done: true,
         };
-        self.send(vec![self.cursor_record(id, &cursor)])?;
+        // The done cursor, then a tombstone: compaction drops the job's
+        // cursors, so new owners do not read every sweep ever run.
+        let tombstone = Outgoing {
+            topic: self.shared.topics.expand(),
+            key: id.to_string(),
+            value: Vec::new(),
+        };
+        self.send(vec![self.cursor_record(id, &cursor), tombstone])?;
         tracing::info!(job = id, points = job.next, "sweep expansion ended");
         self.jobs.remove(id);
         self.finished.insert(id.to_string());
