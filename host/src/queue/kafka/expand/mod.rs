@@ -371,7 +371,7 @@ impl Expander {
             let left = job.job.total - job.next;
             let n = room.min(CHUNK).min(left);
             if n >= MIN_CHUNK.min(left) && n > 0 {
-                return self.write_chunk(&id, &band, n);
+                return self.write_chunk(&id, &band, priority, n);
             }
         }
         Ok(())
@@ -432,7 +432,10 @@ impl Expander {
                 found = found.len(),
                 "writing the points a previous expander left out"
             );
-            let records: Vec<Outgoing> = missing.iter().map(|i| self.point(id, *i)).collect();
+            let records: Vec<Outgoing> = missing
+                .iter()
+                .map(|i| self.point(id, *i, priority))
+                .collect();
             self.send(records)?;
             self.shared
                 .expanded_here
@@ -447,7 +450,13 @@ impl Expander {
     }
 
     /// Write points `next..next + n` to `band`, then record them.
-    fn write_chunk(&mut self, id: &str, band: &str, n: u64) -> Result<(), QueueError> {
+    fn write_chunk(
+        &mut self,
+        id: &str,
+        band: &str,
+        priority: u8,
+        n: u64,
+    ) -> Result<(), QueueError> {
         if !self.jobs[id].scan.iter().any(|s| s.topic == band) {
             // The job's priority moved it to a band its cursor does not
             // scan: record where that band ends before writing to it.
@@ -460,9 +469,7 @@ impl Expander {
         let from = self.jobs[id].next;
         let mut records = Vec::with_capacity(n as usize);
         for index in from..from + n {
-            let mut record = self.point(id, index);
-            record.topic = band.to_string();
-            records.push(record);
+            records.push(self.point(id, index, priority));
         }
         let placed = match self.send_placed(records) {
             Ok(placed) => placed,
@@ -540,10 +547,10 @@ impl Expander {
         Ok(())
     }
 
-    /// The task message of one point, for the job's band.
-    fn point(&self, id: &str, index: u64) -> Outgoing {
+    /// The task message of one point, at `priority` (the job's now, looked
+    /// up once per chunk), for that priority's band.
+    fn point(&self, id: &str, index: u64, priority: u8) -> Outgoing {
         let job = &self.jobs[id].job;
-        let (_, _, priority) = self.flags(id);
         let payload = job
             .sweep
             .as_ref()
