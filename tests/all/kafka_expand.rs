@@ -246,6 +246,7 @@ async fn a_new_expander_writes_exactly_the_points_a_dead_one_left_out() {
             })
             .collect(),
         done: false,
+        payloads: None,
     };
     records.push(("kwq.expand".into(), job.id.clone(), cursor.encode()));
     let deliveries: Vec<_> = records

@@ -10,6 +10,7 @@ mod kafka;
 mod kafka_expand;
 mod kafka_grid;
 mod kafka_roles;
+mod kafka_streams;
 mod languages;
 mod paths;
 mod process;

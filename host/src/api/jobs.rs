@@ -23,14 +23,7 @@ pub(super) async fn submit(
     ApiJson(request): ApiJson<JobSubmission>,
 ) -> Result<(StatusCode, Json<JobView>), AppError> {
     let options = request.options.into_options()?;
-    if let Some(name) = &request.name
-        && (name.is_empty() || name.chars().count() > 256 || name.chars().any(char::is_control))
-    {
-        return Err(AppError::bad_request(
-            "invalid_field",
-            "name: must be 1 to 256 characters, without control characters",
-        ));
-    }
+    check_name(request.name.as_deref())?;
     let payloads: Vec<Vec<u8>> = match (request.payloads, request.payloads_base64, &request.sweep) {
         (Some(list), None, None) => list
             .into_iter()
@@ -63,7 +56,7 @@ pub(super) async fn submit(
         return Err(AppError::bad_request(
             "invalid_job",
             format!(
-                "at most {} payloads per job; use a sweep or several jobs",
+                "at most {} payloads per job; use a sweep, several jobs, or POST /v1/jobs/stream",
                 state.limits.job_tasks
             ),
         ));
@@ -81,6 +74,19 @@ pub(super) async fn submit(
     let record = state.work.submit_job(job).await?;
     let stats = state.tracker.job(&record.id);
     Ok((StatusCode::CREATED, Json(views::job(&record, &stats))))
+}
+
+/// A job's name, if given, is 1 to 256 characters without control characters.
+pub(super) fn check_name(name: Option<&str>) -> Result<(), AppError> {
+    if let Some(name) = name
+        && (name.is_empty() || name.chars().count() > 256 || name.chars().any(char::is_control))
+    {
+        return Err(AppError::bad_request(
+            "invalid_field",
+            "name: must be 1 to 256 characters, without control characters",
+        ));
+    }
+    Ok(())
 }
 
 /// `GET /v1/jobs/{id}`: counts per state, progress, throughput, run times.

@@ -9,6 +9,7 @@ mod jobs;
 mod module_names;
 mod modules;
 pub mod openapi;
+mod streams;
 mod system;
 mod tasks;
 mod views;
@@ -161,6 +162,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tasks/{id}/cancel"),
     ("post", "/v1/tasks/{id}/priority"),
     ("post", "/v1/jobs"),
+    ("post", "/v1/jobs/stream"),
     ("get", "/v1/jobs"),
     ("get", "/v1/jobs/{id}"),
     ("get", "/v1/jobs/{id}/results"),
@@ -202,6 +204,8 @@ pub fn app(state: AppState) -> Router {
             "/v1/jobs",
             post(jobs::submit).layer(DefaultBodyLimit::max(limits.job_bytes)),
         )
+        // Read as it arrives, line by line: no limit on the whole body.
+        .route("/v1/jobs/stream", post(streams::submit))
         .route("/v1/tasks", post(tasks::submit))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/priority", post(tasks::set_priority))

@@ -84,7 +84,7 @@ pub fn document() -> serde_json::Value {
     paths(
         super::modules::upload, super::modules::list, super::modules::get,
         super::tasks::submit, super::tasks::list, super::tasks::get, super::tasks::cancel, super::tasks::set_priority,
-        super::jobs::submit, super::jobs::list, super::jobs::get, super::jobs::results,
+        super::jobs::submit, super::streams::submit, super::jobs::list, super::jobs::get, super::jobs::results,
         super::jobs::pause, super::jobs::resume, super::jobs::cancel, super::jobs::set_priority, super::jobs::delete,
         super::events::stream,
         super::system::stats, super::system::healthz, super::system::healthz_root,

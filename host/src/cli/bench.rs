@@ -61,6 +61,10 @@ pub enum BenchCommand {
         #[arg(long)]
         api_host: bool,
     },
+    /// Kafka membership changes (a host joins, leaves, restarts under its
+    /// name) while a grid runs flat out: the longest gap in which no task
+    /// completed, and the grid-seconds of dispatch each change cost.
+    Membership(super::bench_membership::MembershipBench),
     /// One very large no-op sweep: tasks/s, RSS over time, work not yet
     /// durable, read latency, cancel latency, counts after the cancel and
     /// bytes per task on disk.
@@ -115,6 +119,7 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
             },
         ),
         BenchCommand::Sweep(bench) => super::bench_sweep::run(bench),
+        BenchCommand::Membership(bench) => super::bench_membership::run(bench),
         BenchCommand::Invoke {
             samples,
             workers,

@@ -138,20 +138,7 @@ async fn grid_run(
     let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
     let partitions = (2 * hosts as i32).max(4);
     if let Some(mock) = mock {
-        let topics = Topics::new(&prefix);
-        let mut all: Vec<(String, i32)> = topics
-            .bands()
-            .into_iter()
-            .map(|t| (t, partitions))
-            .collect();
-        all.extend([
-            (topics.events(), 4),
-            (topics.modules(), 1),
-            (topics.control(), 1),
-            (topics.expand(), 4),
-            (topics.dead(), 1),
-        ]);
-        mock.create_topics(all)?;
+        mock.create_grid_topics(&prefix, partitions)?;
     }
     let mut roles = Vec::with_capacity(hosts + 1);
     if shape.api_host {
@@ -213,6 +200,7 @@ async fn grid_run(
             finished: now.finished - before.finished,
             expanding: now.expanding,
             expanded: now.expanded - before.expanded,
+            task_partitions: now.task_partitions,
         })
         .collect();
     for grid in grids {
@@ -327,13 +315,14 @@ type TopicsToCreate = (Vec<(String, i32)>, std::sync::mpsc::Sender<()>);
 /// librdkafka's in-process mock cluster (`--brokers mock`): shows what the
 /// grid does when the broker costs next to nothing. Its handle cannot leave
 /// the thread that made it, so it lives on one and takes commands.
-struct MockBroker {
-    brokers: String,
+pub(super) struct MockBroker {
+    pub(super) brokers: String,
     commands: std::sync::Mutex<std::sync::mpsc::Sender<TopicsToCreate>>,
 }
 
 impl MockBroker {
-    fn start() -> Result<Self, CliError> {
+    /// A mock cluster of 3 brokers on its own thread.
+    pub(super) fn start() -> Result<Self, CliError> {
         let (commands, inbox) = std::sync::mpsc::channel::<TopicsToCreate>();
         let (ready, address) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -359,6 +348,27 @@ impl MockBroker {
             brokers,
             commands: std::sync::Mutex::new(commands),
         })
+    }
+
+    /// Every topic of a grid under `prefix`, bands and expand topic with
+    /// `partitions` partitions (the mock cluster does not take the admin
+    /// API's topic configs, so hosts do not create them there).
+    pub(super) fn create_grid_topics(&self, prefix: &str, partitions: i32) -> Result<(), CliError> {
+        let topics = Topics::new(prefix);
+        let mut all: Vec<(String, i32)> = topics
+            .bands()
+            .into_iter()
+            .map(|t| (t, partitions))
+            .collect();
+        all.extend([
+            (topics.events(), 4),
+            (topics.modules(), 1),
+            (topics.control(), 1),
+            (topics.expand(), partitions),
+            (topics.payloads(), partitions),
+            (topics.dead(), 1),
+        ]);
+        self.create_topics(all)
     }
 
     fn create_topics(&self, topics: Vec<(String, i32)>) -> Result<(), CliError> {

@@ -5,7 +5,7 @@ use crate::api::wire::{JobSubmission, PriorityChange, SubmitOptions, TaskSubmiss
 use serde_json::Number;
 use serde_json::{Map, Value, json};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the server is and how to authenticate.
@@ -101,6 +101,10 @@ pub enum JobCommand {
         /// File of payloads: a JSON array, or one JSON value per line.
         #[arg(long, conflicts_with = "sweep")]
         payloads: Option<PathBuf>,
+        /// Stream the --payloads file (NDJSON) to `POST /v1/jobs/stream` as
+        /// it is read, for files of any size (no cap on a Kafka grid).
+        #[arg(long, requires = "payloads")]
+        stream: bool,
         /// Sweep axis NAME=FROM..TO[:STEP] or NAME=[v1,v2,...]; repeat for more axes.
         #[arg(long)]
         sweep: Vec<String>,
@@ -204,6 +208,36 @@ impl Client {
     async fn post(&self, path: &str, body: &impl serde::Serialize) -> Result<Value, CliError> {
         self.send(self.request(reqwest::Method::POST, path).json(body))
             .await
+    }
+
+    /// `POST /v1/jobs/stream`: the job as its first line, then the NDJSON
+    /// file `path` as it is read (never whole in memory).
+    async fn post_stream(&self, job: &JobSubmission, path: &Path) -> Result<Value, CliError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncReadExt;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
+        let mut first = serde_json::to_vec(job).unwrap_or_default();
+        first.push(b'\n');
+        let rest = futures::stream::unfold(file, |mut file| async move {
+            let mut buffer = vec![0; 256 * 1024];
+            match file.read(&mut buffer).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buffer.truncate(n);
+                    Some((Ok(buffer), file))
+                }
+                Err(e) => Some((Err(e), file)),
+            }
+        });
+        let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(rest);
+        self.send(
+            self.request(reqwest::Method::POST, "/v1/jobs/stream")
+                .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+                .body(reqwest::Body::wrap_stream(body)),
+        )
+        .await
     }
 }
 
@@ -351,6 +385,7 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
         JobCommand::Submit {
             task,
             payloads,
+            stream,
             sweep,
             base,
             name,
@@ -365,7 +400,9 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
                 payloads_base64: None,
                 sweep: None,
             };
+            let mut streamed = None;
             match (payloads, sweep.is_empty()) {
+                (Some(path), _) if stream => streamed = Some(path),
                 (Some(path), _) => body.payloads = Some(read_payloads(&path)?),
                 (None, false) => {
                     let base = read_json_arg(&base)?;
@@ -384,7 +421,10 @@ pub(super) fn job(connection: Connection, command: JobCommand) -> Result<(), Cli
                 }
             }
             let id = block_on(async {
-                let job = client.post("/v1/jobs", &body).await?;
+                let job = match &streamed {
+                    Some(path) => client.post_stream(&body, path).await?,
+                    None => client.post("/v1/jobs", &body).await?,
+                };
                 Ok(job["id"].as_str().unwrap_or_default().to_string())
             })?;
             if results {

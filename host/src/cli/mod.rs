@@ -5,6 +5,7 @@ mod bench;
 mod bench_grid;
 mod bench_invoke;
 mod bench_kafka;
+mod bench_membership;
 mod bench_modules;
 mod bench_sweep;
 mod bench_workers;

@@ -315,6 +315,20 @@ pub enum Control {
     },
 }
 
+/// What a streamed job submission hands its store, in order: batches of
+/// payloads as they are read, then `End` once the request is read whole
+/// and every line was good.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// The next payloads, in order.
+    Payloads(Vec<Vec<u8>>),
+    /// The stream is complete: accept the job.
+    End,
+}
+
+/// The receiving end of a streamed job's payloads (see [`StreamItem`]).
+pub type PayloadStream = tokio::sync::mpsc::Receiver<StreamItem>;
+
 /// The work side of a store, as the dispatcher (and whoever submits or
 /// controls work) uses it: accept work, lease it by priority and affinity,
 /// hear how each attempt went. Leases are plain data named by task id and
@@ -351,6 +365,32 @@ pub trait WorkQueue: Send + Sync + 'static {
     }
     /// Durably accept a job (explicit payloads or a sweep).
     async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError>;
+    /// Whether [`submit_job_stream`](Self::submit_job_stream) keeps a
+    /// stream's payloads out of memory, so a stream needs no cap on its
+    /// length (Kafka); else a stream is capped as a JSON job's payloads are.
+    fn streams_lazily(&self) -> bool {
+        false
+    }
+    /// Durably accept a job whose payloads arrive in batches as they are
+    /// read from a request (`POST /v1/jobs/stream`); `job.payloads` holds
+    /// none of them. A stream that ends without [`StreamItem::End`] was cut
+    /// off: nothing of it is accepted. The default collects the payloads
+    /// and submits the job whole.
+    async fn submit_job_stream(
+        &self,
+        mut job: NewJob,
+        mut payloads: PayloadStream,
+    ) -> Result<JobRecord, QueueError> {
+        while let Some(item) = payloads.recv().await {
+            match item {
+                StreamItem::Payloads(batch) => job.payloads.extend(batch),
+                StreamItem::End => return self.submit_job(job).await,
+            }
+        }
+        Err(QueueError::Conflict(
+            "the payload stream was cut off".into(),
+        ))
+    }
     /// Durably apply a user's control (pause, resume, cancel, priority).
     async fn control(&self, control: Control) -> Result<(), QueueError>;
     /// On a Kafka grid, what this host has read from each kind of topic and

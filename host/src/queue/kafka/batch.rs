@@ -8,7 +8,12 @@
 //! one per transition, which is what a broker's message rate limits.
 //!
 //! Offsets of finished tasks are committed only after the batch holding
-//! their outcome is delivered, as before batching.
+//! their outcome is delivered, as before batching, and only then are the
+//! batch's events applied to this host's own view: a view must hold only
+//! what is durable. (A host killed with a batch in flight, whose view had
+//! already recorded its tasks Completed, skipped those tasks as finished
+//! when it restarted and read them again; no other host ever heard of
+//! their outcome, so they stayed unfinished.)
 
 use super::publish::Outgoing;
 use super::wire::{self, TaskEvent};
@@ -80,10 +85,11 @@ impl EventBatcher {
     fn send(shared: &Arc<Member>, batch: Waiting) {
         let mut records = batch.records;
         records.extend(shared.batch_records(&batch.events));
-        let done = batch.done;
+        let (done, events) = (batch.done, batch.events);
         let then = shared.clone();
         shared.publisher.send_then(records, move |delivered| {
             if delivered {
+                then.apply_own(&events);
                 let mut state = then.state();
                 for origin in &done {
                     state.progress.finished(&origin.partition, origin.offset);

@@ -42,6 +42,11 @@ impl ConsumerContext for GroupContext {
                 .map(|e| (e.topic().to_string(), e.partition()))
                 .collect();
             commit(consumer, &self.shared, CommitMode::Sync, Some(&partitions));
+            let _ = self.shared.task_partitions.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| Some(n.saturating_sub(partitions.len() as u64)),
+            );
             self.shared.revoke(&partitions);
             *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = partitions.clone();
             tracing::info!(partitions = partitions.len(), "task partitions revoked");
@@ -63,6 +68,9 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             tracing::info!(partitions = list.count(), "task partitions assigned");
+            self.shared
+                .task_partitions
+                .fetch_add(list.count() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut assigned: Vec<Partition> = list
                 .elements()
                 .iter()

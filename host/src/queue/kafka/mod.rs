@@ -17,6 +17,9 @@
 //! - Pauses, resumes, cancels and priority changes go on the compacted
 //!   `<prefix>control` topic ([`controls`]), which every host reads whole
 //!   before it reads a task.
+//! - Sweeps and payload streams of any size are written to their band as
+//!   the job drains, by the host that owns the job's cursor on
+//!   `<prefix>expand` ([`expand`], [`streams`]).
 //! - Modules are chunked onto the compacted `<prefix>modules` topic and
 //!   reassembled (and checked against their SHA-256) by every host.
 //! - Retries are re-published to their band with the attempt count and a
@@ -32,6 +35,7 @@ mod intake;
 pub(crate) mod offsets;
 mod publish;
 mod reads;
+mod streams;
 mod topics;
 mod view;
 pub mod wire;
@@ -116,6 +120,8 @@ struct Member {
     expanding: AtomicU64,
     /// Sweep points this host's expander has written.
     expanded_here: AtomicU64,
+    /// Band partitions the workers' group has assigned this host now.
+    task_partitions: AtomicU64,
 }
 
 /// A host's handle on a Kafka grid. Cheap to clone.
@@ -184,6 +190,7 @@ impl KafkaQueue {
                 finished_here: AtomicU64::new(0),
                 expanding: AtomicU64::new(0),
                 expanded_here: AtomicU64::new(0),
+                task_partitions: AtomicU64::new(0),
             }),
             threads: Arc::default(),
             started: Arc::default(),
@@ -241,6 +248,7 @@ impl KafkaQueue {
             next: 0,
             scan,
             done: false,
+            payloads: None,
         };
         let records = [
             self.shared.event_record(EventMessage::Job {
@@ -267,11 +275,10 @@ impl Member {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Publish task events (and any other records) in the next batch, apply
-    /// the events to this host's view at once, and when all are delivered
-    /// let the offsets the task was read from be committed.
+    /// Publish task events (and any other records) in the next batch; when
+    /// all are delivered, apply the events to this host's view and let the
+    /// offsets the task was read from be committed.
     fn publish(self: &Arc<Self>, events: Vec<TaskEvent>, extra: Vec<Outgoing>, done: Vec<Origin>) {
-        self.apply_own(&events);
         EventBatcher::push(self, events, extra, done);
     }
 
@@ -439,6 +446,18 @@ impl WorkQueue for KafkaQueue {
         }
         self.shared.publisher.send_all(&records).await?;
         self.shared.view_job(record).await
+    }
+
+    fn streams_lazily(&self) -> bool {
+        true
+    }
+
+    async fn submit_job_stream(
+        &self,
+        job: NewJob,
+        payloads: super::PayloadStream,
+    ) -> Result<JobRecord, QueueError> {
+        self.submit_stream(job, payloads).await
     }
 
     async fn lease(&self, worker: &WorkerView) -> Option<Lease> {
@@ -701,6 +720,7 @@ impl WorkQueue for KafkaQueue {
             finished: self.finished_here(),
             expanding: self.shared.expanding.load(Ordering::Relaxed),
             expanded: self.shared.expanded_here.load(Ordering::Relaxed),
+            task_partitions: self.shared.task_partitions.load(Ordering::Relaxed),
         })
     }
 }

@@ -117,6 +117,9 @@ pub struct HostTraffic {
     pub expanding: u64,
     /// Sweep points this host has written.
     pub expanded: u64,
+    /// Band partitions the workers' group assigns this host now (0: it
+    /// gets no tasks, e.g. still joining, or more hosts than partitions).
+    pub task_partitions: u64,
 }
 
 #[cfg(test)]

@@ -68,6 +68,14 @@ impl Topics {
         format!("{}expand", self.prefix)
     }
 
+    /// The topic of streamed jobs' payloads ([`PayloadChunk`](super::wire::PayloadChunk)s
+    /// keyed by job id), read by the expander as each job drains. Not
+    /// compacted (a job's chunks share its key): its retention must outlast
+    /// the longest job.
+    pub fn payloads(&self) -> String {
+        format!("{}payloads", self.prefix)
+    }
+
     /// The dead-letter topic.
     pub fn dead(&self) -> String {
         format!("{}dead", self.prefix)
@@ -111,12 +119,13 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
         .map_err(|e| QueueError::storage("kafka admin client", e))?;
     let replication = || TopicReplication::Fixed(config.replication);
     let bands = topics.bands();
-    let (events, modules, dead, control, expand) = (
+    let (events, modules, dead, control, expand, payloads) = (
         topics.events(),
         topics.modules(),
         topics.dead(),
         topics.control(),
         topics.expand(),
+        topics.payloads(),
     );
     let mut wanted: Vec<NewTopic<'_>> = bands
         .iter()
@@ -134,6 +143,11 @@ pub(super) async fn ensure(config: &KafkaConfig, topics: &Topics) -> Result<(), 
         NewTopic::new(&expand, config.task_partitions, replication())
             .set("cleanup.policy", "compact"),
     );
+    wanted.push(NewTopic::new(
+        &payloads,
+        config.task_partitions,
+        replication(),
+    ));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&wanted, &options)

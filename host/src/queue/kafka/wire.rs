@@ -587,6 +587,68 @@ pub struct ExpandCursor {
     /// Every point is written, or the job was cancelled: nothing to do.
     #[serde(default)]
     pub done: bool,
+    /// A payload stream's job (v2): where to read its payloads from, the
+    /// payload chunk holding point `next` or one before it. Absent for a sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payloads: Option<PayloadsAt>,
+}
+
+/// The version of an [`ExpandCursor`] of a payload stream: a host that
+/// reads only v1 cursors skips it rather than expand it as a sweep.
+pub const STREAM_CURSOR_VERSION: u32 = 2;
+
+/// A position on the `<prefix>payloads` topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadsAt {
+    /// Partition (every chunk of a job is on one, keyed by its id).
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// Up to [`PAYLOAD_CHUNK_COUNT`] consecutive payloads of one streamed job
+/// (`POST /v1/jobs/stream`) on the `<prefix>payloads` topic, keyed by the
+/// job's id, written in order before the job is announced. The expander
+/// reads them as the job drains and writes each payload's task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PayloadChunk {
+    /// Wire version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The job.
+    pub job: String,
+    /// Index (task `<job>.<index>`) of the first payload here.
+    pub first: u64,
+    /// The payloads, each a JSON text (an NDJSON line as sent).
+    pub payloads: Vec<String>,
+}
+
+/// Payloads in one [`PayloadChunk`] at most (an expander's chunk of tasks).
+pub const PAYLOAD_CHUNK_COUNT: usize = 2048;
+
+/// Payload bytes in one [`PayloadChunk`] at most (it may hold one larger
+/// payload alone), well under Kafka's 1 MB message limit.
+pub const PAYLOAD_CHUNK_BYTES: usize = 512 * 1024;
+
+impl PayloadChunk {
+    /// Read one from JSON bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let chunk: PayloadChunk = serde_json::from_slice(bytes)?;
+        if chunk.v != WIRE_VERSION {
+            return Err(WireError::Version(chunk.v));
+        }
+        Ok(chunk)
+    }
+
+    /// As JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Whether point `index` is in this chunk.
+    pub fn holds(&self, index: u64) -> bool {
+        index >= self.first && index < self.first + self.payloads.len() as u64
+    }
 }
 
 /// One band partition's position in an [`ExpandCursor`].
@@ -604,8 +666,13 @@ impl ExpandCursor {
     /// Read one from JSON bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let cursor: ExpandCursor = serde_json::from_slice(bytes)?;
-        if cursor.v != WIRE_VERSION {
+        if cursor.v != WIRE_VERSION && cursor.v != STREAM_CURSOR_VERSION {
             return Err(WireError::Version(cursor.v));
+        }
+        if (cursor.v == STREAM_CURSOR_VERSION) != cursor.payloads.is_some() {
+            return Err(WireError::Invalid(
+                "a stream's cursor (v2) and only it names its payloads".into(),
+            ));
         }
         if !cursor.done && cursor.job.is_none() {
             return Err(WireError::Invalid("a cursor not done needs its job".into()));
@@ -710,6 +777,8 @@ mod tests {
                     EventMessage::decode(&bytes).expect("event example");
                 } else if value.get("data_base64").is_some() {
                     ModuleChunk::decode(&bytes).expect("module chunk example");
+                } else if value.get("first").is_some() {
+                    PayloadChunk::decode(&bytes).expect("payload chunk example");
                 } else if value.get("next").is_some() {
                     ExpandCursor::decode(&bytes).expect("expand cursor example");
                 } else {
@@ -718,7 +787,7 @@ mod tests {
                 read += 1;
             }
         }
-        assert_eq!(read, 12, "examples in docs/wire-format.md");
+        assert_eq!(read, 14, "examples in docs/wire-format.md");
     }
 
     #[test]

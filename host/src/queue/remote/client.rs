@@ -791,6 +791,14 @@ impl WorkQueue for RemoteQueue {
         Err(no_submissions())
     }
 
+    async fn submit_job_stream(
+        &self,
+        _job: NewJob,
+        _payloads: crate::queue::PayloadStream,
+    ) -> Result<JobRecord, QueueError> {
+        Err(no_submissions())
+    }
+
     async fn control(&self, _control: Control) -> Result<(), QueueError> {
         Err(no_submissions())
     }

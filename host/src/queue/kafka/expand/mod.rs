@@ -29,13 +29,14 @@
 
 mod flow;
 mod repair;
+mod source;
 
 pub(super) use flow::positions;
 
 use super::Member;
 use super::publish::Outgoing;
 use super::reads::TopicKind;
-use super::wire::{self, EventMessage, ExpandCursor, ScanFrom, TaskMessage};
+use super::wire::{self, EventMessage, ExpandCursor, PayloadsAt, ScanFrom, TaskMessage};
 use crate::model::JobRecord;
 use crate::queue::QueueError;
 use rdkafka::ClientContext;
@@ -115,6 +116,26 @@ struct Expansion {
     confirmed: bool,
     /// When points were last written (jobs take turns).
     last_written: Instant,
+    /// A streamed job's payloads (a sweep makes its own).
+    stream: Option<Stream>,
+}
+
+/// Where a streamed job's payloads are read from.
+struct Stream {
+    /// The position the last durable cursor names.
+    durable: PayloadsAt,
+    /// Reading on from there; dropped after a failure (a new one starts at
+    /// `durable` again).
+    reader: Option<source::PayloadReader>,
+}
+
+impl Stream {
+    /// Where a cursor for the points from the current one on says to read.
+    fn position(&self) -> PayloadsAt {
+        self.reader
+            .as_ref()
+            .map_or(self.durable, source::PayloadReader::position)
+    }
 }
 
 /// The expander of one host.
@@ -286,6 +307,10 @@ impl Expander {
                 durable: (cursor.next, cursor.scan),
                 confirmed: false,
                 last_written: Instant::now(),
+                stream: cursor.payloads.map(|durable| Stream {
+                    durable,
+                    reader: None,
+                }),
             },
         );
     }
@@ -396,11 +421,12 @@ impl Expander {
     fn finish(&mut self, id: &str) -> Result<(), QueueError> {
         let job = &self.jobs[id];
         let cursor = ExpandCursor {
-            v: wire::WIRE_VERSION,
+            v: cursor_version(job),
             job: Some(job.job.clone()),
             next: job.next,
             scan: Vec::new(),
             done: true,
+            payloads: job.stream.as_ref().map(Stream::position),
         };
         // The done cursor, then a tombstone: compaction drops the job's
         // cursors, so new owners do not read every sweep ever run.
@@ -432,9 +458,17 @@ impl Expander {
                 found = found.len(),
                 "writing the points a previous expander left out"
             );
+            let payloads = match self.payloads(id, &missing) {
+                Ok(payloads) => payloads,
+                Err(e) => {
+                    self.unconfirm(id);
+                    return Err(e);
+                }
+            };
             let records: Vec<Outgoing> = missing
                 .iter()
-                .map(|i| self.point(id, *i, priority))
+                .zip(payloads)
+                .map(|(i, payload)| self.point(id, *i, priority, payload))
                 .collect();
             self.send(records)?;
             self.shared
@@ -467,10 +501,19 @@ impl Expander {
             self.record_progress(id, next, next)?;
         }
         let from = self.jobs[id].next;
-        let mut records = Vec::with_capacity(n as usize);
-        for index in from..from + n {
-            records.push(self.point(id, index, priority));
-        }
+        let indices: Vec<u64> = (from..from + n).collect();
+        let payloads = match self.payloads(id, &indices) {
+            Ok(payloads) => payloads,
+            Err(e) => {
+                self.unconfirm(id);
+                return Err(e);
+            }
+        };
+        let records: Vec<Outgoing> = indices
+            .iter()
+            .zip(payloads)
+            .map(|(index, payload)| self.point(id, *index, priority, payload))
+            .collect();
         let placed = match self.send_placed(records) {
             Ok(placed) => placed,
             Err(e) => {
@@ -501,6 +544,9 @@ impl Expander {
             job.confirmed = false;
             job.next = job.durable.0;
             job.scan = job.durable.1.clone();
+            if let Some(stream) = &mut job.stream {
+                stream.reader = None;
+            }
         }
     }
 
@@ -508,11 +554,12 @@ impl Expander {
     fn record_progress(&mut self, id: &str, from: u64, to: u64) -> Result<(), QueueError> {
         let job = &self.jobs[id];
         let cursor = ExpandCursor {
-            v: wire::WIRE_VERSION,
+            v: cursor_version(job),
             job: Some(job.job.clone()),
             next: job.next,
             scan: job.scan.clone(),
             done: false,
+            payloads: job.stream.as_ref().map(Stream::position),
         };
         let mut records = Vec::with_capacity(2);
         if to > from {
@@ -544,18 +591,42 @@ impl Expander {
         }
         let job = self.jobs.get_mut(id).expect("job being expanded");
         job.durable = (cursor.next, cursor.scan);
+        if let (Some(stream), Some(at)) = (&mut job.stream, cursor.payloads) {
+            stream.durable = at;
+        }
         Ok(())
     }
 
-    /// The task message of one point, at `priority` (the job's now, looked
-    /// up once per chunk), for that priority's band.
-    fn point(&self, id: &str, index: u64, priority: u8) -> Outgoing {
+    /// The payloads of `id`'s points `indices` (ascending): made from its
+    /// sweep, or read from its stream's chunks.
+    fn payloads(&mut self, id: &str, indices: &[u64]) -> Result<Vec<Vec<u8>>, QueueError> {
+        let job = self.jobs.get_mut(id).expect("job being expanded");
+        let Some(stream) = &mut job.stream else {
+            let sweep = job.job.sweep.as_ref();
+            return Ok(indices
+                .iter()
+                .map(|i| {
+                    sweep
+                        .map(|s| serde_json::to_vec(&s.point(*i)).unwrap_or_default())
+                        .unwrap_or_default()
+                })
+                .collect());
+        };
+        if stream.reader.is_none() {
+            stream.reader = Some(source::PayloadReader::new(
+                &self.shared,
+                id,
+                stream.durable,
+            )?);
+        }
+        let reader = stream.reader.as_mut().expect("reader just made");
+        reader.payloads(&self.shared, indices.iter().copied())
+    }
+
+    /// The task message of one point with its payload, at `priority` (the
+    /// job's now, looked up once per chunk), for that priority's band.
+    fn point(&self, id: &str, index: u64, priority: u8, payload: Vec<u8>) -> Outgoing {
         let job = &self.jobs[id].job;
-        let payload = job
-            .sweep
-            .as_ref()
-            .map(|s| serde_json::to_vec(&s.point(index)).unwrap_or_default())
-            .unwrap_or_default();
         let options = crate::model::TaskOptions {
             priority,
             ..job.options.clone()
@@ -589,5 +660,15 @@ impl Expander {
         publisher
             .runtime()
             .block_on(publisher.send_all_placed(&records))
+    }
+}
+
+/// The cursor version of a job: v2 for a stream, so a host that reads only
+/// v1 cursors skips it rather than expand it as a sweep without payloads.
+fn cursor_version(job: &Expansion) -> u32 {
+    if job.stream.is_some() {
+        wire::STREAM_CURSOR_VERSION
+    } else {
+        wire::WIRE_VERSION
     }
 }

@@ -1,0 +1,242 @@
+//! `kwq bench membership`: how long a Kafka grid stops dispatching when its
+//! membership changes. `--hosts` hosts in this process run one large no-op
+//! sweep flat out; once the rate has settled, a host joins, then that host
+//! leaves, then another host restarts under its own name (a static member
+//! back within the session timeout), each after the grid has settled
+//! again. The tasks Completed on the first host's view are sampled every
+//! 50 ms; each change is reported as the longest time in which no task
+//! completed, the rate before and after, and its cost in seconds of the
+//! whole grid stopped (the tasks the window after lacked against the rate
+//! before, over that rate).
+
+use super::CliError;
+use super::bench_kafka::MockBroker;
+use super::local_grid::{LocalGrid, failed, post_job};
+use crate::model::TaskState;
+use crate::queue::kafka::{KafkaConfig, Role};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// What `kwq bench membership` runs.
+#[derive(Debug, clap::Args)]
+pub struct MembershipBench {
+    /// Bootstrap servers of a running cluster (e.g. a tansu broker), or
+    /// `mock` for librdkafka's in-process mock cluster.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Hosts running before the first change (one more joins).
+    #[arg(long, default_value_t = 3)]
+    hosts: usize,
+    /// Seconds the grid runs before each change and after the last, and
+    /// the window the rates are taken over.
+    #[arg(long, default_value_t = 15)]
+    settle: u64,
+    /// Workers per host (default: cores).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+/// How often the completed count is read.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// `kwq bench membership`.
+pub(super) fn run(bench: MembershipBench) -> Result<(), CliError> {
+    super::tokio_runtime()?.block_on(measure(bench))
+}
+
+async fn measure(bench: MembershipBench) -> Result<(), CliError> {
+    if bench.hosts < 2 {
+        return Err(CliError::usage("--hosts must be at least 2"));
+    }
+    let mock = (bench.brokers == "mock")
+        .then(MockBroker::start)
+        .transpose()?;
+    let brokers = mock
+        .as_ref()
+        .map_or(bench.brokers.clone(), |m| m.brokers.clone());
+    let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
+    // Room for every host, the one that joins included.
+    let partitions = 2 * (bench.hosts as i32 + 1);
+    if let Some(mock) = &mock {
+        mock.create_grid_topics(&prefix, partitions)?;
+    }
+    let config = |i: usize| KafkaConfig {
+        brokers: brokers.clone(),
+        prefix: prefix.clone(),
+        host: format!("bench{i}"),
+        task_partitions: partitions,
+        create_topics: mock.is_none() && i == 0,
+        role: Role::All,
+        ..KafkaConfig::default()
+    };
+    let mut grids = Vec::new();
+    for i in 0..bench.hosts {
+        grids.push(Some(
+            LocalGrid::start_on(bench.workers, Some(config(i))).await?,
+        ));
+    }
+    println!(
+        "Kafka membership changes, {} hosts (static members, {} assignor), brokers {brokers}",
+        bench.hosts,
+        KafkaConfig::default().assignor
+    );
+    let first = grids[0].as_ref().expect("first host");
+    let url = first.url.clone();
+    let tracker = first.tracker.clone();
+    // A sweep far larger than the run: the grid never runs out of work.
+    post_job(
+        &reqwest::Client::new(),
+        &url,
+        &serde_json::json!({"module": "noop", "sweep": {"params": {"i": {"from": 0, "to": 999_999_999}}}}),
+    )
+    .await?;
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (samples, stop) = (samples.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let done = tracker.overview([0; 10]).counts.get(TaskState::Completed);
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((Instant::now(), done));
+                tokio::time::sleep(SAMPLE_EVERY).await;
+            }
+        })
+    };
+    let settle = Duration::from_secs(bench.settle);
+    // The first settle also covers joining and compiling the module.
+    tokio::time::sleep(settle * 2).await;
+    let mut changes = Vec::new();
+
+    changes.push(("a host joins", Instant::now()));
+    grids.push(Some(
+        LocalGrid::start_on(bench.workers, Some(config(bench.hosts))).await?,
+    ));
+    tokio::time::sleep(settle).await;
+
+    changes.push(("that host leaves (stopped)", Instant::now()));
+    if let Some(grid) = grids[bench.hosts].take() {
+        grid.stop().await;
+    }
+    tokio::time::sleep(settle).await;
+
+    let restarted = bench.hosts - 1;
+    changes.push(("a host restarts (same name)", Instant::now()));
+    if let Some(grid) = grids[restarted].take() {
+        grid.stop().await;
+    }
+    grids[restarted] = Some(LocalGrid::start_on(bench.workers, Some(config(restarted))).await?);
+    tokio::time::sleep(settle).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.await;
+    for grid in grids.into_iter().flatten() {
+        grid.stop().await;
+    }
+    let samples = samples.lock().map_err(failed)?.clone();
+    println!(
+        "{:<30} {:>16} {:>14} {:>14} {:>14}",
+        "change", "longest gap (ms)", "tasks/s before", "tasks/s after", "stall (s)"
+    );
+    for (name, at) in changes {
+        let effect = effect_of(&samples, at, settle);
+        println!(
+            "{:<30} {:>16.0} {:>14.0} {:>14.0} {:>14.2}",
+            name,
+            effect.longest_gap.as_secs_f64() * 1000.0,
+            effect.before,
+            effect.after,
+            effect.stall_seconds
+        );
+    }
+    println!(
+        "(longest gap: the longest time, in the {} s after the change, in which no task completed, \
+         to the {} ms sampling; stall: the tasks the {} s after lacked against the rate before, \
+         in seconds of that rate)",
+        bench.settle,
+        SAMPLE_EVERY.as_millis(),
+        bench.settle
+    );
+    Ok(())
+}
+
+/// What one membership change did to the completion rate.
+#[derive(Debug, PartialEq)]
+struct Effect {
+    longest_gap: Duration,
+    /// Tasks/s over the window before the change.
+    before: f64,
+    /// Tasks/s over the window after it.
+    after: f64,
+    /// (before × window − completed after) / before, at least 0.
+    stall_seconds: f64,
+}
+
+/// The [`Effect`] of a change at `at`, over `window` either side, from
+/// samples of (when, completed so far).
+fn effect_of(samples: &[(Instant, u64)], at: Instant, window: Duration) -> Effect {
+    let count_at = |t: Instant| {
+        samples
+            .iter()
+            .take_while(|(when, _)| *when <= t)
+            .last()
+            .map_or(0, |(_, n)| *n)
+    };
+    let seconds = window.as_secs_f64();
+    let before = (count_at(at) - count_at(at - window)) as f64 / seconds;
+    let done_after = (count_at(at + window) - count_at(at)) as f64;
+    let after = done_after / seconds;
+    let mut longest_gap = Duration::ZERO;
+    let mut since: Option<(Instant, u64)> = None;
+    for &(when, n) in samples
+        .iter()
+        .filter(|(when, _)| *when >= at && *when <= at + window)
+    {
+        match since {
+            Some((start, count)) if n == count => {
+                longest_gap = longest_gap.max(when - start);
+            }
+            _ => since = Some((when, n)),
+        }
+    }
+    let stall_seconds = if before > 0.0 {
+        ((before * seconds - done_after) / before).max(0.0)
+    } else {
+        0.0
+    };
+    Effect {
+        longest_gap,
+        before,
+        after,
+        stall_seconds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_measured_by_its_gap_and_lost_tasks() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // 100 tasks/s for 10 s, then nothing for 2 s, then 100 tasks/s.
+        let mut samples = Vec::new();
+        let mut done = 0;
+        for step in 0..=200u64 {
+            let at = step * 100;
+            if step > 0 && !(10_001..=12_000).contains(&at) {
+                done += 10;
+            }
+            samples.push((ms(at), done));
+        }
+        let effect = effect_of(&samples, ms(10_000), Duration::from_secs(10));
+        assert_eq!(effect.before, 100.0);
+        assert_eq!(effect.after, 80.0);
+        assert!((effect.stall_seconds - 2.0).abs() < 1e-9, "{effect:?}");
+        assert_eq!(effect.longest_gap, Duration::from_millis(2_000));
+    }
+}
