@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Poll the job on `grid` until `done` holds (at most 120 s); the last view.
-async fn job_until(grid: &TestGrid, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn job_until(grid: &TestGrid, id: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (status, job) = grid.call("GET", &format!("/v1/jobs/{id}"), None).await;
@@ -36,7 +36,8 @@ async fn job_until(grid: &TestGrid, id: &str, done: impl Fn(&Value) -> bool) -> 
     }
 }
 
-fn count(job: &Value, state: &str) -> u64 {
+/// A job view's count of tasks in `state`.
+pub(crate) fn count(job: &Value, state: &str) -> u64 {
     job["counts"][state].as_u64().unwrap_or(0)
 }
 

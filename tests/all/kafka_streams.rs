@@ -6,7 +6,7 @@
 //! request and leaves no job.
 
 use crate::conformance::{MockKafka, lease, worker};
-use crate::kafka_expand::points_on_bands;
+use crate::kafka_expand::{count, job_until, points_on_bands};
 use crate::support::TestGrid;
 use kwq::api::ApiLimits;
 use kwq::examples;
@@ -25,10 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const NDJSON: Option<&str> = Some("application/x-ndjson");
-
-fn count(job: &Value, state: &str) -> u64 {
-    job["counts"][state].as_u64().unwrap_or(0)
-}
 
 /// The NDJSON body of a job of module `module` with payloads `{"i": n}`.
 fn stream_body(module: &str, payloads: std::ops::Range<u64>) -> Vec<u8> {
@@ -61,19 +57,6 @@ async fn run_checked(queue: &Arc<dyn Queue>, job: &str, n: usize) -> BTreeSet<u6
         queue.complete(&l, Completion::default()).unwrap();
     }
     ran
-}
-
-async fn job_until(grid: &TestGrid, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, job) = grid.call("GET", &format!("/v1/jobs/{id}"), None).await;
-        assert_eq!(status, 200, "{job}");
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job never got there: {job}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

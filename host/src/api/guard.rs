@@ -127,9 +127,10 @@ pub(super) async fn check(
     Ok(next.run(request).await)
 }
 
-/// Module uploads are `application/wasm` or `application/octet-stream`.
-pub(super) fn require_wasm_body(headers: &HeaderMap) -> Result<(), AppError> {
-    let kind = headers
+/// A request's media type (its `Content-Type` without parameters,
+/// lower-case), if it says one.
+pub(super) fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|t| t.to_str().ok())
         .map(|t| {
@@ -138,8 +139,12 @@ pub(super) fn require_wasm_body(headers: &HeaderMap) -> Result<(), AppError> {
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase()
-        });
-    match kind.as_deref() {
+        })
+}
+
+/// Module uploads are `application/wasm` or `application/octet-stream`.
+pub(super) fn require_wasm_body(headers: &HeaderMap) -> Result<(), AppError> {
+    match media_type(headers).as_deref() {
         None | Some("application/wasm" | "application/octet-stream") => Ok(()),
         Some(other) => Err(AppError {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,

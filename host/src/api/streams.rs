@@ -15,7 +15,7 @@ use crate::queue::StreamItem;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use futures::StreamExt;
 
 /// The longest line (one payload) a stream may have: one payload chunk on
@@ -217,17 +217,7 @@ impl Lines {
 /// Streams are `application/x-ndjson` (or `application/jsonl`): a form or
 /// a mistaken client is refused before anything is read.
 fn require_ndjson(headers: &HeaderMap) -> Result<(), AppError> {
-    let kind = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|t| t.to_str().ok())
-        .map(|t| {
-            t.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
-    match kind.as_deref() {
+    match super::guard::media_type(headers).as_deref() {
         Some("application/x-ndjson" | "application/jsonl") => Ok(()),
         other => Err(AppError {
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,

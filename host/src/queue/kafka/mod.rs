@@ -234,21 +234,36 @@ impl KafkaQueue {
             .map_err(|e| QueueError::Conflict(e.to_string()))?
             .unwrap_or(0);
         let record = job.record(total, 0, now_ms());
+        self.announce_expansion(record, None).await
+    }
+
+    /// Announce a job whose tasks the expanders write as it drains (a
+    /// sweep, or a stream whose payloads start at `payloads`), and write
+    /// its first expand cursor: two messages whatever its size.
+    async fn announce_expansion(
+        &self,
+        record: JobRecord,
+        payloads: Option<wire::PayloadsAt>,
+    ) -> Result<JobRecord, QueueError> {
         let shared = self.shared.clone();
-        let band = shared.topics.band(job.options.priority);
-        // Where the band ends now: every point will be written past it.
+        let band = shared.topics.band(record.options.priority);
+        // Where the band ends now: every task will be written past it.
         let scan = tokio::task::spawn_blocking(move || {
             expand::positions(shared.publisher.client(), &band)
         })
         .await
         .map_err(|e| QueueError::storage("looking up the band's end", e))??;
         let cursor = wire::ExpandCursor {
-            v: wire::WIRE_VERSION,
+            v: if payloads.is_some() {
+                wire::STREAM_CURSOR_VERSION
+            } else {
+                wire::WIRE_VERSION
+            },
             job: Some(record.clone()),
             next: 0,
             scan,
             done: false,
-            payloads: None,
+            payloads,
         };
         let records = [
             self.shared.event_record(EventMessage::Job {

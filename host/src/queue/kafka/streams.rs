@@ -14,10 +14,7 @@
 
 use super::KafkaQueue;
 use super::publish::Outgoing;
-use super::wire::{
-    self, EventMessage, ExpandCursor, PAYLOAD_CHUNK_BYTES, PAYLOAD_CHUNK_COUNT, PayloadChunk,
-    PayloadsAt,
-};
+use super::wire::{self, PAYLOAD_CHUNK_BYTES, PAYLOAD_CHUNK_COUNT, PayloadChunk, PayloadsAt};
 use crate::model::{JobRecord, NewJob, now_ms};
 use crate::queue::{PayloadStream, QueueError, StreamItem};
 
@@ -128,36 +125,8 @@ impl KafkaQueue {
             ));
         };
         let record = job.record(total, 0, now_ms());
-        let shared = self.shared.clone();
-        let band = shared.topics.band(job.options.priority);
-        // Where the band ends now: every task will be written past it.
-        let scan = tokio::task::spawn_blocking(move || {
-            super::expand::positions(shared.publisher.client(), &band)
-        })
-        .await
-        .map_err(|e| QueueError::storage("looking up the band's end", e))??;
-        let cursor = ExpandCursor {
-            v: wire::STREAM_CURSOR_VERSION,
-            job: Some(record.clone()),
-            next: 0,
-            scan,
-            done: false,
-            payloads: Some(first),
-        };
-        let records = [
-            self.shared.event_record(EventMessage::Job {
-                v: wire::EXPANSION_VERSION,
-                job: record.clone(),
-            }),
-            Outgoing {
-                topic: self.shared.topics.expand(),
-                key: record.id.clone(),
-                value: cursor.encode(),
-            },
-        ];
-        self.shared.publisher.send_all(&records).await?;
-        tracing::info!(job = %record.id, tasks = total, "payload stream accepted");
-        self.shared.view_job(record).await
+        tracing::info!(job = %record.id, tasks = total, "payload stream written");
+        self.announce_expansion(record, Some(first)).await
     }
 
     /// Send the closed chunks and wait until they are durable.
