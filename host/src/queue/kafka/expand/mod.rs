@@ -458,18 +458,7 @@ impl Expander {
                 found = found.len(),
                 "writing the points a previous expander left out"
             );
-            let payloads = match self.payloads(id, &missing) {
-                Ok(payloads) => payloads,
-                Err(e) => {
-                    self.unconfirm(id);
-                    return Err(e);
-                }
-            };
-            let records: Vec<Outgoing> = missing
-                .iter()
-                .zip(payloads)
-                .map(|(i, payload)| self.point(id, *i, priority, payload))
-                .collect();
+            let records = self.points(id, &missing, priority)?;
             self.send(records)?;
             self.shared
                 .expanded_here
@@ -502,18 +491,7 @@ impl Expander {
         }
         let from = self.jobs[id].next;
         let indices: Vec<u64> = (from..from + n).collect();
-        let payloads = match self.payloads(id, &indices) {
-            Ok(payloads) => payloads,
-            Err(e) => {
-                self.unconfirm(id);
-                return Err(e);
-            }
-        };
-        let records: Vec<Outgoing> = indices
-            .iter()
-            .zip(payloads)
-            .map(|(index, payload)| self.point(id, *index, priority, payload))
-            .collect();
+        let records = self.points(id, &indices, priority)?;
         let placed = match self.send_placed(records) {
             Ok(placed) => placed,
             Err(e) => {
@@ -595,6 +573,29 @@ impl Expander {
             stream.durable = at;
         }
         Ok(())
+    }
+
+    /// The task messages of `id`'s points `indices` (ascending) at
+    /// `priority`; after a failure to read their payloads nothing past the
+    /// last durable cursor is certain.
+    fn points(
+        &mut self,
+        id: &str,
+        indices: &[u64],
+        priority: u8,
+    ) -> Result<Vec<Outgoing>, QueueError> {
+        let payloads = match self.payloads(id, indices) {
+            Ok(payloads) => payloads,
+            Err(e) => {
+                self.unconfirm(id);
+                return Err(e);
+            }
+        };
+        Ok(indices
+            .iter()
+            .zip(payloads)
+            .map(|(index, payload)| self.point(id, *index, priority, payload))
+            .collect())
     }
 
     /// The payloads of `id`'s points `indices` (ascending): made from its
