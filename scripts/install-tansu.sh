@@ -2,8 +2,8 @@
 # Install the Kafka-protocol broker the Kafka end-to-end tests start:
 # tansu 0.6.0 with its SQLite (libsql) storage engine, into a cached root
 # (skipped when that version is already there). Prints the path of the
-# tansu binary. Safe to run twice at once (`.ci/run` starts it in the
-# background while clippy runs): the second waits for the first's build.
+# tansu binary. Safe to run twice at once (say, two test runs on a fresh
+# machine): the second waits for the first's build.
 #
 # tansu's own release profile asks for one codegen unit and thin LTO; a
 # test broker does not need that last 10-20% of speed, and without them the

@@ -22,4 +22,7 @@ eval "$(bash scripts/install-guest-tools.sh)"
 # The Kafka end-to-end tests start a tansu broker (built once, then cached).
 KWQ_TANSU="$(bash scripts/install-tansu.sh)"
 export KWQ_TANSU
-exec cargo test --workspace "$@"
+# A release build: the README's serve script (run by tests/all/readme.rs in
+# a copy of the tree) then finds the same artefacts fresh, instead of a
+# second build of the tree, and Wasm compiles and runs at full speed.
+exec cargo test --workspace --release "$@"

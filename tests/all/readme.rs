@@ -11,9 +11,9 @@
 //! types them. The one change: the host listens on a free port, so
 //! `--listen 127.0.0.1:0` is added to the serve command and the README's
 //! `127.0.0.1:7700` becomes that address (the client gets it as
-//! `KWQ_SERVER`). The copy's `target` is a link to a directory kept across
-//! runs (`target/readme-target`), so the script's release build is done
-//! once per machine and then only rebuilds what changed.
+//! `KWQ_SERVER`). The copy's `target` is a link to this build's target
+//! directory, so the script's release build reuses what `scripts/test.sh`
+//! (a release build) made and rebuilds only what changed since.
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read};
@@ -159,7 +159,7 @@ fn a_block_without_a_marker_is_refused() {
 
 /// The work tree copied to `<target>/readme-tree` (wiped first; file times
 /// kept so cargo rebuilds only what changed), with `target` linked to
-/// `<target>/readme-target`.
+/// `<target>` itself.
 fn fresh_copy() -> PathBuf {
     let root = workspace_root();
     let target = target_dir();
@@ -197,13 +197,14 @@ fn fresh_copy() -> PathBuf {
             .set_modified(modified)
             .unwrap();
     }
-    // A target directory of its own, kept across runs: cargo names a
-    // workspace's artefacts by paths relative to its root, so the copy and
-    // this tree would otherwise overwrite each other's fingerprints and one
-    // could pass for up to date with the other's sources.
-    let own_target = target.join("readme-target");
-    std::fs::create_dir_all(&own_target).unwrap();
-    std::os::unix::fs::symlink(&own_target, copy.join("target")).unwrap();
+    // The copy builds in this build's own target directory, as a clone
+    // whose `target` survived would: cargo names a workspace's artefacts
+    // by paths relative to its root, and the copy's sources are this tree's
+    // with their file times, so the serve script's `cargo build --release
+    // -p kwq` finds what `scripts/test.sh` (`cargo test --release`) built
+    // fresh instead of rebuilding the release tree (half an hour on 2
+    // cores). The fresh-clone build itself is what CI's own build does.
+    std::os::unix::fs::symlink(&target, copy.join("target")).unwrap();
     assert!(!copy.join("kwq-data").exists());
     copy
 }

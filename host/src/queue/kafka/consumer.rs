@@ -149,8 +149,12 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
         // that kept a stale assignment after a member died shows itself
         // (tansu 0.6.0 does: the dead member's partitions then stay
         // unread). Leaving and rejoining makes it form a new generation.
-        if consumer.context().unchanged.swap(false, Ordering::AcqRel)
-            && last_rejoin.elapsed() >= REJOIN_EVERY
+        // The flag is taken only once a rejoin is due: one raised by the
+        // rejoin's own rebalance (the dead member still counted) must not be
+        // dropped, or nothing ever asks again and those partitions stay
+        // unread for good (seen under load: a 20,000-task job stuck).
+        if last_rejoin.elapsed() >= REJOIN_EVERY
+            && consumer.context().unchanged.swap(false, Ordering::AcqRel)
         {
             tracing::warn!(
                 "the group rebalanced without changing this host's partitions; rejoining"

@@ -253,18 +253,7 @@ impl KafkaQueue {
         })
         .await
         .map_err(|e| QueueError::storage("looking up the band's end", e))??;
-        let cursor = wire::ExpandCursor {
-            v: if payloads.is_some() {
-                wire::STREAM_CURSOR_VERSION
-            } else {
-                wire::WIRE_VERSION
-            },
-            job: Some(record.clone()),
-            next: 0,
-            scan,
-            done: false,
-            payloads,
-        };
+        let cursor = wire::ExpandCursor::new(record.clone(), 0, scan, false, payloads);
         let records = [
             self.shared.event_record(EventMessage::Job {
                 v: wire::EXPANSION_VERSION,

@@ -663,6 +663,32 @@ pub struct ScanFrom {
 }
 
 impl ExpandCursor {
+    /// A cursor of `job` at point `next`, its version chosen by what it
+    /// carries: v2 ([`STREAM_CURSOR_VERSION`]) when it names a stream's
+    /// payloads, so a host that reads only v1 cursors skips it rather than
+    /// expand it as a sweep without payloads; v1 otherwise.
+    pub fn new(
+        job: JobRecord,
+        next: u64,
+        scan: Vec<ScanFrom>,
+        done: bool,
+        payloads: Option<PayloadsAt>,
+    ) -> Self {
+        let v = if payloads.is_some() {
+            STREAM_CURSOR_VERSION
+        } else {
+            WIRE_VERSION
+        };
+        ExpandCursor {
+            v,
+            job: Some(job),
+            next,
+            scan,
+            done,
+            payloads,
+        }
+    }
+
     /// Read one from JSON bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let cursor: ExpandCursor = serde_json::from_slice(bytes)?;

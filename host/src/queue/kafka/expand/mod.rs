@@ -207,8 +207,10 @@ impl Expander {
             // As the task consumer does: a rebalance that hands back exactly
             // what it took is how tansu 0.6.0 shows a stale assignment after
             // a member died (the dead host's sweeps would stay unexpanded);
-            // leaving and rejoining makes it form a new generation.
-            if self.take_unchanged() && last_rejoin.elapsed() >= REJOIN_EVERY {
+            // leaving and rejoining makes it form a new generation. The flag
+            // is taken only once a rejoin is due, so one raised during the
+            // wait is acted on after it rather than lost.
+            if last_rejoin.elapsed() >= REJOIN_EVERY && self.take_unchanged() {
                 tracing::warn!(
                     "the expanders' group rebalanced without changing this host's partitions; rejoining"
                 );
@@ -420,14 +422,13 @@ impl Expander {
     /// Every point is written (or the job is cancelled): say so for good.
     fn finish(&mut self, id: &str) -> Result<(), QueueError> {
         let job = &self.jobs[id];
-        let cursor = ExpandCursor {
-            v: cursor_version(job),
-            job: Some(job.job.clone()),
-            next: job.next,
-            scan: Vec::new(),
-            done: true,
-            payloads: job.stream.as_ref().map(Stream::position),
-        };
+        let cursor = ExpandCursor::new(
+            job.job.clone(),
+            job.next,
+            Vec::new(),
+            true,
+            job.stream.as_ref().map(Stream::position),
+        );
         // The done cursor, then a tombstone: compaction drops the job's
         // cursors, so new owners do not read every sweep ever run.
         let tombstone = Outgoing {
@@ -531,14 +532,13 @@ impl Expander {
     /// Tell views points `from..to` exist and make the cursor durable.
     fn record_progress(&mut self, id: &str, from: u64, to: u64) -> Result<(), QueueError> {
         let job = &self.jobs[id];
-        let cursor = ExpandCursor {
-            v: cursor_version(job),
-            job: Some(job.job.clone()),
-            next: job.next,
-            scan: job.scan.clone(),
-            done: false,
-            payloads: job.stream.as_ref().map(Stream::position),
-        };
+        let cursor = ExpandCursor::new(
+            job.job.clone(),
+            job.next,
+            job.scan.clone(),
+            false,
+            job.stream.as_ref().map(Stream::position),
+        );
         let mut records = Vec::with_capacity(2);
         if to > from {
             let event = EventMessage::Expanded {
@@ -661,15 +661,5 @@ impl Expander {
         publisher
             .runtime()
             .block_on(publisher.send_all_placed(&records))
-    }
-}
-
-/// The cursor version of a job: v2 for a stream, so a host that reads only
-/// v1 cursors skips it rather than expand it as a sweep without payloads.
-fn cursor_version(job: &Expansion) -> u32 {
-    if job.stream.is_some() {
-        wire::STREAM_CURSOR_VERSION
-    } else {
-        wire::WIRE_VERSION
     }
 }
