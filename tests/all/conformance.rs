@@ -140,6 +140,11 @@ impl MockKafka {
             role,
             ..self.config(name)
         };
+        Self::start_host(config).await
+    }
+
+    /// A started host with `config` (from [`MockKafka::config`], changed).
+    pub(crate) async fn start_host(config: KafkaConfig) -> KafkaQueue {
         let queue = KafkaQueue::connect(config, Duration::from_secs(30), AFFINITY_WINDOW)
             .await
             .unwrap();

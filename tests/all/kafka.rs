@@ -4,7 +4,7 @@
 
 use crate::conformance::{Backend, MockKafka, lease, task, wait_state, worker};
 use kwq::model::{NewJob, TaskOptions, TaskState};
-use kwq::queue::{Completion, Queue};
+use kwq::queue::{Completion, Queue, WorkQueue};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -76,6 +76,39 @@ async fn produce_errors_a_broker_outage_and_a_leader_change_lose_nothing() {
     for id in ["t-a0", "t-a99", "t-b0", "t-b99"] {
         wait_state(&q, id, TaskState::Completed).await;
     }
+}
+
+/// A batch of task events whose delivery finally fails (the broker refuses
+/// produce requests for longer than `message.timeout.ms`) is sent again,
+/// not dropped: dropped, its tasks would never reach Completed in any view
+/// and their offsets would never be committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_whose_delivery_finally_fails_are_sent_again() {
+    let kafka = MockKafka::new();
+    let mut config = kafka.config("h1");
+    config
+        .extra
+        .push(("message.timeout.ms".into(), "1000".into()));
+    let host = MockKafka::start_host(config).await;
+    let q: Arc<dyn Queue> = Arc::new(host.clone());
+    let tasks: Vec<_> = (0..20).map(|i| task(&format!("t-r{i}"), 5)).collect();
+    q.submit_tasks(tasks).await.unwrap();
+    // Every produce request fails for several seconds: librdkafka retries
+    // each record until its 1 s timeout, then reports it failed.
+    kafka.with_cluster(|c| {
+        c.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 30],
+        )
+    });
+    let ran = drain(&q, "w1", 20).await;
+    assert_eq!(ran.len(), 20);
+    for i in 0..20 {
+        wait_state(&q, &format!("t-r{i}"), TaskState::Completed).await;
+    }
+    let resent = host.kafka_traffic().unwrap().resent_records;
+    assert!(resent > 0, "no delivery failed: the fault did not happen");
+    q.close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,6 +201,7 @@ async fn grid_run(
             expanding: now.expanding,
             expanded: now.expanded - before.expanded,
             task_partitions: now.task_partitions,
+            resent_records: now.resent_records - before.resent_records,
         })
         .collect();
     for grid in grids {

@@ -10,7 +10,15 @@
 //! Offsets of finished tasks are committed only after the batch holding
 //! their outcome is delivered, as before batching, and only then are the
 //! batch's events applied to this host's own view: a view must hold only
-//! what is durable. (A host killed with a batch in flight, whose view had
+//! what is durable. A record whose delivery finally fails (librdkafka gave
+//! up after `message.timeout.ms`) is sent again, with a growing pause,
+//! until it is delivered or the host closes; the batch counts as
+//! delivered only then, and everything published meanwhile keeps waiting
+//! behind it, so a broker outage holds the host's finished work back
+//! instead of dropping its outcome (whose offsets would then never finish
+//! and whose tasks would stay Running in every view). A record sent again
+//! may land twice if its first try was written but not acknowledged;
+//! views take a repeated transition as a no-op. (A host killed with a batch in flight, whose view had
 //! already recorded its tasks Completed, skipped those tasks as finished
 //! when it restarted and read them again; no other host ever heard of
 //! their outcome, so they stayed unfinished.)
@@ -18,7 +26,9 @@
 use super::publish::Outgoing;
 use super::wire::{self, TaskEvent};
 use super::{Member, Origin};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// What waits for the batch in flight to be delivered.
 #[derive(Default)]
@@ -85,11 +95,38 @@ impl EventBatcher {
     fn send(shared: &Arc<Member>, batch: Waiting) {
         let mut records = batch.records;
         records.extend(shared.batch_records(&batch.events));
-        let (done, events) = (batch.done, batch.events);
+        Self::deliver(shared, records, batch.events, batch.done, 0);
+    }
+
+    /// Deliver `records` (the `tries`-th time), then finish the batch; what
+    /// fails is sent again after a pause (see the module's doc).
+    fn deliver(
+        shared: &Arc<Member>,
+        records: Vec<Outgoing>,
+        events: Vec<TaskEvent>,
+        done: Vec<Origin>,
+        tries: u32,
+    ) {
         let then = shared.clone();
-        shared.publisher.send_then(records, move |delivered| {
-            if delivered {
-                then.apply_own(&events);
+        shared.publisher.send_then(records, move |undelivered| {
+            if !undelivered.is_empty() {
+                if then.closed() {
+                    // Not finished: the offsets stay uncommitted, so the
+                    // tasks are read and run again after a restart.
+                    return;
+                }
+                then.resent_records
+                    .fetch_add(undelivered.len() as u64, Ordering::Relaxed);
+                let pause = resend_pause(tries);
+                let runtime = then.publisher.runtime().clone();
+                runtime.spawn(async move {
+                    tokio::time::sleep(pause).await;
+                    Self::deliver(&then, undelivered, events, done, tries + 1);
+                });
+                return;
+            }
+            then.apply_own(&events);
+            {
                 let mut state = then.state();
                 for origin in &done {
                     state.progress.finished(&origin.partition, origin.offset);
@@ -113,6 +150,12 @@ impl EventBatcher {
     }
 }
 
+/// The pause before sending failed records again the `tries`-th time:
+/// 100 ms, doubling, at most 5 s.
+fn resend_pause(tries: u32) -> Duration {
+    Duration::from_millis(100u64 << tries.min(6)).min(Duration::from_secs(5))
+}
+
 impl Member {
     /// The `tasks` messages carrying `events`, keyed by this process's
     /// source: all of them land on one partition of the event topic, so
@@ -129,5 +172,20 @@ impl Member {
                 value,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resend_pause;
+    use std::time::Duration;
+
+    #[test]
+    fn resend_pauses_grow_and_stop_growing() {
+        assert_eq!(resend_pause(0), Duration::from_millis(100));
+        assert_eq!(resend_pause(1), Duration::from_millis(200));
+        assert_eq!(resend_pause(5), Duration::from_millis(3_200));
+        assert_eq!(resend_pause(6), Duration::from_secs(5));
+        assert_eq!(resend_pause(40), Duration::from_secs(5));
     }
 }

@@ -122,6 +122,8 @@ struct Member {
     expanded_here: AtomicU64,
     /// Band partitions the workers' group has assigned this host now.
     task_partitions: AtomicU64,
+    /// Records whose delivery failed and that were sent again.
+    resent_records: AtomicU64,
 }
 
 /// A host's handle on a Kafka grid. Cheap to clone.
@@ -191,6 +193,7 @@ impl KafkaQueue {
                 expanding: AtomicU64::new(0),
                 expanded_here: AtomicU64::new(0),
                 task_partitions: AtomicU64::new(0),
+                resent_records: AtomicU64::new(0),
             }),
             threads: Arc::default(),
             started: Arc::default(),
@@ -725,6 +728,7 @@ impl WorkQueue for KafkaQueue {
             expanding: self.shared.expanding.load(Ordering::Relaxed),
             expanded: self.shared.expanded_here.load(Ordering::Relaxed),
             task_partitions: self.shared.task_partitions.load(Ordering::Relaxed),
+            resent_records: self.shared.resent_records.load(Ordering::Relaxed),
         })
     }
 }

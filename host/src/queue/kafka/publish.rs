@@ -54,6 +54,12 @@ impl Publisher {
         if settings.get("compression.type").is_none() {
             settings.set("compression.type", "lz4");
         }
+        // How long librdkafka retries a record before reporting it failed
+        // (the caller then sends it again); a `?kafka.message.timeout.ms=`
+        // wins (the fault tests shorten it).
+        if settings.get("message.timeout.ms").is_none() {
+            settings.set("message.timeout.ms", "120000");
+        }
         let producer: FutureProducer = settings
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -61,7 +67,6 @@ impl Publisher {
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
-            .set("message.timeout.ms", "120000")
             // Java's default partitioner for keyed messages, so foreign producers agree.
             .set("partitioner", "murmur2_random")
             .create()
@@ -141,25 +146,26 @@ impl Publisher {
             .collect()
     }
 
-    /// Write records without waiting; `then(delivered)` runs once all are
-    /// delivered (true) or any failed (false).
+    /// Write records without waiting; `then(undelivered)` runs once every
+    /// delivery report is in, with the records that failed (none: all are
+    /// durable), so the caller can send those again.
     pub(crate) fn send_then(
         &self,
         records: Vec<Outgoing>,
-        then: impl FnOnce(bool) + Send + 'static,
+        then: impl FnOnce(Vec<Outgoing>) + Send + 'static,
     ) {
         let deliveries: Vec<_> = records.iter().map(|r| self.send(r)).collect();
         self.pending.fetch_add(1, Ordering::AcqRel);
         let (pending, idle) = (self.pending.clone(), self.idle.clone());
         self.runtime.spawn(async move {
-            let mut delivered = true;
-            for result in join_all(deliveries).await {
+            let mut undelivered = Vec::new();
+            for (record, result) in records.into_iter().zip(join_all(deliveries).await) {
                 if let Err(e) = result {
-                    tracing::error!(error = %e, "kafka delivery failed; the task will be replayed");
-                    delivered = false;
+                    tracing::error!(error = %e, topic = %record.topic, "kafka delivery failed; sending it again");
+                    undelivered.push(record);
                 }
             }
-            then(delivered);
+            then(undelivered);
             if pending.fetch_sub(1, Ordering::AcqRel) == 1 {
                 idle.notify_waiters();
             }

@@ -120,6 +120,9 @@ pub struct HostTraffic {
     /// Band partitions the workers' group assigns this host now (0: it
     /// gets no tasks, e.g. still joining, or more hosts than partitions).
     pub task_partitions: u64,
+    /// Records whose delivery finally failed and were sent again (a
+    /// broker unreachable for longer than `message.timeout.ms`).
+    pub resent_records: u64,
 }
 
 #[cfg(test)]
