@@ -11,6 +11,12 @@
 //! The build tools come from `scripts/test.sh` (componentize-py from PyPI,
 //! componentize-js from npm, cached like tansu); `KWQ_COMPONENTIZE_PY` and
 //! `KWQ_COMPONENTIZE_JS` point at them, or they are on PATH.
+//!
+//! The Rust projects' cargo keeps its intermediate files in one build
+//! directory under this build's target directory (`CARGO_BUILD_BUILD_DIR`,
+//! as a user's cargo config may set it), so the guest SDK's dependencies are
+//! compiled once per profile for all of them and across runs; each project's
+//! own `target` still gets its artefacts, as the commands expect.
 
 use crate::process::{Server, get, post};
 use serde_json::{Value, json};
@@ -20,6 +26,7 @@ use std::process::{Command, Output};
 /// `kwq ARGS` in `cwd`; its output, which must be a success.
 fn kwq(cwd: &Path, args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .env("CARGO_BUILD_BUILD_DIR", shared_build_dir())
         .args(args)
         .current_dir(cwd)
         .output()
@@ -34,6 +41,13 @@ fn kwq(cwd: &Path, args: &[&str]) -> Output {
     output
 }
 
+/// Where the Rust projects' cargo builds (see the module's doc): beside
+/// this test binary's profile directory, `<target>/language-projects`.
+fn shared_build_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().join("language-projects")
+}
+
 /// The project's own test, with the language's own test runner.
 fn run_own_test(project: &Path, lang: &str) {
     let (program, args): (&str, &[&str]) = match lang {
@@ -42,6 +56,7 @@ fn run_own_test(project: &Path, lang: &str) {
         _ => ("node", &["--test"]),
     };
     let output = Command::new(program)
+        .env("CARGO_BUILD_BUILD_DIR", shared_build_dir())
         .args(args)
         .current_dir(project)
         .output()
