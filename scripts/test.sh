@@ -4,7 +4,8 @@
 # file's targets by itself when RUSTUP_AUTO_INSTALL=0) and Chromium with
 # chromedriver for the dashboard test, python3 for the example worker, componentize-py and componentize-js for
 # the Python and JavaScript task projects, and the tansu Kafka broker for the
-# Kafka tests (about 11 minutes the first time, cached after), then runs cargo test.
+# Kafka tests (about 20 minutes the first time on 2 cores, cached after), then
+# runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 wasm32-wasip1 >/dev/null

@@ -587,7 +587,10 @@ fn the_readme_runs_as_written_from_a_fresh_copy() {
     // of 100,250 runs of about a millisecond is then not a multiple of
     // 1,000 µs. (Not a speed check: under load a run takes longer.)
     let mean = sweep["mean_run_us"].as_f64().unwrap();
-    assert!(mean > 0.0 && mean % 1000.0 != 0.0, "mean run {mean} µs: {sweep}");
+    assert!(
+        mean > 0.0 && mean % 1000.0 != 0.0,
+        "mean run {mean} µs: {sweep}"
+    );
     // The long job was paused, resumed and cancelled.
     let long = jobs_tagged(&host, "demo", "cancel");
     assert_eq!(long.len(), 1, "{long:?}");
