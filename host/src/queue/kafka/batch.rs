@@ -10,18 +10,20 @@
 //! Offsets of finished tasks are committed only after the batch holding
 //! their outcome is delivered, as before batching, and only then are the
 //! batch's events applied to this host's own view: a view must hold only
-//! what is durable. A record whose delivery finally fails (librdkafka gave
-//! up after `message.timeout.ms`) is sent again, with a growing pause,
-//! until it is delivered or the host closes; the batch counts as
-//! delivered only then, and everything published meanwhile keeps waiting
-//! behind it, so a broker outage holds the host's finished work back
-//! instead of dropping its outcome (whose offsets would then never finish
-//! and whose tasks would stay Running in every view). A record sent again
-//! may land twice if its first try was written but not acknowledged;
-//! views take a repeated transition as a no-op. (A host killed with a batch in flight, whose view had
+//! what is durable. (A host killed with a batch in flight, whose view had
 //! already recorded its tasks Completed, skipped those tasks as finished
 //! when it restarted and read them again; no other host ever heard of
 //! their outcome, so they stayed unfinished.)
+//!
+//! A record whose delivery finally fails (librdkafka gave up after
+//! `message.timeout.ms`) is sent again, with a growing pause, until it is
+//! delivered or the host closes; the batch counts as delivered only then,
+//! and everything published meanwhile keeps waiting behind it, so a broker
+//! outage holds the host's finished work back instead of dropping its
+//! outcome (whose offsets would then never finish and whose tasks would
+//! stay Running in every view). A record sent again may land twice if its
+//! first try was written but not acknowledged; views take a repeated
+//! transition as a no-op.
 
 use super::publish::Outgoing;
 use super::wire::{self, TaskEvent};

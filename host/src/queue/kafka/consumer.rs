@@ -7,6 +7,7 @@
 use super::Member;
 use super::offsets::Partition;
 use super::reads::TopicKind;
+use super::rejoin::RejoinGate;
 use crate::queue::QueueError;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
@@ -136,30 +137,17 @@ fn subscribe(consumer: &BaseConsumer<GroupContext>, shared: &Member) -> Result<(
         .map_err(|e| QueueError::storage("subscribing to the task topics", e))
 }
 
-/// Least time between two rejoins of the group.
-const REJOIN_EVERY: Duration = Duration::from_secs(20);
-
 fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
     let buffer = shared.config.band_buffer.max(1) as u64;
     let mut paused: HashSet<Partition> = HashSet::new();
     let mut last_commit = Instant::now();
-    let mut last_rejoin = Instant::now() - REJOIN_EVERY;
+    let mut rejoins = RejoinGate::default();
     while !shared.closed() {
-        // A rebalance that hands back exactly what it took is how a broker
-        // that kept a stale assignment after a member died shows itself
-        // (tansu 0.6.0 does: the dead member's partitions then stay
-        // unread). Leaving and rejoining makes it form a new generation.
-        // The flag is taken only once a rejoin is due: one raised by the
-        // rejoin's own rebalance (the dead member still counted) must not be
-        // dropped, or nothing ever asks again and those partitions stay
-        // unread for good (seen under load: a 20,000-task job stuck).
-        if last_rejoin.elapsed() >= REJOIN_EVERY
-            && consumer.context().unchanged.swap(false, Ordering::AcqRel)
-        {
+        // See `rejoin`: a broker that kept a dead member's assignment.
+        if rejoins.due(|| consumer.context().unchanged.swap(false, Ordering::AcqRel)) {
             tracing::warn!(
                 "the group rebalanced without changing this host's partitions; rejoining"
             );
-            last_rejoin = Instant::now();
             consumer.unsubscribe();
             if let Err(e) = subscribe(&consumer, &shared) {
                 tracing::error!(error = %e, "rejoining the group");

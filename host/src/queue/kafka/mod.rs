@@ -35,6 +35,7 @@ mod intake;
 pub(crate) mod offsets;
 mod publish;
 mod reads;
+mod rejoin;
 mod streams;
 mod topics;
 mod view;

@@ -36,6 +36,7 @@ pub(super) use flow::positions;
 use super::Member;
 use super::publish::Outgoing;
 use super::reads::TopicKind;
+use super::rejoin::RejoinGate;
 use super::wire::{self, EventMessage, ExpandCursor, PayloadsAt, ScanFrom, TaskMessage};
 use crate::model::JobRecord;
 use crate::queue::QueueError;
@@ -97,9 +98,6 @@ impl ConsumerContext for OwnerContext {
         }
     }
 }
-
-/// Least time between two rejoins of the expanders' group.
-const REJOIN_EVERY: Duration = Duration::from_secs(20);
 
 /// One sweep job this host expands.
 struct Expansion {
@@ -202,19 +200,14 @@ pub(super) fn start(
 
 impl Expander {
     fn run(mut self) {
-        let mut last_rejoin = Instant::now() - REJOIN_EVERY;
+        let mut rejoins = RejoinGate::default();
         while !self.shared.closed() {
-            // As the task consumer does: a rebalance that hands back exactly
-            // what it took is how tansu 0.6.0 shows a stale assignment after
-            // a member died (the dead host's sweeps would stay unexpanded);
-            // leaving and rejoining makes it form a new generation. The flag
-            // is taken only once a rejoin is due, so one raised during the
-            // wait is acted on after it rather than lost.
-            if last_rejoin.elapsed() >= REJOIN_EVERY && self.take_unchanged() {
+            // As the task consumer does (see `rejoin`): with a stale
+            // assignment the dead host's sweeps would stay unexpanded.
+            if rejoins.due(|| self.take_unchanged()) {
                 tracing::warn!(
                     "the expanders' group rebalanced without changing this host's partitions; rejoining"
                 );
-                last_rejoin = Instant::now();
                 self.consumer.unsubscribe();
                 let topic = self.shared.topics.expand();
                 if let Err(e) = self.consumer.subscribe(&[topic.as_str()]) {
