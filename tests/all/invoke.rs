@@ -255,6 +255,55 @@ async fn an_invocation_is_answered_from_its_attempt_and_stored_once() {
     host.stop().await.unwrap();
 }
 
+/// A caller waits on an invocation that is cancelled before it runs (held
+/// at priority 0): it is answered with the cancelled task, from the
+/// commits, and the task stays cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_caller_hears_of_a_cancel_before_its_task_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, url) = host(dir.path()).await;
+    let http = reqwest::Client::new();
+    let caller = tokio::spawn({
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            invoke(
+                &http,
+                &url,
+                "?wait=30s",
+                json!({"module": "noop", "payload": null, "priority": 0}),
+            )
+            .await
+        }
+    });
+    // The held insert is durable within a few milliseconds: then the task
+    // can be listed, and cancelled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let (_, page) = get(&http, format!("{url}/v1/tasks?status=Pending")).await;
+        if let Some(task) = page["items"].as_array().and_then(|t| t.first()) {
+            break task["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the invoked task was never stored: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let cancelled = http
+        .post(format!("{url}/v1/tasks/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    let (status, answer) = caller.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["id"], id.as_str());
+    assert_eq!(answer["state"], "Cancelled", "{answer}");
+    let (_, stored) = get(&http, format!("{url}/v1/tasks/{id}")).await;
+    assert_eq!(stored["state"], "Cancelled", "{stored}");
+    host.stop().await.unwrap();
+}
+
 /// `kwq serve` SIGKILLed while a durable and a non-durable invocation run:
 /// both callers get an error; after the restart the durable task is there
 /// and runs to the end, the non-durable one (never acknowledged) is not.

@@ -228,21 +228,34 @@ async fn invoke(
     // Registered before the submit, so an end however quick is not missed.
     let mut waiting = state.waiters.wait_for(&id);
     let Invocation { finished, held } = state.work.invoke(task, durable).await?;
-    let handed_over = async {
-        // A dropped sender: this end comes from the commits instead.
-        let Ok(finished) = finished.await else {
-            return std::future::pending().await;
-        };
-        if let Some(durable) = finished.durable {
-            durable.await.ok()?;
-        }
-        Some(finished.outcome)
-    };
+    let mut finished = finished;
     let ended = tokio::select! {
         biased;
-        outcome = handed_over => outcome.map(|o| views::task_outcome(outcome_record(submitted, o))),
-        Ok(_) = &mut waiting.finished => Some(views::task_outcome(state.reads.task(&id).await?)),
+        attempt = &mut finished => match attempt {
+            Ok(attempt) => Some(Ended::Handed(attempt.outcome)),
+            // The attempt went another way (a retry, a cancel): the
+            // commits tell how the task ends.
+            Err(_) => tokio::select! {
+                Ok(_) = &mut waiting.finished => Some(Ended::Stored),
+                _ = tokio::time::sleep_until(deadline) => None,
+            },
+        },
+        // The commit that ended the task hands its attempt over a moment
+        // after telling its observers, unless the attempt went another way
+        // (the sender is gone then): no need to read the task back. The
+        // grace only bounds a hand-over that would never come.
+        Ok(_) = &mut waiting.finished => Some(match tokio::time::timeout(HAND_OVER_GRACE, finished).await {
+            Ok(Ok(attempt)) => Ended::Handed(attempt.outcome),
+            _ => Ended::Stored,
+        }),
         _ = tokio::time::sleep_until(deadline) => None,
+    };
+    let ended = match ended {
+        Some(Ended::Handed(outcome)) => {
+            Some(views::task_outcome(outcome_record(submitted, outcome)))
+        }
+        Some(Ended::Stored) => Some(views::task_outcome(state.reads.task(&id).await?)),
+        None => None,
     };
     if let Some(view) = ended {
         return Ok((StatusCode::OK, Json(view)).into_response());
@@ -257,6 +270,19 @@ async fn invoke(
         }
     }
     Ok((StatusCode::ACCEPTED, Json(Created { id })).into_response())
+}
+
+/// How long a caller told by the commits that its task ended waits for
+/// the store to hand the ended attempt over, before it reads the task back
+/// instead (the hand-over follows within microseconds when it comes).
+const HAND_OVER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How a synchronous invocation's task ended, as its caller learnt it.
+enum Ended {
+    /// Its attempt was handed over by the store as it ended.
+    Handed(Outcome),
+    /// Its end was committed another way: read it back.
+    Stored,
 }
 
 /// The record of an invoked task as its caller submitted it and its

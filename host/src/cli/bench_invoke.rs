@@ -3,7 +3,8 @@
 //! for a no-op task, one after the other, and times each answer (the
 //! finished task with its result, after the task and its result are
 //! durable), then the same with `"durable": false` (answered before
-//! the write is durable). Printed, never asserted.
+//! the write is durable). The caller runs on a thread of its own, as a
+//! client process would. Printed, never asserted.
 
 use super::CliError;
 use super::local_grid::{LocalGrid, failed};
@@ -29,20 +30,9 @@ async fn bench(
         ..EmbeddedConfig::default()
     };
     let grid = LocalGrid::start_tuned(workers, None, queue).await?;
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .build()
-        .map_err(failed)?;
     let url = format!("{}/v1/tasks?wait=10s", grid.url);
-    let durable = sample(
-        &client,
-        &url,
-        json!({"module": "noop", "payload": null}),
-        samples,
-    )
-    .await?;
-    let in_memory = sample(
-        &client,
+    let durable = caller(&url, json!({"module": "noop", "payload": null}), samples).await?;
+    let in_memory = caller(
         &url,
         json!({"module": "noop", "payload": null, "durable": false}),
         samples,
@@ -93,6 +83,34 @@ impl Series {
     fn rate(&self) -> f64 {
         self.latencies.len() as f64 / self.total.as_secs_f64().max(1e-9)
     }
+}
+
+/// `samples` invocations of `body` from a caller of its own: one thread
+/// with its own event loop and connection, as a separate client process
+/// would be, so that the caller's socket work does not run on (and wake)
+/// the host's worker threads, as it did when it shared their runtime.
+async fn caller(url: &str, body: Value, samples: u32) -> Result<Series, CliError> {
+    let url = url.to_string();
+    let calls = std::thread::Builder::new()
+        .name("kwq-bench-caller".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(failed)?;
+            runtime.block_on(async {
+                let client = reqwest::Client::builder()
+                    .tcp_nodelay(true)
+                    .build()
+                    .map_err(failed)?;
+                sample(&client, &url, body, samples).await
+            })
+        })
+        .map_err(failed)?;
+    tokio::task::spawn_blocking(move || calls.join())
+        .await
+        .map_err(failed)?
+        .map_err(|_| failed("the calling thread panicked"))?
 }
 
 /// `samples` invocations of `body`, one after the other, after a warm-up

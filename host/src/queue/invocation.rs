@@ -33,13 +33,13 @@ pub struct Outcome {
     pub progress: f32,
 }
 
-/// An ended attempt handed to the waiting caller.
+/// An ended attempt handed to the waiting caller, once it may be
+/// answered: for a durable invocation only after its outcome is durable
+/// (handed over by the commit itself, so the caller wakes once, not once
+/// for the outcome and again for its durability).
 pub struct Finished {
     /// How it ended.
     pub outcome: Outcome,
-    /// Fires once the outcome is durable (`None`: not waited for, the
-    /// invocation is not durable).
-    pub durable: Option<oneshot::Receiver<()>>,
 }
 
 /// The backend's hold on an invocation while its caller waits.

@@ -127,17 +127,27 @@ impl EmbeddedQueue {
             if state.scheduler.cancel_leased(task) {
                 return Ok(());
             }
-            state.scheduler.ready.remove(task).map(|entry| {
-                Op::Transition(Box::new(transition(
+            let super::HostState {
+                scheduler, invoked, ..
+            } = &mut *state;
+            scheduler.ready.remove(task).map(|entry| {
+                // A synchronous caller waiting for it hears the end from
+                // the commits; its insert, if still held, goes first.
+                let mut ops = invoked
+                    .remove(task.as_str())
+                    .map(super::invoke::Invoked::into_insert)
+                    .unwrap_or_default();
+                ops.push(Op::Transition(Box::new(transition(
                     &entry,
                     Some(entry.state),
                     TaskState::Cancelled,
                     entry.attempts,
-                )))
+                ))));
+                ops
             })
         };
         match op {
-            Some(op) => self.inner.writer.write(vec![op]).await,
+            Some(ops) => self.inner.writer.write(ops).await,
             None => {
                 let record = self.task(task).await?;
                 Err(QueueError::Conflict(format!(

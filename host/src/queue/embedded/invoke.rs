@@ -41,21 +41,31 @@ pub(super) struct Invoked {
 }
 
 impl Invoked {
-    /// The attempt ended as `outcome`: hand it to the caller. For a durable
-    /// invocation an [`Op::Notify`] is added to `ops` (after the outcome's
-    /// transition), and the caller answers once it fires.
-    pub(super) fn hand_over(mut self, mut outcome: Outcome, at: Millis, ops: &mut Vec<Op>) {
+    /// The attempt ended as `outcome`: hand it to the caller, at once if
+    /// the invocation is not durable, else by an [`Op::Notify`] added to
+    /// `ops` (after the outcome's transition) that fires once the outcome
+    /// is durable. Whether a caller now waits for `ops` to commit.
+    pub(super) fn hand_over(mut self, mut outcome: Outcome, at: Millis, ops: &mut Vec<Op>) -> bool {
         let Some(finished) = self.finished.take() else {
-            return;
+            return false;
         };
         self.timestamps.insert(outcome.state, at);
         outcome.timestamps = std::mem::take(&mut self.timestamps);
-        let durable = self.durable.then(|| {
-            let (tx, rx) = oneshot::channel();
-            ops.push(Op::Notify(tx));
-            rx
-        });
-        let _ = finished.send(Finished { outcome, durable });
+        let finished = move || {
+            let _ = finished.send(Finished { outcome });
+        };
+        if self.durable {
+            ops.push(Op::Notify(Box::new(finished)));
+        } else {
+            finished();
+        }
+        self.durable
+    }
+
+    /// Its caller is no longer to be handed an attempt (the task ends
+    /// another way): its held insert, if any, to send before that end.
+    pub(super) fn into_insert(mut self) -> Vec<Op> {
+        std::mem::take(&mut self.insert)
     }
 
     /// When it was submitted.
@@ -121,7 +131,12 @@ impl EmbeddedQueue {
         let (stored_tx, stored) = oneshot::channel();
         let (finished_tx, finished) = oneshot::channel();
         let invoked = Invoked {
-            insert: vec![Op::NewTasks(vec![(task, tags)], now), Op::Notify(stored_tx)],
+            insert: vec![
+                Op::NewTasks(vec![(task, tags)], now),
+                Op::Notify(Box::new(move || {
+                    let _ = stored_tx.send(());
+                })),
+            ],
             durable,
             finished: Some(finished_tx),
             timestamps: BTreeMap::from([(TaskState::Pending, now)]),
@@ -131,10 +146,11 @@ impl EmbeddedQueue {
             state.invoked.insert(id.clone(), invoked);
             state.scheduler.ready.insert(entry, now);
         }
+        // Workers first: the flusher is only a backstop for a long wait.
+        self.inner.wake.notify_waiters();
         if durable {
             self.inner.flusher.wake();
         }
-        self.inner.wake.notify_waiters();
         Ok(Invocation {
             finished,
             held: Box::new(Hold {

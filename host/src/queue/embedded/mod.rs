@@ -9,6 +9,7 @@ mod pressure;
 mod reader;
 mod recover;
 mod schema;
+mod short_life;
 mod submit;
 mod sweeps;
 mod view;
@@ -118,18 +119,32 @@ impl Drop for Store {
 /// The deferred flusher: a thread asleep while nothing is deferred, else
 /// waking every [`DEFER_MS`]. Woken by whoever defers an operation, only
 /// when it sleeps: a wake per lease cost every invocation a thread switch
-/// and a turn of the state's lock on a busy two-core host.
+/// and a turn of the state's lock on a busy two-core host. It keeps
+/// looking for [`FLUSHER_LINGER`] after it last saw anything deferred, so
+/// a steady stream of short attempts (synchronous invocations one after
+/// another, each done before the next look) never pays a wake-up system
+/// call on its way to the guest.
 struct Flusher {
     thread: std::thread::Thread,
     /// Whether it is looking every [`DEFER_MS`] anyway.
     deferring: AtomicBool,
+    /// Something was deferred since its last look (set instead of a wake
+    /// while it is looking anyway): keeps it lingering.
+    touched: AtomicBool,
 }
+
+/// How long the flusher keeps looking every [`DEFER_MS`] after it last saw
+/// something deferred, before it sleeps until woken: 50 looks, a few
+/// microseconds each, against a futex wake on every deferral.
+const FLUSHER_LINGER: Duration = Duration::from_millis(100);
 
 impl Flusher {
     /// Something was deferred (under the state's lock): make sure it is
     /// looked at within [`DEFER_MS`].
     fn wake(&self) {
-        if !self.deferring.load(Ordering::SeqCst) {
+        if self.deferring.load(Ordering::SeqCst) {
+            self.touched.store(true, Ordering::Relaxed);
+        } else {
             self.thread.unpark();
         }
     }
@@ -139,6 +154,7 @@ impl Flusher {
 fn run_flusher(store: std::sync::mpsc::Receiver<std::sync::Weak<Store>>) {
     let Ok(store) = store.recv() else { return };
     let mut deferring = false;
+    let mut last_seen = std::time::Instant::now();
     loop {
         if deferring {
             std::thread::park_timeout(Duration::from_millis(DEFER_MS));
@@ -147,18 +163,20 @@ fn run_flusher(store: std::sync::mpsc::Receiver<std::sync::Weak<Store>>) {
         }
         let Some(inner) = store.upgrade() else { return };
         let queue = EmbeddedQueue { inner };
-        deferring = queue.flush_deferred(now_ms());
+        let flusher = &queue.inner.flusher;
+        let touched = flusher.touched.swap(false, Ordering::Relaxed);
+        let waiting = queue.flush_deferred(now_ms());
+        if waiting || touched {
+            last_seen = std::time::Instant::now();
+        }
+        deferring = waiting || last_seen.elapsed() < FLUSHER_LINGER;
         if !deferring {
             // About to sleep: from here on deferrers wake it. Look once
             // more, for what was deferred while they thought it awake.
-            queue.inner.flusher.deferring.store(false, Ordering::SeqCst);
+            flusher.deferring.store(false, Ordering::SeqCst);
             deferring = queue.flush_deferred(now_ms());
         }
-        queue
-            .inner
-            .flusher
-            .deferring
-            .store(deferring, Ordering::SeqCst);
+        flusher.deferring.store(deferring, Ordering::SeqCst);
     }
 }
 
@@ -280,6 +298,7 @@ impl EmbeddedQueue {
                 flusher: Flusher {
                     thread: flusher.thread().clone(),
                     deferring: AtomicBool::new(false),
+                    touched: AtomicBool::new(false),
                 },
             }),
         };
@@ -359,6 +378,17 @@ impl EmbeddedQueue {
             state.invoked.remove(lease.task_id.as_str())
         };
         Ok((leased, ops, invoked))
+    }
+
+    /// Send an attempt's outcome to the writer; commit it on this thread
+    /// if a caller waits for exactly this commit and the writer is idle
+    /// (see [`writer::Writer::send_now`]).
+    fn send_outcome(&self, ops: Vec<Op>, waited_for: bool) {
+        if waited_for {
+            self.inner.writer.send_now(ops);
+        } else {
+            self.inner.writer.send(ops);
+        }
     }
 
     /// Send the deferred Allocated and Running of leases older than
@@ -656,10 +686,9 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.progress = Some(completion.progress);
         t.carried.run_us = Some(completion.run_us);
         ops.push(Op::Transition(Box::new(t)));
-        if let Some((invoked, outcome, at)) = handed {
-            invoked.hand_over(outcome, at, &mut ops);
-        }
-        self.inner.writer.send(ops);
+        let waited_for =
+            handed.is_some_and(|(invoked, outcome, at)| invoked.hand_over(outcome, at, &mut ops));
+        self.send_outcome(ops, waited_for);
         Ok(())
     }
 
@@ -691,10 +720,9 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.run_us = Some(failure.run_us);
         t.carried.not_before = failure.retry_at;
         ops.push(Op::Transition(Box::new(t)));
-        if let Some((invoked, outcome, at)) = handed {
-            invoked.hand_over(outcome, at, &mut ops);
-        }
-        self.inner.writer.send(ops);
+        let waited_for =
+            handed.is_some_and(|(invoked, outcome, at)| invoked.hand_over(outcome, at, &mut ops));
+        self.send_outcome(ops, waited_for);
         if let Some(retry_at) = failure.retry_at {
             let now = now_ms();
             self.state().scheduler.ready.insert(

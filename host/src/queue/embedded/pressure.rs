@@ -75,6 +75,8 @@ impl Weight {
 pub(crate) struct Backlog {
     ops: AtomicUsize,
     bytes: AtomicUsize,
+    /// Commands queued or being written (an empty one, a flush, counts).
+    commands: AtomicUsize,
     /// Told whenever a batch leaves the queue.
     pub(crate) drained: tokio::sync::Notify,
 }
@@ -87,6 +89,7 @@ pub const MAX_BACKLOG_BYTES: usize = 16 << 20;
 
 impl Backlog {
     pub(super) fn add(&self, weight: Weight) {
+        self.commands.fetch_add(1, Ordering::SeqCst);
         self.ops.fetch_add(weight.ops, Ordering::AcqRel);
         self.bytes.fetch_add(weight.bytes, Ordering::AcqRel);
     }
@@ -94,6 +97,12 @@ impl Backlog {
     pub(super) fn remove(&self, weight: Weight) {
         self.ops.fetch_sub(weight.ops, Ordering::AcqRel);
         self.bytes.fetch_sub(weight.bytes, Ordering::AcqRel);
+        self.commands.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Commands given to the writer and not yet durable (or refused).
+    pub(super) fn commands(&self) -> usize {
+        self.commands.load(Ordering::SeqCst)
     }
 
     /// Operations not yet durable.

@@ -11,7 +11,7 @@ use crate::model::{
     ErrorKind, Event, JobRecord, LogLine, Micros, Millis, ModuleId, NewTask, TaskState,
 };
 use rusqlite::{Connection, params};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Operations per transaction at most; more wait for the next commit.
@@ -20,6 +20,7 @@ const MAX_BATCH_OPS: usize = 50_000;
 use super::pressure::Weight;
 pub(crate) use super::pressure::{Backlog, StoreHealth};
 pub use super::pressure::{MAX_BACKLOG_BYTES, MAX_BACKLOG_OPS};
+use super::short_life::ShortLife;
 pub(crate) use super::view_apply::RemoteTask;
 pub(crate) use crate::queue::scheduler::Tags;
 
@@ -67,12 +68,17 @@ pub(super) enum Op {
         partition: i32,
         next: i64,
     },
-    /// Writes nothing: fires once every operation queued before it is
-    /// durable. Unlike a [`Writer::write`], it travels with operations
-    /// already applied in memory (a synchronous invocation's held insert
-    /// and outcome), so a failing batch keeps it and retries with them.
-    Notify(oneshot::Sender<()>),
+    /// Writes nothing: runs once every operation queued before it is
+    /// durable (on the writer's thread, after the commit's observers).
+    /// Unlike a [`Writer::write`], it travels with operations already
+    /// applied in memory (a synchronous invocation's held insert and
+    /// outcome), so a failing batch keeps it and retries with them.
+    Notify(Notice),
 }
+
+/// What an [`Op::Notify`] does once it is durable: hand a waiting caller
+/// its answer (a short, non-blocking send).
+pub(super) type Notice = Box<dyn FnOnce() + Send>;
 
 /// A task entering a state.
 pub(super) struct Transition {
@@ -127,7 +133,7 @@ impl Transition {
     }
 }
 
-struct Command {
+pub(super) struct Command {
     ops: Vec<Op>,
     done: Option<oneshot::Sender<Result<(), QueueError>>>,
     /// What this command adds to the [`Backlog`] until it leaves the queue.
@@ -139,6 +145,19 @@ pub(super) struct Writer {
     tx: mpsc::UnboundedSender<Command>,
     /// Shared with the writer thread.
     pub(super) backlog: Arc<Backlog>,
+    /// What commits; the writer thread's, lent to [`Writer::send_now`].
+    core: Arc<Mutex<Core>>,
+}
+
+/// The write connection and whom a commit tells. The writer thread holds
+/// it while it writes a batch; a thread that finds the writer idle may
+/// commit its own operations with it ([`Writer::send_now`]).
+struct Core {
+    conn: Connection,
+    events: broadcast::Sender<Event>,
+    observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
+    health: Arc<StoreHealth>,
+    backlog: Arc<Backlog>,
 }
 
 impl Writer {
@@ -150,12 +169,19 @@ impl Writer {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog::default());
-        let drained = backlog.clone();
+        let core = Arc::new(Mutex::new(Core {
+            conn,
+            events,
+            observers,
+            health,
+            backlog: backlog.clone(),
+        }));
+        let writing = core.clone();
         std::thread::Builder::new()
             .name("kwq-store-writer".into())
-            .spawn(move || run(conn, rx, events, observers, health, drained))
+            .spawn(move || run(writing, rx))
             .expect("cannot start the store writer thread");
-        Writer { tx, backlog }
+        Writer { tx, backlog, core }
     }
 
     fn queue(&self, command: Command) -> Result<(), QueueError> {
@@ -175,6 +201,44 @@ impl Writer {
             done: None,
             weight,
         });
+    }
+
+    /// As [`Writer::send`], but if the writer is idle (nothing queued,
+    /// nothing being written) commit them here, on the calling thread: for
+    /// a caller waiting on exactly this commit (a synchronous invocation's
+    /// outcome), that saves handing the work to the writer thread and
+    /// waking it. Order is kept: with the commit lock held and nothing in
+    /// the queue, everything queued before is already durable, and what is
+    /// queued meanwhile waits for the lock. A failed commit is queued for
+    /// the writer, which retries it as any other.
+    pub(super) fn send_now(&self, ops: Vec<Op>) {
+        if self.backlog.commands() == 0
+            && let Ok(mut core) = self.core.try_lock()
+            && self.backlog.commands() == 0
+        {
+            let weight = Weight::of(&ops);
+            self.backlog.add(weight);
+            let command = Command {
+                ops,
+                done: None,
+                weight,
+            };
+            match core.commit(vec![command]) {
+                Ok(()) => return,
+                Err((mut failed, e)) => {
+                    tracing::warn!(error = %e, "store write failed; the writer retries it");
+                    if let Some(command) = failed.pop() {
+                        // Queued before it stops counting: nothing queued
+                        // after it may be committed ahead of it.
+                        let weight = command.weight;
+                        self.send(command.ops);
+                        self.backlog.remove(weight);
+                    }
+                    return;
+                }
+            }
+        }
+        self.send(ops)
     }
 
     /// Queue operations now (in order with every other send) and return a
@@ -202,6 +266,46 @@ const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 /// Longest wait between retries of a failed batch.
 const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
+impl Core {
+    /// Apply `batch` in one transaction and, once it is durable, tell
+    /// observers, callers, notices and subscribers, in that order; on
+    /// failure nothing is told and the batch comes back with the error.
+    fn commit(&mut self, batch: Vec<Command>) -> Result<(), (Vec<Command>, rusqlite::Error)> {
+        let (committed, modules) = match apply(&mut self.conn, &batch) {
+            Ok(done) => done,
+            Err(e) => return Err((batch, e)),
+        };
+        self.health.set(None);
+        // Statistics first, so a caller that was told "stored" sees them.
+        if !modules.is_empty() || !committed.is_empty() {
+            for observer in self.observers.read().expect("observers lock").iter() {
+                if !modules.is_empty() {
+                    observer.modules_stored(&modules);
+                }
+                if !committed.is_empty() {
+                    observer.committed(&committed);
+                }
+            }
+        }
+        for command in batch {
+            self.backlog.remove(command.weight);
+            if let Some(done) = command.done {
+                let _ = done.send(Ok(()));
+            }
+            for op in command.ops {
+                if let Op::Notify(notice) = op {
+                    notice();
+                }
+            }
+        }
+        self.backlog.drained.notify_waiters();
+        for c in committed {
+            let _ = self.events.send(c.event);
+        }
+        Ok(())
+    }
+}
+
 /// The writer's loop. A batch that fails is not lost: operations nobody
 /// waits for (transitions, completions, sweep expansions, already applied
 /// in memory) stay at the head of the queue and are retried, with backoff,
@@ -210,14 +314,7 @@ const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// are answered with the error at once and dropped, their callers having
 /// changed nothing in memory. While batches fail the store is marked
 /// failing: leasing stops and `/healthz` says why.
-fn run(
-    mut conn: Connection,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-    events: broadcast::Sender<Event>,
-    observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
-    health: Arc<StoreHealth>,
-    backlog: Arc<Backlog>,
-) {
+fn run(core: Arc<Mutex<Core>>, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut pending: std::collections::VecDeque<Command> = std::collections::VecDeque::new();
     let mut backoff = RETRY_FIRST;
     loop {
@@ -230,11 +327,12 @@ fn run(
         while let Ok(command) = rx.try_recv() {
             pending.push_back(command);
         }
+        let mut core = core.lock().unwrap_or_else(|p| p.into_inner());
         // Quotas first: raising one is how a full store recovers.
         for command in pending.iter_mut() {
             for op in &command.ops {
                 if let Op::Quota(bytes) = op {
-                    apply_quota(&conn, *bytes);
+                    apply_quota(&core.conn, *bytes);
                 }
             }
             command.ops.retain(|op| !matches!(op, Op::Quota(_)));
@@ -248,45 +346,16 @@ fn run(
                 break;
             }
         }
-        match apply(&mut conn, &batch) {
-            Ok((committed, modules)) => {
-                health.set(None);
-                backoff = RETRY_FIRST;
-                // Statistics first, so a caller that was told "stored" sees them.
-                if !modules.is_empty() || !committed.is_empty() {
-                    for observer in observers.read().expect("observers lock").iter() {
-                        if !modules.is_empty() {
-                            observer.modules_stored(&modules);
-                        }
-                        if !committed.is_empty() {
-                            observer.committed(&committed);
-                        }
-                    }
-                }
-                for command in batch {
-                    backlog.remove(command.weight);
-                    if let Some(done) = command.done {
-                        let _ = done.send(Ok(()));
-                    }
-                    for op in command.ops {
-                        if let Op::Notify(durable) = op {
-                            let _ = durable.send(());
-                        }
-                    }
-                }
-                backlog.drained.notify_waiters();
-                for c in committed {
-                    let _ = events.send(c.event);
-                }
-            }
-            Err(e) => {
+        match core.commit(batch) {
+            Ok(()) => backoff = RETRY_FIRST,
+            Err((batch, e)) => {
                 let reason = format!("store write failed: {e}");
-                health.set(Some(reason.clone()));
+                core.health.set(Some(reason.clone()));
                 let mut kept = 0;
                 for command in batch.into_iter().rev() {
                     match command.done {
                         Some(done) => {
-                            backlog.remove(command.weight);
+                            core.backlog.remove(command.weight);
                             let _ = done.send(Err(QueueError::Unavailable(reason.clone())));
                         }
                         None => {
@@ -295,6 +364,7 @@ fn run(
                         }
                     }
                 }
+                drop(core);
                 tracing::warn!(error = %e, kept, retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying the operations already applied in memory");
                 // Backoff between retries of a failing store (not a wait for
                 // another thread: nothing else can make the disk writable).
@@ -348,7 +418,7 @@ fn transition_sql(state: TaskState) -> &'static str {
 
 /// Apply a batch in one transaction: the events it logged and the module
 /// records it stored.
-fn apply(
+pub(super) fn apply(
     conn: &mut Connection,
     batch: &[Command],
 ) -> rusqlite::Result<(Vec<Committed>, Vec<ModuleRecord>)> {
@@ -408,6 +478,18 @@ fn apply(
                 .execute(params![topic, partition, next])?;
             }
             Op::NewTasks(tasks, at) => {
+                if let [(task, tags)] = tasks.as_slice()
+                    && let Some(life) = ShortLife::ahead(task, ops.clone())
+                {
+                    // A task whose attempt ends in this very commit (a
+                    // synchronous invocation): its row goes in as the
+                    // attempt leaves it, its events as they happened.
+                    life.insert(&tx, task, tags, *at, &mut committed)?;
+                    for _ in 0..life.consumed {
+                        ops.next();
+                    }
+                    continue;
+                }
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8)",
@@ -588,7 +670,7 @@ pub(super) fn apply_transition(
 }
 
 /// Log a transition's event (the row is updated by the caller).
-fn log_transition(
+pub(super) fn log_transition(
     tx: &rusqlite::Transaction<'_>,
     t: &Transition,
     committed: &mut Vec<Committed>,
@@ -727,4 +809,138 @@ pub(super) fn insert_event(
     ])?;
     event.offset = tx.last_insert_rowid() as u64;
     Ok(event)
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::model::{ModuleId, TaskOptions};
+    use std::collections::BTreeMap;
+
+    pub(in crate::queue::embedded) fn task(id: &str) -> NewTask {
+        NewTask {
+            id: id.into(),
+            job_id: None,
+            module: ModuleId::of(b"module"),
+            payload: b"{\"x\":1}".to_vec(),
+            options: TaskOptions {
+                tags: BTreeMap::from([("desk".to_string(), "fx".to_string())]),
+                ..TaskOptions::default()
+            },
+        }
+    }
+
+    /// An attempt's transitions of `task`: Allocated and Running by w1,
+    /// then Error (a retry), Allocated and Running by w2, then Completed.
+    pub(in crate::queue::embedded) fn life(task: &NewTask, tags: &Tags) -> Vec<Op> {
+        let step = |to, attempt, at, worker: &str| {
+            let mut t = Transition::new(
+                task.id.as_str().into(),
+                None,
+                task.module.clone(),
+                tags.clone(),
+                None,
+                to,
+                attempt,
+            );
+            t.at = at;
+            t.carried.worker = Some(worker.to_string());
+            t
+        };
+        let mut failed = step(TaskState::Error, 1, 1_003, "w1");
+        failed.carried.error = Some((ErrorKind::GuestError, "first try".into()));
+        failed.carried.not_before = Some(1_500);
+        failed.carried.run_us = Some(7);
+        let mut done = step(TaskState::Completed, 2, 1_600, "w2");
+        done.carried.result = Some(b"42".to_vec());
+        done.carried.logs = Some(Vec::new());
+        done.carried.progress = Some(1.0);
+        done.carried.run_us = Some(9);
+        [
+            step(TaskState::Allocated, 1, 1_001, "w1"),
+            step(TaskState::Running, 1, 1_002, "w1"),
+            failed,
+            step(TaskState::Allocated, 2, 1_501, "w2"),
+            step(TaskState::Running, 2, 1_502, "w2"),
+            done,
+        ]
+        .into_iter()
+        .map(|t| Op::Transition(Box::new(t)))
+        .collect()
+    }
+
+    pub(in crate::queue::embedded) fn command(ops: Vec<Op>) -> Command {
+        let weight = Weight::of(&ops);
+        Command {
+            ops,
+            done: None,
+            weight,
+        }
+    }
+
+    fn writer(dir: &std::path::Path) -> Writer {
+        let conn = super::super::schema::open(&dir.join("w.db"), true).unwrap();
+        Writer::start(
+            conn,
+            broadcast::channel(16).0,
+            Arc::new(RwLock::new(Vec::new())),
+            Arc::new(StoreHealth::default()),
+        )
+    }
+
+    /// Ops whose notice reports the thread it ran on.
+    fn noticed(mut ops: Vec<Op>) -> (Vec<Op>, std::sync::mpsc::Receiver<Option<String>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        ops.push(Op::Notify(Box::new(move || {
+            let _ = tx.send(std::thread::current().name().map(str::to_string));
+        })));
+        (ops, rx)
+    }
+
+    #[test]
+    fn an_idle_writer_lets_the_caller_commit_and_a_busy_one_keeps_the_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer(dir.path());
+        let first = task("t-idle");
+        let tags: Tags = Arc::new(first.options.tags.clone());
+
+        // Idle: committed (and its notice run) on this thread, before
+        // `send_now` returns.
+        let (ops, ran) = noticed(vec![Op::NewTasks(
+            vec![(first.clone(), tags.clone())],
+            1_000,
+        )]);
+        writer.send_now(ops);
+        let here = std::thread::current().name().map(str::to_string);
+        assert_eq!(ran.try_recv().unwrap(), here);
+        assert_eq!(writer.backlog.commands(), 0);
+
+        // Busy (the writer holds a queued insert it cannot write yet): an
+        // outcome sent meanwhile waits its turn behind it, on the writer.
+        let second = task("t-busy");
+        let held = writer.core.lock().unwrap();
+        writer.send(vec![Op::NewTasks(
+            vec![(second.clone(), tags.clone())],
+            2_000,
+        )]);
+        let (ops, ran) = noticed(life(&second, &tags));
+        writer.send_now(ops);
+        assert!(
+            ran.try_recv().is_err(),
+            "committed ahead of the queued insert"
+        );
+        drop(held);
+        let thread = ran
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("kwq-store-writer"));
+        let core = writer.core.lock().unwrap();
+        let state: String = core
+            .conn
+            .query_row("SELECT state FROM tasks WHERE id = 't-busy'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(state, "Completed");
+    }
 }
