@@ -227,8 +227,7 @@ async fn invoke(
     let submitted = task.clone();
     // Registered before the submit, so an end however quick is not missed.
     let mut waiting = state.waiters.wait_for(&id);
-    let Invocation { finished, held } = state.work.invoke(task, durable).await?;
-    let mut finished = finished;
+    let Invocation { mut finished, held } = state.work.invoke(task, durable).await?;
     let ended = tokio::select! {
         biased;
         attempt = &mut finished => match attempt {

@@ -9,14 +9,9 @@ use super::writer::{Op, Tags, Transition, log_pending, log_transition};
 use crate::model::{ErrorKind, LogLine, Micros, Millis, NewTask, TaskState};
 use rusqlite::params;
 
-/// A new task followed in the same commit by transitions of its own (a
-/// synchronous invocation's held insert, stored with its attempt): its
-/// row is inserted once, in the state the transitions leave it, instead
-/// of inserted Pending and then updated. The row ends as the insert and
-/// the updates one by one would leave it, every event is logged, and the
-/// state indexes take one entry instead of a Pending entry moved later:
-/// two statements and a few index pages fewer on the commit a waiting
-/// caller waits for.
+/// A new task's transitions that follow its insert in the same commit.
+/// Its row is inserted once, as they leave it (the same row the insert and
+/// the updates one by one would leave), and every event is logged.
 pub(super) struct ShortLife<'a> {
     transitions: Vec<&'a Transition>,
     /// Operations after the insert that this covers (its transitions and

@@ -69,7 +69,8 @@ pub(super) enum Op {
         next: i64,
     },
     /// Writes nothing: runs once every operation queued before it is
-    /// durable (on the writer's thread, after the commit's observers).
+    /// durable (on the thread that committed it, after the commit's
+    /// observers).
     /// Unlike a [`Writer::write`], it travels with operations already
     /// applied in memory (a synchronous invocation's held insert and
     /// outcome), so a failing batch keeps it and retries with them.
@@ -223,20 +224,17 @@ impl Writer {
                 done: None,
                 weight,
             };
-            match core.commit(vec![command]) {
-                Ok(()) => return,
-                Err((mut failed, e)) => {
-                    tracing::warn!(error = %e, "store write failed; the writer retries it");
-                    if let Some(command) = failed.pop() {
-                        // Queued before it stops counting: nothing queued
-                        // after it may be committed ahead of it.
-                        let weight = command.weight;
-                        self.send(command.ops);
-                        self.backlog.remove(weight);
-                    }
-                    return;
+            if let Err((mut failed, e)) = core.commit(vec![command]) {
+                tracing::warn!(error = %e, "store write failed; the writer retries it");
+                if let Some(command) = failed.pop() {
+                    // Queued before it stops counting: nothing queued
+                    // after it may be committed ahead of it.
+                    let weight = command.weight;
+                    let _ = self.queue(command);
+                    self.backlog.remove(weight);
                 }
             }
+            return;
         }
         self.send(ops)
     }
