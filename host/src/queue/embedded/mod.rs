@@ -3,6 +3,7 @@
 //! expansion. One process owns the store; start-up rebuilds the index from
 //! it, so `kill -9` loses nothing that was acknowledged.
 
+mod checkpoint;
 mod controls;
 mod invoke;
 mod pressure;
@@ -268,7 +269,14 @@ impl EmbeddedQueue {
         let (events, _) = broadcast::channel(65_536);
         let observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>> = Arc::default();
         let health = Arc::new(writer::StoreHealth::default());
-        let writer = Writer::start(conn, events.clone(), observers.clone(), health.clone());
+        let checkpointer = checkpoint::Checkpointer::start(path)?;
+        let writer = Writer::start(
+            conn,
+            checkpointer,
+            events.clone(),
+            observers.clone(),
+            health.clone(),
+        );
         let reader = reader::Reader::new(PathBuf::from(path));
         let (handover, handed) = std::sync::mpsc::channel();
         let flusher = std::thread::Builder::new()

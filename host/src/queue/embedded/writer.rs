@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 /// Operations per transaction at most; more wait for the next commit.
 const MAX_BATCH_OPS: usize = 50_000;
 
+use super::checkpoint::{self, Checkpointer};
 use super::pressure::Weight;
 pub(crate) use super::pressure::{Backlog, StoreHealth};
 pub use super::pressure::{MAX_BACKLOG_BYTES, MAX_BACKLOG_OPS};
@@ -159,23 +160,30 @@ struct Core {
     observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
     health: Arc<StoreHealth>,
     backlog: Arc<Backlog>,
+    /// Copies the log back into the database file, off the commit path.
+    checkpointer: Checkpointer,
 }
 
 impl Writer {
+    /// Start the writer thread on `conn`, the store's write connection;
+    /// `checkpointer` takes over SQLite's automatic checkpoints.
     pub(super) fn start(
         conn: Connection,
+        checkpointer: Checkpointer,
         events: broadcast::Sender<Event>,
         observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
         health: Arc<StoreHealth>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog::default());
+        checkpoint::install(&conn);
         let core = Arc::new(Mutex::new(Core {
             conn,
             events,
             observers,
             health,
             backlog: backlog.clone(),
+            checkpointer,
         }));
         let writing = core.clone();
         std::thread::Builder::new()
@@ -269,7 +277,9 @@ impl Core {
     /// observers, callers, notices and subscribers, in that order; on
     /// failure nothing is told and the batch comes back with the error.
     fn commit(&mut self, batch: Vec<Command>) -> Result<(), (Vec<Command>, rusqlite::Error)> {
-        let (committed, modules) = match apply(&mut self.conn, &batch) {
+        let applied = apply(&mut self.conn, &batch);
+        let log_pages = checkpoint::taken_log_pages();
+        let (committed, modules) = match applied {
             Ok(done) => done,
             Err(e) => return Err((batch, e)),
         };
@@ -299,6 +309,10 @@ impl Core {
         self.backlog.drained.notify_waiters();
         for c in committed {
             let _ = self.events.send(c.event);
+        }
+        // Last: whoever waited for this commit has been told.
+        if let Some(pages) = log_pages {
+            self.checkpointer.committed(&self.conn, pages);
         }
         Ok(())
     }
@@ -880,6 +894,7 @@ pub(super) mod tests {
         let conn = super::super::schema::open(&dir.join("w.db"), true).unwrap();
         Writer::start(
             conn,
+            Checkpointer::start(&dir.join("w.db")).unwrap(),
             broadcast::channel(16).0,
             Arc::new(RwLock::new(Vec::new())),
             Arc::new(StoreHealth::default()),
