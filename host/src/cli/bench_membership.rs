@@ -35,6 +35,14 @@ pub struct MembershipBench {
     /// Workers per host (default: cores).
     #[arg(long)]
     workers: Option<usize>,
+    /// The workers' group assignor (`roundrobin`, `cooperative-sticky` or
+    /// `range`; default: the store's, as `?assignor=` sets it).
+    #[arg(long, value_parser = ["roundrobin", "cooperative-sticky", "range"])]
+    assignor: Option<String>,
+    /// Join as dynamic members (`?static_membership=false`): a stopping
+    /// host then leaves the group at once, and a restarted one joins anew.
+    #[arg(long)]
+    dynamic: bool,
 }
 
 /// How often the completed count is read.
@@ -68,6 +76,11 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
         task_partitions: partitions,
         create_topics: mock.is_none() && i == 0,
         role: Role::All,
+        assignor: bench
+            .assignor
+            .clone()
+            .unwrap_or_else(|| KafkaConfig::default().assignor),
+        static_membership: !bench.dynamic,
         ..KafkaConfig::default()
     };
     let mut grids = Vec::new();
@@ -77,9 +90,10 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
         ));
     }
     println!(
-        "Kafka membership changes, {} hosts (static members, {} assignor), brokers {brokers}",
+        "Kafka membership changes, {} hosts ({} members, {} assignor), brokers {brokers}",
         bench.hosts,
-        KafkaConfig::default().assignor
+        if bench.dynamic { "dynamic" } else { "static" },
+        config(0).assignor
     );
     let first = grids[0].as_ref().expect("first host");
     let url = first.url.clone();
