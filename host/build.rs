@@ -25,6 +25,7 @@ const MODULES: &[(&str, &str, &str, &str)] = &[
         "option_pricer",
         "OPTION_PRICER",
     ),
+    ("mc-reduce", "wasm32-wasip2", "mc_reduce", "MC_REDUCE"),
     ("curve", "wasm32-wasip2", "curve", "CURVE"),
     ("misbehave", "wasm32-wasip2", "misbehave", "MISBEHAVE"),
     ("noop", "wasm32-wasip2", "noop", "NOOP"),

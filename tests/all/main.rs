@@ -21,3 +21,4 @@ mod safety;
 mod scale;
 mod support;
 mod workers;
+mod workflows;

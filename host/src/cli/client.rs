@@ -155,14 +155,15 @@ pub enum JobCommand {
 }
 
 /// A small HTTP client for the API.
-struct Client {
+pub(super) struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
 }
 
 impl Client {
-    fn new(connection: &Connection) -> Self {
+    /// A client of the host `connection` names.
+    pub(super) fn new(connection: &Connection) -> Self {
         Client {
             http: reqwest::Client::new(),
             base: connection.server.trim_end_matches('/').to_string(),
@@ -188,24 +189,38 @@ impl Client {
         if status.is_success() {
             return Ok(body);
         }
-        let message = body["error"]["message"]
-            .as_str()
-            .unwrap_or("no details")
-            .to_string();
-        let code = body["error"]["code"].as_str().unwrap_or("error");
-        let error = format!("{} {code}: {message}", status.as_u16());
-        Err(if status.is_client_error() {
-            CliError::usage(error)
-        } else {
-            CliError::failed(error)
-        })
+        Err(refusal(status, &body))
     }
 
-    async fn get(&self, path: &str) -> Result<Value, CliError> {
+    /// `GET path`, its JSON body.
+    pub(super) async fn get(&self, path: &str) -> Result<Value, CliError> {
         self.send(self.request(reqwest::Method::GET, path)).await
     }
 
-    async fn post(&self, path: &str, body: &impl serde::Serialize) -> Result<Value, CliError> {
+    /// `GET path`, its body as text (NDJSON), with errors as [`Client::get`]'s.
+    pub(super) async fn get_text(&self, path: &str) -> Result<String, CliError> {
+        let response = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(|e| CliError::failed(format!("cannot reach {}: {e}", self.base)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            return Err(refusal(status, &body));
+        }
+        response
+            .text()
+            .await
+            .map_err(|e| CliError::failed(format!("reading {path} from {}: {e}", self.base)))
+    }
+
+    /// `POST path` with a JSON body, its JSON answer.
+    pub(super) async fn post(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<Value, CliError> {
         self.send(self.request(reqwest::Method::POST, path).json(body))
             .await
     }
@@ -238,6 +253,19 @@ impl Client {
                 .body(reqwest::Body::wrap_stream(body)),
         )
         .await
+    }
+}
+
+/// A host's error answer as one line: the user's fault (4xx, exit 2) or
+/// the host's (exit 1).
+fn refusal(status: reqwest::StatusCode, body: &Value) -> CliError {
+    let message = body["error"]["message"].as_str().unwrap_or("no details");
+    let code = body["error"]["code"].as_str().unwrap_or("error");
+    let error = format!("{} {code}: {message}", status.as_u16());
+    if status.is_client_error() {
+        CliError::usage(error)
+    } else {
+        CliError::failed(error)
     }
 }
 

@@ -19,6 +19,7 @@ mod run;
 mod serve;
 mod simulate;
 mod worker;
+mod workflow;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -152,6 +153,15 @@ pub enum Command {
         /// Job id.
         id: String,
     },
+    /// Run a workflow: tasks and jobs that wait for each other, from a file.
+    Workflow {
+        /// Server connection.
+        #[command(flatten)]
+        connection: client::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: workflow::WorkflowCommand,
+    },
     /// Size a grid: run a synthetic job of sleep tasks on a local grid
     /// and print throughput, efficiency and latency.
     Simulate {
@@ -234,6 +244,10 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Status { connection, id } => client::status(connection, id),
         Command::Watch { connection, id } => client::watch(connection, id),
         Command::Results { connection, id } => client::results(connection, id),
+        Command::Workflow {
+            connection,
+            command,
+        } => workflow::workflow(connection, command),
         Command::Simulate {
             tasks,
             duration,

@@ -1,0 +1,471 @@
+//! `kwq workflow run FILE`: a workflow is steps, each a task or a job,
+//! with `after` naming the steps it waits for. This client runs it
+//! against a host: it submits each step once every step it names has
+//! completed, hands a step the results of another (`"input":
+//! {"results_of": STEP}`, a JSON array of them as its payload), and prints
+//! the final step's result.
+//!
+//! The order is kept here, in the client: the host sees plain tasks and
+//! jobs. So the workflow lasts as long as this command does; a step
+//! already submitted runs on regardless, durable as any task. A Waiting
+//! state on the host (docs/workflows.md) is to take this over.
+
+use super::CliError;
+use super::client::{Client, Connection};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `kwq workflow ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum WorkflowCommand {
+    /// Run the workflow in FILE (steps, each a task or a job, with the
+    /// steps it waits for) and print the final step's result. Exit 1 if a
+    /// step failed (the steps after it are not run).
+    Run {
+        /// The workflow: `{"steps": [{"name", "after": [...], "task": {...}
+        /// | "job": {...}}]}` (see examples/mc-price.json).
+        file: PathBuf,
+    },
+}
+
+/// A workflow file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Workflow {
+    steps: Vec<Step>,
+}
+
+/// One step: a task or a job, as `POST /v1/tasks` or `POST /v1/jobs`
+/// takes it, and the steps that must complete first.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    name: String,
+    #[serde(default)]
+    after: Vec<String>,
+    task: Option<Map<String, Value>>,
+    job: Option<Map<String, Value>>,
+}
+
+/// What a step submits.
+#[derive(Debug, Clone, PartialEq)]
+enum Work {
+    /// A task body; `results_of`: the step whose results become its payload.
+    Task {
+        body: Map<String, Value>,
+        results_of: Option<usize>,
+    },
+    /// A job body.
+    Job(Map<String, Value>),
+}
+
+/// A checked workflow: steps in an order that runs every step after the
+/// ones it names.
+#[derive(Debug)]
+struct Plan {
+    names: Vec<String>,
+    /// Per step, the indices of the steps it waits for.
+    after: Vec<Vec<usize>>,
+    work: Vec<Work>,
+    /// Step indices, each after every step it waits for.
+    order: Vec<usize>,
+}
+
+impl Plan {
+    /// Steps no other step waits for: what the workflow produces.
+    fn finals(&self) -> Vec<usize> {
+        (0..self.names.len())
+            .filter(|i| !self.after.iter().any(|a| a.contains(i)))
+            .collect()
+    }
+}
+
+/// Check a workflow: unique names, `after` and `results_of` naming known
+/// steps, exactly one of task and job, no cycle. The error is one line
+/// naming the step.
+fn plan(workflow: Workflow) -> Result<Plan, String> {
+    if workflow.steps.is_empty() {
+        return Err("the workflow has no steps".into());
+    }
+    let mut index = HashMap::new();
+    for (i, step) in workflow.steps.iter().enumerate() {
+        if step.name.is_empty() {
+            return Err(format!("step {} has no name", i + 1));
+        }
+        if index.insert(step.name.clone(), i).is_some() {
+            return Err(format!("two steps are named {:?}", step.name));
+        }
+    }
+    let find = |from: &str, name: &str| {
+        index
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("step {from:?} names an unknown step {name:?}"))
+    };
+    let (mut names, mut after, mut work) = (Vec::new(), Vec::new(), Vec::new());
+    for step in workflow.steps.iter() {
+        let waits: Vec<usize> = step
+            .after
+            .iter()
+            .map(|name| find(&step.name, name))
+            .collect::<Result<_, _>>()?;
+        let this = match (&step.task, &step.job) {
+            (Some(task), None) => {
+                let mut body = task.clone();
+                let results_of = match body.remove("input") {
+                    None => None,
+                    Some(input) => {
+                        let source =
+                            input
+                                .get("results_of")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| {
+                                    format!(
+                                        "step {:?}: input must be {{\"results_of\": STEP}}",
+                                        step.name
+                                    )
+                                })?;
+                        let source = find(&step.name, source)?;
+                        if !waits.contains(&source) {
+                            return Err(format!(
+                                "step {:?} takes the results of {:?}, so it must also name it in after",
+                                step.name, workflow.steps[source].name
+                            ));
+                        }
+                        if body.contains_key("payload") {
+                            return Err(format!(
+                                "step {:?}: give a payload or an input, not both",
+                                step.name
+                            ));
+                        }
+                        Some(source)
+                    }
+                };
+                Work::Task { body, results_of }
+            }
+            (None, Some(job)) => Work::Job(job.clone()),
+            _ => {
+                return Err(format!(
+                    "step {:?} must have exactly one of task and job",
+                    step.name
+                ));
+            }
+        };
+        names.push(step.name.clone());
+        after.push(waits);
+        work.push(this);
+    }
+    let order = run_order(&names, &after)?;
+    Ok(Plan {
+        names,
+        after,
+        work,
+        order,
+    })
+}
+
+/// Kahn's topological sort, ties in file order; a cycle is an error naming
+/// the steps in it.
+fn run_order(names: &[String], after: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+    let mut waiting: Vec<usize> = after.iter().map(Vec::len).collect();
+    let mut order = Vec::new();
+    let mut ready: Vec<usize> = (0..names.len()).filter(|&i| waiting[i] == 0).collect();
+    while let Some(i) = (!ready.is_empty()).then(|| ready.remove(0)) {
+        order.push(i);
+        for (j, waits) in after.iter().enumerate() {
+            for _ in waits.iter().filter(|&&w| w == i) {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.push(j);
+                    ready.sort_unstable();
+                }
+            }
+        }
+    }
+    if order.len() < names.len() {
+        let stuck: Vec<&str> = (0..names.len())
+            .filter(|i| !order.contains(i))
+            .map(|i| names[i].as_str())
+            .collect();
+        return Err(format!(
+            "the steps {} wait for each other (a cycle)",
+            stuck.join(", ")
+        ));
+    }
+    Ok(order)
+}
+
+/// Read and check a workflow file.
+fn load(path: &Path) -> Result<Plan, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
+    let workflow: Workflow = serde_json::from_str(&text)
+        .map_err(|e| CliError::usage(format!("{}: {e}", path.display())))?;
+    plan(workflow).map_err(|e| CliError::usage(format!("{}: {e}", path.display())))
+}
+
+/// `kwq workflow ...`.
+pub(super) fn workflow(connection: Connection, command: WorkflowCommand) -> Result<(), CliError> {
+    match command {
+        WorkflowCommand::Run { file } => {
+            let plan = load(&file)?;
+            let client = Client::new(&connection);
+            super::tokio_runtime()?.block_on(run(&client, &plan))
+        }
+    }
+}
+
+/// Where a step is.
+#[derive(Debug, Clone)]
+enum Progress {
+    NotStarted,
+    /// Submitted: the task or job id.
+    Submitted(String),
+    /// Completed: the task's result, or the job's id.
+    Completed(Value),
+    /// Ended otherwise, or not run because a step it waits for did not
+    /// complete: why.
+    Failed(String),
+}
+
+/// How often running steps are looked at.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Run the plan to its end and print the final steps' results.
+async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
+    let mut progress = vec![Progress::NotStarted; plan.names.len()];
+    loop {
+        for &i in &plan.order {
+            if !matches!(progress[i], Progress::NotStarted) {
+                continue;
+            }
+            if let Some(&failed) = plan.after[i]
+                .iter()
+                .find(|&&w| matches!(progress[w], Progress::Failed(_)))
+            {
+                let why = format!("not run: step {:?} did not complete", plan.names[failed]);
+                eprintln!("step {}: {why}", plan.names[i]);
+                progress[i] = Progress::Failed(why);
+            } else if plan.after[i]
+                .iter()
+                .all(|&w| matches!(progress[w], Progress::Completed(_)))
+            {
+                let id = submit(client, plan, &progress, i).await?;
+                eprintln!("step {}: submitted {id}", plan.names[i]);
+                progress[i] = Progress::Submitted(id);
+            }
+        }
+        let mut running = false;
+        for (step, (name, work)) in progress.iter_mut().zip(plan.names.iter().zip(&plan.work)) {
+            if let Progress::Submitted(id) = step {
+                match look(client, work, id).await? {
+                    Some(done) => {
+                        match &done {
+                            Progress::Completed(_) => eprintln!("step {name}: completed"),
+                            Progress::Failed(why) => eprintln!("step {name}: {why}"),
+                            _ => {}
+                        }
+                        *step = done;
+                    }
+                    None => running = true,
+                }
+            }
+        }
+        let finished = progress
+            .iter()
+            .all(|p| matches!(p, Progress::Completed(_) | Progress::Failed(_)));
+        if finished {
+            break;
+        }
+        if running {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+    let finals = plan.finals();
+    let output = if let [only] = finals[..] {
+        outcome(&progress[only])
+    } else {
+        Value::Object(
+            finals
+                .iter()
+                .map(|&i| (plan.names[i].clone(), outcome(&progress[i])))
+                .collect(),
+        )
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&output).unwrap_or_default()
+    );
+    let failed: Vec<&str> = (0..progress.len())
+        .filter(|&i| matches!(progress[i], Progress::Failed(_)))
+        .map(|i| plan.names[i].as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::failed(format!(
+            "steps that did not complete: {}",
+            failed.join(", ")
+        )))
+    }
+}
+
+/// What a finished step prints: a task's result, a job's id and counts,
+/// or why it failed.
+fn outcome(progress: &Progress) -> Value {
+    match progress {
+        Progress::Completed(value) => value.clone(),
+        Progress::Failed(why) => json!({ "failed": why }),
+        _ => Value::Null,
+    }
+}
+
+/// Submit step `i`, its input gathered from the steps it takes results of.
+async fn submit(
+    client: &Client,
+    plan: &Plan,
+    progress: &[Progress],
+    i: usize,
+) -> Result<String, CliError> {
+    let posted = match &plan.work[i] {
+        Work::Job(body) => client.post("/v1/jobs", body).await?,
+        Work::Task { body, results_of } => {
+            let mut body = body.clone();
+            if let Some(source) = *results_of {
+                let results = match (&plan.work[source], &progress[source]) {
+                    (Work::Job(_), Progress::Completed(job)) => {
+                        let id = job["job"].as_str().unwrap_or_default();
+                        job_results(client, id).await?
+                    }
+                    (_, Progress::Completed(result)) => vec![result.clone()],
+                    _ => Vec::new(),
+                };
+                body.insert("payload".into(), Value::Array(results));
+            }
+            client.post("/v1/tasks", &body).await?
+        }
+    };
+    posted["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| CliError::failed("the host answered a submit without an id"))
+}
+
+/// Whether a submitted step has ended: `None` while it runs.
+async fn look(client: &Client, work: &Work, id: &str) -> Result<Option<Progress>, CliError> {
+    Ok(match work {
+        Work::Task { .. } => {
+            let task = client.get(&format!("/v1/tasks/{id}")).await?;
+            match task["state"].as_str() {
+                Some("Completed") => Some(Progress::Completed(
+                    task.get("result").cloned().unwrap_or(Value::Null),
+                )),
+                Some(state @ ("Dead" | "Cancelled")) => Some(Progress::Failed(format!(
+                    "task {id} ended {state}: {}",
+                    task["error_message"].as_str().unwrap_or("")
+                ))),
+                _ => None,
+            }
+        }
+        Work::Job(_) => {
+            let job = client.get(&format!("/v1/jobs/{id}")).await?;
+            let counts = &job["counts"];
+            let count = |state: &str| counts[state].as_u64().unwrap_or(0);
+            match job["state"].as_str() {
+                Some("Finished" | "Cancelled") if count("Dead") + count("Cancelled") == 0 => Some(
+                    Progress::Completed(json!({"job": id, "completed": count("Completed")})),
+                ),
+                Some("Finished" | "Cancelled") => Some(Progress::Failed(format!(
+                    "job {id}: {} dead, {} cancelled",
+                    count("Dead"),
+                    count("Cancelled")
+                ))),
+                _ => None,
+            }
+        }
+    })
+}
+
+/// A finished job's results, in task order (`GET /v1/jobs/{id}/results`).
+async fn job_results(client: &Client, id: &str) -> Result<Vec<Value>, CliError> {
+    let text = client.get_text(&format!("/v1/jobs/{id}/results")).await?;
+    text.lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let line: Value = serde_json::from_str(line)
+                .map_err(|e| CliError::failed(format!("job {id}'s results: {e}")))?;
+            Ok(line.get("result").cloned().unwrap_or(Value::Null))
+        })
+        .collect()
+}
+
+/// Step names in the order they run, for tests.
+#[cfg(test)]
+fn names_in_order(plan: &Plan) -> Vec<&str> {
+    plan.order.iter().map(|&i| plan.names[i].as_str()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn parse(text: &str) -> Result<Plan, String> {
+        plan(serde_json::from_str(text).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn steps_run_after_the_steps_they_name_whatever_the_file_order() {
+        let plan = parse(
+            r#"{"steps": [
+                {"name": "price", "after": ["paths", "curve"], "task": {"module": "r", "input": {"results_of": "paths"}}},
+                {"name": "paths", "after": ["curve"], "job": {"module": "p"}},
+                {"name": "curve", "task": {"module": "c"}}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(names_in_order(&plan), ["curve", "paths", "price"]);
+        assert_eq!(plan.finals(), [0]);
+        assert_eq!(
+            plan.work[0],
+            Work::Task {
+                body: serde_json::from_str(r#"{"module": "r"}"#).unwrap(),
+                results_of: Some(1)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_workflows_are_refused_naming_the_step() {
+        let cases: BTreeMap<&str, &str> = BTreeMap::from([
+            (
+                r#"{"steps": [{"name": "a", "after": ["b"], "task": {}}, {"name": "b", "after": ["a"], "task": {}}]}"#,
+                "the steps a, b wait for each other",
+            ),
+            (
+                r#"{"steps": [{"name": "a", "after": ["nope"], "task": {}}]}"#,
+                "step \"a\" names an unknown step \"nope\"",
+            ),
+            (
+                r#"{"steps": [{"name": "a", "task": {}}, {"name": "a", "job": {}}]}"#,
+                "two steps are named \"a\"",
+            ),
+            (
+                r#"{"steps": [{"name": "a", "task": {}, "job": {}}]}"#,
+                "exactly one of task and job",
+            ),
+            (
+                r#"{"steps": [{"name": "a", "job": {}}, {"name": "b", "task": {"input": {"results_of": "a"}}}]}"#,
+                "must also name it in after",
+            ),
+            (r#"{"steps": []}"#, "no steps"),
+        ]);
+        for (text, expected) in cases {
+            let error = parse(text).unwrap_err();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+}

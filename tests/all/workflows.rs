@@ -1,0 +1,115 @@
+//! `kwq workflow run` against a real `kwq serve`: the README's Monte Carlo
+//! workflow (1,000 pricing runs, then a reduce), a failed step stopping the
+//! steps after it, and a bad workflow file refused before anything runs.
+
+use crate::process::Server;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `kwq workflow run FILE` against `server`, from the repository root (as
+/// the README runs it, with a relative path).
+fn workflow_run(server: &Server, file: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .args(["workflow", "run", file])
+        .current_dir(repo_root())
+        .env("KWQ_SERVER", &server.url)
+        .output()
+        .expect("run kwq workflow")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn the_monte_carlo_workflow_prices_within_three_standard_errors_of_black_scholes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let run = workflow_run(&server, "examples/mc-price.json");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let pooled: Value = serde_json::from_slice(&run.stdout).expect("the result as JSON");
+    assert_eq!(pooled["runs"], 1000, "{pooled}");
+    assert_eq!(pooled["paths"], 100_000_000u64, "{pooled}");
+    let (price, error) = (
+        pooled["price"].as_f64().unwrap(),
+        pooled["std_error"].as_f64().unwrap(),
+    );
+    let exact = mc_math::black_scholes(&mc_math::Contract {
+        spot: 100.0,
+        strike: 100.0,
+        rate: 0.05,
+        vol: 0.2,
+        maturity: 1.0,
+        kind: mc_math::OptionKind::Call,
+    });
+    assert!(
+        (price - exact).abs() < 3.0 * error,
+        "{price} ± {error} against {exact}"
+    );
+    // One run of 100,000 paths has an error of about 0.033 here; 10^8
+    // paths pooled must bring it down by sqrt(1000).
+    assert!(error > 0.0005 && error < 0.002, "{error}");
+    // Both steps ran, in order: the reduce after the whole sweep.
+    let paths = stderr
+        .find("step paths: completed")
+        .expect("paths completed");
+    let price_submitted = stderr
+        .find("step price: submitted")
+        .expect("price submitted");
+    assert!(paths < price_submitted, "{stderr}");
+}
+
+#[test]
+fn a_failed_step_stops_the_steps_after_it_and_the_command_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let file = dir.path().join("fails.json");
+    std::fs::write(
+        &file,
+        r#"{"steps": [
+            {"name": "calibrate", "task": {"module": "misbehave", "max_attempts": 1,
+                                           "payload": {"action": "fail", "message": "no quotes"}}},
+            {"name": "price", "after": ["calibrate"], "task": {"module": "noop"}},
+            {"name": "independent", "task": {"module": "noop"}}
+        ]}"#,
+    )
+    .unwrap();
+    let run = workflow_run(&server, file.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no quotes"), "{stderr}");
+    assert!(
+        stderr.contains("step price: not run: step \"calibrate\" did not complete"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("step price: submitted"), "{stderr}");
+    // A step that waits for nothing failed still runs.
+    assert!(stderr.contains("step independent: completed"), "{stderr}");
+    let printed: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert!(printed["price"]["failed"].is_string(), "{printed}");
+}
+
+#[tokio::test]
+async fn a_cycle_is_refused_with_exit_code_2_before_anything_is_submitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let file = dir.path().join("cycle.json");
+    std::fs::write(
+        &file,
+        r#"{"steps": [
+            {"name": "a", "after": ["b"], "task": {"module": "noop"}},
+            {"name": "b", "after": ["a"], "task": {"module": "noop"}}
+        ]}"#,
+    )
+    .unwrap();
+    let run = workflow_run(&server, file.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("a, b wait for each other"), "{stderr}");
+    let tasks =
+        crate::process::get(&reqwest::Client::new(), format!("{}/v1/tasks", server.url)).await;
+    assert_eq!(tasks["items"].as_array().map(Vec::len), Some(0), "{tasks}");
+}
