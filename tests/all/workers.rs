@@ -511,7 +511,7 @@ impl Drop for WorkerProcess {
 }
 
 /// A loopback address no one listens on now (for a host restarted on it).
-fn free_address() -> String {
+pub(crate) fn free_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
 }

@@ -1,6 +1,7 @@
 //! `kwq workflow run` against a real `kwq serve`: the README's Monte Carlo
 //! workflow (1,000 pricing runs, then a reduce), a failed step stopping the
-//! steps after it, and a bad workflow file refused before anything runs.
+//! steps after it, a bad workflow file refused before anything runs, and a
+//! workflow carrying on across a host killed and started again.
 
 use crate::process::Server;
 use serde_json::Value;
@@ -112,4 +113,99 @@ async fn a_cycle_is_refused_with_exit_code_2_before_anything_is_submitted() {
     let tasks =
         crate::process::get(&reqwest::Client::new(), format!("{}/v1/tasks", server.url)).await;
     assert_eq!(tasks["items"].as_array().map(Vec::len), Some(0), "{tasks}");
+}
+
+#[test]
+fn the_workflow_rides_out_a_sigkilled_and_restarted_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let address = crate::workers::free_address();
+    let host_dir = dir.path().join("host");
+    let serve = || {
+        Server::start_listening(
+            &host_dir,
+            &address,
+            &[],
+            &[],
+            std::process::Stdio::inherit(),
+            2,
+            "warn",
+        )
+    };
+    let first = serve();
+    let file = dir.path().join("slow.json");
+    let sleeps: Vec<Value> = (0..20)
+        .map(|_| serde_json::json!({"action": "sleep", "ms": 300}))
+        .collect();
+    let workflow = serde_json::json!({"steps": [
+        {"name": "slow", "job": {"module": "misbehave", "payloads": sleeps}},
+        {"name": "after", "after": ["slow"], "task": {"module": "noop"}}
+    ]});
+    std::fs::write(&file, workflow.to_string()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .args(["workflow", "run"])
+        .arg(&file)
+        .env("KWQ_SERVER", &first.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kwq workflow");
+    let (lines, heard) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |text: &str| {
+        while !seen.iter().any(|l: &String| l.contains(text)) {
+            let line = heard
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("no {text:?} in {seen:?}"));
+            seen.push(line);
+        }
+    };
+    // Kill the host while the job runs (20 sleeps of 300 ms on 2 workers),
+    // and start it again only once the command has found it gone.
+    wait_for("step slow: submitted");
+    first.kill();
+    wait_for("the host does not answer");
+    let second = serve();
+    wait_for("step after: completed");
+    let output = child.wait_with_output().unwrap();
+    while let Ok(line) = heard.recv_timeout(std::time::Duration::from_secs(5)) {
+        seen.push(line);
+    }
+    assert!(output.status.success(), "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l == "the host answers again"),
+        "{seen:?}"
+    );
+    // Every task of the job ran to a result, the ones the kill cut short
+    // included, each once.
+    let job = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("step slow: submitted "))
+        .unwrap()
+        .to_string();
+    let results = Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .args(["results", &job])
+        .env("KWQ_SERVER", &second.url)
+        .output()
+        .unwrap();
+    let tasks: std::collections::BTreeSet<String> = String::from_utf8_lossy(&results.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["task_id"].to_string())
+        .collect();
+    assert_eq!(
+        tasks.len(),
+        20,
+        "{:?}",
+        String::from_utf8_lossy(&results.stdout)
+    );
+    assert_eq!(String::from_utf8_lossy(&results.stdout).lines().count(), 20);
 }

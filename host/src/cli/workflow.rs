@@ -7,8 +7,10 @@
 //!
 //! The order is kept here, in the client: the host sees plain tasks and
 //! jobs. So the workflow lasts as long as this command does; a step
-//! already submitted runs on regardless, durable as any task. A Waiting
-//! state on the host (docs/workflows.md) is to take this over.
+//! already submitted runs on regardless, durable as any task, and a host
+//! that is killed and started again is waited for (reads are retried for
+//! up to a minute). A Waiting state on the host (docs/workflows.md) is to
+//! take this over.
 
 use super::CliError;
 use super::client::{Client, Connection};
@@ -234,6 +236,57 @@ enum Progress {
 /// How often running steps are looked at.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How long the host may leave reads unanswered before the workflow gives
+/// up: a host killed and started again is back well within it.
+const HOST_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The longest wait between two tries of a read the host did not answer.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// A read of the host that rides out a host down or restarting: a
+/// connection refused or a 5xx is tried again, with backoff, for up to
+/// [`HOST_PATIENCE`]; a 4xx (the request is wrong) is not. Only reads:
+/// a submit whose answer was lost may have been taken, so it is not
+/// repeated.
+async fn patiently<T, F, Fut>(mut read: F) -> Result<T, CliError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CliError>>,
+{
+    let mut wait = POLL;
+    let mut failing_since: Option<std::time::Instant> = None;
+    loop {
+        match read().await {
+            Ok(value) => {
+                if failing_since.is_some() {
+                    eprintln!("the host answers again");
+                }
+                return Ok(value);
+            }
+            Err(refused) if refused.code == 2 => return Err(refused),
+            Err(error) => {
+                let since = *failing_since.get_or_insert_with(|| {
+                    eprintln!(
+                        "the host does not answer ({}); trying again for up to {} s",
+                        error.message,
+                        HOST_PATIENCE.as_secs()
+                    );
+                    std::time::Instant::now()
+                });
+                if since.elapsed() >= HOST_PATIENCE {
+                    return Err(CliError::failed(format!(
+                        "the host has not answered for {} s: {}",
+                        HOST_PATIENCE.as_secs(),
+                        error.message
+                    )));
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
 /// Run the plan to its end and print the final steps' results.
 async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
     let mut progress = vec![Progress::NotStarted; plan.names.len()];
@@ -253,7 +306,15 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                 .iter()
                 .all(|&w| matches!(progress[w], Progress::Completed(_)))
             {
-                let id = submit(client, plan, &progress, i).await?;
+                let id = submit(client, plan, &progress, i).await.map_err(|e| {
+                    CliError {
+                        message: format!(
+                            "submitting step {:?}: {} (a submit is not retried: the host may have taken it)",
+                            plan.names[i], e.message
+                        ),
+                        ..e
+                    }
+                })?;
                 eprintln!("step {}: submitted {id}", plan.names[i]);
                 progress[i] = Progress::Submitted(id);
             }
@@ -358,7 +419,8 @@ async fn submit(
 async fn look(client: &Client, work: &Work, id: &str) -> Result<Option<Progress>, CliError> {
     Ok(match work {
         Work::Task { .. } => {
-            let task = client.get(&format!("/v1/tasks/{id}")).await?;
+            let path = format!("/v1/tasks/{id}");
+            let task = patiently(|| client.get(&path)).await?;
             match task["state"].as_str() {
                 Some("Completed") => Some(Progress::Completed(
                     task.get("result").cloned().unwrap_or(Value::Null),
@@ -371,7 +433,8 @@ async fn look(client: &Client, work: &Work, id: &str) -> Result<Option<Progress>
             }
         }
         Work::Job(_) => {
-            let job = client.get(&format!("/v1/jobs/{id}")).await?;
+            let path = format!("/v1/jobs/{id}");
+            let job = patiently(|| client.get(&path)).await?;
             let counts = &job["counts"];
             let count = |state: &str| counts[state].as_u64().unwrap_or(0);
             match job["state"].as_str() {
@@ -391,7 +454,8 @@ async fn look(client: &Client, work: &Work, id: &str) -> Result<Option<Progress>
 
 /// A finished job's results, in task order (`GET /v1/jobs/{id}/results`).
 async fn job_results(client: &Client, id: &str) -> Result<Vec<Value>, CliError> {
-    let text = client.get_text(&format!("/v1/jobs/{id}/results")).await?;
+    let path = format!("/v1/jobs/{id}/results");
+    let text = patiently(|| client.get_text(&path)).await?;
     text.lines()
         .filter(|line| !line.is_empty())
         .map(|line| {
