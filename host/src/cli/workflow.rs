@@ -233,7 +233,12 @@ enum Progress {
     Failed(String),
 }
 
-/// How often running steps are looked at.
+/// How soon running steps are looked at after something changed (a step
+/// submitted or ended): a chain of short steps moves on within a few ms.
+const POLL_FIRST: Duration = Duration::from_millis(1);
+
+/// How often running steps are looked at at the most: the wait doubles
+/// from [`POLL_FIRST`] up to this while nothing changes.
 const POLL: Duration = Duration::from_millis(100);
 
 /// How long the host may leave reads unanswered before the workflow gives
@@ -290,7 +295,9 @@ where
 /// Run the plan to its end and print the final steps' results.
 async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
     let mut progress = vec![Progress::NotStarted; plan.names.len()];
+    let mut pause = POLL_FIRST;
     loop {
+        let mut changed = false;
         for &i in &plan.order {
             if !matches!(progress[i], Progress::NotStarted) {
                 continue;
@@ -302,6 +309,7 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                 let why = format!("not run: step {:?} did not complete", plan.names[failed]);
                 eprintln!("step {}: {why}", plan.names[i]);
                 progress[i] = Progress::Failed(why);
+                changed = true;
             } else if plan.after[i]
                 .iter()
                 .all(|&w| matches!(progress[w], Progress::Completed(_)))
@@ -317,6 +325,7 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                 })?;
                 eprintln!("step {}: submitted {id}", plan.names[i]);
                 progress[i] = Progress::Submitted(id);
+                changed = true;
             }
         }
         let mut running = false;
@@ -330,6 +339,7 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                             _ => {}
                         }
                         *step = done;
+                        changed = true;
                     }
                     None => running = true,
                 }
@@ -341,8 +351,13 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
         if finished {
             break;
         }
-        if running {
-            tokio::time::sleep(POLL).await;
+        pause = if changed {
+            POLL_FIRST
+        } else {
+            (pause * 2).min(POLL)
+        };
+        if running && !changed {
+            tokio::time::sleep(pause).await;
         }
     }
     let finals = plan.finals();
