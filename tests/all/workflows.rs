@@ -73,6 +73,8 @@ fn a_failed_step_stops_the_steps_after_it_and_the_command_fails() {
             {"name": "calibrate", "task": {"module": "misbehave", "max_attempts": 1,
                                            "payload": {"action": "fail", "message": "no quotes"}}},
             {"name": "price", "after": ["calibrate"], "task": {"module": "noop"}},
+            {"name": "report", "after": ["calibrate"], "on_failure": "run",
+             "task": {"module": "misbehave", "payload": {"action": "echo", "value": "sent"}}},
             {"name": "independent", "task": {"module": "noop"}}
         ]}"#,
     )
@@ -86,10 +88,12 @@ fn a_failed_step_stops_the_steps_after_it_and_the_command_fails() {
         "{stderr}"
     );
     assert!(!stderr.contains("step price: submitted"), "{stderr}");
-    // A step that waits for nothing failed still runs.
+    // A step that waits for nothing failed still runs, and so does one
+    // that says `on_failure: run`, once the step it waits for has ended.
     assert!(stderr.contains("step independent: completed"), "{stderr}");
     let printed: Value = serde_json::from_slice(&run.stdout).unwrap();
     assert!(printed["price"]["failed"].is_string(), "{printed}");
+    assert_eq!(printed["report"], "sent", "{printed}");
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ pub enum WorkflowCommand {
     /// steps it waits for) and print the final step's result. Exit 1 if a
     /// step failed (the steps after it are not run).
     Run {
-        /// The workflow: `{"steps": [{"name", "after": [...], "task": {...}
+        /// The workflow: `{"steps": [{"name", "after": [...], "on_failure", "task": {...}
         /// | "job": {...}}]}` (see examples/mc-price.json).
         file: PathBuf,
     },
@@ -48,8 +48,22 @@ struct Step {
     name: String,
     #[serde(default)]
     after: Vec<String>,
+    #[serde(default)]
+    on_failure: OnFailure,
     task: Option<Map<String, Value>>,
     job: Option<Map<String, Value>>,
+}
+
+/// What a step does when a step it waits for does not complete.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OnFailure {
+    /// It is not run, and counts as failed (the default).
+    #[default]
+    Cancel,
+    /// It runs anyway once every step it waits for has ended (a report or
+    /// clean-up step); a `results_of` input then holds the results there are.
+    Run,
 }
 
 /// What a step submits.
@@ -71,6 +85,8 @@ struct Plan {
     names: Vec<String>,
     /// Per step, the indices of the steps it waits for.
     after: Vec<Vec<usize>>,
+    /// Per step, what it does when one of those does not complete.
+    on_failure: Vec<OnFailure>,
     work: Vec<Work>,
     /// Step indices, each after every step it waits for.
     order: Vec<usize>,
@@ -108,6 +124,7 @@ fn plan(workflow: Workflow) -> Result<Plan, String> {
             .ok_or_else(|| format!("step {from:?} names an unknown step {name:?}"))
     };
     let (mut names, mut after, mut work) = (Vec::new(), Vec::new(), Vec::new());
+    let mut on_failure = Vec::new();
     for step in workflow.steps.iter() {
         let waits: Vec<usize> = step
             .after
@@ -158,12 +175,14 @@ fn plan(workflow: Workflow) -> Result<Plan, String> {
         };
         names.push(step.name.clone());
         after.push(waits);
+        on_failure.push(step.on_failure);
         work.push(this);
     }
     let order = run_order(&names, &after)?;
     Ok(Plan {
         names,
         after,
+        on_failure,
         work,
         order,
     })
@@ -295,6 +314,7 @@ where
 /// Run the plan to its end and print the final steps' results.
 async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
     let mut progress = vec![Progress::NotStarted; plan.names.len()];
+    let mut ids: Vec<Option<String>> = vec![None; plan.names.len()];
     let mut pause = POLL_FIRST;
     loop {
         let mut changed = false;
@@ -302,19 +322,19 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
             if !matches!(progress[i], Progress::NotStarted) {
                 continue;
             }
-            if let Some(&failed) = plan.after[i]
+            let failed = plan.after[i]
                 .iter()
-                .find(|&&w| matches!(progress[w], Progress::Failed(_)))
-            {
+                .find(|&&w| matches!(progress[w], Progress::Failed(_)));
+            let all_ended = plan.after[i]
+                .iter()
+                .all(|&w| matches!(progress[w], Progress::Completed(_) | Progress::Failed(_)));
+            if let (Some(&failed), OnFailure::Cancel) = (failed, plan.on_failure[i]) {
                 let why = format!("not run: step {:?} did not complete", plan.names[failed]);
                 eprintln!("step {}: {why}", plan.names[i]);
                 progress[i] = Progress::Failed(why);
                 changed = true;
-            } else if plan.after[i]
-                .iter()
-                .all(|&w| matches!(progress[w], Progress::Completed(_)))
-            {
-                let id = submit(client, plan, &progress, i).await.map_err(|e| {
+            } else if all_ended {
+                let id = submit(client, plan, &progress, &ids, i).await.map_err(|e| {
                     CliError {
                         message: format!(
                             "submitting step {:?}: {} (a submit is not retried: the host may have taken it)",
@@ -324,6 +344,7 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                     }
                 })?;
                 eprintln!("step {}: submitted {id}", plan.names[i]);
+                ids[i] = Some(id.clone());
                 progress[i] = Progress::Submitted(id);
                 changed = true;
             }
@@ -399,11 +420,13 @@ fn outcome(progress: &Progress) -> Value {
     }
 }
 
-/// Submit step `i`, its input gathered from the steps it takes results of.
+/// Submit step `i`, its input gathered from the step it takes results of
+/// (`ids`: the task or job id each submitted step got).
 async fn submit(
     client: &Client,
     plan: &Plan,
     progress: &[Progress],
+    ids: &[Option<String>],
     i: usize,
 ) -> Result<String, CliError> {
     let posted = match &plan.work[i] {
@@ -411,12 +434,11 @@ async fn submit(
         Work::Task { body, results_of } => {
             let mut body = body.clone();
             if let Some(source) = *results_of {
-                let results = match (&plan.work[source], &progress[source]) {
-                    (Work::Job(_), Progress::Completed(job)) => {
-                        let id = job["job"].as_str().unwrap_or_default();
-                        job_results(client, id).await?
-                    }
-                    (_, Progress::Completed(result)) => vec![result.clone()],
+                // A job's results are those of its completed tasks, even when
+                // others failed (an `on_failure: run` step reads them).
+                let results = match (&plan.work[source], &progress[source], &ids[source]) {
+                    (Work::Job(_), _, Some(job)) => job_results(client, job).await?,
+                    (Work::Task { .. }, Progress::Completed(result), _) => vec![result.clone()],
                     _ => Vec::new(),
                 };
                 body.insert("payload".into(), Value::Array(results));
