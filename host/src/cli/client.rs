@@ -179,17 +179,27 @@ impl Client {
         }
     }
 
-    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<Value, CliError> {
+    /// Send a request; a success's response, or the host's refusal (or
+    /// the connection's failure) as one line.
+    async fn answered(
+        &self,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CliError> {
         let response = builder
             .send()
             .await
             .map_err(|e| CliError::failed(format!("cannot reach {}: {e}", self.base)))?;
         let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(body);
+            return Ok(response);
         }
+        let body: Value = response.json().await.unwrap_or(Value::Null);
         Err(refusal(status, &body))
+    }
+
+    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<Value, CliError> {
+        let response = self.answered(builder).await?;
+        Ok(response.json().await.unwrap_or(Value::Null))
     }
 
     /// `GET path`, its JSON body.
@@ -199,17 +209,8 @@ impl Client {
 
     /// `GET path`, its body as text (NDJSON), with errors as [`Client::get`]'s.
     pub(super) async fn get_text(&self, path: &str) -> Result<String, CliError> {
-        let response = self
-            .request(reqwest::Method::GET, path)
-            .send()
-            .await
-            .map_err(|e| CliError::failed(format!("cannot reach {}: {e}", self.base)))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            return Err(refusal(status, &body));
-        }
-        response
+        self.answered(self.request(reqwest::Method::GET, path))
+            .await?
             .text()
             .await
             .map_err(|e| CliError::failed(format!("reading {path} from {}: {e}", self.base)))

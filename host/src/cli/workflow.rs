@@ -243,13 +243,20 @@ pub(super) fn workflow(connection: Connection, command: WorkflowCommand) -> Resu
 #[derive(Debug, Clone)]
 enum Progress {
     NotStarted,
-    /// Submitted: the task or job id.
-    Submitted(String),
+    /// Submitted, and not ended when last looked at.
+    Submitted,
     /// Completed: the task's result, or the job's id.
     Completed(Value),
     /// Ended otherwise, or not run because a step it waits for did not
     /// complete: why.
     Failed(String),
+}
+
+impl Progress {
+    /// Whether the step is over, whichever way.
+    fn ended(&self) -> bool {
+        matches!(self, Progress::Completed(_) | Progress::Failed(_))
+    }
 }
 
 /// How soon running steps are looked at after something changed (a step
@@ -314,6 +321,7 @@ where
 /// Run the plan to its end and print the final steps' results.
 async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
     let mut progress = vec![Progress::NotStarted; plan.names.len()];
+    // The task or job id each step got when it was submitted.
     let mut ids: Vec<Option<String>> = vec![None; plan.names.len()];
     let mut pause = POLL_FIRST;
     loop {
@@ -325,9 +333,7 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
             let failed = plan.after[i]
                 .iter()
                 .find(|&&w| matches!(progress[w], Progress::Failed(_)));
-            let all_ended = plan.after[i]
-                .iter()
-                .all(|&w| matches!(progress[w], Progress::Completed(_) | Progress::Failed(_)));
+            let all_ended = plan.after[i].iter().all(|&w| progress[w].ended());
             if let (Some(&failed), OnFailure::Cancel) = (failed, plan.on_failure[i]) {
                 let why = format!("not run: step {:?} did not complete", plan.names[failed]);
                 eprintln!("step {}: {why}", plan.names[i]);
@@ -344,15 +350,16 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                     }
                 })?;
                 eprintln!("step {}: submitted {id}", plan.names[i]);
-                ids[i] = Some(id.clone());
-                progress[i] = Progress::Submitted(id);
+                ids[i] = Some(id);
+                progress[i] = Progress::Submitted;
                 changed = true;
             }
         }
         let mut running = false;
-        for (step, (name, work)) in progress.iter_mut().zip(plan.names.iter().zip(&plan.work)) {
-            if let Progress::Submitted(id) = step {
-                match look(client, work, id).await? {
+        for (i, step) in progress.iter_mut().enumerate() {
+            if let (Progress::Submitted, Some(id)) = (&step, &ids[i]) {
+                let name = &plan.names[i];
+                match look(client, &plan.work[i], id).await? {
                     Some(done) => {
                         match &done {
                             Progress::Completed(_) => eprintln!("step {name}: completed"),
@@ -366,10 +373,7 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                 }
             }
         }
-        let finished = progress
-            .iter()
-            .all(|p| matches!(p, Progress::Completed(_) | Progress::Failed(_)));
-        if finished {
+        if progress.iter().all(Progress::ended) {
             break;
         }
         pause = if changed {

@@ -171,16 +171,14 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<Option<(u64, u64)>> {
 /// passive checkpoint, and asleep again.
 fn run(conn: Connection, shared: Arc<Shared>) {
     loop {
-        while !shared.wanted.load(Ordering::Acquire) {
-            if shared.stop.load(Ordering::Acquire) {
-                return;
-            }
-            std::thread::park();
-        }
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        shared.wanted.store(false, Ordering::Release);
+        // A wake without work (or a spurious one) parks again.
+        if !shared.wanted.swap(false, Ordering::AcqRel) {
+            std::thread::park();
+            continue;
+        }
         if shared.writer_restarting.load(Ordering::Acquire) {
             continue;
         }
