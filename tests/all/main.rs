@@ -4,6 +4,7 @@ mod api;
 mod browser;
 mod cli_run;
 mod conformance;
+mod dependencies;
 mod grid;
 mod invoke;
 mod kafka;

@@ -24,6 +24,7 @@ pub(super) async fn submit(
 ) -> Result<(StatusCode, Json<JobView>), AppError> {
     let options = request.options.into_options()?;
     check_name(request.name.as_deref())?;
+    super::tasks::check_dependencies(&state, &options).await?;
     let payloads: Vec<Vec<u8>> = match (request.payloads, request.payloads_base64, &request.sweep) {
         (Some(list), None, None) => list
             .into_iter()

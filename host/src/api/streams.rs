@@ -56,6 +56,7 @@ pub(super) async fn submit(
     }
     let options = header.options.into_options()?;
     super::jobs::check_name(header.name.as_deref())?;
+    super::tasks::check_dependencies(&state, &options).await?;
     let module = modules::resolve(&state, &header.module).await?;
     let cap = if state.work.streams_lazily() {
         u64::MAX

@@ -7,7 +7,7 @@ use super::wire::{
     parse_tag,
 };
 use super::{AppState, modules, views};
-use crate::model::{NewTask, TaskOptions, TaskRecord, TaskState, now_ms};
+use crate::model::{NewTask, OnFailure, TaskOptions, TaskRecord, TaskState, now_ms};
 use crate::queue::invocation::{Invocation, Outcome};
 use crate::queue::{Control, QueueError, TaskFilter};
 use axum::Json;
@@ -114,6 +114,7 @@ impl SubmitOptions {
             (None, Some(_)) => Some(at),
             (None, None) => None,
         };
+        let (after, on_failure) = dependencies(self.after, self.on_failure.as_deref())?;
         Ok(TaskOptions {
             priority,
             tags: self.tags,
@@ -122,8 +123,90 @@ impl SubmitOptions {
             memory_bytes,
             max_attempts,
             not_before,
+            after,
+            on_failure,
         })
     }
+}
+
+/// Most dependencies one task or job may name.
+const MAX_DEPENDENCIES: usize = 1000;
+
+/// `after` and `on_failure` checked: ids well formed, each once, in order.
+fn dependencies(
+    after: Vec<String>,
+    on_failure: Option<&str>,
+) -> Result<(Vec<String>, OnFailure), AppError> {
+    let bad = |field: &str, why: String| {
+        AppError::bad_request("invalid_field", format!("{field}: {why}"))
+    };
+    if after.len() > MAX_DEPENDENCIES {
+        return Err(bad(
+            "after",
+            format!("at most {MAX_DEPENDENCIES} ids, got {}", after.len()),
+        ));
+    }
+    let mut ids: Vec<String> = Vec::with_capacity(after.len());
+    for id in after {
+        if id.is_empty()
+            || id.len() > 128
+            || id.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(bad("after", format!("{id:?} is not a task or job id")));
+        }
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let on_failure = match on_failure {
+        None => OnFailure::Cancel,
+        Some(_) if ids.is_empty() => {
+            return Err(bad("on_failure", "only with after".into()));
+        }
+        Some("cancel") => OnFailure::Cancel,
+        Some("run") => OnFailure::Run,
+        Some(other) => {
+            return Err(bad(
+                "on_failure",
+                format!("must be cancel or run, got {other:?}"),
+            ));
+        }
+    };
+    Ok((ids, on_failure))
+}
+
+/// Refuse (400 `unknown_dependency`) a submit whose `after` names an id
+/// that is neither a task nor a job of this store. Cycles cannot form: an
+/// id is made when its task is accepted, so nothing can name a later one.
+pub(super) async fn check_dependencies(
+    state: &AppState,
+    options: &TaskOptions,
+) -> Result<(), AppError> {
+    if !options.after.is_empty() && !state.work.runs_dependencies() {
+        return Err(AppError::bad_request(
+            "unsupported",
+            "after: this store does not hold tasks for their dependencies yet (the embedded store does); \
+             on a Kafka grid, `kwq workflow run` orders the steps from the client",
+        ));
+    }
+    for id in &options.after {
+        let known = match state.reads.task(id).await {
+            Ok(_) => true,
+            Err(QueueError::NotFound(_)) => match state.reads.job(id).await {
+                Ok(_) => true,
+                Err(QueueError::NotFound(_)) => false,
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        if !known {
+            return Err(AppError::bad_request(
+                "unknown_dependency",
+                format!("after: no task or job {id:?}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A payload given as JSON (`payload`) or as raw bytes (`payload_base64`).
@@ -188,6 +271,13 @@ pub(super) async fn submit(
     }
     let durable = request.durable.unwrap_or(true);
     let options = request.options.into_options()?;
+    if wait.is_some() && !options.after.is_empty() {
+        return Err(AppError::bad_request(
+            "invalid_field",
+            "after: not with ?wait (a synchronous invocation runs at once); submit it, then wait with GET /v1/tasks/{id}",
+        ));
+    }
+    check_dependencies(&state, &options).await?;
     let module = modules::resolve(&state, &request.module).await?;
     let payload = payload_bytes(request.payload, request.payload_base64)?;
     let task = NewTask {

@@ -79,6 +79,8 @@ pub(super) fn job(job: &JobRecord, stats: &JobStats) -> JobView {
     // cancelled, will never run: Cancelled (without a row each).
     let unexpanded = if job.cancelled {
         TaskState::Cancelled
+    } else if job.waiting {
+        TaskState::Waiting
     } else {
         TaskState::Pending
     };
@@ -93,6 +95,8 @@ pub(super) fn job(job: &JobRecord, stats: &JobStats) -> JobView {
         "Finished"
     } else if job.paused {
         "Paused"
+    } else if job.waiting {
+        "Waiting"
     } else {
         "Active"
     };

@@ -74,6 +74,18 @@ pub struct SubmitOptions {
     #[schema(value_type = Option<u64>, minimum = 0)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Number>,
+    /// Ids of tasks or jobs (at most 1,000) to wait for: until each has
+    /// ended this task (or every task of this job) is `Waiting`, neither
+    /// leased nor counted as Pending. A job ends when all its tasks have.
+    #[schema(max_items = 1000)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// With `after`: `cancel` (default) cancels this with the reason
+    /// `dependency_failed: <id>` once a dependency ends Dead or Cancelled
+    /// (a job: with any such task); `run` runs it anyway.
+    #[schema(value_type = Option<String>, pattern = "^(cancel|run)$")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
     /// Fields nobody asked for: refused, so a typo is not silently ignored
     /// (this struct is flattened into bodies, which therefore cannot use
     /// serde's `deny_unknown_fields`).

@@ -89,6 +89,10 @@ pub enum BenchCommand {
     /// What task modules cost, in any language: size, first compile, and
     /// time per task cold (fresh instance) and warm (reused after init).
     Modules(super::bench_modules::ModulesBench),
+    /// Dependencies: how long one job's waiters (100,000 by default) take
+    /// to be released once it completes, and the scheduler's latency per
+    /// hop of a chain of tasks each waiting on the one before.
+    Workflow(super::bench_workflow::WorkflowBench),
 }
 
 /// Run a benchmark.
@@ -127,6 +131,7 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
         } => super::bench_invoke::run(samples, workers, durability),
         BenchCommand::Workers(bench) => super::bench_workers::run(bench),
         BenchCommand::Modules(bench) => super::bench_modules::run(bench),
+        BenchCommand::Workflow(bench) => super::bench_workflow::run(bench),
     }
 }
 

@@ -56,6 +56,13 @@ pub struct TaskFlags {
     /// Start no earlier than this long from now.
     #[arg(long, value_parser = parse::duration)]
     delay: Option<Duration>,
+    /// Wait (state Waiting) until this task or job has ended; repeat for
+    /// more. The embedded store only.
+    #[arg(long = "after", value_name = "ID")]
+    after: Vec<String>,
+    /// With --after: what a dependency that did not complete does.
+    #[arg(long, value_parser = ["cancel", "run"], requires = "after")]
+    on_failure: Option<String>,
 }
 
 impl TaskFlags {
@@ -69,6 +76,8 @@ impl TaskFlags {
             memory_bytes: self.memory.map(Number::from),
             max_attempts: self.max_attempts.map(Number::from),
             delay_ms: self.delay.map(|d| Number::from(d.as_millis() as u64)),
+            after: self.after.clone(),
+            on_failure: self.on_failure.clone(),
             ..SubmitOptions::default()
         }
     }
@@ -556,7 +565,8 @@ fn watch_job(client: &Client, id: &str) -> Result<(), CliError> {
             let counts = &job["counts"];
             bar.set_position(job["finished"].as_u64().unwrap_or(0));
             bar.set_message(format!(
-                "running {} failed {} dead {}",
+                "waiting {} running {} failed {} dead {}",
+                counts["Waiting"].as_u64().unwrap_or(0),
                 counts["Running"].as_u64().unwrap_or(0),
                 counts["Error"].as_u64().unwrap_or(0),
                 counts["Dead"].as_u64().unwrap_or(0)

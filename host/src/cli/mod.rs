@@ -9,6 +9,7 @@ mod bench_membership;
 mod bench_modules;
 mod bench_sweep;
 mod bench_workers;
+mod bench_workflow;
 mod client;
 mod compute;
 mod dev;

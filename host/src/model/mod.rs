@@ -5,8 +5,8 @@ mod task;
 
 pub use sweep::{MAX_SWEEP_BASE_BYTES, MAX_SWEEP_POINTS, Sweep, SweepAxis, SweepError};
 pub use task::{
-    Event, JobCounts, JobId, JobRecord, Micros, Millis, NewJob, NewTask, TaskId, TaskOptions,
-    TaskRecord, TaskState, now_ms, now_us,
+    Event, JobCounts, JobId, JobRecord, Micros, Millis, NewJob, NewTask, OnFailure, TaskId,
+    TaskOptions, TaskRecord, TaskState, now_ms, now_us,
 };
 
 use serde::{Deserialize, Serialize};

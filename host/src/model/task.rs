@@ -38,6 +38,10 @@ pub type JobId = String;
 /// the task waits for its retry (or becomes `Dead` when attempts run out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TaskState {
+    /// Waiting for the tasks or jobs it names in `after` to end: never
+    /// leased, not counted as Pending. Becomes Pending when they have all
+    /// Completed, or Cancelled (`dependency_failed: <id>`) when one did not.
+    Waiting,
     /// Waiting to be leased (priority 0: held until raised).
     Pending,
     /// Leased by a worker, not started yet.
@@ -56,7 +60,8 @@ pub enum TaskState {
 
 impl TaskState {
     /// Every state, in life order.
-    pub const ALL: [TaskState; 7] = [
+    pub const ALL: [TaskState; 8] = [
+        TaskState::Waiting,
         TaskState::Pending,
         TaskState::Allocated,
         TaskState::Running,
@@ -69,6 +74,7 @@ impl TaskState {
     /// The name used on the wire and in the store.
     pub fn as_str(self) -> &'static str {
         match self {
+            TaskState::Waiting => "Waiting",
             TaskState::Pending => "Pending",
             TaskState::Allocated => "Allocated",
             TaskState::Running => "Running",
@@ -124,6 +130,41 @@ pub struct TaskOptions {
     pub max_attempts: u32,
     /// Not to start before this time (delayed start).
     pub not_before: Option<Millis>,
+    /// Tasks or jobs (by id) that must end before this one starts: until
+    /// then it is [`TaskState::Waiting`]. On a job, the whole job waits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// What a dependency that did not complete does to a waiting task.
+    #[serde(default, skip_serializing_if = "OnFailure::is_cancel")]
+    pub on_failure: OnFailure,
+}
+
+/// What a dependency that ended Dead or Cancelled (or a job with such a
+/// task) does to the tasks waiting for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The waiter is cancelled with `dependency_failed: <id>` (the default:
+    /// a reduce over a failed sweep is rarely what anyone wants).
+    #[default]
+    Cancel,
+    /// The waiter runs once its dependencies have ended, however they ended.
+    Run,
+}
+
+impl OnFailure {
+    /// Whether this is the default, [`OnFailure::Cancel`] (left off the wire).
+    pub fn is_cancel(&self) -> bool {
+        *self == OnFailure::Cancel
+    }
+
+    /// The name used on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Cancel => "cancel",
+            OnFailure::Run => "run",
+        }
+    }
 }
 
 impl Default for TaskOptions {
@@ -136,6 +177,8 @@ impl Default for TaskOptions {
             memory_bytes: 256 << 20,
             max_attempts: 3,
             not_before: None,
+            after: Vec::new(),
+            on_failure: OnFailure::Cancel,
         }
     }
 }
@@ -250,6 +293,7 @@ impl NewJob {
             expanded,
             paused: false,
             cancelled: false,
+            waiting: !self.options.after.is_empty(),
             created_at: now,
             sweep: self.sweep.clone(),
         }
@@ -258,7 +302,7 @@ impl NewJob {
 
 /// Counts of a job's tasks per state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobCounts(pub [u64; 7]);
+pub struct JobCounts(pub [u64; TaskState::ALL.len()]);
 
 impl JobCounts {
     /// Tasks in a state.
@@ -312,6 +356,10 @@ pub struct JobRecord {
     pub paused: bool,
     /// Cancelled: its unfinished tasks were cancelled.
     pub cancelled: bool,
+    /// Waiting for the jobs or tasks in `options.after`: none of its tasks
+    /// is leased (nor any sweep point created) until they have ended.
+    #[serde(default)]
+    pub waiting: bool,
     /// When it was submitted.
     pub created_at: Millis,
     /// The sweep, if it is one.

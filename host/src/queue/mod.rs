@@ -263,6 +263,22 @@ pub trait CommitObserver: Send + Sync {
     /// task of theirs: how the tracker learns the names it labels metrics
     /// with. Must be quick.
     fn modules_stored(&self, _modules: &[ModuleRecord]) {}
+
+    /// Called from the store's writer when waiting jobs were released or
+    /// cancelled because of their dependencies (after the commit's
+    /// events): a sweep that waited has no task whose event would say so.
+    /// Must be quick.
+    fn jobs_settled(&self, _jobs: &[SettledJob]) {}
+}
+
+/// A job that waited for its dependencies and no longer does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledJob {
+    /// The job.
+    pub job: JobId,
+    /// Released (its tasks may run); else cancelled, a dependency having
+    /// failed.
+    pub released: bool,
 }
 
 /// A user's control over unfinished work, as the API sends it to the store
@@ -369,6 +385,12 @@ pub trait WorkQueue: Send + Sync + 'static {
     /// stream's payloads out of memory, so a stream needs no cap on its
     /// length (Kafka); else a stream is capped as a JSON job's payloads are.
     fn streams_lazily(&self) -> bool {
+        false
+    }
+    /// Whether tasks and jobs may name `after` here (the embedded store);
+    /// a backend that cannot hold them Waiting says no, and the API refuses
+    /// such submits instead of running them early.
+    fn runs_dependencies(&self) -> bool {
         false
     }
     /// Durably accept a job whose payloads arrive in batches as they are

@@ -36,6 +36,7 @@ impl EmbeddedQueue {
             }
             let unfinished = state.sweeps.iter().any(|c| *c.job == **job)
                 || state.scheduler.ready.job_waiting(job) > 0
+                || state.waiting.has_job(job)
                 || state.scheduler.has_leases_of(job);
             if unfinished {
                 return Err(QueueError::Conflict(format!(
@@ -92,6 +93,7 @@ impl EmbeddedQueue {
                 JobFlags {
                     cancelled: true,
                     paused: false,
+                    waiting: false,
                 },
             );
             state.sweeps.retain(|c| &*c.job != job.as_str());
@@ -101,21 +103,16 @@ impl EmbeddedQueue {
                 paused: false,
                 cancelled: true,
             }];
-            ops.extend(
-                state
-                    .scheduler
-                    .ready
-                    .remove_job(job)
-                    .into_iter()
-                    .map(|entry| {
-                        Op::Transition(Box::new(transition(
-                            &entry,
-                            Some(entry.state),
-                            TaskState::Cancelled,
-                            entry.attempts,
-                        )))
-                    }),
-            );
+            let mut unfinished = state.scheduler.ready.remove_job(job);
+            unfinished.extend(state.waiting.take_job(job));
+            ops.extend(unfinished.into_iter().map(|entry| {
+                Op::Transition(Box::new(transition(
+                    &entry,
+                    Some(entry.state),
+                    TaskState::Cancelled,
+                    entry.attempts,
+                )))
+            }));
             self.inner.writer.write(ops)
         };
         durable.await
@@ -128,9 +125,14 @@ impl EmbeddedQueue {
                 return Ok(());
             }
             let super::HostState {
-                scheduler, invoked, ..
+                scheduler,
+                invoked,
+                waiting,
+                ..
             } = &mut *state;
-            scheduler.ready.remove(task).map(|entry| {
+            // A task waiting for its dependencies is cancelled as any other.
+            let entry = scheduler.ready.remove(task).or_else(|| waiting.take(task));
+            entry.map(|entry| {
                 // A synchronous caller waiting for it hears the end from
                 // the commits; its insert, if still held, goes first.
                 let mut ops = invoked
@@ -160,8 +162,16 @@ impl EmbeddedQueue {
 
     async fn reprioritise(&self, task: &TaskId, priority: u8) -> Result<(), QueueError> {
         let known = {
-            let scheduler = &mut self.state().scheduler;
-            let waiting = scheduler.ready.set_priority(task, priority, now_ms());
+            let mut state = self.state();
+            let held = match state.waiting.get_mut(task) {
+                Some(entry) => {
+                    entry.priority = priority;
+                    true
+                }
+                None => false,
+            };
+            let scheduler = &mut state.scheduler;
+            let waiting = held || scheduler.ready.set_priority(task, priority, now_ms());
             if let Some(leased) = scheduler.leased_mut(task) {
                 leased.entry.priority = priority;
             }
@@ -198,6 +208,7 @@ impl EmbeddedQueue {
             // their rows are written after the job's update.
             let now = now_ms();
             state.scheduler.ready.set_job_priority(job, priority, now);
+            state.waiting.set_job_priority(job, priority);
             state.scheduler.set_leased_job_priority(job, priority);
             if let Some(cursor) = state.sweeps.iter_mut().find(|c| *c.job == **job) {
                 cursor.options.priority = priority;

@@ -5,6 +5,7 @@
 
 mod checkpoint;
 mod controls;
+mod dependencies;
 mod invoke;
 mod pressure;
 mod reader;
@@ -15,6 +16,7 @@ mod submit;
 mod sweeps;
 mod view;
 mod view_apply;
+mod waiting;
 mod writer;
 
 use super::invocation::{Invocation, Outcome};
@@ -189,6 +191,8 @@ struct HostState {
     jobs: HashMap<Arc<str>, JobFlags>,
     /// Synchronous invocations whose callers wait, by task.
     invoked: HashMap<Arc<str>, invoke::Invoked>,
+    /// Tasks waiting for their dependencies, out of the ready index.
+    waiting: waiting::WaitingTasks,
 }
 
 /// A lease's Allocated and Running, held back from the writer for a
@@ -223,6 +227,8 @@ impl Deferred {
 struct JobFlags {
     paused: bool,
     cancelled: bool,
+    /// Waiting for its dependencies: its sweep creates no points.
+    waiting: bool,
 }
 
 /// What one look at the ready index gave a free worker.
@@ -296,6 +302,7 @@ impl EmbeddedQueue {
                     sweeps: Vec::new(),
                     jobs: HashMap::new(),
                     invoked: HashMap::new(),
+                    waiting: Default::default(),
                 }),
                 wake: Notify::new(),
                 closed: AtomicBool::new(false),
@@ -311,6 +318,9 @@ impl EmbeddedQueue {
             }),
         };
         let _ = handover.send(Arc::downgrade(&queue.inner));
+        queue.observe(Arc::new(waiting::Releaser {
+            store: Arc::downgrade(&queue.inner),
+        }));
         if recover {
             queue.recover()?;
         }
@@ -506,21 +516,28 @@ impl WorkQueue for EmbeddedQueue {
 
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError> {
         let now = now_ms();
+        let mut ops = Vec::with_capacity(1);
+        let mut waiters = Vec::new();
+        let mut entries = Vec::with_capacity(tasks.len());
         let tagged: Vec<(NewTask, Tags)> = tasks
             .into_iter()
             .map(|t| {
                 let tags = Arc::new(t.options.tags.clone());
+                let entry = entry_from_new(&t, tags.clone(), now);
+                if t.options.after.is_empty() {
+                    entries.push(entry);
+                } else {
+                    ops.push(Op::Wait {
+                        waiter: t.id.clone(),
+                        after: t.options.after.clone(),
+                    });
+                    waiters.push(entry);
+                }
                 (t, tags)
             })
             .collect();
-        let entries: Vec<Entry> = tagged
-            .iter()
-            .map(|(t, tags)| entry_from_new(t, tags.clone(), now))
-            .collect();
-        self.inner
-            .writer
-            .write(vec![Op::NewTasks(tagged, now)])
-            .await?;
+        ops.insert(0, Op::NewTasks(tagged, now));
+        self.write_holding(waiters, ops).await?;
         {
             let ready_us = now_us();
             let mut state = self.state();
@@ -537,6 +554,10 @@ impl WorkQueue for EmbeddedQueue {
 
     async fn submit_job(&self, job: NewJob) -> Result<JobRecord, QueueError> {
         self.accept_job(job).await
+    }
+
+    fn runs_dependencies(&self) -> bool {
+        true
     }
 
     async fn invoke(&self, task: NewTask, durable: bool) -> Result<Invocation, QueueError> {

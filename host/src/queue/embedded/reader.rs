@@ -64,7 +64,7 @@ impl Reader {
 const TASK_COLUMNS: &str =
     "seq, id, job_id, module, payload, priority, options, state, attempts, worker, not_before,
     pending_at, allocated_at, running_at, completed_at, error_at, dead_at, cancelled_at,
-    error_kind, error_message, result, logs, progress";
+    error_kind, error_message, result, logs, progress, waiting_at";
 
 /// A task row, with its cursor.
 pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, TaskRecord)> {
@@ -75,9 +75,11 @@ pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, TaskRecord)
     options.not_before = row.get::<_, Option<i64>>(10)?.map(|t| t as u64);
     let state = TaskState::parse(&row.get::<_, String>(7)?).unwrap_or(TaskState::Pending);
     let mut timestamps = BTreeMap::new();
-    for (i, s) in TaskState::ALL.iter().enumerate() {
-        if let Some(at) = row.get::<_, Option<i64>>(11 + i)? {
-            timestamps.insert(*s, at as u64);
+    // Columns 11..=17 hold Pending to Cancelled; Waiting's came later (23).
+    let columns = std::iter::once(23).chain(11..=17);
+    for (column, s) in columns.zip(TaskState::ALL) {
+        if let Some(at) = row.get::<_, Option<i64>>(column)? {
+            timestamps.insert(s, at as u64);
         }
     }
     let error_kind: Option<String> = row.get(18)?;
@@ -263,6 +265,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         expanded: row.get::<_, i64>(5)? as u64,
         paused: row.get(6)?,
         cancelled: row.get(7)?,
+        waiting: row.get(10)?,
         sweep: row
             .get::<_, Option<String>>(8)?
             .and_then(|s| serde_json::from_str(&s).ok()),
@@ -271,7 +274,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
 }
 
 const JOB_COLUMNS: &str =
-    "id, name, module, options, total, expanded, paused, cancelled, sweep, created_at";
+    "id, name, module, options, total, expanded, paused, cancelled, sweep, created_at, waiting";
 
 pub(super) fn job(conn: &Connection, id: &str) -> Result<JobRecord, QueueError> {
     conn.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))
@@ -412,7 +415,7 @@ pub(super) fn unfinished(
 ) -> Result<Vec<(TaskRecord, bool)>, QueueError> {
     let mut stmt = conn
         .prepare(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('Pending', 'Allocated', 'Running', 'Error') ORDER BY seq"
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('Waiting', 'Pending', 'Allocated', 'Running', 'Error') ORDER BY seq"
         ))
         .map_err(storage)?;
     let mut held = 0u64;

@@ -46,6 +46,7 @@ impl EmbeddedQueue {
                 JobFlags {
                     paused: job.paused,
                     cancelled: job.cancelled,
+                    waiting: job.waiting && !job.cancelled,
                 },
             );
             if job.paused {
@@ -82,6 +83,10 @@ impl EmbeddedQueue {
                     .or_insert_with(|| Arc::from(job.as_str()));
                 entry.job = Some(shared.clone());
             }
+            if task.state == TaskState::Waiting {
+                state.waiting.hold(entry);
+                continue;
+            }
             if matches!(task.state, TaskState::Allocated | TaskState::Running) {
                 entry.state = TaskState::Pending;
                 let mut t = transition(&entry, Some(task.state), TaskState::Pending, task.attempts);
@@ -96,8 +101,13 @@ impl EmbeddedQueue {
                 tasks = requeued.len(),
                 "requeued tasks leased before the restart"
             );
-            self.inner.writer.send(requeued);
         }
+        // Releases commit with the end that causes them, so none should be
+        // owed; settling every dependency once costs a lookup each and sets
+        // right a store that disagrees (written by hand, or by an older kwq).
+        requeued.push(Op::SettleAll);
+        drop(state);
+        futures::executor::block_on(self.inner.writer.write(requeued))?;
         Ok(())
     }
 }

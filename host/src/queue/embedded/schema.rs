@@ -6,8 +6,10 @@ use rusqlite::Connection;
 /// a record never walks the blob's overflow pages), module_names (aliases:
 /// each name points at one module, its latest upload under that name), jobs (one row per job, sweeps with a
 /// cursor), tasks (one row per created task: the durable record), events
-/// (the tracker log; its rowid is the event offset), view_offsets (how far a
-/// Kafka host's view has read each topic partition).
+/// (the tracker log; its rowid is the event offset), dependencies (which
+/// waiting task or job waits for which task or job: a row goes once its
+/// dependency has ended), view_offsets (how far a Kafka host's view has
+/// read each topic partition).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS modules (
     id TEXT PRIMARY KEY,
@@ -87,6 +89,12 @@ CREATE TRIGGER IF NOT EXISTS task_tags_on_delete AFTER DELETE ON tasks
 BEGIN
     DELETE FROM task_tags WHERE seq = OLD.seq;
 END;
+CREATE TABLE IF NOT EXISTS dependencies (
+    dependency TEXT NOT NULL,
+    waiter TEXT NOT NULL,
+    PRIMARY KEY (dependency, waiter)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dependencies_by_waiter ON dependencies(waiter);
 CREATE TABLE IF NOT EXISTS view_offsets (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -119,6 +127,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("tasks", "run_us", "INTEGER"),
     ("events", "run_us", "INTEGER"),
     ("events", "wait_us", "INTEGER"),
+    ("tasks", "waiting_at", "INTEGER"),
+    ("jobs", "waiting", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -190,6 +190,7 @@ mod tests {
         let mut apart = super::super::schema::open(&dir.path().join("apart.db"), true).unwrap();
         apply(
             &mut apart,
+            &mut Default::default(),
             &[command(vec![Op::NewTasks(
                 vec![(task.clone(), tags.clone())],
                 1_000,
@@ -197,7 +198,7 @@ mod tests {
         )
         .unwrap();
         for op in life(&task, &tags) {
-            apply(&mut apart, &[command(vec![op])]).unwrap();
+            apply(&mut apart, &mut Default::default(), &[command(vec![op])]).unwrap();
         }
 
         // Together (a notice between, as an invocation's held insert has).
@@ -208,7 +209,9 @@ mod tests {
             Op::Notify(Box::new(|| {})),
         ];
         ops.extend(life(&task, &tags));
-        let (committed, _) = apply(&mut together, &[command(ops)]).unwrap();
+        let committed = apply(&mut together, &mut Default::default(), &[command(ops)])
+            .unwrap()
+            .committed;
         let states: Vec<TaskState> = committed.iter().map(|c| c.event.state).collect();
         assert_eq!(
             states,
@@ -236,6 +239,7 @@ mod tests {
         let mut conn = super::super::schema::open(&dir.path().join("s.db"), true).unwrap();
         apply(
             &mut conn,
+            &mut Default::default(),
             &[command(vec![Op::NewTasks(
                 vec![(other.clone(), tags.clone())],
                 900,
@@ -246,7 +250,7 @@ mod tests {
         // and it still applies to its own row.
         let mut ops = vec![Op::NewTasks(vec![(first.clone(), tags.clone())], 1_000)];
         ops.extend(life(&other, &tags).into_iter().take(1));
-        apply(&mut conn, &[command(ops)]).unwrap();
+        apply(&mut conn, &mut Default::default(), &[command(ops)]).unwrap();
         let state = |id: &str| -> String {
             conn.query_row("SELECT state FROM tasks WHERE id = ?1", [id], |r| r.get(0))
                 .unwrap()

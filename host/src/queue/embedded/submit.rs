@@ -32,7 +32,7 @@ impl EmbeddedQueue {
     }
 
     /// Durably accept a job (see the module's comment).
-    pub(super) async fn accept_job(&self, job: NewJob) -> Result<JobRecord, QueueError> {
+    pub(super) async fn accept_job(&self, mut job: NewJob) -> Result<JobRecord, QueueError> {
         let now = now_ms();
         let total = match &job.sweep {
             Some(sweep) => sweep
@@ -61,7 +61,10 @@ impl EmbeddedQueue {
         let mut entries = Vec::with_capacity(job.payloads.len());
         let job_id: Arc<str> = Arc::from(job.id.as_str());
         let mut held = self.state().scheduler.ready.payload_bytes();
-        let mut payloads = job.payloads.into_iter().enumerate().peekable();
+        let mut payloads = std::mem::take(&mut job.payloads)
+            .into_iter()
+            .enumerate()
+            .peekable();
         loop {
             let chunk: Vec<(NewTask, Tags)> = payloads
                 .by_ref()
@@ -90,11 +93,21 @@ impl EmbeddedQueue {
             if !chunk.is_empty() {
                 ops.push(Op::NewTasks(chunk, now));
             }
-            if payloads.peek().is_none() && chunked {
+            let last = payloads.peek().is_none();
+            if last && chunked {
                 ops.push(Op::JobExpanded(job.id.clone(), total));
             }
+            if last && record.waiting {
+                // Last, once every task is stored Waiting: the commit may
+                // release the job at once.
+                ops.push(Op::Wait {
+                    waiter: job.id.clone(),
+                    after: job.options.after.clone(),
+                });
+                return self.accept_waiting_job(job, entries, ops, record).await;
+            }
             self.inner.writer.write(ops).await?;
-            if payloads.peek().is_none() {
+            if last {
                 break;
             }
         }
@@ -121,6 +134,47 @@ impl EmbeddedQueue {
             }
         }
         self.inner.wake.notify_waiters();
+        Ok(record)
+    }
+
+    /// The last write of a job that waits for dependencies: its flags,
+    /// sweep cursor and tasks are held first (see
+    /// [`EmbeddedQueue::write_holding`]), and let go if the write fails.
+    async fn accept_waiting_job(
+        &self,
+        job: NewJob,
+        entries: Vec<Entry>,
+        ops: Vec<Op>,
+        record: JobRecord,
+    ) -> Result<JobRecord, QueueError> {
+        let id: Arc<str> = Arc::from(job.id.as_str());
+        {
+            let mut state = self.state();
+            state.jobs.insert(
+                id.clone(),
+                JobFlags {
+                    waiting: true,
+                    ..JobFlags::default()
+                },
+            );
+            if let Some(sweep) = job.sweep {
+                let total = record.total;
+                state.sweeps.push(SweepCursor::new(
+                    id.clone(),
+                    job.module,
+                    job.options,
+                    sweep,
+                    0,
+                    total,
+                ));
+            }
+        }
+        if let Err(e) = self.write_holding(entries, ops).await {
+            let mut state = self.state();
+            state.jobs.remove(&id);
+            state.sweeps.retain(|c| c.job != id);
+            return Err(e);
+        }
         Ok(record)
     }
 }

@@ -67,7 +67,12 @@ impl EmbeddedQueue {
             // Paused and held (priority 0) sweeps create nothing: their
             // points would only wait, costing memory and disk.
             let held = cursor.options.priority == 0;
-            if held || flags.paused || flags.cancelled || cursor.next >= cursor.total {
+            if held
+                || flags.paused
+                || flags.cancelled
+                || flags.waiting
+                || cursor.next >= cursor.total
+            {
                 continue;
             }
             // Bounded in bytes as well as in points: a sweep with a large

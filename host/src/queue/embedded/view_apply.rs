@@ -38,7 +38,7 @@ pub(crate) fn supersedes(
 ) -> bool {
     fn rank(state: TaskState) -> u8 {
         match state {
-            TaskState::Pending => 0,
+            TaskState::Waiting | TaskState::Pending => 0,
             TaskState::Allocated => 1,
             TaskState::Running => 2,
             TaskState::Error => 3,

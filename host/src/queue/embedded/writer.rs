@@ -6,11 +6,11 @@
 //! operation queued after another is never durable before it: a task's
 //! insert always commits before any of its transitions.
 
-use super::super::{CommitObserver, Committed, ModuleRecord, QueueError};
+use super::super::{CommitObserver, Committed, ModuleRecord, QueueError, SettledJob};
 use crate::model::{
     ErrorKind, Event, JobRecord, LogLine, Micros, Millis, ModuleId, NewTask, TaskState,
 };
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 const MAX_BATCH_OPS: usize = 50_000;
 
 use super::checkpoint::{self, Checkpointer};
+use super::dependencies::{self, Settling, Watched};
 use super::pressure::Weight;
 pub(crate) use super::pressure::{Backlog, StoreHealth};
 pub use super::pressure::{MAX_BACKLOG_BYTES, MAX_BACKLOG_OPS};
@@ -69,6 +70,15 @@ pub(super) enum Op {
         partition: i32,
         next: i64,
     },
+    /// A task or job (inserted Waiting, earlier in the same command) waits
+    /// for each of these tasks or jobs (see [`super::dependencies`]).
+    Wait {
+        waiter: String,
+        after: Vec<String>,
+    },
+    /// Settle every dependency some waiter names (start-up: a store
+    /// written by another release, or by hand, is set right).
+    SettleAll,
     /// Writes nothing: runs once every operation queued before it is
     /// durable (on the thread that committed it, after the commit's
     /// observers).
@@ -162,6 +172,8 @@ struct Core {
     backlog: Arc<Backlog>,
     /// Copies the log back into the database file, off the commit path.
     checkpointer: Checkpointer,
+    /// Ids some waiting task or job waits for.
+    watched: Watched,
 }
 
 impl Writer {
@@ -177,6 +189,10 @@ impl Writer {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog::default());
         checkpoint::install(&conn);
+        let watched = Watched::load(&conn).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the dependencies; settling them at the next start");
+            Watched::default()
+        });
         let core = Arc::new(Mutex::new(Core {
             conn,
             events,
@@ -184,6 +200,7 @@ impl Writer {
             health,
             backlog: backlog.clone(),
             checkpointer,
+            watched,
         }));
         let writing = core.clone();
         std::thread::Builder::new()
@@ -277,21 +294,34 @@ impl Core {
     /// observers, callers, notices and subscribers, in that order; on
     /// failure nothing is told and the batch comes back with the error.
     fn commit(&mut self, batch: Vec<Command>) -> Result<(), (Vec<Command>, rusqlite::Error)> {
-        let applied = apply(&mut self.conn, &batch);
+        let applied = apply(&mut self.conn, &mut self.watched, &batch);
         let log_pages = checkpoint::taken_log_pages();
-        let (committed, modules) = match applied {
+        let Applied {
+            committed,
+            modules,
+            jobs,
+        } = match applied {
             Ok(done) => done,
-            Err(e) => return Err((batch, e)),
+            Err(e) => {
+                // What the failed batch watched is read again from the store.
+                if let Ok(watched) = Watched::load(&self.conn) {
+                    self.watched = watched;
+                }
+                return Err((batch, e));
+            }
         };
         self.health.set(None);
         // Statistics first, so a caller that was told "stored" sees them.
-        if !modules.is_empty() || !committed.is_empty() {
+        if !modules.is_empty() || !committed.is_empty() || !jobs.is_empty() {
             for observer in self.observers.read().expect("observers lock").iter() {
                 if !modules.is_empty() {
                     observer.modules_stored(&modules);
                 }
                 if !committed.is_empty() {
                     observer.committed(&committed);
+                }
+                if !jobs.is_empty() {
+                    observer.jobs_settled(&jobs);
                 }
             }
         }
@@ -418,6 +448,7 @@ fn transition_sql(state: TaskState) -> &'static str {
         };
     }
     match state {
+        TaskState::Waiting => update!("waiting_at"),
         TaskState::Pending => update!("pending_at"),
         TaskState::Allocated => update!("allocated_at"),
         TaskState::Running => update!("running_at"),
@@ -428,15 +459,30 @@ fn transition_sql(state: TaskState) -> &'static str {
     }
 }
 
-/// Apply a batch in one transaction: the events it logged and the module
-/// records it stored.
+/// What a batch did, for whom the commit tells.
+#[derive(Default)]
+pub(super) struct Applied {
+    /// The events it logged.
+    pub(super) committed: Vec<Committed>,
+    /// The module records it stored.
+    pub(super) modules: Vec<ModuleRecord>,
+    /// The waiting jobs it released or cancelled.
+    pub(super) jobs: Vec<SettledJob>,
+}
+
+/// Apply a batch in one transaction (`watched`: the dependencies some
+/// waiter names, kept up to date).
 pub(super) fn apply(
     conn: &mut Connection,
+    watched: &mut Watched,
     batch: &[Command],
-) -> rusqlite::Result<(Vec<Committed>, Vec<ModuleRecord>)> {
+) -> rusqlite::Result<Applied> {
     let tx = conn.transaction()?;
     let mut committed = Vec::new();
     let mut modules = Vec::new();
+    let mut settling = Settling::default();
+    // Whether the job of the tasks being inserted waits (asked once per job).
+    let mut job_waits: Option<(String, bool)> = None;
     let mut passed = PassedStates::default();
     let mut ops = batch.iter().flat_map(|c| c.ops.iter()).peekable();
     while let Some(op) = ops.next() {
@@ -507,6 +553,11 @@ pub(super) fn apply(
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8)",
                 )?;
                 for (task, tags) in tasks {
+                    if waits(&tx, task, &mut job_waits)? {
+                        insert_waiting(&tx, task, *at)?;
+                        log_new(&tx, task, tags, TaskState::Waiting, *at, &mut committed)?;
+                        continue;
+                    }
                     insert.execute(params![
                         task.id,
                         task.job_id,
@@ -523,6 +574,7 @@ pub(super) fn apply(
             Op::JobExpanded(job, expanded) => {
                 tx.prepare_cached("UPDATE jobs SET expanded = ?2 WHERE id = ?1")?
                     .execute(params![job, *expanded as i64])?;
+                settling.may_have_ended(watched, job);
             }
             Op::JobFlags {
                 job,
@@ -531,6 +583,18 @@ pub(super) fn apply(
             } => {
                 tx.prepare_cached("UPDATE jobs SET paused = ?2, cancelled = ?3 WHERE id = ?1")?
                     .execute(params![job, paused, cancelled])?;
+                if *cancelled {
+                    dependencies::forget_waiter(&tx, job)?;
+                    settling.may_have_ended(watched, job);
+                }
+            }
+            Op::Wait { waiter, after } => {
+                dependencies::wait(&tx, watched, &mut settling, waiter, after)?;
+            }
+            Op::SettleAll => {
+                for id in watched.all() {
+                    settling.settle_anyway(id);
+                }
             }
             Op::DropJobTasks(job, limit) => {
                 let rows: Vec<(i64, String)> = tx
@@ -563,7 +627,7 @@ pub(super) fn apply(
                 .execute(params![job, priority])?;
                 tx.prepare_cached(
                     "UPDATE tasks SET priority = ?2 WHERE job_id = ?1
-                     AND state IN ('Pending', 'Allocated', 'Running', 'Error')",
+                     AND state IN ('Waiting', 'Pending', 'Allocated', 'Running', 'Error')",
                 )?
                 .execute(params![job, priority])?;
             }
@@ -582,11 +646,79 @@ pub(super) fn apply(
                     apply_transition(&tx, t, &mut committed)?;
                     passed.stamp(&tx, t)?;
                 }
+                if t.from == Some(TaskState::Waiting) {
+                    dependencies::forget_waiter(&tx, &t.task_id)?;
+                }
+                if t.to.is_terminal() {
+                    settling.may_have_ended(watched, &t.task_id);
+                    if let Some(job) = &t.job_id {
+                        settling.may_have_ended(watched, job);
+                    }
+                }
             }
         }
     }
+    let mut jobs = Vec::new();
+    if !settling.is_empty() {
+        let at = crate::model::now_ms();
+        dependencies::settle(&tx, watched, settling, at, &mut committed, &mut jobs)?;
+    }
     tx.commit()?;
-    Ok((committed, modules))
+    Ok(Applied {
+        committed,
+        modules,
+        jobs,
+    })
+}
+
+/// Whether `task` is to be stored Waiting: it names dependencies, and (a
+/// job's task) its job still waits. `job_waits` remembers the last job asked.
+fn waits(
+    tx: &rusqlite::Transaction<'_>,
+    task: &NewTask,
+    job_waits: &mut Option<(String, bool)>,
+) -> rusqlite::Result<bool> {
+    if task.options.after.is_empty() {
+        return Ok(false);
+    }
+    let Some(job) = &task.job_id else {
+        return Ok(true);
+    };
+    if let Some((known, waits)) = job_waits
+        && known == job
+    {
+        return Ok(*waits);
+    }
+    let waits: bool = tx
+        .prepare_cached("SELECT waiting FROM jobs WHERE id = ?1")?
+        .query_row(params![job], |row| row.get(0))
+        .optional()?
+        .unwrap_or(false);
+    *job_waits = Some((job.clone(), waits));
+    Ok(waits)
+}
+
+/// Insert a task's row in Waiting.
+fn insert_waiting(
+    tx: &rusqlite::Transaction<'_>,
+    task: &NewTask,
+    at: Millis,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, waiting_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Waiting', ?7, ?8)",
+    )?
+    .execute(params![
+        task.id,
+        task.job_id,
+        task.module.as_str(),
+        task.payload,
+        task.options.priority,
+        serde_json::to_string(&task.options).unwrap_or_default(),
+        task.options.not_before.map(|t| t as i64),
+        at as i64
+    ])?;
+    Ok(())
 }
 
 /// Allocated and Running of a task whose next transition follows at once
@@ -724,8 +856,8 @@ pub(super) fn insert_job(
 ) -> rusqlite::Result<bool> {
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(id) DO NOTHING",
+            "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at, waiting)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT(id) DO NOTHING",
         )?
         .execute(params![
             job.id,
@@ -737,7 +869,8 @@ pub(super) fn insert_job(
             job.paused,
             job.cancelled,
             job.sweep.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()),
-            job.created_at as i64
+            job.created_at as i64,
+            job.waiting
         ])?;
     Ok(inserted > 0)
 }
@@ -750,13 +883,26 @@ pub(super) fn log_pending(
     at: Millis,
     committed: &mut Vec<Committed>,
 ) -> rusqlite::Result<()> {
+    log_new(tx, task, tags, TaskState::Pending, at, committed)
+}
+
+/// Log a new task's first event, in `state` (Pending, or Waiting for its
+/// dependencies), and count it as new.
+fn log_new(
+    tx: &rusqlite::Transaction<'_>,
+    task: &NewTask,
+    tags: &Tags,
+    state: TaskState,
+    at: Millis,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
     let event = insert_event(
         tx,
         Event {
             offset: 0,
             task_id: task.id.clone(),
             job_id: task.job_id.clone(),
-            state: TaskState::Pending,
+            state,
             attempt: 0,
             worker: None,
             at,

@@ -165,6 +165,8 @@ impl TaskMessage {
             memory_bytes: self.memory_bytes.unwrap_or(defaults.memory_bytes),
             max_attempts: self.max_attempts.unwrap_or(defaults.max_attempts).max(1),
             not_before: self.not_before,
+            // A grid on Kafka refuses dependencies (see `KafkaQueue`).
+            ..defaults
         }
     }
 

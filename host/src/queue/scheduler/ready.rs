@@ -93,6 +93,8 @@ impl Entry {
             memory_bytes: self.memory_bytes,
             max_attempts: self.max_attempts,
             not_before: self.not_before,
+            // Re-published tasks have run: what they waited for has ended.
+            ..TaskOptions::default()
         }
     }
 

@@ -1,0 +1,308 @@
+//! Dependencies on the embedded store, the writer's half. A task or job
+//! that names `after` is stored Waiting, with one `dependencies` row per
+//! (dependency, waiter). Whenever a batch ends a task, or finishes a job,
+//! that some waiter names, the same transaction settles it: each waiter
+//! whose dependencies have all ended becomes Pending (its tasks, for a
+//! job), and one whose dependency failed becomes Cancelled with
+//! `dependency_failed: <id>` (unless it said `on_failure: run`). Release
+//! and the end that caused it are one commit, so a crash cannot fall
+//! between them; start-up settles every dependency once more anyway.
+//!
+//! The writer keeps the ids that have waiters in memory ([`Watched`]), so
+//! the many tasks nobody waits for cost one hash lookup each.
+
+use super::writer::insert_event;
+use crate::model::{Event, Millis, ModuleId, OnFailure, TaskOptions, TaskState};
+use crate::queue::{Committed, SettledJob};
+use rusqlite::{OptionalExtension, Transaction, params};
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// Ids of the tasks and jobs some waiter still waits for: the writer's
+/// memory of the `dependencies` table's first column. It grows with
+/// dependencies not yet ended, never with finished tasks.
+#[derive(Debug, Default)]
+pub(super) struct Watched(HashSet<String>);
+
+impl Watched {
+    /// Every dependency the store holds, read when the writer starts.
+    pub(super) fn load(conn: &rusqlite::Connection) -> rusqlite::Result<Self> {
+        let mut stmt = conn.prepare("SELECT DISTINCT dependency FROM dependencies")?;
+        let ids = stmt.query_map([], |row| row.get(0))?;
+        Ok(Watched(ids.collect::<Result<_, _>>()?))
+    }
+
+    /// Whether some waiter may wait for `id`.
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+
+    /// Every watched id (to settle them all at start-up).
+    pub(super) fn all(&self) -> Vec<String> {
+        self.0.iter().cloned().collect()
+    }
+}
+
+/// What a batch may have ended, gathered while it is applied and settled
+/// once at its end (a thousand completions of one job cost one check).
+#[derive(Debug, Default)]
+pub(super) struct Settling {
+    ids: BTreeSet<String>,
+}
+
+impl Settling {
+    /// `id` (a task or job) may have ended: settle it if someone waits for it.
+    pub(super) fn may_have_ended(&mut self, watched: &Watched, id: &str) {
+        if watched.contains(id) {
+            self.ids.insert(id.to_string());
+        }
+    }
+
+    /// Settle `id` at the end of the batch even if nobody watched it when
+    /// the batch began.
+    pub(super) fn settle_anyway(&mut self, id: String) {
+        self.ids.insert(id);
+    }
+
+    /// Whether there is nothing to settle.
+    pub(super) fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// `waiter` waits for each of `after`: its rows, and the ids watched.
+/// Ids that have already ended are settled at the end of the batch.
+pub(super) fn wait(
+    tx: &Transaction<'_>,
+    watched: &mut Watched,
+    settling: &mut Settling,
+    waiter: &str,
+    after: &[String],
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO dependencies (dependency, waiter) VALUES (?1, ?2)",
+    )?;
+    for dependency in after {
+        insert.execute(params![dependency, waiter])?;
+        watched.0.insert(dependency.clone());
+        settling.settle_anyway(dependency.clone());
+    }
+    Ok(())
+}
+
+/// A task left Waiting some other way (a user cancelled it): it no longer
+/// waits for anything.
+pub(super) fn forget_waiter(tx: &Transaction<'_>, waiter: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM dependencies WHERE waiter = ?1")?
+        .execute(params![waiter])?;
+    Ok(())
+}
+
+/// Settle what the batch may have ended (see the module's comment): the
+/// events of released and cancelled tasks go to `committed`, the jobs to
+/// `jobs`. Cancelling a waiter ends it, so its own waiters are settled too.
+pub(super) fn settle(
+    tx: &Transaction<'_>,
+    watched: &mut Watched,
+    settling: Settling,
+    at: Millis,
+    committed: &mut Vec<Committed>,
+    jobs: &mut Vec<SettledJob>,
+) -> rusqlite::Result<()> {
+    let mut work: VecDeque<String> = settling.ids.into_iter().collect();
+    while let Some(dependency) = work.pop_front() {
+        if !watched.contains(&dependency) {
+            continue;
+        }
+        let Some(completed) = ended(tx, &dependency)? else {
+            continue;
+        };
+        watched.0.remove(&dependency);
+        let waiters: Vec<String> = tx
+            .prepare_cached("DELETE FROM dependencies WHERE dependency = ?1 RETURNING waiter")?
+            .query_map(params![dependency], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        for waiter in waiters {
+            let Some(waiting) = Waiter::find(tx, &waiter)? else {
+                continue; // no longer waiting (cancelled by a user)
+            };
+            if !completed && waiting.on_failure == OnFailure::Cancel {
+                let reason = format!("dependency_failed: {dependency}");
+                forget_waiter(tx, &waiter)?;
+                waiting.end(tx, TaskState::Cancelled, Some(&reason), at, committed)?;
+                if waiting.is_job {
+                    jobs.push(SettledJob {
+                        job: waiter.clone(),
+                        released: false,
+                    });
+                }
+                work.push_back(waiter);
+            } else if !still_waits(tx, &waiter)? {
+                waiting.end(tx, TaskState::Pending, None, at, committed)?;
+                if waiting.is_job {
+                    jobs.push(SettledJob {
+                        job: waiter.clone(),
+                        released: true,
+                    });
+                    // A released job may already be done (no tasks left).
+                    work.push_back(waiter);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `id` has ended and how: `Some(true)` if it Completed (a job:
+/// every task of it), `Some(false)` if it ended otherwise (or does not
+/// exist), `None` if it has not ended yet.
+fn ended(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<bool>> {
+    let state: Option<String> = tx
+        .prepare_cached("SELECT state FROM tasks WHERE id = ?1")?
+        .query_row(params![id], |row| row.get(0))
+        .optional()?;
+    if let Some(state) = state {
+        return Ok(match TaskState::parse(&state) {
+            Some(TaskState::Completed) => Some(true),
+            Some(TaskState::Dead | TaskState::Cancelled) => Some(false),
+            _ => None,
+        });
+    }
+    let job: Option<(i64, i64, bool, bool)> = tx
+        .prepare_cached("SELECT total, expanded, cancelled, waiting FROM jobs WHERE id = ?1")?
+        .query_row(params![id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let Some((total, expanded, cancelled, waiting)) = job else {
+        return Ok(Some(false)); // deleted
+    };
+    // A cancelled job's points never created never will be; anyone else's will.
+    if !cancelled && (waiting || expanded < total) {
+        return Ok(None);
+    }
+    let any_in = |states: &str| -> rusqlite::Result<bool> {
+        tx.prepare_cached(&format!(
+            "SELECT EXISTS(SELECT 1 FROM tasks WHERE job_id = ?1 AND state IN ({states}))"
+        ))?
+        .query_row(params![id], |row| row.get(0))
+    };
+    if any_in("'Waiting', 'Pending', 'Allocated', 'Running', 'Error'")? {
+        return Ok(None);
+    }
+    Ok(Some(!cancelled && !any_in("'Dead', 'Cancelled'")?))
+}
+
+/// Whether `waiter` still has a dependency that has not ended.
+fn still_waits(tx: &Transaction<'_>, waiter: &str) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM dependencies WHERE waiter = ?1)")?
+        .query_row(params![waiter], |row| row.get(0))
+}
+
+/// A task or job still waiting, as the store holds it.
+struct Waiter {
+    id: String,
+    is_job: bool,
+    module: ModuleId,
+    options: TaskOptions,
+    on_failure: OnFailure,
+}
+
+impl Waiter {
+    /// `id` if it is a task or job that still waits.
+    fn find(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<Waiter>> {
+        let task: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT module, options FROM tasks WHERE id = ?1 AND state = 'Waiting'",
+            )?
+            .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let (is_job, found) = match task {
+            Some(found) => (false, Some(found)),
+            None => (
+                true,
+                tx.prepare_cached(
+                    "SELECT module, options FROM jobs WHERE id = ?1 AND waiting = 1 AND cancelled = 0",
+                )?
+                .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?,
+            ),
+        };
+        Ok(found.map(|(module, options)| {
+            let options: TaskOptions = serde_json::from_str(&options).unwrap_or_default();
+            Waiter {
+                id: id.to_string(),
+                is_job,
+                module: ModuleId::read(&module).unwrap_or_else(|| ModuleId::of(b"")),
+                on_failure: options.on_failure,
+                options,
+            }
+        }))
+    }
+
+    /// Move the waiter (a job: its record and its Waiting tasks) to
+    /// Pending or Cancelled, with the events.
+    fn end(
+        &self,
+        tx: &Transaction<'_>,
+        to: TaskState,
+        reason: Option<&str>,
+        at: Millis,
+        committed: &mut Vec<Committed>,
+    ) -> rusqlite::Result<()> {
+        let column = match to {
+            TaskState::Pending => "pending_at",
+            _ => "cancelled_at",
+        };
+        let (tasks, job_id): (Vec<String>, Option<&str>) = if self.is_job {
+            tx.prepare_cached("UPDATE jobs SET waiting = 0, cancelled = ?2 WHERE id = ?1")?
+                .execute(params![self.id, to == TaskState::Cancelled])?;
+            let ids = tx
+                .prepare_cached(&format!(
+                    "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4
+                     WHERE job_id = ?1 AND state = 'Waiting' RETURNING id"
+                ))?
+                .query_map(params![self.id, to.as_str(), at as i64, reason], |row| {
+                    row.get(0)
+                })?
+                .collect::<Result<_, _>>()?;
+            (ids, Some(self.id.as_str()))
+        } else {
+            tx.prepare_cached(&format!(
+                "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4 WHERE id = ?1"
+            ))?
+            .execute(params![self.id, to.as_str(), at as i64, reason])?;
+            (vec![self.id.clone()], None)
+        };
+        let tags = Arc::new(self.options.tags.clone());
+        let message = reason.map_or_else(
+            || "released: its dependencies ended".to_string(),
+            str::to_string,
+        );
+        for task_id in tasks {
+            let event = insert_event(
+                tx,
+                Event {
+                    offset: 0,
+                    task_id,
+                    job_id: job_id.map(str::to_string),
+                    state: to,
+                    attempt: 0,
+                    worker: None,
+                    at,
+                    error_kind: None,
+                    message: Some(message.clone()),
+                    run_us: None,
+                    wait_us: None,
+                },
+            )?;
+            committed.push(Committed {
+                event,
+                from: Some(TaskState::Waiting),
+                module: self.module.clone(),
+                tags: tags.clone(),
+            });
+        }
+        Ok(())
+    }
+}
