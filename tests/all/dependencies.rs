@@ -97,6 +97,24 @@ async fn a_waiter_is_not_pending_until_its_dependency_completes() {
         .collect();
     assert_eq!(states[..2], ["Waiting", "Pending"], "{timeline}");
 
+    // Two dependencies: released only once the second has completed too.
+    let slow = submit(
+        &grid,
+        json!({"module": "misbehave", "payload": {"action": "sleep", "ms": 300}}),
+    )
+    .await;
+    let both = submit(
+        &grid,
+        json!({"module": "misbehave", "payload": {"action": "echo"}, "after": [first, slow]}),
+    )
+    .await;
+    let both = grid.wait_task(&both).await;
+    assert_eq!(both["state"], "Completed", "{both}");
+    assert!(
+        at(&both, "Pending") >= at(&task(&grid, &slow).await, "Completed"),
+        "{both}"
+    );
+
     // A dependency that has already completed holds nothing up.
     let late = submit(
         &grid,

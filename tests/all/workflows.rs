@@ -79,21 +79,46 @@ fn a_failed_step_stops_the_steps_after_it_and_the_command_fails() {
         ]}"#,
     )
     .unwrap();
-    let run = workflow_run(&server, file.to_str().unwrap());
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("no quotes"), "{stderr}");
-    assert!(
-        stderr.contains("step price: not run: step \"calibrate\" did not complete"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("step price: submitted"), "{stderr}");
-    // A step that waits for nothing failed still runs, and so does one
-    // that says `on_failure: run`, once the step it waits for has ended.
-    assert!(stderr.contains("step independent: completed"), "{stderr}");
-    let printed: Value = serde_json::from_slice(&run.stdout).unwrap();
-    assert!(printed["price"]["failed"].is_string(), "{printed}");
-    assert_eq!(printed["report"], "sent", "{printed}");
+    // The order held by the host, then kept by the command itself.
+    for client_order in [false, true] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kwq"));
+        command.args(["workflow", "run"]).arg(&file);
+        if client_order {
+            command.arg("--client-order");
+        }
+        let run = command
+            .env("KWQ_SERVER", &server.url)
+            .output()
+            .expect("run kwq workflow");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("no quotes"), "{stderr}");
+        if client_order {
+            assert!(
+                stderr.contains("step price: not run: step \"calibrate\" did not complete"),
+                "{stderr}"
+            );
+            assert!(!stderr.contains("step price: submitted"), "{stderr}");
+        } else {
+            // The host held it (submitted at once, after calibrate's id)
+            // and cancelled it when calibrate died: it never ran.
+            let calibrate = stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("step calibrate: submitted "))
+                .expect("calibrate submitted");
+            assert!(
+                stderr.lines().any(|l| l.starts_with("step price: task ")
+                    && l.ends_with(&format!("ended Cancelled: dependency_failed: {calibrate}"))),
+                "{stderr}"
+            );
+        }
+        // A step that waits for nothing failed still runs, and so does one
+        // that says `on_failure: run`, once the step it waits for has ended.
+        assert!(stderr.contains("step independent: completed"), "{stderr}");
+        let printed: Value = serde_json::from_slice(&run.stdout).unwrap();
+        assert!(printed["price"]["failed"].is_string(), "{printed}");
+        assert_eq!(printed["report"], "sent", "{printed}");
+    }
 }
 
 #[tokio::test]
@@ -174,8 +199,9 @@ fn the_workflow_rides_out_a_sigkilled_and_restarted_host() {
         }
     };
     // Kill the host while the job runs (20 sleeps of 300 ms on 2 workers),
-    // and start it again only once the command has found it gone.
-    wait_for("step slow: submitted");
+    // both steps submitted (the second held by the host until the job
+    // completes), and start it again only once the command has found it gone.
+    wait_for("step after: submitted");
     first.kill();
     wait_for("the host does not answer");
     let second = serve();

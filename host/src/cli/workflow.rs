@@ -5,12 +5,15 @@
 //! {"results_of": STEP}`, a JSON array of them as its payload), and prints
 //! the final step's result.
 //!
-//! The order is kept here, in the client: the host sees plain tasks and
-//! jobs. So the workflow lasts as long as this command does; a step
-//! already submitted runs on regardless, durable as any task, and a host
-//! that is killed and started again is waited for (reads are retried for
-//! up to a minute). A Waiting state on the host (docs/workflows.md) is to
-//! take this over.
+//! The host keeps the order where it can: a step is submitted as soon as
+//! the steps it names have been, with their ids as its `after`, and waits
+//! on the host (state Waiting) until they complete, so it runs without
+//! this command. Two kinds of step wait here instead: one whose input is
+//! `results_of` another (its payload needs their results), and any step
+//! on a store that holds no dependencies (a Kafka grid answers `after`
+//! with 400 `unsupported`; this command then keeps the order itself).
+//! A host that is killed and started again is waited for (reads are
+//! retried for up to a minute).
 
 use super::CliError;
 use super::client::{Client, Connection};
@@ -30,6 +33,12 @@ pub enum WorkflowCommand {
         /// The workflow: `{"steps": [{"name", "after": [...], "on_failure", "task": {...}
         /// | "job": {...}}]}` (see examples/mc-price.json).
         file: PathBuf,
+        /// Keep the order in this command: submit each step once the steps
+        /// it names have completed, instead of handing them to the host
+        /// with `after` (what it does anyway on a store that holds no
+        /// dependencies).
+        #[arg(long)]
+        client_order: bool,
     },
 }
 
@@ -231,10 +240,10 @@ fn load(path: &Path) -> Result<Plan, CliError> {
 /// `kwq workflow ...`.
 pub(super) fn workflow(connection: Connection, command: WorkflowCommand) -> Result<(), CliError> {
     match command {
-        WorkflowCommand::Run { file } => {
+        WorkflowCommand::Run { file, client_order } => {
             let plan = load(&file)?;
             let client = Client::new(&connection);
-            super::tokio_runtime()?.block_on(run(&client, &plan))
+            super::tokio_runtime()?.block_on(run(&client, &plan, !client_order))
         }
     }
 }
@@ -318,8 +327,9 @@ where
     }
 }
 
-/// Run the plan to its end and print the final steps' results.
-async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
+/// Run the plan to its end and print the final steps' results;
+/// `host_orders`: hand the order to the host where it holds dependencies.
+async fn run(client: &Client, plan: &Plan, mut host_orders: bool) -> Result<(), CliError> {
     let mut progress = vec![Progress::NotStarted; plan.names.len()];
     // The task or job id each step got when it was submitted.
     let mut ids: Vec<Option<String>> = vec![None; plan.names.len()];
@@ -329,6 +339,35 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
         for &i in &plan.order {
             if !matches!(progress[i], Progress::NotStarted) {
                 continue;
+            }
+            let waits_here = matches!(
+                plan.work[i],
+                Work::Task {
+                    results_of: Some(_),
+                    ..
+                }
+            );
+            let after_ids: Option<Vec<String>> =
+                plan.after[i].iter().map(|&w| ids[w].clone()).collect();
+            if let (true, false, Some(after_ids)) = (host_orders, waits_here, after_ids) {
+                let held = Held {
+                    after: after_ids,
+                    on_failure: plan.on_failure[i],
+                };
+                match submit(client, plan, &progress, &ids, i, Some(&held)).await {
+                    Err(e) if e.message.contains("400 unsupported") => {
+                        eprintln!("the host holds no dependencies: this command orders the steps");
+                        host_orders = false;
+                    }
+                    submitted => {
+                        let id = submitted.map_err(|e| not_retried(plan, i, e))?;
+                        eprintln!("step {}: submitted {id}", plan.names[i]);
+                        ids[i] = Some(id);
+                        progress[i] = Progress::Submitted;
+                        changed = true;
+                        continue;
+                    }
+                }
             }
             let failed = plan.after[i]
                 .iter()
@@ -340,15 +379,9 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
                 progress[i] = Progress::Failed(why);
                 changed = true;
             } else if all_ended {
-                let id = submit(client, plan, &progress, &ids, i).await.map_err(|e| {
-                    CliError {
-                        message: format!(
-                            "submitting step {:?}: {} (a submit is not retried: the host may have taken it)",
-                            plan.names[i], e.message
-                        ),
-                        ..e
-                    }
-                })?;
+                let id = submit(client, plan, &progress, &ids, i, None)
+                    .await
+                    .map_err(|e| not_retried(plan, i, e))?;
                 eprintln!("step {}: submitted {id}", plan.names[i]);
                 ids[i] = Some(id);
                 progress[i] = Progress::Submitted;
@@ -414,6 +447,24 @@ async fn run(client: &Client, plan: &Plan) -> Result<(), CliError> {
     }
 }
 
+/// A step's submit failed: the error, saying why it is not tried again.
+fn not_retried(plan: &Plan, i: usize, e: CliError) -> CliError {
+    CliError {
+        message: format!(
+            "submitting step {:?}: {} (a submit is not retried: the host may have taken it)",
+            plan.names[i], e.message
+        ),
+        ..e
+    }
+}
+
+/// A step the host holds until the steps it names have ended.
+struct Held {
+    /// Their task or job ids.
+    after: Vec<String>,
+    on_failure: OnFailure,
+}
+
 /// What a finished step prints: a task's result, a job's id and counts,
 /// or why it failed.
 fn outcome(progress: &Progress) -> Value {
@@ -425,18 +476,30 @@ fn outcome(progress: &Progress) -> Value {
 }
 
 /// Submit step `i`, its input gathered from the step it takes results of
-/// (`ids`: the task or job id each submitted step got).
+/// (`ids`: the task or job id each submitted step got); `held`: with the
+/// ids it waits for on the host.
 async fn submit(
     client: &Client,
     plan: &Plan,
     progress: &[Progress],
     ids: &[Option<String>],
     i: usize,
+    held: Option<&Held>,
 ) -> Result<String, CliError> {
+    let with_after = |body: &Map<String, Value>| {
+        let mut body = body.clone();
+        if let Some(held) = held.filter(|h| !h.after.is_empty()) {
+            body.insert("after".into(), json!(held.after));
+            if held.on_failure == OnFailure::Run {
+                body.insert("on_failure".into(), json!("run"));
+            }
+        }
+        body
+    };
     let posted = match &plan.work[i] {
-        Work::Job(body) => client.post("/v1/jobs", body).await?,
+        Work::Job(body) => client.post("/v1/jobs", &with_after(body)).await?,
         Work::Task { body, results_of } => {
-            let mut body = body.clone();
+            let mut body = with_after(body);
             if let Some(source) = *results_of {
                 // A job's results are those of its completed tasks, even when
                 // others failed (an `on_failure: run` step reads them).
