@@ -377,3 +377,64 @@ async fn until_state(http: &reqwest::Client, url: &str, task: &str, state: &str)
         }
     }
 }
+
+/// A store whose waiter missed its release (its dependency Completed in a
+/// write that did not settle it: a store edited by hand, or written by an
+/// older `kwq`) has it released when the host starts.
+#[tokio::test]
+async fn start_up_releases_a_waiter_whose_dependency_already_completed() {
+    use kwq::model::{ModuleId, NewTask, TaskOptions};
+    use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+    use kwq::queue::{ReadStore, WorkQueue, WorkerView};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kwq.db");
+    let task = |id: &str, after: Vec<String>| NewTask {
+        id: id.into(),
+        job_id: None,
+        module: ModuleId::of(b"m"),
+        payload: b"{}".to_vec(),
+        options: TaskOptions {
+            after,
+            ..TaskOptions::default()
+        },
+    };
+    {
+        let queue = EmbeddedQueue::open(&path, EmbeddedConfig::default()).unwrap();
+        queue
+            .submit_tasks(vec![task("t-first", Vec::new())])
+            .await
+            .unwrap();
+        queue
+            .submit_tasks(vec![task("t-waiter", vec!["t-first".into()])])
+            .await
+            .unwrap();
+        queue.flush().await.unwrap();
+        queue.close();
+    }
+    let store = rusqlite::Connection::open(&path).unwrap();
+    store
+        .execute(
+            "UPDATE tasks SET state = 'Completed' WHERE id = 't-first'",
+            [],
+        )
+        .unwrap();
+    drop(store);
+
+    let queue = EmbeddedQueue::open(&path, EmbeddedConfig::default()).unwrap();
+    let waiter = queue.task(&"t-waiter".to_string()).await.unwrap();
+    assert_eq!(waiter.state, kwq::model::TaskState::Pending, "{waiter:?}");
+    let worker = WorkerView {
+        id: "w".into(),
+        warm: Vec::new(),
+        pool: None,
+    };
+    let lease = tokio::time::timeout(std::time::Duration::from_secs(10), queue.lease(&worker))
+        .await
+        .expect("the released waiter is offered")
+        .unwrap();
+    assert_eq!(lease.task_id, "t-waiter");
+    assert_eq!(
+        &*lease.payload, b"{}",
+        "its payload read back from the store"
+    );
+}
