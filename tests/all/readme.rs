@@ -606,6 +606,17 @@ fn the_readme_runs_as_written_from_a_fresh_copy() {
     let demo = wait_task(&host, demo["items"][0]["id"].as_str().unwrap());
     let pi = demo["result"]["estimate"].as_f64().unwrap();
     assert!((pi - std::f64::consts::PI).abs() < 0.01, "{demo}");
+    // The task submitted `--after` the pi run waited for it, then ran.
+    let after = get(&host.url("/v1/tasks?tag=demo=after"));
+    let after = wait_task(&host, after["items"][0]["id"].as_str().unwrap());
+    assert_eq!(after["state"], json!("Completed"), "{after}");
+    let waited = after["options"]["after"][0].as_str().unwrap();
+    let dependency = wait_task(&host, waited);
+    assert!(
+        after["timestamps"]["Running"].as_u64() >= dependency["timestamps"]["Completed"].as_u64()
+            && after["timestamps"]["Waiting"].is_u64(),
+        "{after} {dependency}"
+    );
     // /docs/ leads to the API documentation.
     let (status, path) = http(async {
         let docs = client().get(host.url("/docs/")).send().await.unwrap();

@@ -15,7 +15,7 @@ use super::writer::insert_event;
 use crate::model::{Event, Millis, ModuleId, OnFailure, TaskOptions, TaskState};
 use crate::queue::{Committed, SettledJob};
 use rusqlite::{OptionalExtension, Transaction, params};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// Ids of the tasks and jobs some waiter still waits for: the writer's
@@ -122,13 +122,7 @@ pub(super) fn settle(
             .prepare_cached("DELETE FROM dependencies WHERE dependency = ?1 RETURNING waiter")?
             .query_map(params![dependency], |row| row.get(0))?
             .collect::<Result<_, _>>()?;
-        let mut tags = TagsOf::default();
         for waiter in waiters {
-            // The common case first, in one statement: a lone task whose
-            // last dependency completed.
-            if completed && release_task(tx, &waiter, at, &mut tags, committed)? {
-                continue;
-            }
             let Some(waiting) = Waiter::find(tx, &waiter)? else {
                 continue; // no longer waiting (cancelled by a user)
             };
@@ -159,43 +153,6 @@ pub(super) fn settle(
     Ok(())
 }
 
-/// Release `waiter` if it is a task that waits for nothing more: its
-/// Pending event goes to `committed`. False if it is not such a task (a
-/// job, a task still waiting for others, or one no longer waiting).
-fn release_task(
-    tx: &Transaction<'_>,
-    waiter: &str,
-    at: Millis,
-    tags: &mut TagsOf,
-    committed: &mut Vec<Committed>,
-) -> rusqlite::Result<bool> {
-    let released: Option<(String, String)> = tx
-        .prepare_cached(
-            "UPDATE tasks SET state = 'Pending', pending_at = ?2
-             WHERE id = ?1 AND state = 'Waiting'
-               AND NOT EXISTS (SELECT 1 FROM dependencies WHERE waiter = ?1)
-             RETURNING module, options",
-        )?
-        .query_row(params![waiter, at as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .optional()?;
-    let Some((module, options)) = released else {
-        return Ok(false);
-    };
-    let event = insert_event(
-        tx,
-        released_event(waiter.to_string(), None, TaskState::Pending, at, RELEASED),
-    )?;
-    committed.push(Committed {
-        event,
-        from: Some(TaskState::Waiting),
-        module: ModuleId::read(&module).unwrap_or_else(|| ModuleId::of(b"")),
-        tags: tags.of(&options),
-    });
-    Ok(true)
-}
-
 /// The message of a released task's Pending event.
 const RELEASED: &str = "released: its dependencies ended";
 
@@ -219,31 +176,6 @@ fn released_event(
         message: Some(message.to_string()),
         run_us: None,
         wait_us: None,
-    }
-}
-
-/// Tasks' tags read from their stored options, the last one kept: the
-/// waiters of one dependency mostly share their options, and parsing them
-/// again for each of 100,000 would cost more than releasing them.
-#[derive(Default)]
-struct TagsOf {
-    last: Option<(String, Arc<BTreeMap<String, String>>)>,
-}
-
-impl TagsOf {
-    fn of(&mut self, options: &str) -> Arc<BTreeMap<String, String>> {
-        if let Some((text, tags)) = &self.last
-            && text == options
-        {
-            return tags.clone();
-        }
-        let tags = Arc::new(
-            serde_json::from_str::<TaskOptions>(options)
-                .map(|o| o.tags)
-                .unwrap_or_default(),
-        );
-        self.last = Some((options.to_string(), tags.clone()));
-        tags
     }
 }
 
