@@ -558,16 +558,7 @@ pub(super) fn apply(
                         log_new(&tx, task, tags, TaskState::Waiting, *at, &mut committed)?;
                         continue;
                     }
-                    insert.execute(params![
-                        task.id,
-                        task.job_id,
-                        task.module.as_str(),
-                        task.payload,
-                        task.options.priority,
-                        serde_json::to_string(&task.options).unwrap_or_default(),
-                        task.options.not_before.map(|t| t as i64),
-                        *at as i64
-                    ])?;
+                    insert_row(&mut insert, task, *at)?;
                     log_pending(&tx, task, tags, *at, &mut committed)?;
                 }
             }
@@ -704,11 +695,23 @@ fn insert_waiting(
     task: &NewTask,
     at: Millis,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+    let mut insert = tx.prepare_cached(
         "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, waiting_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Waiting', ?7, ?8)",
-    )?
-    .execute(params![
+    )?;
+    insert_row(&mut insert, task, at)?;
+    Ok(())
+}
+
+/// Run an insert of a task's row whose parameters are, in order: id, job,
+/// module, payload, priority, options, not_before, and the time it entered
+/// its first state. Rows inserted: 0 if it conflicted and was ignored.
+fn insert_row(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    task: &NewTask,
+    at: Millis,
+) -> rusqlite::Result<usize> {
+    insert.execute(params![
         task.id,
         task.job_id,
         task.module.as_str(),
@@ -717,8 +720,7 @@ fn insert_waiting(
         serde_json::to_string(&task.options).unwrap_or_default(),
         task.options.not_before.map(|t| t as i64),
         at as i64
-    ])?;
-    Ok(())
+    ])
 }
 
 /// Allocated and Running of a task whose next transition follows at once
@@ -927,22 +929,11 @@ pub(super) fn insert_task_row(
     task: &NewTask,
     at: Millis,
 ) -> rusqlite::Result<bool> {
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8) ON CONFLICT(id) DO NOTHING",
-        )?
-        .execute(params![
-            task.id,
-            task.job_id,
-            task.module.as_str(),
-            task.payload,
-            task.options.priority,
-            serde_json::to_string(&task.options).unwrap_or_default(),
-            task.options.not_before.map(|t| t as i64),
-            at as i64
-        ])?;
-    Ok(inserted > 0)
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8) ON CONFLICT(id) DO NOTHING",
+    )?;
+    Ok(insert_row(&mut insert, task, at)? > 0)
 }
 
 pub(super) fn insert_event(
