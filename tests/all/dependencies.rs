@@ -421,8 +421,6 @@ async fn start_up_releases_a_waiter_whose_dependency_already_completed() {
     drop(store);
 
     let queue = EmbeddedQueue::open(&path, EmbeddedConfig::default()).unwrap();
-    let waiter = queue.task(&"t-waiter".to_string()).await.unwrap();
-    assert_eq!(waiter.state, kwq::model::TaskState::Pending, "{waiter:?}");
     let worker = WorkerView {
         id: "w".into(),
         warm: Vec::new(),
@@ -436,6 +434,15 @@ async fn start_up_releases_a_waiter_whose_dependency_already_completed() {
     assert_eq!(
         &*lease.payload, b"{}",
         "its payload read back from the store"
+    );
+    queue.flush().await.unwrap();
+    let waiter = queue.task(&"t-waiter".to_string()).await.unwrap();
+    assert_ne!(waiter.state, kwq::model::TaskState::Waiting, "{waiter:?}");
+    assert!(
+        waiter
+            .timestamps
+            .contains_key(&kwq::model::TaskState::Pending),
+        "{waiter:?}"
     );
 }
 

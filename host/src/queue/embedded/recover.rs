@@ -105,9 +105,10 @@ impl EmbeddedQueue {
         // Releases commit with the end that causes them, so none should be
         // owed; settling every dependency once costs a lookup each and sets
         // right a store that disagrees (written by hand, or by an older kwq).
+        // Sent, not awaited: a store that cannot be written at start (a
+        // full disk) still opens, fails closed, and the writer retries these.
         requeued.push(Op::SettleAll);
-        drop(state);
-        futures::executor::block_on(self.inner.writer.write(requeued))?;
+        self.inner.writer.send(requeued);
         Ok(())
     }
 }
