@@ -29,6 +29,7 @@ const MODULES: &[(&str, &str, &str, &str)] = &[
     ("curve", "wasm32-wasip2", "curve", "CURVE"),
     ("misbehave", "wasm32-wasip2", "misbehave", "MISBEHAVE"),
     ("noop", "wasm32-wasip2", "noop", "NOOP"),
+    ("legacy-v01", "wasm32-wasip2", "legacy_v01", "LEGACY_V01"),
     (
         "wasi-p1-upper",
         "wasm32-wasip1",

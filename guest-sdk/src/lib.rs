@@ -74,6 +74,50 @@ pub fn attempt() -> u32 {
     bindings::kwq::task::context::attempt()
 }
 
+/// One completed task of the job a fan-in task reads: its id and its
+/// result bytes (`output`).
+pub use bindings::kwq::task::inputs::JobResult;
+
+/// Results asked for per page by [`results`].
+const RESULTS_PAGE: u32 = 512;
+
+/// Up to `max` more results of the job this task reads (it was submitted
+/// with `"input": {"results_of": JOB}`), in task order; empty once all
+/// are read, and at once for a task without an input.
+pub fn next_results(max: u32) -> Vec<JobResult> {
+    bindings::kwq::task::inputs::next_results(max)
+}
+
+/// Every result of the job this fan-in task reads, in task order, fetched
+/// from the host a page at a time as the iterator is advanced: a reduce
+/// over a million results holds one page, never all of them.
+pub fn results() -> impl Iterator<Item = JobResult> {
+    let mut page = Vec::new().into_iter();
+    let mut done = false;
+    std::iter::from_fn(move || {
+        loop {
+            if let Some(next) = page.next() {
+                return Some(next);
+            }
+            if done {
+                return None;
+            }
+            let fetched = next_results(RESULTS_PAGE);
+            done = fetched.is_empty();
+            page = fetched.into_iter();
+        }
+    })
+}
+
+/// [`results`], each parsed as JSON into `T`; an unreadable one is an
+/// `Err` naming its task.
+pub fn json_results<T: serde::de::DeserializeOwned>() -> impl Iterator<Item = Result<T, String>> {
+    results().map(|entry| {
+        serde_json::from_slice(&entry.output)
+            .map_err(|e| format!("result of {} is not what was expected: {e}", entry.task_id))
+    })
+}
+
 /// Glue the macros expand to. Not part of the public API.
 #[doc(hidden)]
 pub mod __private {

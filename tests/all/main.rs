@@ -5,6 +5,7 @@ mod browser;
 mod cli_run;
 mod conformance;
 mod dependencies;
+mod fan_in;
 mod grid;
 mod invoke;
 mod kafka;

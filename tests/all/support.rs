@@ -51,6 +51,7 @@ pub(crate) fn spec(module: &ModuleId, payload: serde_json::Value) -> TaskSpec {
         affinity: None,
         limits: limits(),
         on_progress: None,
+        input: None,
     }
 }
 

@@ -14,7 +14,6 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
 
 /// `POST /v1/jobs`: 201 with the job once it (and its explicit tasks) are durable.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission, responses((status = 201, description = "the job with its counts", body = JobView), (status = 400, body = ErrorBody)))]
@@ -148,11 +147,7 @@ pub(super) async fn results(
                     let next = page.last().map(|r| r.seq);
                     let mut chunk = Vec::new();
                     for result in page {
-                        let mut line = Map::new();
-                        line.insert("task_id".into(), json!(result.task_id));
-                        views::bytes_field(&mut line, "result", &result.result);
-                        serde_json::to_writer(&mut chunk, &Value::Object(line)).unwrap_or_default();
-                        chunk.push(b'\n');
+                        chunk.extend(crate::model::result_line(&result.task_id, &result.result));
                     }
                     Some((Ok::<_, std::io::Error>(chunk), next))
                 }

@@ -190,6 +190,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/workers/{id}/heartbeat"),
     ("post", "/v1/workers/{id}/report"),
     ("get", "/v1/workers/modules/{id}"),
+    ("get", "/v1/workers/results/{job}"),
 ];
 
 /// The router with every endpoint.
@@ -226,6 +227,7 @@ pub fn app(state: AppState) -> Router {
             post(workers::report).layer(DefaultBodyLimit::max(limits.job_bytes)),
         )
         .route("/v1/workers/modules/{id}", get(workers::module_bytes))
+        .route("/v1/workers/results/{job}", get(workers::result_page))
         .layer(DefaultBodyLimit::max(limits.other_bytes))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

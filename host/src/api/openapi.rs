@@ -92,9 +92,9 @@ pub fn document() -> serde_json::Value {
         openapi_json, docs, docs_slash, swagger_bundle, swagger_css, dashboard,
         super::workers::register, super::workers::list, super::workers::deregister,
         super::workers::lease, super::workers::heartbeat, super::workers::report,
-        super::workers::module_bytes,
+        super::workers::module_bytes, super::workers::result_page,
     ),
-    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, JobSubmission, JobView, TaskView, TaskPage, Deleted, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
+    components(schemas(ErrorBody, ErrorDetail, Created, TaskSubmission, super::wire::TaskInput, JobSubmission, JobView, TaskView, TaskPage, Deleted, PriorityChange, SubmitOptions, crate::queue::ModuleRecord)),
     tags(
         (name = "modules", description = "Wasm task modules, content-addressed by SHA-256"),
         (name = "tasks", description = "Single tasks"),

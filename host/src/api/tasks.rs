@@ -3,8 +3,8 @@
 
 use super::error::{ApiJson, ApiQuery, AppError};
 use super::wire::{
-    Created, ErrorBody, PriorityChange, SubmitOptions, TaskPage, TaskSubmission, TaskView,
-    parse_tag,
+    Created, ErrorBody, PriorityChange, SubmitOptions, TaskInput, TaskPage, TaskSubmission,
+    TaskView, parse_tag,
 };
 use super::{AppState, modules, views};
 use crate::model::{NewTask, OnFailure, TaskOptions, TaskRecord, TaskState, now_ms};
@@ -125,6 +125,7 @@ impl SubmitOptions {
             not_before,
             after,
             on_failure,
+            results_of: None,
         })
     }
 }
@@ -209,6 +210,48 @@ pub(super) async fn check_dependencies(
     Ok(())
 }
 
+/// Check a fan-in task's `input`: one job of this store, in place of a
+/// payload, not for a synchronous invocation (it waits for the job).
+async fn fan_in(
+    state: &AppState,
+    input: &TaskInput,
+    payload: &Option<Value>,
+    payload_base64: &Option<String>,
+    waits: bool,
+) -> Result<(), AppError> {
+    let bad = |why: &str| AppError::bad_request("invalid_field", format!("input: {why}"));
+    if payload.is_some() || payload_base64.is_some() {
+        return Err(bad(
+            "the job's results are the task's input; give no payload",
+        ));
+    }
+    if waits {
+        return Err(bad(
+            "not with ?wait (the task waits for its job); submit it, then wait with GET /v1/tasks/{id}",
+        ));
+    }
+    let id = &input.results_of;
+    if dependencies(vec![id.clone()], None).is_err() {
+        return Err(bad(&format!("results_of: {id:?} is not a job id")));
+    }
+    if !state.work.runs_dependencies() {
+        // The input is a dependency: the same refusal as `after`'s.
+        let options = TaskOptions {
+            after: vec![id.clone()],
+            ..TaskOptions::default()
+        };
+        return check_dependencies(state, &options).await;
+    }
+    match state.reads.job(id).await {
+        Ok(_) => Ok(()),
+        Err(QueueError::NotFound(_)) => Err(AppError::bad_request(
+            "unknown_dependency",
+            format!("input.results_of: no job {id:?} (results_of names a job)"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A payload given as JSON (`payload`) or as raw bytes (`payload_base64`).
 pub(super) fn payload_bytes(
     payload: Option<Value>,
@@ -270,7 +313,26 @@ pub(super) async fn submit(
         ));
     }
     let durable = request.durable.unwrap_or(true);
-    let options = request.options.into_options()?;
+    let mut options = request.options.into_options()?;
+    let payload = match request.input {
+        Some(input) => {
+            fan_in(
+                &state,
+                &input,
+                &request.payload,
+                &request.payload_base64,
+                wait.is_some(),
+            )
+            .await?;
+            if !options.after.contains(&input.results_of) {
+                options.after.push(input.results_of.clone());
+            }
+            options.results_of = Some(input.results_of);
+            // What a component's `run` receives; a command reads stdin instead.
+            b"null".to_vec()
+        }
+        None => payload_bytes(request.payload, request.payload_base64)?,
+    };
     if wait.is_some() && !options.after.is_empty() {
         return Err(AppError::bad_request(
             "invalid_field",
@@ -279,7 +341,6 @@ pub(super) async fn submit(
     }
     check_dependencies(&state, &options).await?;
     let module = modules::resolve(&state, &request.module).await?;
-    let payload = payload_bytes(request.payload, request.payload_base64)?;
     let task = NewTask {
         id: format!("t-{}", uuid::Uuid::new_v4().simple()),
         job_id: None,

@@ -4,32 +4,8 @@
 use super::wire::{JobView, TaskView};
 use crate::model::{Event, JobRecord, TaskRecord, TaskState};
 use crate::tracker::JobStats;
-use base64::Engine;
-use serde_json::{Map, Value};
 
-/// Bytes as JSON when they are JSON, else as base64: one of the pair is set.
-pub(super) fn json_or_base64(bytes: &[u8]) -> (Option<Value>, Option<String>) {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(value) => (Some(value), None),
-        Err(_) => (
-            None,
-            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-        ),
-    }
-}
-
-/// Bytes as `{"<name>": json}` or `{"<name>_base64": "..."}`.
-pub(super) fn bytes_field(map: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
-    match json_or_base64(bytes) {
-        (Some(value), _) => {
-            map.insert(name.into(), value);
-        }
-        (None, Some(text)) => {
-            map.insert(format!("{name}_base64"), Value::String(text));
-        }
-        (None, None) => {}
-    }
-}
+pub(super) use crate::model::json_or_base64;
 
 /// A task as a listing shows it: its record without logs.
 pub(super) fn task_summary(task: TaskRecord) -> TaskView {

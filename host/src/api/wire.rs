@@ -115,9 +115,27 @@ pub struct TaskSubmission {
     /// task and result are durable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable: Option<bool>,
+    /// A fan-in task's input, in place of a payload: `{"results_of":
+    /// JOB}`. Not with `payload`, `payload_base64` or `?wait=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<TaskInput>,
     /// Options.
     #[serde(flatten)]
     pub options: SubmitOptions,
+}
+
+/// Where a fan-in task's input comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskInput {
+    /// A job id. The task waits for the job (it joins `after`), then reads
+    /// the job's completed results in task order, a page at a time while
+    /// it runs, so no result set is too large: a component through
+    /// `kwq:task/inputs.next-results` (WIT 0.2.0), a WASI command as NDJSON
+    /// on stdin, one `{"task_id", "result"}` per line as `GET
+    /// /v1/jobs/{id}/results` serves them.
+    #[schema(min_length = 1, max_length = 128)]
+    pub results_of: String,
 }
 
 /// Body of `POST /v1/jobs`: exactly one of `payloads`, `payloads_base64`,

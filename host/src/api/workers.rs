@@ -4,13 +4,13 @@
 //! lapse, stale tokens refused) live in [`crate::queue::remote::Hub`].
 
 use super::AppState;
-use super::error::{ApiJson, AppError};
+use super::error::{ApiJson, ApiQuery, AppError};
 use super::wire::ErrorBody;
 use crate::model::ModuleId;
 use crate::queue::remote::HubError;
 use crate::queue::remote::wire::{
-    Heartbeat, HeartbeatReply, LeaseBatch, LeaseRequest, Register, Registration, RemoteWorkerView,
-    Report, ReportReply,
+    Heartbeat, HeartbeatReply, LeaseBatch, LeaseRequest, PagedResult, Register, Registration,
+    RemoteWorkerView, Report, ReportReply, ResultPage,
 };
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
@@ -142,4 +142,51 @@ pub(super) async fn module_bytes(
         bytes,
     )
         .into_response())
+}
+
+/// Most results in one page of `GET /v1/workers/results/{job}` (as many
+/// as one `next-results` call of a guest may ask for).
+const MAX_RESULT_PAGE: usize = 4096;
+
+/// Query of `GET /v1/workers/results/{job}`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResultPageQuery {
+    /// Cursor: the `seq` of the last result already read (0: from the first).
+    #[serde(default)]
+    after: u64,
+    /// Results in the page, 1 to 4096. Default 256.
+    limit: Option<usize>,
+}
+
+/// `GET /v1/workers/results/{job}`: a page of a job's completed results,
+/// in task order, for a worker running a fan-in task (one submitted with
+/// `"input": {"results_of": JOB}`). With the worker token, like the rest
+/// of the protocol, so a worker needs no submitter's credentials.
+#[utoipa::path(get, path = "/v1/workers/results/{job}", tag = "workers", params(("job" = String, Path, description = "job id"), ResultPageQuery), responses((status = 200, body = ResultPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn result_page(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    ApiQuery(query): ApiQuery<ResultPageQuery>,
+) -> Result<Json<ResultPage>, AppError> {
+    let limit = query.limit.unwrap_or(256);
+    if !(1..=MAX_RESULT_PAGE).contains(&limit) {
+        return Err(AppError::bad_request(
+            "invalid_field",
+            format!("limit: must be 1 to {MAX_RESULT_PAGE}, got {limit}"),
+        ));
+    }
+    state.reads.job(&job).await?;
+    let page = state.work.input_results(&job, query.after, limit).await?;
+    let engine = base64::engine::general_purpose::STANDARD;
+    Ok(Json(ResultPage {
+        results: page
+            .into_iter()
+            .map(|r| PagedResult {
+                seq: r.seq,
+                task_id: r.task_id,
+                result_base64: base64::Engine::encode(&engine, &r.result),
+            })
+            .collect(),
+    }))
 }

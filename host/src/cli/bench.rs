@@ -264,6 +264,7 @@ fn spec(module: &ModuleId, payload: Vec<u8>, affinity: Option<&str>) -> TaskSpec
             ..TaskLimits::default()
         },
         on_progress: None,
+        input: None,
     }
 }
 

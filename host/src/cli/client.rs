@@ -330,6 +330,7 @@ pub(super) fn submit(
         payload: Some(payload),
         payload_base64: None,
         durable: (!durable).then_some(false),
+        input: None,
     };
     block_on(async move {
         let path = match wait {

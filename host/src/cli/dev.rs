@@ -82,6 +82,7 @@ fn build_and_run(
         affinity: None,
         limits: TaskLimits::default(),
         on_progress: None,
+        input: None,
     }));
     for line in &report.logs {
         eprintln!("[{:?}] {}", line.level, line.message);

@@ -114,6 +114,7 @@ async fn run_repeated(
             affinity: args.affinity.clone(),
             limits: limits.clone(),
             on_progress: None,
+            input: None,
         };
         let report = worker.run(spec).await;
         let failed = report.outcome.is_err();

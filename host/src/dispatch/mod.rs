@@ -4,6 +4,7 @@
 //! and a cancelled task is stopped where it is.
 
 mod board;
+mod input;
 mod registry;
 mod retry;
 
@@ -251,6 +252,12 @@ impl WorkerContext {
                 ..self.config.limits.clone()
             },
             on_progress: Some(Arc::new(move |p| board.progress(index, p))),
+            input: lease.results_of.clone().map(|job| {
+                Arc::new(input::QueueInput {
+                    queue: self.queue.clone(),
+                    job,
+                }) as Arc<dyn crate::runtime::ResultPages>
+            }),
         };
         let run = worker.run(spec);
         tokio::pin!(run);

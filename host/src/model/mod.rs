@@ -1,7 +1,10 @@
 //! Plain data types shared by every layer: no I/O, no Wasm, no queues.
 
+mod bytes;
 mod sweep;
 mod task;
+
+pub use bytes::{bytes_field, json_or_base64, result_line};
 
 pub use sweep::{MAX_SWEEP_BASE_BYTES, MAX_SWEEP_POINTS, Sweep, SweepAxis, SweepError};
 pub use task::{

@@ -137,6 +137,11 @@ pub struct TaskOptions {
     /// What a dependency that did not complete does to a waiting task.
     #[serde(default, skip_serializing_if = "OnFailure::is_cancel")]
     pub on_failure: OnFailure,
+    /// A fan-in task: the job whose completed results are its input, read
+    /// a page at a time while it runs, in place of a payload. The job is
+    /// also one of `after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_of: Option<JobId>,
 }
 
 /// What a dependency that ended Dead or Cancelled (or a job with such a
@@ -179,6 +184,7 @@ impl Default for TaskOptions {
             not_before: None,
             after: Vec::new(),
             on_failure: OnFailure::Cancel,
+            results_of: None,
         }
     }
 }

@@ -155,6 +155,10 @@ pub struct Lease {
     /// Fires when the task is cancelled while leased (in this process only).
     #[serde(skip)]
     pub cancelled: Arc<tokio::sync::Notify>,
+    /// A fan-in task's job: its results, read with
+    /// [`WorkQueue::input_results`], are the task's input.
+    #[serde(default)]
+    pub results_of: Option<JobId>,
 }
 
 /// What a successful attempt produced.
@@ -392,6 +396,19 @@ pub trait WorkQueue: Send + Sync + 'static {
     /// such submits instead of running them early.
     fn runs_dependencies(&self) -> bool {
         false
+    }
+    /// A page of a job's completed results after a cursor, in task order:
+    /// the input of a fan-in task leased from here (`Lease::results_of`).
+    /// Stores that run no dependencies have no fan-in tasks.
+    async fn input_results(
+        &self,
+        job: &JobId,
+        _after: u64,
+        _limit: usize,
+    ) -> Result<Vec<TaskResult>, QueueError> {
+        Err(QueueError::Conflict(format!(
+            "this store cannot read the results of job {job} as an input"
+        )))
     }
     /// Durably accept a job whose payloads arrive in batches as they are
     /// read from a request (`POST /v1/jobs/stream`); `job.payloads` holds

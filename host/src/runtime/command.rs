@@ -1,8 +1,10 @@
-//! Plain WASI preview-1 command modules (no SDK): the payload is stdin, the
-//! result is stdout, exit code 0 is success.
+//! Plain WASI preview-1 command modules (no SDK): the payload is stdin (a
+//! fan-in task's: its job's results as NDJSON), the result is stdout, exit
+//! code 0 is success.
 
 use super::guest::{GuestContext, HasGuest};
 use wasmtime::{Engine, Linker, Store};
+use wasmtime_wasi::cli::AsyncStdinStream;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 
@@ -30,11 +32,22 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<CommandState>> 
     Ok(linker)
 }
 
-/// A fresh store for one command run, with the payload on stdin.
-pub(super) fn store(engine: &Engine, guest: GuestContext, payload: Vec<u8>) -> Store<CommandState> {
-    let wasi = guest
-        .sandbox()
-        .stdin(MemoryInputPipe::new(payload))
-        .build_p1();
+/// What a command reads on stdin.
+pub(super) enum Stdin {
+    /// The task's payload.
+    Payload(Vec<u8>),
+    /// A fan-in task's input, written into a pipe as the command reads it
+    /// (see `inputs::ndjson_stdin`).
+    Pipe(tokio::io::DuplexStream),
+}
+
+/// A fresh store for one command run, with its stdin.
+pub(super) fn store(engine: &Engine, guest: GuestContext, stdin: Stdin) -> Store<CommandState> {
+    let mut wasi = guest.sandbox();
+    match stdin {
+        Stdin::Payload(payload) => wasi.stdin(MemoryInputPipe::new(payload)),
+        Stdin::Pipe(pipe) => wasi.stdin(AsyncStdinStream::new(pipe)),
+    };
+    let wasi = wasi.build_p1();
     Store::new(engine, CommandState { wasi, guest })
 }

@@ -4,6 +4,7 @@
 
 use super::capture::OutputCapture;
 use super::error::TaskError;
+use super::inputs::{InputCursor, ResultPages};
 use super::worker::ProgressSink;
 use crate::model::{LogLevel, LogLine, TaskLimits};
 use std::time::{Duration, Instant};
@@ -28,6 +29,8 @@ pub(super) struct GuestContext {
     pub(super) module: String,
     deadline: Instant,
     on_progress: Option<ProgressSink>,
+    /// The fan-in task's read position in its job's results, if it has one.
+    pub(super) input: Option<InputCursor>,
 }
 
 /// Data of a store: lets generic code reach the guest context of either kind.
@@ -56,6 +59,7 @@ impl GuestContext {
             module,
             deadline: Instant::now(),
             on_progress: None,
+            input: None,
         }
     }
 
@@ -81,6 +85,7 @@ impl GuestContext {
         attempt: u32,
         limits: &TaskLimits,
         on_progress: Option<ProgressSink>,
+        input: Option<std::sync::Arc<dyn ResultPages>>,
     ) {
         self.limiter = MemoryLimiter {
             cap: limits.memory_bytes as usize,
@@ -98,6 +103,7 @@ impl GuestContext {
         self.attempt = attempt;
         self.deadline = Instant::now() + limits.timeout;
         self.on_progress = on_progress;
+        self.input = input.map(InputCursor::new);
     }
 
     pub(super) fn log(&mut self, level: LogLevel, mut message: String) {

@@ -16,12 +16,14 @@ mod engine;
 mod error;
 mod guest;
 mod http_refused;
+mod inputs;
 mod modules;
 mod validate;
 mod worker;
 
 pub use engine::RuntimeConfig;
 pub use error::{RuntimeError, TaskError};
+pub use inputs::{InputResult, MAX_RESULTS_PER_CALL, ResultPages};
 pub use modules::{CompiledModule, ModuleSource, ModuleStats};
 pub use worker::{ProgressSink, TaskReport, TaskSpec, Worker, WorkerStats};
 

@@ -4,7 +4,7 @@
 //! module compiled before a restart is loaded, not recompiled.
 
 use super::command::{self, CommandState};
-use super::component::{self, ComponentState, KwqTaskPre};
+use super::component::{self, ComponentState, TaskPre};
 use super::engine::EngineHandle;
 use super::error::TaskError;
 use crate::model::{ModuleId, ModuleKind};
@@ -36,7 +36,7 @@ pub struct CompiledModule {
 
 /// The pre-linked form of each guest kind.
 pub(super) enum Ready {
-    Component(KwqTaskPre<ComponentState>),
+    Component(TaskPre),
     Command(wasmtime::InstancePre<CommandState>),
 }
 
@@ -211,7 +211,7 @@ impl ModuleCache {
                 .component_linker
                 .instantiate_pre(&component)
                 .map_err(|e| invalid("component imports something a task may not have", e))?;
-            let pre = KwqTaskPre::new(pre)
+            let pre = TaskPre::new(pre)
                 .map_err(|e| invalid("component does not export kwq:task/task", e))?;
             let size = image_len(component.image_range());
             (ModuleKind::Component, Ready::Component(pre), size)

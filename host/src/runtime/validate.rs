@@ -20,7 +20,7 @@ pub(super) const NOT_WASM: &str = "not a WebAssembly module or component (bad ma
 const TASK_EXPORT: &str = "kwq:task/task@";
 /// Import namespaces a component may use: WASI (refused where it reaches
 /// outside the sandbox) and the host's context.
-const COMPONENT_IMPORTS: &[&str] = &["wasi:", "kwq:task/context@"];
+const COMPONENT_IMPORTS: &[&str] = &["wasi:", "kwq:task/context@", "kwq:task/inputs@"];
 /// The one module a WASI command may import from.
 const COMMAND_IMPORTS: &[&str] = &["wasi_snapshot_preview1", "wasi_unstable"];
 

@@ -4,9 +4,10 @@
 
 use super::Runtime;
 use super::command;
-use super::component::{self, ComponentState, KwqTask};
+use super::component::{self, ComponentState, TaskBindings};
 use super::error::TaskError;
 use super::guest::{GuestContext, HasGuest, arm_store, within_deadline};
+use super::inputs::{ResultPages, ndjson_stdin};
 use super::modules::{CompiledModule, Ready};
 use crate::model::{LogLine, ModuleId, TaskLimits};
 use lru::LruCache;
@@ -34,6 +35,9 @@ pub struct TaskSpec {
     pub limits: TaskLimits,
     /// Where live progress goes, if anywhere.
     pub on_progress: Option<ProgressSink>,
+    /// A fan-in task's input: the results of the job it reads, paged
+    /// (`next-results` for a component, NDJSON stdin for a command).
+    pub input: Option<Arc<dyn ResultPages>>,
 }
 
 /// Everything a run produced, success or not.
@@ -73,7 +77,7 @@ pub struct WorkerStats {
 /// A component instance kept alive after `init` for its affinity key.
 struct WarmInstance {
     store: Store<ComponentState>,
-    bindings: KwqTask,
+    bindings: TaskBindings,
 }
 
 /// Runs tasks one at a time. Not shared: give each concurrent worker its own.
@@ -147,7 +151,6 @@ impl Worker {
         let tick = self.runtime.shared.engine.epoch_tick;
         let call = instance
             .bindings
-            .kwq_task_task()
             .call_run(&mut instance.store, &spec.payload);
         let outcome = match within_deadline(&spec.limits, tick, call).await {
             Ok(Ok(Ok(result))) if result.len() > spec.limits.max_result_bytes => {
@@ -203,7 +206,7 @@ impl Worker {
             };
         self.stats.inits += 1;
         let config = spec.affinity.clone().unwrap_or_default().into_bytes();
-        let init = bindings.kwq_task_task().call_init(&mut store, &config);
+        let init = bindings.call_init(&mut store, &config);
         let error = match within_deadline(&spec.limits, tick, init).await {
             Ok(Ok(Ok(()))) => return Ok(WarmInstance { store, bindings }),
             Ok(Ok(Err(message))) => TaskError::InitFailed(message),
@@ -224,6 +227,7 @@ impl Worker {
             spec.attempt,
             &spec.limits,
             spec.on_progress.clone(),
+            None,
         );
         // A command's result is its stdout, so stdout gets the result's bound.
         let limits = TaskLimits {
@@ -231,7 +235,14 @@ impl Worker {
             ..spec.limits.clone()
         };
         guest.stdout.reset(limits.max_output_bytes);
-        let mut store = command::store(&shared.engine.engine, guest, spec.payload.clone());
+        let (stdin, feed) = match &spec.input {
+            Some(pages) => {
+                let (pipe, feed) = ndjson_stdin(pages.clone());
+                (command::Stdin::Pipe(pipe), Some(feed))
+            }
+            None => (command::Stdin::Payload(spec.payload.clone()), None),
+        };
+        let mut store = command::store(&shared.engine.engine, guest, stdin);
         if let Err(e) = arm_store(&mut store, &spec.limits, shared.engine.fuel_enabled) {
             return failed_in(&mut store, e);
         }
@@ -254,6 +265,12 @@ impl Worker {
             },
             Err(timeout) => Err(timeout),
         };
+        // A command that read a cut-short input must not pass off a result
+        // computed from part of it.
+        let outcome = match feed.and_then(|feed| feed.take()) {
+            Some(why) => Err(TaskError::Internal(format!("input cut short: {why}"))),
+            None => outcome,
+        };
         let guest = store.data_mut().guest_mut();
         let mut report = collect(guest, outcome.map(|()| Vec::new()), false);
         if report.outcome.is_ok() {
@@ -268,6 +285,7 @@ impl Worker {
             spec.attempt,
             &spec.limits,
             spec.on_progress.clone(),
+            spec.input.clone(),
         );
         // The deadline is re-read from the context at each tick; re-arm the tick.
         store.set_epoch_deadline(1);

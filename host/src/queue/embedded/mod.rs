@@ -232,6 +232,9 @@ struct JobFlags {
 }
 
 /// What one look at the ready index gave a free worker.
+// A value on the stack of one lease call, never kept in a collection: a
+// box would cost an allocation per lease for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     /// A lease; `true` if its payload is still to be read from the store.
     Leased(Lease, bool),
@@ -558,6 +561,15 @@ impl WorkQueue for EmbeddedQueue {
 
     fn runs_dependencies(&self) -> bool {
         true
+    }
+
+    async fn input_results(
+        &self,
+        job: &JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskResult>, QueueError> {
+        ReadStore::results(self, job, after, limit).await
     }
 
     async fn invoke(&self, task: NewTask, durable: bool) -> Result<Invocation, QueueError> {

@@ -15,11 +15,12 @@
 
 use super::wire::{
     Heartbeat, HeartbeatReply, LeaseBatch, LeaseRef, LeaseRequest, Register, Registration,
-    Released, Report, WarmPair, WireLease,
+    Released, Report, ResultPage, WarmPair, WireLease,
 };
-use crate::model::{JobRecord, ModuleId, NewJob, NewTask, TaskId};
+use crate::model::{JobId, JobRecord, ModuleId, NewJob, NewTask, TaskId};
 use crate::queue::{
-    Completion, Control, Failure, Lease, ModuleRecord, QueueError, WorkQueue, WorkerView,
+    Completion, Control, Failure, Lease, ModuleRecord, QueueError, TaskResult, WorkQueue,
+    WorkerView,
 };
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -468,6 +469,7 @@ impl Inner {
                 queued_at: wire.queued_at,
                 warm_hit: wire.warm_hit,
                 cancelled: Arc::new(Notify::new()),
+                results_of: wire.results_of,
             };
             st.held.insert(lease.task_id.clone(), lease.clone());
             st.buffer.push_back(lease);
@@ -689,6 +691,68 @@ impl Inner {
 }
 
 impl Inner {
+    /// A page of a job's results for a fan-in task running here, from the
+    /// host (`GET /v1/workers/results/{job}`), retried with backoff (100,
+    /// 200, 400 ms) while the host does not answer; an error fails the
+    /// attempt, which then runs again like any failed one.
+    async fn input_results(
+        &self,
+        job: &JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskResult>, QueueError> {
+        let url = format!(
+            "{}/v1/workers/results/{job}?after={after}&limit={limit}",
+            self.config.server.trim_end_matches('/')
+        );
+        let failed = |why: String| QueueError::Unavailable(format!("results of {job}: {why}"));
+        let mut backoff = Duration::from_millis(100);
+        let mut last = String::new();
+        for _ in 1..=4 {
+            let mut request = self.http.get(&url).timeout(Duration::from_secs(60));
+            if let Some(token) = &self.config.token {
+                request = request.bearer_auth(token);
+            }
+            let fetch = async move {
+                let response = request.send().await?;
+                let status = response.status();
+                Ok::<_, reqwest::Error>((status, response.bytes().await?))
+            };
+            match self.handle.spawn(fetch).await {
+                Ok(Ok((status, bytes))) if status.is_success() => {
+                    let page: ResultPage = serde_json::from_slice(&bytes)
+                        .map_err(|e| failed(format!("unreadable page: {e}")))?;
+                    let engine = base64::engine::general_purpose::STANDARD;
+                    return page
+                        .results
+                        .into_iter()
+                        .map(|r| {
+                            Ok(TaskResult {
+                                seq: r.seq,
+                                task_id: r.task_id,
+                                result: engine
+                                    .decode(r.result_base64)
+                                    .map_err(|e| failed(format!("unreadable result: {e}")))?,
+                            })
+                        })
+                        .collect();
+                }
+                Ok(Ok((status, bytes))) if status.is_client_error() => {
+                    return Err(failed(format!(
+                        "{status}: {}",
+                        String::from_utf8_lossy(&bytes)
+                    )));
+                }
+                Ok(Ok((status, _))) => last = status.to_string(),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(e) => return Err(failed(e.to_string())),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+        Err(failed(last))
+    }
+
     /// A module's bytes from the host, retried with backoff (100, 200,
     /// 400 ms) while the host does not answer or fails; `None` if it says
     /// there is no such module or never answers.
@@ -781,6 +845,15 @@ impl WorkQueue for RemoteQueue {
 
     fn module_bytes(&self, id: &ModuleId) -> Option<Vec<u8>> {
         self.inner.module_bytes(id)
+    }
+
+    async fn input_results(
+        &self,
+        job: &JobId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskResult>, QueueError> {
+        self.inner.input_results(job, after, limit).await
     }
 
     async fn submit_tasks(&self, _tasks: Vec<NewTask>) -> Result<(), QueueError> {

@@ -360,6 +360,7 @@ impl Hub {
                 memory_bytes: lease.memory_bytes,
                 queued_at: lease.queued_at,
                 warm_hit: lease.warm_hit,
+                results_of: lease.results_of.clone(),
             });
             state.leases.insert(
                 lease.task_id.clone(),

@@ -94,6 +94,29 @@ pub struct WireLease {
     pub queued_at: u64,
     /// Whether its (module, key) was warm on this worker.
     pub warm_hit: bool,
+    /// A fan-in task: the job whose completed results are its input, read
+    /// while it runs with `GET /v1/workers/results/{job}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_of: Option<String>,
+}
+
+/// One page of a job's completed results, for a worker running a fan-in
+/// task: what `GET /v1/workers/results/{job}` answers.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResultPage {
+    /// In task order; empty once there are no more.
+    pub results: Vec<PagedResult>,
+}
+
+/// One completed task's result in a [`ResultPage`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PagedResult {
+    /// Cursor: ask for the next page `after` the last one's.
+    pub seq: u64,
+    /// The task.
+    pub task_id: String,
+    /// Its result bytes, base64.
+    pub result_base64: String,
 }
 
 /// What `POST /v1/workers/{id}/lease` answers (an empty list when the

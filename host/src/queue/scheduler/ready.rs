@@ -36,6 +36,8 @@ pub(crate) struct Entry {
     pub(crate) not_before: Option<Millis>,
     /// Pending, or Error while it waits for a retry (what the store says).
     pub(crate) state: TaskState,
+    /// A fan-in task's job, whose results are its input.
+    pub(crate) results_of: Option<Arc<str>>,
 }
 
 impl Entry {
@@ -66,6 +68,7 @@ impl Entry {
             ready_us: queued_at * 1000,
             not_before: options.not_before,
             state: TaskState::Pending,
+            results_of: options.results_of.as_deref().map(Arc::from),
         }
     }
 
@@ -93,6 +96,7 @@ impl Entry {
             memory_bytes: self.memory_bytes,
             max_attempts: self.max_attempts,
             not_before: self.not_before,
+            results_of: self.results_of.as_deref().map(str::to_string),
             // Re-published tasks have run: what they waited for has ended.
             ..TaskOptions::default()
         }
@@ -121,6 +125,7 @@ impl Entry {
             queued_at: self.queued_at,
             warm_hit,
             cancelled,
+            results_of: self.results_of.as_deref().map(str::to_string),
         }
     }
 }
@@ -596,6 +601,7 @@ mod tests {
             ready_us: queued_at * 1000,
             not_before: None,
             state: crate::model::TaskState::Pending,
+            results_of: None,
         }
     }
 
