@@ -4,7 +4,7 @@
 //! processes against a real `kwq serve`, with workers and the scheduler
 //! host SIGKILLed mid-job.
 
-use crate::process::{Server, echo_job_completed_once, get, submit_echo_job, wait_for};
+use crate::process::{Server, echo_job_completed_once, get, post, submit_echo_job, wait_for};
 use kwq::server::{Host, RemoteWorkers, ServerConfig, StoreUrl};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
@@ -920,4 +920,53 @@ async fn a_task_goes_to_the_worker_machine_warm_for_its_key() {
     assert_eq!(body["leases"][0]["task_id"], json!(keyed), "{body}");
     assert_eq!(body["leases"][0]["warm_hit"], true);
     host.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_machine_streams_a_fan_in_tasks_input_from_its_host() {
+    const RUNS: usize = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let server = Server::start_serving(
+        &dir.path().join("host"),
+        &[],
+        &[],
+        Stdio::inherit(),
+        0,
+        "warn",
+    );
+    let _worker = WorkerProcess::start(&server.url, "reducer", &dir.path().join("w"), 2);
+    let estimates: Vec<Value> = (0..RUNS)
+        .map(|i| json!({"price": 10.0 + (i % 13) as f64 / 100.0, "std_error": 0.01, "paths": 1000}))
+        .collect();
+    let payloads: Vec<Value> = estimates
+        .iter()
+        .map(|e| json!({"action": "echo", "value": e}))
+        .collect();
+    let job = post(
+        &http,
+        format!("{}/v1/jobs", server.url),
+        json!({"module": "misbehave", "payloads": payloads}),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let streamed = post(
+        &http,
+        format!("{}/v1/tasks", server.url),
+        json!({"module": "mc-reduce", "input": {"results_of": job}}),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let whole = submit(&http, &server.url, "mc-reduce", json!(estimates)).await;
+    let streamed = task_in(&http, &server.url, &streamed, "Completed").await;
+    let whole = task_in(&http, &server.url, &whole, "Completed").await;
+    // Read page by page over `GET /v1/workers/results/{job}`, in task order:
+    // the same figures as the whole array in one payload.
+    assert_eq!(streamed["result"]["runs"], RUNS, "{streamed}");
+    // (The host runs no Wasm itself: `--workers 0`.)
+    assert_eq!(streamed["result"], whole["result"]);
 }

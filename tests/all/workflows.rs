@@ -52,14 +52,22 @@ fn the_monte_carlo_workflow_prices_within_three_standard_errors_of_black_scholes
     // One run of 100,000 paths has an error of about 0.033 here; 10^8
     // paths pooled must bring it down by sqrt(1000).
     assert!(error > 0.0005 && error < 0.002, "{error}");
-    // Both steps ran, in order: the reduce after the whole sweep.
-    let paths = stderr
-        .find("step paths: completed")
-        .expect("paths completed");
-    let price_submitted = stderr
-        .find("step price: submitted")
-        .expect("price submitted");
-    assert!(paths < price_submitted, "{stderr}");
+    // The reduce was handed to the host at once, waiting for the sweep
+    // (Waiting), and read the sweep's results from the host as its input.
+    let submitted = |step: &str| -> String {
+        let line = format!("step {step}: submitted ");
+        let at = stderr.find(&line).expect("submitted") + line.len();
+        stderr[at..].split_whitespace().next().unwrap().to_string()
+    };
+    let (paths, price) = (submitted("paths"), submitted("price"));
+    let reduce = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(crate::process::get(
+            &reqwest::Client::new(),
+            format!("{}/v1/tasks/{price}", server.url),
+        ));
+    assert_eq!(reduce["options"]["results_of"], paths.as_str(), "{reduce}");
+    assert!(reduce["timestamps"]["Waiting"].is_u64(), "{reduce}");
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Client commands: they talk to a running `kwq serve` over its HTTP API.
 
 use super::{CliError, parse};
-use crate::api::wire::{JobSubmission, PriorityChange, SubmitOptions, TaskSubmission, parse_tag};
+use crate::api::wire::{
+    JobSubmission, PriorityChange, SubmitOptions, TaskInput, TaskSubmission, parse_tag,
+};
 use serde_json::Number;
 use serde_json::{Map, Value, json};
 use std::io::Write;
@@ -321,16 +323,20 @@ pub(super) fn submit(
     payload: String,
     wait: Option<std::time::Duration>,
     durable: bool,
+    results_of: Option<String>,
 ) -> Result<(), CliError> {
     let client = Client::new(&connection);
-    let payload = read_json_arg(&payload)?;
+    let (payload, input) = match results_of {
+        Some(job) => (None, Some(TaskInput { results_of: job })),
+        None => (Some(read_json_arg(&payload)?), None),
+    };
     let body = TaskSubmission {
         options: task.options(),
         module: task.module,
-        payload: Some(payload),
+        payload,
         payload_base64: None,
         durable: (!durable).then_some(false),
-        input: None,
+        input,
     };
     block_on(async move {
         let path = match wait {

@@ -120,6 +120,11 @@ pub enum Command {
         /// that write). Faster; on a host crash the call fails instead.
         #[arg(long, requires = "wait")]
         not_durable: bool,
+        /// A fan-in task: wait for JOB, then read its results as the input
+        /// (in place of a payload), a page at a time while it runs. The
+        /// embedded store only.
+        #[arg(long, value_name = "JOB", conflicts_with_all = ["payload", "wait"])]
+        results_of: Option<String>,
     },
     /// Submit, pause, resume, cancel or list jobs.
     Job {
@@ -237,7 +242,8 @@ pub fn main(cli: Cli) -> ExitCode {
             payload,
             wait,
             not_durable,
-        } => client::submit(connection, task, payload, wait, !not_durable),
+            results_of,
+        } => client::submit(connection, task, payload, wait, !not_durable, results_of),
         Command::Job {
             connection,
             command,

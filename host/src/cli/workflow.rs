@@ -1,17 +1,18 @@
 //! `kwq workflow run FILE`: a workflow is steps, each a task or a job,
-//! with `after` naming the steps it waits for. This client runs it
-//! against a host: it submits each step once every step it names has
-//! completed, hands a step the results of another (`"input":
-//! {"results_of": STEP}`, a JSON array of them as its payload), and prints
-//! the final step's result.
+//! with `after` naming the steps it waits for, and a task step may take
+//! the results of another as its input (`"input": {"results_of": STEP}`).
+//! This client submits the steps to a host and prints the final step's
+//! result.
 //!
 //! The host keeps the order where it can: a step is submitted as soon as
 //! the steps it names have been, with their ids as its `after`, and waits
 //! on the host (state Waiting) until they complete, so it runs without
-//! this command. Two kinds of step wait here instead: one whose input is
-//! `results_of` another (its payload needs their results), and any step
-//! on a store that holds no dependencies (a Kafka grid answers `after`
-//! with 400 `unsupported`; this command then keeps the order itself).
+//! this command. A step reading a job's results is submitted the same way
+//! with `"input": {"results_of": JOB_ID}`: the host streams them to it.
+//! Steps wait here instead, and get their input as a JSON array payload,
+//! when they read a task step's result, on a store that holds no
+//! dependencies (a Kafka grid answers 400 `unsupported`; this command then
+//! keeps the order itself), and with `--client-order`.
 //! A host that is killed and started again is waited for (reads are
 //! retried for up to a minute).
 
@@ -340,13 +341,15 @@ async fn run(client: &Client, plan: &Plan, mut host_orders: bool) -> Result<(), 
             if !matches!(progress[i], Progress::NotStarted) {
                 continue;
             }
-            let waits_here = matches!(
-                plan.work[i],
+            // A task's result becomes a payload here; a job's results are
+            // streamed to the step by the host.
+            let waits_here = match plan.work[i] {
                 Work::Task {
-                    results_of: Some(_),
+                    results_of: Some(source),
                     ..
-                }
-            );
+                } => matches!(plan.work[source], Work::Task { .. }),
+                _ => false,
+            };
             let after_ids: Option<Vec<String>> =
                 plan.after[i].iter().map(|&w| ids[w].clone()).collect();
             if let (true, false, Some(after_ids)) = (host_orders, waits_here, after_ids) {
@@ -500,7 +503,18 @@ async fn submit(
         Work::Job(body) => client.post("/v1/jobs", &with_after(body)).await?,
         Work::Task { body, results_of } => {
             let mut body = with_after(body);
-            if let Some(source) = *results_of {
+            let streamed = match (*results_of, held) {
+                (Some(source), Some(_)) => match (&plan.work[source], &ids[source]) {
+                    (Work::Job(_), Some(job)) => Some(job),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(job) = streamed {
+                // The host reads the job's results to the task a page at a
+                // time: no result set is too large.
+                body.insert("input".into(), json!({ "results_of": job }));
+            } else if let Some(source) = *results_of {
                 // A job's results are those of its completed tasks, even when
                 // others failed (an `on_failure: run` step reads them).
                 let results = match (&plan.work[source], &progress[source], &ids[source]) {
