@@ -288,9 +288,48 @@ async fn sdk_promises(lang: &str) {
             "fetch was refused: {task}"
         );
     }
+    // A fan-in task reads a job's 1,500 results (three pages of the SDK's
+    // 512) through `results()`, in order and each once.
+    let payloads: Vec<Value> = (1..=1500)
+        .map(|i| json!({"action": "echo", "value": i}))
+        .collect();
+    let job = post(
+        &client,
+        format!("{}/v1/jobs", server.url),
+        json!({"module": "misbehave", "payloads": payloads}),
+    )
+    .await;
+    let reduce = post(
+        &client,
+        format!("{}/v1/tasks", server.url),
+        json!({"module": "check", "input": {"results_of": job["id"]}}),
+    )
+    .await;
+    let reduce = finished(&client, &server.url, reduce["id"].as_str().unwrap()).await;
+    assert_eq!(
+        reduce["result"],
+        json!({"count": 1500, "sum": 1500 * 1501 / 2}),
+        "{lang}: {reduce}"
+    );
     // The host carries on.
     let task = invoke(json!({"op": "count"})).await;
     assert_eq!(task["state"], "Completed", "{task}");
+}
+
+/// A task once it has ended (Completed, Dead or Cancelled), polled.
+async fn finished(client: &reqwest::Client, url: &str, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let task = get(client, format!("{url}/v1/tasks/{id}")).await;
+        if matches!(
+            task["state"].as_str(),
+            Some("Completed" | "Dead" | "Cancelled")
+        ) {
+            return task;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ended: {task}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

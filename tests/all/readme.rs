@@ -617,6 +617,17 @@ fn the_readme_runs_as_written_from_a_fresh_copy() {
             && after["timestamps"]["Waiting"].is_u64(),
         "{after} {dependency}"
     );
+    // The reduce submitted `--results-of` the 200-seed sweep read every
+    // run from the host and priced within 3 standard errors.
+    let pooled = get(&host.url("/v1/tasks?tag=demo=fan-in"));
+    let pooled = wait_task(&host, pooled["items"][0]["id"].as_str().unwrap());
+    assert_eq!(pooled["state"], json!("Completed"), "{pooled}");
+    assert_eq!(pooled["result"]["runs"], json!(200), "{pooled}");
+    let (price, error) = (
+        pooled["result"]["price"].as_f64().unwrap(),
+        pooled["result"]["std_error"].as_f64().unwrap(),
+    );
+    assert!((price - 10.4506).abs() < 3.0 * error, "{pooled}");
     // /docs/ leads to the API documentation.
     let (status, path) = http(async {
         let docs = client().get(host.url("/docs/")).send().await.unwrap();

@@ -1,5 +1,5 @@
 // The JavaScript SDK's promises, checked by tests/all/languages.rs.
-import { TaskError, attempt, log, progress, setup, state, task, taskId } from '../kwq-task/index.js';
+import { TaskError, attempt, log, progress, results, setup, state, task, taskId } from '../kwq-task/index.js';
 
 let inits = 0;
 
@@ -9,6 +9,16 @@ export const init = setup((key) => {
 });
 
 export const run = task(async (payload) => {
+  if (payload === null) {
+    // A fan-in task: its input is a job's results.
+    let count = 0;
+    let sum = 0;
+    for (const value of results()) {
+      count += 1;
+      sum += value;
+    }
+    return { count, sum };
+  }
   switch (payload.op) {
     case 'count': {
       const s = state();

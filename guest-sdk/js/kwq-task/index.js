@@ -17,11 +17,15 @@
 //   (`guest_error`). Any other throw fails it the same way, with its message,
 //   and the stack is logged.
 // - `log`, `progress`, `taskId` and `attempt` call the host.
+// - `results()` yields a fan-in task's input: the results of the job it
+//   reads, a page at a time.
 //
 // Outside a component (`node --test`) the host calls fall back to the
 // console and dummy values, so task code can be tested with plain Node.js.
 
 let host = null;
+// The host's `kwq:task/inputs` (a fan-in task's input), set by component().
+let inputs = null;
 let kept;
 
 /** Fail the current task with this message (`guest_error`). */
@@ -80,11 +84,30 @@ function failure(error) {
 }
 
 /**
- * The `kwq:task/task` export for a module namespace (entry.js calls this):
- * `context` is the host's `kwq:task/context` import.
+ * The results of the job a fan-in task reads (one submitted with
+ * `"input": {"results_of": JOB}`; its payload is then null), in task
+ * order, each parsed from JSON, fetched from the host a page at a time as
+ * the loop goes on: `for (const r of results()) { ... }`. Nothing for a
+ * task without an input, or outside a component.
  */
-export function component(context, module) {
+export function* results() {
+  if (!inputs) return;
+  const decoder = new TextDecoder();
+  for (;;) {
+    const page = inputs.nextResults(512);
+    if (page.length === 0) return;
+    for (const entry of page) yield JSON.parse(decoder.decode(entry.output));
+  }
+}
+
+/**
+ * The `kwq:task/task` export for a module namespace (entry.js calls this):
+ * `context` is the host's `kwq:task/context` import, `hostInputs` its
+ * `kwq:task/inputs` (absent in projects made before kwq:task@0.2.0).
+ */
+export function component(context, module, hostInputs) {
   host = context;
+  inputs = hostInputs;
   // The functions marked by task() and setup(); plain exports named `run`
   // and `init` also do.
   const marked = (flag, name) =>
