@@ -321,14 +321,18 @@ async fn sigkill_fails_the_callers_and_keeps_only_the_durable_invocation() {
     };
     let durable = call(true);
     let in_memory = call(false);
-    // Both run: the dashboard's workers each show a task.
+    // Both run (the dashboard's workers each show a task), and the durable
+    // one is stored: its insert is written within a few ms of its start,
+    // a kill before then loses a task nobody was told was accepted.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, stats) = get(&http, format!("{}/v1/stats", server.url)).await;
         let running = stats["workers"]
             .as_array()
             .map_or(0, |w| w.iter().filter(|w| w["task"].is_string()).count());
-        if running == 2 {
+        let (_, stored) = get(&http, format!("{}/v1/tasks?tag=durable=true", server.url)).await;
+        let stored = stored["items"].as_array().map_or(0, Vec::len);
+        if running == 2 && stored == 1 {
             break;
         }
         assert!(Instant::now() < deadline, "{stats}");
