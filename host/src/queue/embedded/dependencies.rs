@@ -126,7 +126,7 @@ pub(super) fn settle(
             let Some(waiting) = Waiter::find(tx, &waiter)? else {
                 continue; // no longer waiting (cancelled by a user)
             };
-            if !completed && waiting.on_failure == OnFailure::Cancel {
+            if !completed && waiting.options.on_failure == OnFailure::Cancel {
                 let reason = format!("dependency_failed: {dependency}");
                 forget_waiter(tx, &waiter)?;
                 waiting.end(tx, TaskState::Cancelled, Some(&reason), at, committed)?;
@@ -155,29 +155,6 @@ pub(super) fn settle(
 
 /// The message of a released task's Pending event.
 const RELEASED: &str = "released: its dependencies ended";
-
-/// The event of a task leaving Waiting for `state`.
-fn released_event(
-    task_id: String,
-    job_id: Option<String>,
-    state: TaskState,
-    at: Millis,
-    message: &str,
-) -> Event {
-    Event {
-        offset: 0,
-        task_id,
-        job_id,
-        state,
-        attempt: 0,
-        worker: None,
-        at,
-        error_kind: None,
-        message: Some(message.to_string()),
-        run_us: None,
-        wait_us: None,
-    }
-}
 
 /// Whether `id` has ended and how: `Some(true)` if it Completed (a job:
 /// every task of it), `Some(false)` if it ended otherwise (or does not
@@ -231,7 +208,6 @@ struct Waiter {
     is_job: bool,
     module: ModuleId,
     options: TaskOptions,
-    on_failure: OnFailure,
 }
 
 impl Waiter {
@@ -260,7 +236,6 @@ impl Waiter {
                 id: id.to_string(),
                 is_job,
                 module: ModuleId::read(&module).unwrap_or_else(|| ModuleId::of(b"")),
-                on_failure: options.on_failure,
                 options,
             }
         }))
@@ -303,10 +278,21 @@ impl Waiter {
         let tags = Arc::new(self.options.tags.clone());
         let message = reason.unwrap_or(RELEASED);
         for task_id in tasks {
-            let event = insert_event(
-                tx,
-                released_event(task_id, job_id.map(str::to_string), to, at, message),
-            )?;
+            // The event of a task leaving Waiting for `to`.
+            let event = Event {
+                offset: 0,
+                task_id,
+                job_id: job_id.map(str::to_string),
+                state: to,
+                attempt: 0,
+                worker: None,
+                at,
+                error_kind: None,
+                message: Some(message.to_string()),
+                run_us: None,
+                wait_us: None,
+            };
+            let event = insert_event(tx, event)?;
             committed.push(Committed {
                 event,
                 from: Some(TaskState::Waiting),

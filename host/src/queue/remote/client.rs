@@ -691,6 +691,26 @@ impl Inner {
 }
 
 impl Inner {
+    /// A GET of `url` with this worker's token, as a future to spawn on
+    /// the worker's runtime: the answer's status and body.
+    fn fetch(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<(StatusCode, bytes::Bytes), reqwest::Error>>
+    + Send
+    + 'static {
+        let mut request = self.http.get(url).timeout(timeout);
+        if let Some(token) = &self.config.token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await?;
+            let status = response.status();
+            Ok((status, response.bytes().await?))
+        }
+    }
+
     /// A page of a job's results for a fan-in task running here, from the
     /// host (`GET /v1/workers/results/{job}`), retried with backoff (100,
     /// 200, 400 ms) while the host does not answer; an error fails the
@@ -709,15 +729,7 @@ impl Inner {
         let mut backoff = Duration::from_millis(100);
         let mut last = String::new();
         for _ in 1..=4 {
-            let mut request = self.http.get(&url).timeout(Duration::from_secs(60));
-            if let Some(token) = &self.config.token {
-                request = request.bearer_auth(token);
-            }
-            let fetch = async move {
-                let response = request.send().await?;
-                let status = response.status();
-                Ok::<_, reqwest::Error>((status, response.bytes().await?))
-            };
+            let fetch = self.fetch(&url, Duration::from_secs(60));
             match self.handle.spawn(fetch).await {
                 Ok(Ok((status, bytes))) if status.is_success() => {
                     let page: ResultPage = serde_json::from_slice(&bytes)
@@ -763,15 +775,7 @@ impl Inner {
         );
         let mut backoff = Duration::from_millis(100);
         for attempt in 1..=4 {
-            let mut request = self.http.get(&url).timeout(Duration::from_secs(120));
-            if let Some(token) = &self.config.token {
-                request = request.bearer_auth(token);
-            }
-            let fetch = async move {
-                let response = request.send().await?;
-                let status = response.status();
-                Ok::<_, reqwest::Error>((status, response.bytes().await?))
-            };
+            let fetch = self.fetch(&url, Duration::from_secs(120));
             match futures::executor::block_on(self.handle.spawn(fetch)) {
                 Ok(Ok((status, bytes))) if status.is_success() => return Some(bytes.to_vec()),
                 Ok(Ok((status, _))) if status.is_client_error() => {
