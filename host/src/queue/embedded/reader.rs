@@ -306,6 +306,12 @@ pub(super) fn jobs(conn: &Connection, limit: usize) -> Result<Vec<JobRecord>, Qu
     jobs.collect::<Result<Vec<_>, _>>().map_err(storage)
 }
 
+/// Result bytes one page of [`results`] holds at most (it always holds at
+/// least one result): a page of 1,000 results of 4 MiB each must not be
+/// 4 GB in memory, neither for `GET /v1/jobs/{id}/results` nor for a
+/// fan-in task's input.
+const RESULT_PAGE_BYTES: usize = 16 << 20;
+
 pub(super) fn results(
     conn: &Connection,
     job: &str,
@@ -317,16 +323,27 @@ pub(super) fn results(
             "SELECT seq, id, result FROM tasks WHERE job_id = ?1 AND state = 'Completed' AND seq > ?2 ORDER BY seq LIMIT ?3",
         )
         .map_err(storage)?;
-    let rows = stmt
-        .query_map(params![job, after as i64, limit as i64], |row| {
-            Ok(TaskResult {
-                seq: row.get::<_, i64>(0)? as u64,
-                task_id: row.get(1)?,
-                result: row.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
-            })
-        })
+    let mut rows = stmt
+        .query(params![job, after as i64, limit as i64])
         .map_err(storage)?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(storage)
+    let (mut page, mut bytes) = (Vec::new(), 0usize);
+    while let Some(row) = rows.next().map_err(storage)? {
+        let result = TaskResult {
+            seq: row.get::<_, i64>(0).map_err(storage)? as u64,
+            task_id: row.get(1).map_err(storage)?,
+            result: row
+                .get::<_, Option<Vec<u8>>>(2)
+                .map_err(storage)?
+                .unwrap_or_default(),
+        };
+        bytes += result.result.len();
+        page.push(result);
+        // A short page is not the end: readers go on after its last seq.
+        if bytes >= RESULT_PAGE_BYTES {
+            break;
+        }
+    }
+    Ok(page)
 }
 
 fn module_from_row(row: &Row<'_>) -> rusqlite::Result<ModuleRecord> {
@@ -515,6 +532,31 @@ mod tests {
             .unwrap()
             .count();
         (found, stmt.get_status(rusqlite::StatementStatus::VmStep))
+    }
+
+    /// A page of large results stops at its byte budget, and the next page
+    /// goes on from there: every result once, in order.
+    #[test]
+    fn a_results_page_is_bounded_in_bytes_and_the_next_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::schema::open(&dir.path().join("t.db"), true).unwrap();
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 40)
+             INSERT INTO tasks (id, job_id, module, payload, priority, options, state, result)
+             SELECT 'j.' || i, 'j', 'm', x'', 5, '{}', 'Completed', zeroblob(1048576) FROM n",
+        )
+        .unwrap();
+        let per_page = RESULT_PAGE_BYTES / (1 << 20);
+        let (mut after, mut seen) = (0, Vec::new());
+        loop {
+            let page = results(&conn, "j", after, 1000).unwrap();
+            let Some(last) = page.last() else { break };
+            assert!(page.len() <= per_page, "{} results in a page", page.len());
+            after = last.seq;
+            seen.extend(page.into_iter().map(|r| r.task_id));
+        }
+        let expected: Vec<String> = (1..=40).map(|i| format!("j.{i}")).collect();
+        assert_eq!(seen, expected);
     }
 
     /// A tag filter goes through the tag index: a tag no task has costs a
