@@ -174,3 +174,21 @@ fn bench_grid_runs_on_a_host_assembled_like_serve() {
     assert!(rate > 0.0, "{table}");
     assert!(table.contains("submit-to-start latency p99"), "{table}");
 }
+
+/// `kwq bench fan-in` runs a small sweep and its reduce to the end: the
+/// reduce read every result (its pooled paths are the sweep's).
+#[test]
+fn bench_fan_in_reduces_every_result_of_its_sweep() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kwq"))
+        .args(["bench", "fan-in", "--results", "3000"])
+        .env("KWQ_LOG", "error")
+        .output()
+        .expect("start kwq");
+    assert!(output.status.success(), "{:?}", stderr_lines(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("| reduce: Running to Completed, 3000 results |"),
+        "{table}"
+    );
+    assert!(table.contains("over 192000 paths |"), "{table}");
+}

@@ -93,6 +93,9 @@ pub enum BenchCommand {
     /// to be released once it completes, and the scheduler's latency per
     /// hop of a chain of tasks each waiting on the one before.
     Workflow(super::bench_workflow::WorkflowBench),
+    /// One reduce task reading a finished job's 1,000,000 results through
+    /// `next-results` (fan-in): how long it takes and the host's peak RSS.
+    FanIn(super::bench_fanin::FanInBench),
 }
 
 /// Run a benchmark.
@@ -132,6 +135,7 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
         BenchCommand::Workers(bench) => super::bench_workers::run(bench),
         BenchCommand::Modules(bench) => super::bench_modules::run(bench),
         BenchCommand::Workflow(bench) => super::bench_workflow::run(bench),
+        BenchCommand::FanIn(bench) => super::bench_fanin::run(bench),
     }
 }
 

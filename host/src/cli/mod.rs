@@ -2,6 +2,7 @@
 //! failed, 2 bad input (unreadable file, invalid module, bad flag value).
 
 mod bench;
+mod bench_fanin;
 mod bench_grid;
 mod bench_invoke;
 mod bench_kafka;
