@@ -6,7 +6,7 @@
 //! against before it).
 
 use super::CliError;
-use super::local_grid::{LocalGrid, count_events, failed, post_job};
+use super::local_grid::{LocalGrid, count_events, failed, get_json, post_job, status_bytes};
 use crate::model::TaskState;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -22,20 +22,6 @@ pub struct FanInBench {
 
 pub(super) fn run(bench: FanInBench) -> Result<(), CliError> {
     super::tokio_runtime()?.block_on(measure(bench))
-}
-
-/// A `kB` line of this process's `/proc/self/status` (`VmRSS`, `VmHWM`), in bytes.
-fn status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Reset this process's peak RSS (`VmHWM`) to its current RSS (Linux:
@@ -99,14 +85,7 @@ async fn measure(bench: FanInBench) -> Result<(), CliError> {
     )
     .await?;
     let peak = status_bytes("VmHWM:");
-    let task: Value = client
-        .get(format!("{url}/v1/tasks/{reduce}"))
-        .send()
-        .await
-        .map_err(failed)?
-        .json()
-        .await
-        .map_err(failed)?;
+    let task = get_json(&client, format!("{url}/v1/tasks/{reduce}")).await?;
     grid.stop().await;
     if task["state"] != "Completed" {
         return Err(failed(format!("the reduce did not complete: {task}")));

@@ -5,7 +5,7 @@
 //! the counts add up after it, and what each finished task costs on disk.
 
 use super::CliError;
-use super::local_grid::{LocalGrid, failed, post_job};
+use super::local_grid::{LocalGrid, failed, get_json, post_job, status_bytes};
 use crate::model::TaskState;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -44,16 +44,7 @@ pub(super) fn run(bench: SweepBench) -> Result<(), CliError> {
 
 /// Resident memory of this process, bytes.
 fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    status_bytes("VmRSS:")
 }
 
 /// Bytes of every file under `dir` (the store, its WAL, its shared memory).
@@ -134,14 +125,7 @@ async fn measure(bench: SweepBench) -> Result<(), CliError> {
     // the counts must cover every point exactly once.
     let mut job: Value = Value::Null;
     for _ in 0..100 {
-        job = client
-            .get(format!("{url}/v1/jobs/{id}"))
-            .send()
-            .await
-            .map_err(failed)?
-            .json()
-            .await
-            .map_err(failed)?;
+        job = get_json(&client, format!("{url}/v1/jobs/{id}")).await?;
         if job["finished"].as_u64() == Some(bench.points) {
             break;
         }

@@ -6,7 +6,7 @@
 //! `kwq serve` with in-process workers. Printed, never asserted.
 
 use super::CliError;
-use super::local_grid::failed;
+use super::local_grid::{failed, get_json};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -233,14 +233,7 @@ async fn job_run(
         .to_string();
     let deadline = Instant::now() + Duration::from_secs(1800);
     loop {
-        let view: Value = client
-            .get(format!("{url}/v1/jobs/{id}"))
-            .send()
-            .await
-            .map_err(failed)?
-            .json()
-            .await
-            .map_err(failed)?;
+        let view = get_json(client, format!("{url}/v1/jobs/{id}")).await?;
         if view["state"] == "Finished" {
             if view["counts"]["Completed"].as_u64() != Some(tasks) {
                 return Err(failed(format!("job {id} finished short: {view}")));

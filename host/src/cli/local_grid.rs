@@ -127,6 +127,36 @@ pub(super) async fn submit_noop_jobs(
     Ok(())
 }
 
+/// `GET url`, its body as JSON.
+pub(super) async fn get_json(
+    client: &reqwest::Client,
+    url: String,
+) -> Result<serde_json::Value, CliError> {
+    client
+        .get(url)
+        .send()
+        .await
+        .map_err(failed)?
+        .json()
+        .await
+        .map_err(failed)
+}
+
+/// A `kB` line of this process's `/proc/self/status` (`VmRSS:`,
+/// `VmHWM:`), in bytes; 0 where it cannot be read.
+pub(super) fn status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Submit one job (`POST /v1/jobs` with `body`) and return its id; a
 /// refusal fails with the server's answer.
 pub(super) async fn post_job(
