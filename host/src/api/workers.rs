@@ -6,7 +6,7 @@
 use super::AppState;
 use super::error::{ApiJson, ApiQuery, AppError};
 use super::wire::ErrorBody;
-use crate::model::ModuleId;
+use crate::model::{MAX_RESULTS_PER_PAGE, ModuleId};
 use crate::queue::remote::HubError;
 use crate::queue::remote::wire::{
     Heartbeat, HeartbeatReply, LeaseBatch, LeaseRequest, PagedResult, Register, Registration,
@@ -144,10 +144,6 @@ pub(super) async fn module_bytes(
         .into_response())
 }
 
-/// Most results in one page of `GET /v1/workers/results/{job}` (as many
-/// as one `next-results` call of a guest may ask for).
-const MAX_RESULT_PAGE: usize = 4096;
-
 /// Query of `GET /v1/workers/results/{job}`.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -170,10 +166,10 @@ pub(super) async fn result_page(
     ApiQuery(query): ApiQuery<ResultPageQuery>,
 ) -> Result<Json<ResultPage>, AppError> {
     let limit = query.limit.unwrap_or(256);
-    if !(1..=MAX_RESULT_PAGE).contains(&limit) {
+    if !(1..=MAX_RESULTS_PER_PAGE).contains(&limit) {
         return Err(AppError::bad_request(
             "invalid_field",
-            format!("limit: must be 1 to {MAX_RESULT_PAGE}, got {limit}"),
+            format!("limit: must be 1 to {MAX_RESULTS_PER_PAGE}, got {limit}"),
         ));
     }
     state.reads.job(&job).await?;

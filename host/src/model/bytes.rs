@@ -6,6 +6,11 @@
 use base64::Engine;
 use serde_json::{Map, Value};
 
+/// Most results one page of a fan-in task's input holds: what one
+/// `kwq:task/inputs.next-results` call returns at most, and the largest
+/// page a worker machine may ask its host for.
+pub const MAX_RESULTS_PER_PAGE: usize = 4096;
+
 /// Bytes as JSON when they are JSON, else as base64: one of the pair is set.
 pub fn json_or_base64(bytes: &[u8]) -> (Option<Value>, Option<String>) {
     match serde_json::from_slice::<Value>(bytes) {

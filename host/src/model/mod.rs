@@ -4,7 +4,7 @@ mod bytes;
 mod sweep;
 mod task;
 
-pub use bytes::{bytes_field, json_or_base64, result_line};
+pub use bytes::{MAX_RESULTS_PER_PAGE, bytes_field, json_or_base64, result_line};
 
 pub use sweep::{MAX_SWEEP_BASE_BYTES, MAX_SWEEP_POINTS, Sweep, SweepAxis, SweepError};
 pub use task::{

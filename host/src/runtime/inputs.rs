@@ -13,9 +13,6 @@ use async_trait::async_trait;
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
 
-/// Most results one `next-results` call returns (a guest asking for more
-/// gets this many).
-pub const MAX_RESULTS_PER_CALL: usize = 4096;
 /// Results read from the store per page while feeding a command's stdin.
 const STDIN_PAGE: usize = 256;
 /// Bytes the stdin pipe holds before the feeder waits for the guest.
@@ -65,7 +62,7 @@ impl InputCursor {
         }
         let page = self
             .pages
-            .page(self.after, max.min(MAX_RESULTS_PER_CALL))
+            .page(self.after, max.min(crate::model::MAX_RESULTS_PER_PAGE))
             .await?;
         match page.last() {
             Some(last) => self.after = last.cursor,

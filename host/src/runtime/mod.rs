@@ -23,7 +23,7 @@ mod worker;
 
 pub use engine::RuntimeConfig;
 pub use error::{RuntimeError, TaskError};
-pub use inputs::{InputResult, MAX_RESULTS_PER_CALL, ResultPages};
+pub use inputs::{InputResult, ResultPages};
 pub use modules::{CompiledModule, ModuleSource, ModuleStats};
 pub use worker::{ProgressSink, TaskReport, TaskSpec, Worker, WorkerStats};
 
