@@ -156,6 +156,58 @@ impl Drop for Checkpointer {
     }
 }
 
+/// Bytes of one log frame: a 24-byte header and a 4 KiB page.
+const FRAME_BYTES: u64 = 24 + 4_096;
+
+/// Give the store's write-ahead log its working size up front, as zeros,
+/// so that commits overwrite the file in place instead of growing it. On
+/// ext4 an fdatasync after a write that grows a file also commits the
+/// inode: measured on this project's disk, 4 KiB then fdatasync took
+/// 0.11 ms in place and 0.20 ms appended, and a fresh store grows its log
+/// for its first [`RESTART_PAGES`] pages, i.e. for every commit of a
+/// synchronous invocation's first few thousand.
+///
+/// Done once, at open, before anyone else connects: the log is first
+/// copied into the database and emptied (a `TRUNCATE` checkpoint); only a
+/// log left empty is filled. Zeros after the log's frames are where SQLite
+/// sees the log end (a frame whose salt does not match the header's), as
+/// with the stale frames it leaves behind itself when the log starts
+/// over, so recovery after a crash at any point reads exactly the
+/// committed frames.
+pub(super) fn preallocate_log(conn: &Connection, db: &Path) -> Result<(), QueueError> {
+    // Nobody is waited for: a log someone else reads is left as it is.
+    let emptied = conn
+        .busy_timeout(std::time::Duration::ZERO)
+        .and_then(|()| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            })
+        })
+        .map(|busy| busy == 0);
+    conn.busy_timeout(super::schema::BUSY_TIMEOUT)
+        .map_err(|e| QueueError::storage("emptying the store's log", e))?;
+    let busy = !emptied.map_err(|e| QueueError::storage("emptying the store's log", e))?;
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    let log = Path::new(&name);
+    let fill = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().write(true).open(log)?;
+        if busy || file.metadata()?.len() != 0 {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = 32 + RESTART_PAGES * FRAME_BYTES;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()
+    };
+    fill().map_err(|e| QueueError::storage(format!("preparing {}", log.display()), e))
+}
+
 /// A passive checkpoint (copies what it can, waits for nobody): pages in
 /// the log and pages copied back, or `None` when another checkpoint held
 /// the lock.
@@ -265,5 +317,47 @@ mod tests {
             std::thread::yield_now();
         }
         assert!(file_len(&dir.path().join("s.db")) > before + CHECKPOINT_PAGES * 4_096 / 2);
+    }
+
+    #[test]
+    fn a_preallocated_log_is_written_in_place_and_recovers_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let conn = store(dir.path());
+        preallocate_log(&conn, &db).unwrap();
+        let size = 32 + RESTART_PAGES * FRAME_BYTES;
+        assert_eq!(file_len(&dir.path().join("s.db-wal")), size);
+        for i in 0..50 {
+            conn.execute("INSERT INTO filler VALUES (zeroblob(?1))", [i * 100])
+                .unwrap();
+        }
+        // The commits went into the zeros, not past them.
+        assert_eq!(file_len(&dir.path().join("s.db-wal")), size);
+        // A crash now: copy the files as they are, with the connection
+        // open (closing it would checkpoint), and count what the copy holds.
+        let rows_after_a_crash = || -> (i64, i64) {
+            let crashed = tempfile::tempdir().unwrap();
+            for name in ["s.db", "s.db-wal"] {
+                std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
+            }
+            Connection::open(crashed.path().join("s.db"))
+                .unwrap()
+                .query_row("SELECT count(*), sum(length(b)) FROM filler", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .unwrap()
+        };
+        let written: i64 = (0..50).map(|i| i * 100).sum();
+        assert_eq!(rows_after_a_crash(), (50, written));
+        // With a reader holding the log, it is not emptied: the commits in
+        // it are not overwritten with zeros.
+        let reader = Connection::open(&db).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM filler;")
+            .unwrap();
+        conn.execute("INSERT INTO filler VALUES (zeroblob(10))", [])
+            .unwrap();
+        preallocate_log(&conn, &db).unwrap();
+        assert_eq!(rows_after_a_crash(), (51, written + 10));
     }
 }

@@ -15,7 +15,7 @@ use super::writer::insert_event;
 use crate::model::{Event, Millis, ModuleId, OnFailure, TaskOptions, TaskState};
 use crate::queue::{Committed, SettledJob};
 use rusqlite::{OptionalExtension, Transaction, params};
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// Ids of the tasks and jobs some waiter still waits for: the writer's
@@ -110,6 +110,7 @@ pub(super) fn settle(
     jobs: &mut Vec<SettledJob>,
 ) -> rusqlite::Result<()> {
     let mut work: VecDeque<String> = settling.ids.into_iter().collect();
+    let mut decoded = Decoded::default();
     while let Some(dependency) = work.pop_front() {
         if !watched.contains(&dependency) {
             continue;
@@ -123,7 +124,7 @@ pub(super) fn settle(
             .query_map(params![dependency], |row| row.get(0))?
             .collect::<Result<_, _>>()?;
         for waiter in waiters {
-            let Some(waiting) = Waiter::find(tx, &waiter)? else {
+            let Some(waiting) = Waiter::find(tx, &waiter, &mut decoded)? else {
                 continue; // no longer waiting (cancelled by a user)
             };
             if !completed && waiting.options.on_failure == OnFailure::Cancel {
@@ -202,17 +203,70 @@ fn still_waits(tx: &Transaction<'_>, waiter: &str) -> rusqlite::Result<bool> {
         .query_row(params![waiter], |row| row.get(0))
 }
 
+/// A waiter's tags, shared by its events.
+type Tags = BTreeMap<String, String>;
+
+/// The last waiter's stored module and options, decoded. Waiters submitted
+/// together share them: a release of 100,000 lone tasks decoded the same
+/// options JSON 100,000 times before.
+#[derive(Default)]
+struct Decoded {
+    last: Option<DecodedRow>,
+}
+
+/// One row's module and options, as stored and decoded.
+struct DecodedRow {
+    module: String,
+    options: String,
+    module_id: ModuleId,
+    parsed: Arc<TaskOptions>,
+    tags: Arc<Tags>,
+}
+
+impl Decoded {
+    /// The waiter `id` whose row holds `module` and `options`.
+    fn waiter(&mut self, id: &str, is_job: bool, module: String, options: String) -> Waiter {
+        let same = self
+            .last
+            .as_ref()
+            .is_some_and(|row| row.module == module && row.options == options);
+        if !same {
+            let parsed: TaskOptions = serde_json::from_str(&options).unwrap_or_default();
+            self.last = Some(DecodedRow {
+                module_id: ModuleId::read(&module).unwrap_or_else(|| ModuleId::of(b"")),
+                tags: Arc::new(parsed.tags.clone()),
+                parsed: Arc::new(parsed),
+                module,
+                options,
+            });
+        }
+        let row = self.last.as_ref().expect("decoded above");
+        Waiter {
+            id: id.to_string(),
+            is_job,
+            module: row.module_id.clone(),
+            options: row.parsed.clone(),
+            tags: row.tags.clone(),
+        }
+    }
+}
+
 /// A task or job still waiting, as the store holds it.
 struct Waiter {
     id: String,
     is_job: bool,
     module: ModuleId,
-    options: TaskOptions,
+    options: Arc<TaskOptions>,
+    tags: Arc<Tags>,
 }
 
 impl Waiter {
     /// `id` if it is a task or job that still waits.
-    fn find(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<Waiter>> {
+    fn find(
+        tx: &Transaction<'_>,
+        id: &str,
+        decoded: &mut Decoded,
+    ) -> rusqlite::Result<Option<Waiter>> {
         let task: Option<(String, String)> = tx
             .prepare_cached(
                 "SELECT module, options FROM tasks WHERE id = ?1 AND state = 'Waiting'",
@@ -230,15 +284,7 @@ impl Waiter {
                 .optional()?,
             ),
         };
-        Ok(found.map(|(module, options)| {
-            let options: TaskOptions = serde_json::from_str(&options).unwrap_or_default();
-            Waiter {
-                id: id.to_string(),
-                is_job,
-                module: ModuleId::read(&module).unwrap_or_else(|| ModuleId::of(b"")),
-                options,
-            }
-        }))
+        Ok(found.map(|(module, options)| decoded.waiter(id, is_job, module, options)))
     }
 
     /// Move the waiter (a job: its record and its Waiting tasks) to
@@ -255,30 +301,40 @@ impl Waiter {
             TaskState::Pending => "pending_at",
             _ => "cancelled_at",
         };
-        let (tasks, job_id): (Vec<String>, Option<&str>) = if self.is_job {
+        let tasks: Vec<String> = if self.is_job {
             tx.prepare_cached("UPDATE jobs SET waiting = 0, cancelled = ?2 WHERE id = ?1")?
                 .execute(params![self.id, to == TaskState::Cancelled])?;
-            let ids = tx
-                .prepare_cached(&format!(
-                    "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4
+            tx.prepare_cached(&format!(
+                "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4
                      WHERE job_id = ?1 AND state = 'Waiting' RETURNING id"
-                ))?
-                .query_map(params![self.id, to.as_str(), at as i64, reason], |row| {
-                    row.get(0)
-                })?
-                .collect::<Result<_, _>>()?;
-            (ids, Some(self.id.as_str()))
+            ))?
+            .query_map(params![self.id, to.as_str(), at as i64, reason], |row| {
+                row.get(0)
+            })?
+            .collect::<Result<_, _>>()?
         } else {
             tx.prepare_cached(&format!(
                 "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4 WHERE id = ?1"
             ))?
             .execute(params![self.id, to.as_str(), at as i64, reason])?;
-            (vec![self.id.clone()], None)
+            vec![self.id.clone()]
         };
-        let tags = Arc::new(self.options.tags.clone());
+        self.events(tx, tasks, to, reason, at, committed)
+    }
+
+    /// The events of the waiter's `tasks` leaving Waiting for `to`.
+    fn events(
+        &self,
+        tx: &Transaction<'_>,
+        tasks: Vec<String>,
+        to: TaskState,
+        reason: Option<&str>,
+        at: Millis,
+        committed: &mut Vec<Committed>,
+    ) -> rusqlite::Result<()> {
+        let job_id = self.is_job.then_some(self.id.as_str());
         let message = reason.unwrap_or(RELEASED);
         for task_id in tasks {
-            // The event of a task leaving Waiting for `to`.
             let event = Event {
                 offset: 0,
                 task_id,
@@ -297,7 +353,7 @@ impl Waiter {
                 event,
                 from: Some(TaskState::Waiting),
                 module: self.module.clone(),
-                tags: tags.clone(),
+                tags: self.tags.clone(),
             });
         }
         Ok(())

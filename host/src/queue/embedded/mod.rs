@@ -275,6 +275,7 @@ impl EmbeddedQueue {
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(|e| QueueError::storage("setting --durability process", e))?;
         }
+        checkpoint::preallocate_log(&conn, path)?;
         let (events, _) = broadcast::channel(65_536);
         let observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>> = Arc::default();
         let health = Arc::new(writer::StoreHealth::default());
