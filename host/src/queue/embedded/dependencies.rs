@@ -131,16 +131,16 @@ pub(super) fn settle(
                 let reason = format!("dependency_failed: {dependency}");
                 forget_waiter(tx, &waiter)?;
                 waiting.end(tx, TaskState::Cancelled, Some(&reason), at, committed)?;
-                if waiting.is_job {
+                if waiting.is_job() {
                     jobs.push(SettledJob {
                         job: waiter.clone(),
                         released: false,
                     });
                 }
                 work.push_back(waiter);
-            } else if !still_waits(tx, &waiter)? {
+            } else if !waiting.waits_for_more_than(&dependency) || !still_waits(tx, &waiter)? {
                 waiting.end(tx, TaskState::Pending, None, at, committed)?;
-                if waiting.is_job {
+                if waiting.is_job() {
                     jobs.push(SettledJob {
                         job: waiter.clone(),
                         released: true,
@@ -225,7 +225,13 @@ struct DecodedRow {
 
 impl Decoded {
     /// The waiter `id` whose row holds `module` and `options`.
-    fn waiter(&mut self, id: &str, is_job: bool, module: String, options: String) -> Waiter {
+    fn waiter(
+        &mut self,
+        id: &str,
+        task_seq: Option<i64>,
+        module: String,
+        options: String,
+    ) -> Waiter {
         let same = self
             .last
             .as_ref()
@@ -243,7 +249,7 @@ impl Decoded {
         let row = self.last.as_ref().expect("decoded above");
         Waiter {
             id: id.to_string(),
-            is_job,
+            task_seq,
             module: row.module_id.clone(),
             options: row.parsed.clone(),
             tags: row.tags.clone(),
@@ -254,7 +260,8 @@ impl Decoded {
 /// A task or job still waiting, as the store holds it.
 struct Waiter {
     id: String,
-    is_job: bool,
+    /// A task's row (`seq`), read once and updated by it; `None`: a job.
+    task_seq: Option<i64>,
     module: ModuleId,
     options: Arc<TaskOptions>,
     tags: Arc<Tags>,
@@ -267,24 +274,38 @@ impl Waiter {
         id: &str,
         decoded: &mut Decoded,
     ) -> rusqlite::Result<Option<Waiter>> {
-        let task: Option<(String, String)> = tx
+        let task: Option<(i64, String, String)> = tx
             .prepare_cached(
-                "SELECT module, options FROM tasks WHERE id = ?1 AND state = 'Waiting'",
+                "SELECT seq, module, options FROM tasks WHERE id = ?1 AND state = 'Waiting'",
+            )?
+            .query_row(params![id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?;
+        if let Some((seq, module, options)) = task {
+            return Ok(Some(decoded.waiter(id, Some(seq), module, options)));
+        }
+        let job: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT module, options FROM jobs WHERE id = ?1 AND waiting = 1 AND cancelled = 0",
             )?
             .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
             .optional()?;
-        let (is_job, found) = match task {
-            Some(found) => (false, Some(found)),
-            None => (
-                true,
-                tx.prepare_cached(
-                    "SELECT module, options FROM jobs WHERE id = ?1 AND waiting = 1 AND cancelled = 0",
-                )?
-                .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
-                .optional()?,
-            ),
-        };
-        Ok(found.map(|(module, options)| decoded.waiter(id, is_job, module, options)))
+        Ok(job.map(|(module, options)| decoded.waiter(id, None, module, options)))
+    }
+
+    /// Whether the waiter is a job (else a task).
+    fn is_job(&self) -> bool {
+        self.task_seq.is_none()
+    }
+
+    /// Whether the waiter may have a dependency besides `dependency`. One
+    /// that named only `dependency` has no rows left once `dependency`'s
+    /// are deleted, so the store need not be asked (a release of many
+    /// lone waiters asked once for each); one whose options name nothing
+    /// (unreadable) is asked anyway.
+    fn waits_for_more_than(&self, dependency: &str) -> bool {
+        self.options.after.is_empty() || self.options.after.iter().any(|other| other != dependency)
     }
 
     /// Move the waiter (a job: its record and its Waiting tasks) to
@@ -301,7 +322,13 @@ impl Waiter {
             TaskState::Pending => "pending_at",
             _ => "cancelled_at",
         };
-        let tasks: Vec<String> = if self.is_job {
+        let tasks: Vec<String> = if let Some(seq) = self.task_seq {
+            tx.prepare_cached(&format!(
+                "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4 WHERE seq = ?1"
+            ))?
+            .execute(params![seq, to.as_str(), at as i64, reason])?;
+            vec![self.id.clone()]
+        } else {
             tx.prepare_cached("UPDATE jobs SET waiting = 0, cancelled = ?2 WHERE id = ?1")?
                 .execute(params![self.id, to == TaskState::Cancelled])?;
             tx.prepare_cached(&format!(
@@ -312,12 +339,6 @@ impl Waiter {
                 row.get(0)
             })?
             .collect::<Result<_, _>>()?
-        } else {
-            tx.prepare_cached(&format!(
-                "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4 WHERE id = ?1"
-            ))?
-            .execute(params![self.id, to.as_str(), at as i64, reason])?;
-            vec![self.id.clone()]
         };
         self.events(tx, tasks, to, reason, at, committed)
     }
@@ -332,7 +353,7 @@ impl Waiter {
         at: Millis,
         committed: &mut Vec<Committed>,
     ) -> rusqlite::Result<()> {
-        let job_id = self.is_job.then_some(self.id.as_str());
+        let job_id = self.is_job().then_some(self.id.as_str());
         let message = reason.unwrap_or(RELEASED);
         for task_id in tasks {
             let event = Event {
