@@ -445,34 +445,3 @@ async fn start_up_releases_a_waiter_whose_dependency_already_completed() {
         "{waiter:?}"
     );
 }
-
-/// A Kafka grid holds no dependencies yet: `after` is refused there with a
-/// clear 400, not run early.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kafka_host_refuses_after_and_fan_in_with_unsupported() {
-    use crate::conformance::MockKafka;
-    let kafka = MockKafka::with_buffer(100);
-    let host = kafka.host_in_role("a", kwq::queue::kafka::Role::All).await;
-    let grid = TestGrid::on_queue(std::sync::Arc::new(host)).await;
-    grid.upload(examples::NOOP, "noop").await;
-    let first = submit(&grid, json!({"module": "noop"})).await;
-    for (path, body) in [
-        ("/v1/tasks", json!({"module": "noop", "after": [first]})),
-        (
-            "/v1/jobs",
-            json!({"module": "noop", "payloads": [1], "after": [first]}),
-        ),
-        // A fan-in's input is a dependency too.
-        (
-            "/v1/tasks",
-            json!({"module": "noop", "input": {"results_of": "j-any"}}),
-        ),
-    ] {
-        let (status, answer) = grid.call("POST", path, Some(body)).await;
-        assert_eq!(
-            (status, answer["error"]["code"].as_str()),
-            (400, Some("unsupported")),
-            "{answer}"
-        );
-    }
-}

@@ -236,20 +236,14 @@ async fn a_new_expander_writes_exactly_the_points_a_dead_one_left_out() {
         );
         records.push((band.clone(), id, serde_json::to_vec(&message).unwrap()));
     }
-    let cursor = ExpandCursor {
-        v: 1,
-        job: Some(job.clone()),
-        next: 1_000,
-        scan: (0..4)
-            .map(|partition| ScanFrom {
-                topic: band.clone(),
-                partition,
-                offset: 0,
-            })
-            .collect(),
-        done: false,
-        payloads: None,
-    };
+    let scan = (0..4)
+        .map(|partition| ScanFrom {
+            topic: band.clone(),
+            partition,
+            offset: 0,
+        })
+        .collect();
+    let cursor = ExpandCursor::new(job.clone(), 1_000, scan, false, None);
     records.push(("kwq.expand".into(), job.id.clone(), cursor.encode()));
     let deliveries: Vec<_> = records
         .iter()

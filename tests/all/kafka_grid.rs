@@ -2,7 +2,9 @@
 //! broker (tansu 0.6.0 on its SQLite engine, installed by
 //! `scripts/install-tansu.sh`), all on 127.0.0.1 and stopped by the test.
 
-use crate::process::{Server, echo_job_completed_once, get, get_text, submit_echo_job, wait_for};
+use crate::process::{
+    Server, echo_job_completed_once, get, get_text, post, submit_echo_job, wait_for,
+};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -428,5 +430,138 @@ async fn a_sweep_runs_once_across_a_sigkill_and_restart_of_its_expanding_host() 
         on_bands.values().all(|n| *n == 1),
         "a point written twice: {:?}",
         on_bands.iter().find(|(_, n)| **n != 1)
+    );
+}
+
+/// Waiters on a Kafka grid survive a SIGKILL of the host holding them: a
+/// job and a task wait (submitted on h2) for a sweep held at priority 0
+/// (submitted on h1); the host whose expander holds the waiters' cursors
+/// (the one holding more, if they are split) is SIGKILLed and restarted
+/// while the other runs on; the sweep is then raised. Both waiters run
+/// once, after the sweep, with every result once. One host is killed at a
+/// time: tansu 0.6.0 left two dead members of a group holding every
+/// partition for minutes when both hosts were killed in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_survive_a_sigkill_of_the_host_holding_them() {
+    const POINTS: u64 = 100;
+    let tansu = Tansu::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let names = ["h1", "h2"];
+    let client = reqwest::Client::new();
+    let mut hosts: Vec<Server> = (0..2)
+        .map(|i| host(&tansu, dirs[i].path(), names[i]))
+        .collect();
+    let echo_sweep = |to: u64| json!({"base": {"action": "echo"}, "params": {"value": {"from": 0, "to": to - 1}}});
+    let created = |body: Value| {
+        body["id"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("{body}"))
+    };
+    // Held at priority 0: no point of it is written until it is raised.
+    let dependency = created(
+        post(
+            &client,
+            format!("{}/v1/jobs", hosts[0].url),
+            json!({"module": "misbehave", "priority": 0, "sweep": echo_sweep(10)}),
+        )
+        .await,
+    );
+    wait_for(&client, &hosts[1], &dependency, |j| {
+        j["id"] == json!(dependency)
+    })
+    .await;
+    let job = created(
+        post(
+            &client,
+            format!("{}/v1/jobs", hosts[1].url),
+            json!({"module": "misbehave", "sweep": echo_sweep(POINTS), "after": [dependency]}),
+        )
+        .await,
+    );
+    let task = created(
+        post(
+            &client,
+            format!("{}/v1/tasks", hosts[1].url),
+            json!({"module": "misbehave", "payload": {"action": "echo", "value": 7}, "after": [dependency]}),
+        )
+        .await,
+    );
+    let waiting = wait_for(&client, &hosts[0], &job, |j| j["state"] == json!("Waiting")).await;
+    assert_eq!(waiting["counts"]["Waiting"], json!(POINTS), "{waiting}");
+
+    // Which host holds the waiters: its /metrics says how many.
+    let held = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("kwq_kafka_held_waiters "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let mut counts = Vec::new();
+        for server in &hosts {
+            counts.push(held(
+                &get_text(&client, format!("{}/metrics", server.url)).await,
+            ));
+        }
+        if counts.iter().sum::<u64>() == 2 {
+            break if counts[0] >= counts[1] { 0 } else { 1 };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiters are not held: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    hosts.remove(victim).kill();
+    // Killed, not released: the other host's view still says Waiting.
+    let seen = get(&client, format!("{}/v1/tasks/{task}", hosts[0].url)).await;
+    assert_eq!(seen["state"], json!("Waiting"), "{seen}");
+    hosts.insert(victim, host(&tansu, dirs[victim].path(), names[victim]));
+    let raised = post(
+        &client,
+        format!("{}/v1/jobs/{dependency}/priority", hosts[0].url),
+        json!({"priority": 5}),
+    )
+    .await;
+    assert_eq!(raised["options"]["priority"], json!(5), "{raised}");
+
+    echo_job_completed_once(&client, &hosts[0], &dependency, 10).await;
+    for server in &hosts {
+        echo_job_completed_once(&client, server, &job, POINTS).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let ran = loop {
+        let seen = get(&client, format!("{}/v1/tasks/{task}", hosts[1].url)).await;
+        if seen["state"] == json!("Completed") {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting task never ran: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ran["result"], json!(7), "{ran}");
+    // Released only after every task of the sweep had completed.
+    let mut last_completed = 0;
+    for index in 0..10 {
+        let part = get(
+            &client,
+            format!("{}/v1/tasks/{dependency}.{index}", hosts[1].url),
+        )
+        .await;
+        last_completed = last_completed.max(part["timestamps"]["Completed"].as_u64().unwrap());
+    }
+    assert!(
+        ran["timestamps"]["Pending"].as_u64().unwrap() >= last_completed,
+        "{ran}"
+    );
+    let first = get(&client, format!("{}/v1/tasks/{job}.0", hosts[1].url)).await;
+    assert!(
+        first["timestamps"]["Running"].as_u64().unwrap() >= last_completed,
+        "{first}"
     );
 }

@@ -196,23 +196,23 @@ async fn a_new_expander_carries_on_a_dead_ones_stream_exactly() {
         );
         deliveries.push(send(&band, &id, serde_json::to_vec(&message).unwrap()));
     }
-    let cursor = ExpandCursor {
-        v: 2,
-        job: Some(job.clone()),
-        next: 1_000,
-        scan: (0..4)
-            .map(|partition| ScanFrom {
-                topic: band.clone(),
-                partition,
-                offset: 0,
-            })
-            .collect(),
-        done: false,
-        payloads: Some(PayloadsAt {
+    let scan = (0..4)
+        .map(|partition| ScanFrom {
+            topic: band.clone(),
+            partition,
+            offset: 0,
+        })
+        .collect();
+    let cursor = ExpandCursor::new(
+        job.clone(),
+        1_000,
+        scan,
+        false,
+        Some(PayloadsAt {
             partition: first_at.partition,
             offset: first_at.offset,
         }),
-    };
+    );
     deliveries.push(send("kwq.expand", &job.id, cursor.encode()));
     for delivery in deliveries {
         delivery.await.unwrap().unwrap();

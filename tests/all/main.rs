@@ -9,6 +9,7 @@ mod fan_in;
 mod grid;
 mod invoke;
 mod kafka;
+mod kafka_dependencies;
 mod kafka_expand;
 mod kafka_grid;
 mod kafka_roles;

@@ -186,8 +186,8 @@ pub(super) async fn check_dependencies(
     if !options.after.is_empty() && !state.work.runs_dependencies() {
         return Err(AppError::bad_request(
             "unsupported",
-            "after: this store does not hold tasks for their dependencies yet (the embedded store does); \
-             on a Kafka grid, `kwq workflow run` orders the steps from the client",
+            "after: this store does not hold tasks for their dependencies (the embedded store and a Kafka grid do); \
+             `kwq workflow run` orders the steps from the client",
         ));
     }
     for id in &options.after {
@@ -234,10 +234,12 @@ async fn fan_in(
     if dependencies(vec![id.clone()], None).is_err() {
         return Err(bad(&format!("results_of: {id:?} is not a job id")));
     }
-    if !state.work.runs_dependencies() {
-        // The input joins `after`: `check_dependencies` refuses it there
-        // with the store's `unsupported`.
-        return Ok(());
+    if !state.work.feeds_results() {
+        return Err(AppError::bad_request(
+            "unsupported",
+            "input: this store does not stream a job's results to a task (the embedded store does); \
+             `kwq workflow run` hands them over from the client",
+        ));
     }
     match state.reads.job(id).await {
         Ok(_) => Ok(()),

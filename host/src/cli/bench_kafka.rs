@@ -199,6 +199,7 @@ async fn grid_run(
             reads: now.reads.since(&before.reads),
             finished: now.finished - before.finished,
             expanding: now.expanding,
+            held: now.held,
             expanded: now.expanded - before.expanded,
             task_partitions: now.task_partitions,
             resent_records: now.resent_records - before.resent_records,

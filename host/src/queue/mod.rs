@@ -273,6 +273,13 @@ pub trait CommitObserver: Send + Sync {
     /// events): a sweep that waited has no task whose event would say so.
     /// Must be quick.
     fn jobs_settled(&self, _jobs: &[SettledJob]) {}
+
+    /// Called from a Kafka host view's writer with the tasks and jobs some
+    /// waiter names that have ended (id, and whether it Completed), after
+    /// the commit that ended them, and again at start-up for those whose
+    /// waiters still wait: how the grid learns to release them. Must be
+    /// quick.
+    fn dependencies_ended(&self, _ended: &[(String, bool)]) {}
 }
 
 /// A job that waited for its dependencies and no longer does.
@@ -395,6 +402,12 @@ pub trait WorkQueue: Send + Sync + 'static {
     /// a backend that cannot hold them Waiting says no, and the API refuses
     /// such submits instead of running them early.
     fn runs_dependencies(&self) -> bool {
+        false
+    }
+    /// Whether a task may take a job's results as its input (`input:
+    /// results_of`, streamed to it when it runs): the embedded store. A
+    /// Kafka grid says no (a worker-only host keeps no results).
+    fn feeds_results(&self) -> bool {
         false
     }
     /// A page of a job's completed results after a cursor, in task order:

@@ -143,6 +143,7 @@ pub fn render(inputs: ScrapeInputs<'_>) -> String {
         }
         metrics::counter!("kwq_kafka_task_runs_ended_total").absolute(traffic.finished);
         metrics::gauge!("kwq_kafka_expanding_jobs").set(traffic.expanding as f64);
+        metrics::gauge!("kwq_kafka_held_waiters").set(traffic.held as f64);
         metrics::gauge!("kwq_kafka_task_partitions").set(traffic.task_partitions as f64);
         metrics::counter!("kwq_kafka_resent_records_total").absolute(traffic.resent_records);
         metrics::counter!("kwq_kafka_points_expanded_total").absolute(traffic.expanded);

@@ -22,24 +22,46 @@ use std::sync::Arc;
 /// memory of the `dependencies` table's first column. It grows with
 /// dependencies not yet ended, never with finished tasks.
 #[derive(Debug, Default)]
-pub(super) struct Watched(HashSet<String>);
+pub(super) struct Watched {
+    ids: HashSet<String>,
+    /// A Kafka host's view: waiters are released by whichever host holds
+    /// them, so settling only reports the dependencies that ended
+    /// ([`settle`]); the waiters leave Waiting when their events arrive.
+    reports_only: bool,
+}
 
 impl Watched {
     /// Every dependency the store holds, read when the writer starts.
-    pub(super) fn load(conn: &rusqlite::Connection) -> rusqlite::Result<Self> {
+    pub(super) fn load(conn: &rusqlite::Connection, reports_only: bool) -> rusqlite::Result<Self> {
         let mut stmt = conn.prepare("SELECT DISTINCT dependency FROM dependencies")?;
         let ids = stmt.query_map([], |row| row.get(0))?;
-        Ok(Watched(ids.collect::<Result<_, _>>()?))
+        Ok(Watched {
+            ids: ids.collect::<Result<_, _>>()?,
+            reports_only,
+        })
+    }
+
+    /// Nothing watched (the store's table could not be read).
+    pub(super) fn empty(reports_only: bool) -> Self {
+        Watched {
+            ids: HashSet::new(),
+            reports_only,
+        }
     }
 
     /// Whether some waiter may wait for `id`.
     pub(super) fn contains(&self, id: &str) -> bool {
-        self.0.contains(id)
+        self.ids.contains(id)
     }
 
     /// Every watched id (to settle them all at start-up).
     pub(super) fn all(&self) -> Vec<String> {
-        self.0.iter().cloned().collect()
+        self.ids.iter().cloned().collect()
+    }
+
+    /// Whether this store only reports ended dependencies (a Kafka view).
+    pub(super) fn reports_only(&self) -> bool {
+        self.reports_only
     }
 }
 
@@ -84,7 +106,7 @@ pub(super) fn wait(
     )?;
     for dependency in after {
         insert.execute(params![dependency, waiter])?;
-        watched.0.insert(dependency.clone());
+        watched.ids.insert(dependency.clone());
         settling.settle_anyway(dependency.clone());
     }
     Ok(())
@@ -98,19 +120,33 @@ pub(super) fn forget_waiter(tx: &Transaction<'_>, waiter: &str) -> rusqlite::Res
     Ok(())
 }
 
+/// What settling found and did, for whom the commit tells.
+#[derive(Debug, Default)]
+pub(super) struct Settled {
+    /// Waiting jobs released or cancelled.
+    pub(super) jobs: Vec<SettledJob>,
+    /// A Kafka view's report: dependencies some waiter names that have
+    /// ended, and whether each Completed.
+    pub(super) ended: Vec<(String, bool)>,
+}
+
 /// Settle what the batch may have ended (see the module's comment): the
 /// events of released and cancelled tasks go to `committed`, the jobs to
-/// `jobs`. Cancelling a waiter ends it, so its own waiters are settled too.
+/// `settled`. Cancelling a waiter ends it, so its own waiters are settled
+/// too. A Kafka view ([`Watched::reports_only`]) changes no waiter: it
+/// reports each watched dependency that has ended, as often as it is
+/// asked, until no waiter names it.
 pub(super) fn settle(
     tx: &Transaction<'_>,
     watched: &mut Watched,
     settling: Settling,
     at: Millis,
     committed: &mut Vec<Committed>,
-    jobs: &mut Vec<SettledJob>,
+    settled: &mut Settled,
 ) -> rusqlite::Result<()> {
     let mut work: VecDeque<String> = settling.ids.into_iter().collect();
     let mut decoded = Decoded::default();
+    let jobs = &mut settled.jobs;
     while let Some(dependency) = work.pop_front() {
         if !watched.contains(&dependency) {
             continue;
@@ -118,7 +154,15 @@ pub(super) fn settle(
         let Some(completed) = ended(tx, &dependency)? else {
             continue;
         };
-        watched.0.remove(&dependency);
+        if watched.reports_only {
+            if is_named(tx, &dependency)? {
+                settled.ended.push((dependency, completed));
+            } else {
+                watched.ids.remove(&dependency);
+            }
+            continue;
+        }
+        watched.ids.remove(&dependency);
         let waiters: Vec<String> = tx
             .prepare_cached("DELETE FROM dependencies WHERE dependency = ?1 RETURNING waiter")?
             .query_map(params![dependency], |row| row.get(0))?
@@ -195,6 +239,12 @@ fn ended(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<bool>> {
         return Ok(None);
     }
     Ok(Some(!cancelled && !any_in("'Dead', 'Cancelled'")?))
+}
+
+/// Whether some waiter still names `dependency`.
+fn is_named(tx: &Transaction<'_>, dependency: &str) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM dependencies WHERE dependency = ?1)")?
+        .query_row(params![dependency], |row| row.get(0))
 }
 
 /// Whether `waiter` still has a dependency that has not ended.

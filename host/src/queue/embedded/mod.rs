@@ -286,6 +286,9 @@ impl EmbeddedQueue {
             events.clone(),
             observers.clone(),
             health.clone(),
+            // A Kafka host's view (opened without recovery) only reports
+            // the dependencies that ended: the grid's expanders release.
+            !recover,
         );
         let reader = reader::Reader::new(PathBuf::from(path));
         let (handover, handed) = std::sync::mpsc::channel();
@@ -561,6 +564,10 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     fn runs_dependencies(&self) -> bool {
+        true
+    }
+
+    fn feeds_results(&self) -> bool {
         true
     }
 

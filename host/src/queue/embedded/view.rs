@@ -82,6 +82,13 @@ impl EmbeddedQueue {
         self.inner.writer.send(ops);
     }
 
+    /// Report, to the observers' `dependencies_ended`, every dependency a
+    /// waiter of this view names that has already ended: at start-up, the
+    /// report of a commit just before a crash may not have reached the grid.
+    pub(crate) fn report_ended_dependencies(&self) {
+        self.inner.writer.send(vec![Op::SettleAll]);
+    }
+
     /// Where the view stopped reading each (topic, partition), to resume there.
     pub(crate) fn view_offsets(&self) -> Result<HashMap<(String, i32), i64>, QueueError> {
         self.inner.reader.with(|conn| {

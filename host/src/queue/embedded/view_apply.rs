@@ -38,11 +38,12 @@ pub(crate) fn supersedes(
 ) -> bool {
     fn rank(state: TaskState) -> u8 {
         match state {
-            TaskState::Waiting | TaskState::Pending => 0,
-            TaskState::Allocated => 1,
-            TaskState::Running => 2,
-            TaskState::Error => 3,
-            TaskState::Completed | TaskState::Dead | TaskState::Cancelled => 4,
+            TaskState::Waiting => 0,
+            TaskState::Pending => 1,
+            TaskState::Allocated => 2,
+            TaskState::Running => 3,
+            TaskState::Error => 4,
+            TaskState::Completed | TaskState::Dead | TaskState::Cancelled => 5,
         }
     }
     if current.is_terminal() {
@@ -118,17 +119,26 @@ pub(super) fn apply_remote_expanded(
             log_pending(tx, &task, &tags, created_at as Millis, committed)?;
         }
     }
+    // Points are written only once a job that waited is released.
     tx.prepare_cached("UPDATE jobs SET expanded = MAX(expanded, ?2) WHERE id = ?1")?
         .execute(params![job, to as i64])?;
+    let released = tx
+        .prepare_cached("UPDATE jobs SET waiting = 0 WHERE id = ?1 AND waiting = 1")?
+        .execute(params![job])?;
+    if released > 0 {
+        super::dependencies::forget_waiter(tx, job)?;
+    }
     Ok(())
 }
 
 /// Apply an event from the event topic if it moves its task forward.
+/// Returns what the task waits for if the event made it Waiting (its
+/// dependencies are then watched); a task leaving Waiting waits no more.
 pub(super) fn apply_remote(
     tx: &rusqlite::Transaction<'_>,
     remote: &RemoteTask,
     committed: &mut Vec<Committed>,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Option<Vec<String>>> {
     let current: Option<(String, u32, String, String)> = tx
         .prepare_cached("SELECT state, attempts, module, options FROM tasks WHERE id = ?1")?
         .query_row(params![remote.task_id], |row| {
@@ -139,7 +149,7 @@ pub(super) fn apply_remote(
         Some((state, attempts, module, options)) => {
             let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
             if !supersedes(state, attempts, remote.state, remote.attempt) {
-                return Ok(());
+                return Ok(None);
             }
             let options: crate::model::TaskOptions =
                 serde_json::from_str(&options).unwrap_or_default();
@@ -152,7 +162,7 @@ pub(super) fn apply_remote(
         None => {
             // A task this view has not seen: only an event that says what it is can create it.
             let Some((module, options)) = &remote.spec else {
-                return Ok(());
+                return Ok(None);
             };
             let task = NewTask {
                 id: remote.task_id.clone(),
@@ -165,6 +175,7 @@ pub(super) fn apply_remote(
             (None, module.clone(), options.clone())
         }
     };
+    let after = options.after.clone();
     let mut t = Transition::new(
         Arc::from(remote.task_id.as_str()),
         remote.job_id.as_deref().map(Arc::from),
@@ -176,7 +187,12 @@ pub(super) fn apply_remote(
     );
     t.at = remote.at;
     t.carried = remote.carried.clone();
-    apply_transition(tx, &t, committed)
+    apply_transition(tx, &t, committed)?;
+    if from == Some(TaskState::Waiting) {
+        super::dependencies::forget_waiter(tx, &remote.task_id)?;
+    }
+    let waits = remote.state == TaskState::Waiting && from.is_none() && !after.is_empty();
+    Ok(waits.then_some(after))
 }
 
 /// Log an event; it comes back with its offset.

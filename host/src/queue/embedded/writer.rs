@@ -185,13 +185,14 @@ impl Writer {
         events: broadcast::Sender<Event>,
         observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>>,
         health: Arc<StoreHealth>,
+        reports_only: bool,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog::default());
         checkpoint::install(&conn);
-        let watched = Watched::load(&conn).unwrap_or_else(|e| {
+        let watched = Watched::load(&conn, reports_only).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the dependencies; settling them at the next start");
-            Watched::default()
+            Watched::empty(reports_only)
         });
         let core = Arc::new(Mutex::new(Core {
             conn,
@@ -300,11 +301,12 @@ impl Core {
             committed,
             modules,
             jobs,
+            ended,
         } = match applied {
             Ok(done) => done,
             Err(e) => {
                 // What the failed batch watched is read again from the store.
-                if let Ok(watched) = Watched::load(&self.conn) {
+                if let Ok(watched) = Watched::load(&self.conn, self.watched.reports_only()) {
                     self.watched = watched;
                 }
                 return Err((batch, e));
@@ -312,7 +314,7 @@ impl Core {
         };
         self.health.set(None);
         // Statistics first, so a caller that was told "stored" sees them.
-        if !modules.is_empty() || !committed.is_empty() || !jobs.is_empty() {
+        if !modules.is_empty() || !committed.is_empty() || !jobs.is_empty() || !ended.is_empty() {
             for observer in self.observers.read().expect("observers lock").iter() {
                 if !modules.is_empty() {
                     observer.modules_stored(&modules);
@@ -322,6 +324,9 @@ impl Core {
                 }
                 if !jobs.is_empty() {
                     observer.jobs_settled(&jobs);
+                }
+                if !ended.is_empty() {
+                    observer.dependencies_ended(&ended);
                 }
             }
         }
@@ -468,6 +473,9 @@ pub(super) struct Applied {
     pub(super) modules: Vec<ModuleRecord>,
     /// The waiting jobs it released or cancelled.
     pub(super) jobs: Vec<SettledJob>,
+    /// A Kafka view's report of dependencies that ended (see
+    /// [`dependencies::settle`]).
+    pub(super) ended: Vec<(String, bool)>,
 }
 
 /// Apply a batch in one transaction (`watched`: the dependencies some
@@ -518,12 +526,32 @@ pub(super) fn apply(
             Op::RemoteJob(job) => {
                 if insert_job(&tx, job)? {
                     super::view_apply::apply_remote_job(&tx, job, &mut committed)?;
+                    if job.waiting {
+                        dependencies::wait(
+                            &tx,
+                            watched,
+                            &mut settling,
+                            &job.id,
+                            &job.options.after,
+                        )?;
+                    }
                 }
             }
             Op::RemoteExpanded { job, from, to } => {
                 super::view_apply::apply_remote_expanded(&tx, job, *from, *to, &mut committed)?
             }
-            Op::Remote(remote) => super::view_apply::apply_remote(&tx, remote, &mut committed)?,
+            Op::Remote(remote) => {
+                let waits = super::view_apply::apply_remote(&tx, remote, &mut committed)?;
+                if let Some(after) = waits {
+                    dependencies::wait(&tx, watched, &mut settling, &remote.task_id, &after)?;
+                }
+                if remote.state.is_terminal() {
+                    settling.may_have_ended(watched, &remote.task_id);
+                    if let Some(job) = &remote.job_id {
+                        settling.may_have_ended(watched, job);
+                    }
+                }
+            }
             Op::ViewOffset {
                 topic,
                 partition,
@@ -649,16 +677,17 @@ pub(super) fn apply(
             }
         }
     }
-    let mut jobs = Vec::new();
+    let mut settled = dependencies::Settled::default();
     if !settling.is_empty() {
         let at = crate::model::now_ms();
-        dependencies::settle(&tx, watched, settling, at, &mut committed, &mut jobs)?;
+        dependencies::settle(&tx, watched, settling, at, &mut committed, &mut settled)?;
     }
     tx.commit()?;
     Ok(Applied {
         committed,
         modules,
-        jobs,
+        jobs: settled.jobs,
+        ended: settled.ended,
     })
 }
 
@@ -793,6 +822,9 @@ pub(super) fn apply_transition(
 ) -> rusqlite::Result<()> {
     let (kind, message) = match &t.carried.error {
         Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
+        // A cancel's reason (`dependency_failed: <id>`) is the task's
+        // error message, as the embedded store's own cancels write it.
+        None if t.to == TaskState::Cancelled => (None, t.carried.message.as_deref()),
         None => (None, None),
     };
     tx.prepare_cached(transition_sql(t.to))?.execute(params![
@@ -1035,6 +1067,7 @@ pub(super) mod tests {
             broadcast::channel(16).0,
             Arc::new(RwLock::new(Vec::new())),
             Arc::new(StoreHealth::default()),
+            false,
         )
     }
 

@@ -141,6 +141,9 @@ impl Member {
 
 /// Act on a job or task control (here or read from another host).
 pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
+    shared
+        .controls_applied
+        .fetch_add(1, std::sync::atomic::Ordering::Release);
     match event {
         EventMessage::JobControl {
             job,
@@ -175,6 +178,9 @@ pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
                     .apply_view(vec![ViewChange::Priority(task.clone(), priority)]);
             }
             shared.task_control(task, *cancel, *priority);
+        }
+        EventMessage::Ended { id, completed, .. } => {
+            shared.state().ended.insert(id.clone(), *completed);
         }
         EventMessage::Task(_)
         | EventMessage::Tasks { .. }

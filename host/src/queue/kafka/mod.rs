@@ -39,6 +39,7 @@ mod rejoin;
 mod streams;
 mod topics;
 mod view;
+mod waiting;
 pub mod wire;
 
 pub use config::{KafkaConfig, Role};
@@ -97,6 +98,10 @@ struct GridState {
     /// write no Allocated event of their own.
     allocations: HashMap<Arc<str>, (u64, u64)>,
     progress: Progress,
+    /// The `done/` records read from the control topic: dependencies that
+    /// ended, and whether each Completed (see [`waiting`]). One entry per
+    /// task or job some waiter named, not per task run.
+    ended: HashMap<String, bool>,
 }
 
 /// This host's membership of the grid, shared by the queue handle and its
@@ -119,12 +124,17 @@ struct Member {
     finished_here: AtomicU64,
     /// Sweep jobs this host's expander is expanding now.
     expanding: AtomicU64,
+    /// Waiters (jobs and tasks) whose held cursors this host owns now.
+    held: AtomicU64,
     /// Sweep points this host's expander has written.
     expanded_here: AtomicU64,
     /// Band partitions the workers' group has assigned this host now.
     task_partitions: AtomicU64,
     /// Records whose delivery failed and that were sent again.
     resent_records: AtomicU64,
+    /// Controls applied so far: the expander decides waiting tasks again
+    /// only when this moves (a `done/` record or a cancel may free them).
+    controls_applied: AtomicU64,
 }
 
 /// A host's handle on a Kafka grid. Cheap to clone.
@@ -163,6 +173,7 @@ impl KafkaQueue {
             cancelled_tasks: HashSet::new(),
             allocations: HashMap::new(),
             progress: Progress::default(),
+            ended: HashMap::new(),
         };
         for job in view.jobs(usize::MAX >> 1).await? {
             let id: Arc<str> = Arc::from(job.id.as_str());
@@ -178,24 +189,32 @@ impl KafkaQueue {
         let arrivals = Arc::new(arrivals::ModuleArrivals::default());
         view.observe(arrivals.clone());
         let source = format!("{}/{}", config.host, uuid::Uuid::new_v4().simple());
+        let shared = Arc::new(Member {
+            config,
+            topics,
+            view,
+            arrivals,
+            publisher,
+            batcher: EventBatcher::new(source),
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            reads: reads::ReadCounters::default(),
+            finished_here: AtomicU64::new(0),
+            expanding: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            expanded_here: AtomicU64::new(0),
+            task_partitions: AtomicU64::new(0),
+            resent_records: AtomicU64::new(0),
+            controls_applied: AtomicU64::new(0),
+        });
+        if shared.config.role.keeps_view() {
+            shared
+                .view
+                .observe(Arc::new(waiting::EndedReporter::new(&shared)));
+        }
         Ok(KafkaQueue {
-            shared: Arc::new(Member {
-                config,
-                topics,
-                view,
-                arrivals,
-                publisher,
-                batcher: EventBatcher::new(source),
-                state: Mutex::new(state),
-                wake: Notify::new(),
-                closed: AtomicBool::new(false),
-                reads: reads::ReadCounters::default(),
-                finished_here: AtomicU64::new(0),
-                expanding: AtomicU64::new(0),
-                expanded_here: AtomicU64::new(0),
-                task_partitions: AtomicU64::new(0),
-                resent_records: AtomicU64::new(0),
-            }),
+            shared,
             threads: Arc::default(),
             started: Arc::default(),
         })
@@ -257,7 +276,15 @@ impl KafkaQueue {
         })
         .await
         .map_err(|e| QueueError::storage("looking up the band's end", e))??;
-        let cursor = wire::ExpandCursor::new(record.clone(), 0, scan, false, payloads);
+        let mut cursor = wire::ExpandCursor::new(record.clone(), 0, scan, false, payloads);
+        if record.waiting {
+            // Held until its dependencies end (see `waiting`).
+            cursor = cursor.waiting(
+                true,
+                record.options.after.clone(),
+                record.options.on_failure,
+            );
+        }
         let records = [
             self.shared.event_record(EventMessage::Job {
                 v: wire::EXPANSION_VERSION,
@@ -400,6 +427,14 @@ impl WorkQueue for KafkaQueue {
     }
 
     async fn submit_tasks(&self, tasks: Vec<NewTask>) -> Result<(), QueueError> {
+        let (waiters, tasks): (Vec<NewTask>, Vec<NewTask>) =
+            tasks.into_iter().partition(|t| !t.options.after.is_empty());
+        if !waiters.is_empty() {
+            self.submit_waiting(&waiters).await?;
+        }
+        if tasks.is_empty() {
+            return Ok(());
+        }
         let mut records = Vec::with_capacity(tasks.len() + 1);
         let mut events = Vec::with_capacity(tasks.len());
         for task in &tasks {
@@ -430,6 +465,21 @@ impl WorkQueue for KafkaQueue {
         if job.sweep.is_some() {
             return self.submit_sweep(job).await;
         }
+        if !job.options.after.is_empty() {
+            // A job that waits is held by an expander, as a stream is:
+            // its payloads go to the payloads topic now, its tasks later.
+            let payloads = std::mem::take(&mut job.payloads);
+            let (sender, stream) = tokio::sync::mpsc::channel(2);
+            sender
+                .send(super::StreamItem::Payloads(payloads))
+                .await
+                .map_err(|_| QueueError::Closed)?;
+            sender
+                .send(super::StreamItem::End)
+                .await
+                .map_err(|_| QueueError::Closed)?;
+            return self.submit_stream(job, stream).await;
+        }
         let now = now_ms();
         let payloads = std::mem::take(&mut job.payloads);
         let total = payloads.len() as u64;
@@ -457,6 +507,10 @@ impl WorkQueue for KafkaQueue {
     }
 
     fn streams_lazily(&self) -> bool {
+        true
+    }
+
+    fn runs_dependencies(&self) -> bool {
         true
     }
 
@@ -691,6 +745,10 @@ impl WorkQueue for KafkaQueue {
         }
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         let role = self.shared.config.role;
+        if role.keeps_view() {
+            // What a crash may have kept from the control topic.
+            self.shared.view.report_ended_dependencies();
+        }
         match view::start(self.shared.clone()) {
             Ok(thread) => threads.push(thread),
             Err(e) => {
@@ -727,6 +785,7 @@ impl WorkQueue for KafkaQueue {
             reads: self.reads(),
             finished: self.finished_here(),
             expanding: self.shared.expanding.load(Ordering::Relaxed),
+            held: self.shared.held.load(Ordering::Relaxed),
             expanded: self.shared.expanded_here.load(Ordering::Relaxed),
             task_partitions: self.shared.task_partitions.load(Ordering::Relaxed),
             resent_records: self.shared.resent_records.load(Ordering::Relaxed),

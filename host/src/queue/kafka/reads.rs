@@ -113,8 +113,11 @@ pub struct HostTraffic {
     pub reads: ReadTotals,
     /// Task runs that ended here (completed or failed).
     pub finished: u64,
-    /// Sweep jobs this host is expanding now.
+    /// Sweep jobs this host is expanding now (held waiting jobs included).
     pub expanding: u64,
+    /// Waiting jobs and tasks whose held cursors this host owns now (see
+    /// `waiting`): the host whose death moves them.
+    pub held: u64,
     /// Sweep points this host has written.
     pub expanded: u64,
     /// Band partitions the workers' group assigns this host now (0: it

@@ -9,7 +9,9 @@
 //! version and ignore fields they do not know, so adding an optional field
 //! is not a new version.
 
-use crate::model::{ErrorKind, JobRecord, LogLine, Millis, ModuleKind, TaskOptions, TaskState};
+use crate::model::{
+    ErrorKind, JobRecord, LogLine, Millis, ModuleKind, OnFailure, TaskOptions, TaskState,
+};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
@@ -278,6 +280,20 @@ pub enum EventMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         priority: Option<u8>,
     },
+    /// A task or job that some waiter names in its `after` has ended, on the
+    /// control topic keyed `done/<id>`: written by the hosts with a view
+    /// (which see every final event), read by every host, so whichever owns
+    /// a waiter's held [`ExpandCursor`] can release or cancel it. Written
+    /// again harmlessly by several hosts and after restarts.
+    Ended {
+        /// Wire version.
+        #[serde(default = "event_version")]
+        v: u32,
+        /// The task or job.
+        id: String,
+        /// It Completed (a job: every task of it); else it ended Dead or Cancelled.
+        completed: bool,
+    },
 }
 
 impl EventMessage {
@@ -295,9 +311,9 @@ impl EventMessage {
             }
             EventMessage::Job { v, .. } => (*v, reads_event(*v) || *v == EXPANSION_VERSION),
             EventMessage::Expanded { v, .. } => (*v, *v == EXPANSION_VERSION),
-            EventMessage::JobControl { v, .. } | EventMessage::TaskControl { v, .. } => {
-                (*v, reads_event(*v))
-            }
+            EventMessage::JobControl { v, .. }
+            | EventMessage::TaskControl { v, .. }
+            | EventMessage::Ended { v, .. } => (*v, reads_event(*v)),
         };
         if !reads {
             return Err(WireError::Version(v));
@@ -319,6 +335,7 @@ impl EventMessage {
             EventMessage::JobControl { job, .. } => job,
             EventMessage::Expanded { job, .. } => job,
             EventMessage::TaskControl { task, .. } => task,
+            EventMessage::Ended { id, .. } => id,
         }
     }
 }
@@ -593,7 +610,27 @@ pub struct ExpandCursor {
     /// payload chunk holding point `next` or one before it. Absent for a sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payloads: Option<PayloadsAt>,
+    /// Held (v3): the job or task waits for the ids of its `after`, and its
+    /// owner writes nothing of it until each has an
+    /// [`EventMessage::Ended`] on the control topic.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// What the waiter waits for (v3; kept after release, for the record).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// What a dependency that did not complete does to it (v3).
+    #[serde(default, skip_serializing_if = "OnFailure::is_cancel")]
+    pub on_failure: OnFailure,
+    /// A lone task that waits (v3), keyed by its id: its message, written
+    /// to its band when released. Absent for a job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskMessage>,
 }
+
+/// The version of an [`ExpandCursor`] that holds a waiter (a job or lone
+/// task with `after`): a host that reads only v1 and v2 cursors skips it
+/// rather than expand a job before its dependencies have ended.
+pub const HELD_CURSOR_VERSION: u32 = 3;
 
 /// The version of an [`ExpandCursor`] of a payload stream: a host that
 /// reads only v1 cursors skips it rather than expand it as a sweep.
@@ -688,22 +725,76 @@ impl ExpandCursor {
             scan,
             done,
             payloads,
+            held: false,
+            after: Vec::new(),
+            on_failure: OnFailure::Cancel,
+            task: None,
+        }
+    }
+
+    /// This cursor as a waiter's: it names `after` (v3), and is `held`
+    /// until they have ended.
+    pub fn waiting(mut self, held: bool, after: Vec<String>, on_failure: OnFailure) -> Self {
+        self.v = HELD_CURSOR_VERSION;
+        self.held = held;
+        self.after = after;
+        self.on_failure = on_failure;
+        self
+    }
+
+    /// The cursor of a lone task that waits for `after`: written when it is
+    /// submitted (held), when it is being released (not held, `scan` the
+    /// band's end before its message is written) and `done`.
+    pub fn task(
+        message: TaskMessage,
+        held: bool,
+        scan: Vec<ScanFrom>,
+        done: bool,
+        after: Vec<String>,
+        on_failure: OnFailure,
+    ) -> Self {
+        ExpandCursor {
+            v: HELD_CURSOR_VERSION,
+            job: None,
+            next: 0,
+            scan,
+            done,
+            payloads: None,
+            held,
+            after,
+            on_failure,
+            task: Some(message),
         }
     }
 
     /// Read one from JSON bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let cursor: ExpandCursor = serde_json::from_slice(bytes)?;
-        if cursor.v != WIRE_VERSION && cursor.v != STREAM_CURSOR_VERSION {
+        if ![WIRE_VERSION, STREAM_CURSOR_VERSION, HELD_CURSOR_VERSION].contains(&cursor.v) {
             return Err(WireError::Version(cursor.v));
         }
-        if (cursor.v == STREAM_CURSOR_VERSION) != cursor.payloads.is_some() {
+        if cursor.v == STREAM_CURSOR_VERSION && cursor.payloads.is_none() {
             return Err(WireError::Invalid(
-                "a stream's cursor (v2) and only it names its payloads".into(),
+                "a stream's cursor (v2) names its payloads".into(),
             ));
         }
-        if !cursor.done && cursor.job.is_none() {
-            return Err(WireError::Invalid("a cursor not done needs its job".into()));
+        if cursor.v == WIRE_VERSION && cursor.payloads.is_some() {
+            return Err(WireError::Invalid(
+                "only a stream's cursor (v2, or v3 held) names payloads".into(),
+            ));
+        }
+        if cursor.v != HELD_CURSOR_VERSION && (cursor.held || cursor.task.is_some()) {
+            return Err(WireError::Invalid("only a v3 cursor holds a waiter".into()));
+        }
+        if cursor.task.is_some() && (cursor.job.is_some() || cursor.payloads.is_some()) {
+            return Err(WireError::Invalid(
+                "a cursor holds a task or a job, not both".into(),
+            ));
+        }
+        if !cursor.done && cursor.job.is_none() && cursor.task.is_none() {
+            return Err(WireError::Invalid(
+                "a cursor not done needs its job or task".into(),
+            ));
         }
         Ok(cursor)
     }
@@ -815,7 +906,7 @@ mod tests {
                 read += 1;
             }
         }
-        assert_eq!(read, 14, "examples in docs/wire-format.md");
+        assert_eq!(read, 16, "examples in docs/wire-format.md");
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! its writes fail).
 
 mod flow;
+mod held;
 mod repair;
 mod source;
 
@@ -116,6 +117,8 @@ struct Expansion {
     last_written: Instant,
     /// A streamed job's payloads (a sweep makes its own).
     stream: Option<Stream>,
+    /// What it waits for while its cursor is held (see [`held`]).
+    waits: Option<held::Waits>,
 }
 
 /// Where a streamed job's payloads are read from.
@@ -145,6 +148,12 @@ struct Expander {
     /// when assigned while it is still being read up to.
     owned: HashMap<i32, Option<i64>>,
     jobs: HashMap<String, Expansion>,
+    /// Lone tasks that wait (see [`held`]), by id.
+    tasks: HashMap<String, held::HeldTask>,
+    /// Some lone task was read, or caught up with, since the last pass.
+    tasks_dirty: bool,
+    /// The count of controls applied that the last pass over tasks saw.
+    tasks_seen: u64,
     /// Jobs this host finished, until its own `done` cursor is read back
     /// (so the cursors before it, read back later, do not revive the job).
     finished: HashSet<String>,
@@ -191,6 +200,9 @@ pub(super) fn start(
                 flow,
                 owned: HashMap::new(),
                 jobs: HashMap::new(),
+                tasks: HashMap::new(),
+                tasks_dirty: false,
+                tasks_seen: 0,
                 finished: HashSet::new(),
             }
             .run();
@@ -214,7 +226,11 @@ impl Expander {
                     tracing::error!(error = %e, "rejoining the expanders' group");
                 }
             }
-            let wait = if self.jobs.is_empty() { 50 } else { 5 };
+            let wait = if self.jobs.is_empty() && self.tasks.is_empty() {
+                50
+            } else {
+                5
+            };
             if let Some(result) = self.consumer.poll(Duration::from_millis(wait)) {
                 match result {
                     Ok(message) => {
@@ -242,8 +258,13 @@ impl Expander {
             self.shared
                 .expanding
                 .store(self.jobs.len() as u64, Ordering::Relaxed);
+            let held_jobs = self.jobs.values().filter(|j| j.waits.is_some()).count();
+            self.shared
+                .held
+                .store((held_jobs + self.tasks.len()) as u64, Ordering::Relaxed);
         }
         self.shared.expanding.store(0, Ordering::Relaxed);
+        self.shared.held.store(0, Ordering::Relaxed);
     }
 
     /// Whether a rebalance gave back what it took since this was last asked.
@@ -269,6 +290,7 @@ impl Expander {
         if value.is_empty() {
             // The tombstone after a job's done cursor.
             self.jobs.remove(key);
+            self.tasks.remove(key);
             self.finished.remove(key);
             return;
         }
@@ -281,17 +303,38 @@ impl Expander {
         };
         if cursor.done {
             self.jobs.remove(key);
+            self.tasks.remove(key);
             self.finished.remove(key);
+            return;
+        }
+        let own = |id: &str| {
+            self.jobs.contains_key(id) || self.tasks.contains_key(id) || self.finished.contains(id)
+        };
+        if !catching_up && own(key) {
+            // This host's own cursors, read back.
+            return;
+        }
+        if let Some(message) = cursor.task {
+            self.tasks_dirty = true;
+            self.tasks.insert(
+                key.to_string(),
+                held::HeldTask {
+                    partition,
+                    message,
+                    held: cursor.held,
+                    scan: cursor.scan,
+                    waits: held::Waits {
+                        after: cursor.after,
+                        on_failure: cursor.on_failure,
+                    },
+                },
+            );
             return;
         }
         let Some(job) = cursor.job else {
             return;
         };
         let id = job.id.clone();
-        if !catching_up && (self.jobs.contains_key(&id) || self.finished.contains(&id)) {
-            // This host's own cursors, read back.
-            return;
-        }
         self.jobs.insert(
             id,
             Expansion {
@@ -305,6 +348,10 @@ impl Expander {
                 stream: cursor.payloads.map(|durable| Stream {
                     durable,
                     reader: None,
+                }),
+                waits: cursor.held.then_some(held::Waits {
+                    after: cursor.after,
+                    on_failure: cursor.on_failure,
                 }),
             },
         );
@@ -322,6 +369,7 @@ impl Expander {
         for partition in revoked {
             self.owned.remove(&partition);
             self.jobs.retain(|_, job| job.partition != partition);
+            self.tasks.retain(|_, task| task.partition != partition);
         }
         let topic = self.shared.topics.expand();
         for partition in assigned {
@@ -354,12 +402,16 @@ impl Expander {
             let at = super::topics::offset_in(&positions, *partition);
             if end.is_some_and(|end| at.is_some_and(|at| at >= end)) {
                 *end = None;
+                self.tasks_dirty = true;
             }
         }
     }
 
     /// Do one thing for one job: finish it, confirm it, or write its next chunk.
     fn step(&mut self) -> Result<(), QueueError> {
+        if self.step_tasks()? {
+            return Ok(());
+        }
         let ready: Vec<String> = self
             .jobs
             .iter()
@@ -370,8 +422,14 @@ impl Expander {
         for id in ready {
             let (cancelled, paused, priority) = self.flags(&id);
             let job = &self.jobs[&id];
-            if cancelled || job.next >= job.job.total {
+            if cancelled || (job.waits.is_none() && job.next >= job.job.total) {
                 return self.finish(&id);
+            }
+            if job.waits.is_some() {
+                if self.settle_job(&id)? {
+                    return Ok(());
+                }
+                continue;
             }
             if !job.confirmed {
                 return self.confirm(&id);

@@ -11,7 +11,7 @@ use crate::queue::QueueError;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 /// Longest a scan may take before the expander gives up and tries again.
@@ -26,6 +26,58 @@ pub(super) fn written_past(
     scan: &[ScanFrom],
 ) -> Result<BTreeSet<u64>, QueueError> {
     let mut found = BTreeSet::new();
+    let prefix = format!("{job}.");
+    scan_bands(shared, scan, &format!("job {job}'s points"), |task| {
+        if task.job_id.as_deref() == Some(job)
+            && let Some(index) = task
+                .id
+                .as_deref()
+                .and_then(|id| id.strip_prefix(&prefix))
+                .and_then(|i| i.parse::<u64>().ok())
+            && index >= next
+        {
+            found.insert(index);
+        }
+    })?;
+    Ok(found)
+}
+
+/// Which of the lone tasks `ids` are on the bands from `scan` (the
+/// earliest position of each partition named) to their current ends:
+/// those a dead expander released before it could say so.
+pub(super) fn tasks_written(
+    shared: &Member,
+    ids: &HashSet<String>,
+    scan: &[ScanFrom],
+) -> Result<HashSet<String>, QueueError> {
+    let mut earliest: Vec<ScanFrom> = Vec::new();
+    for from in scan {
+        match earliest
+            .iter_mut()
+            .find(|e| e.topic == from.topic && e.partition == from.partition)
+        {
+            Some(e) => e.offset = e.offset.min(from.offset),
+            None => earliest.push(from.clone()),
+        }
+    }
+    let mut found = HashSet::new();
+    scan_bands(shared, &earliest, "released tasks", |task| {
+        if let Some(id) = task.id.as_deref().filter(|id| ids.contains(*id)) {
+            found.insert(id.to_string());
+        }
+    })?;
+    Ok(found)
+}
+
+/// Read every task message on the bands from `scan` to their ends (as
+/// they are now), outside any group, and show each to `visit`; `what` names
+/// the search in errors.
+fn scan_bands(
+    shared: &Member,
+    scan: &[ScanFrom],
+    what: &str,
+    mut visit: impl FnMut(&TaskMessage),
+) -> Result<(), QueueError> {
     let consumer = topics::reader(&shared.config, "expand-scan")?;
     let mut list = TopicPartitionList::new();
     let mut ends = Vec::new();
@@ -42,17 +94,16 @@ pub(super) fn written_past(
         }
     }
     if ends.is_empty() {
-        return Ok(found);
+        return Ok(());
     }
     consumer
         .assign(&list)
         .map_err(|e| QueueError::storage("scanning the bands", e))?;
-    let prefix = format!("{job}.");
     let started = Instant::now();
     while !ends.is_empty() {
         if started.elapsed() > SCAN_LIMIT {
             return Err(QueueError::storage_message(format!(
-                "scanning the bands for job {job}'s points took over {SCAN_LIMIT:?}"
+                "scanning the bands for {what} took over {SCAN_LIMIT:?}"
             )));
         }
         if shared.closed() {
@@ -68,19 +119,11 @@ pub(super) fn written_past(
             message.key().map_or(0, <[u8]>::len),
             value.len(),
         );
-        if let Ok(task) = TaskMessage::decode(value)
-            && task.job_id.as_deref() == Some(job)
-            && let Some(index) = task
-                .id
-                .as_deref()
-                .and_then(|id| id.strip_prefix(&prefix))
-                .and_then(|i| i.parse::<u64>().ok())
-            && index >= next
-        {
-            found.insert(index);
+        if let Ok(task) = TaskMessage::decode(value) {
+            visit(&task);
         }
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         ends.retain(|(t, p, end)| !(t == topic && *p == partition && offset + 1 >= *end));
     }
-    Ok(found)
+    Ok(())
 }
