@@ -154,60 +154,10 @@ async fn a_waiter_on_one_host_is_released_by_a_completion_on_another() {
 async fn a_failed_dependency_cancels_its_waiters_down_the_chain_on_kafka() {
     let kafka = MockKafka::with_buffer(100);
     let host = kafka.host_in_role("a", Role::All).await;
-    let mut grid = TestGrid::on_queue(Arc::new(host)).await;
-    grid.upload(examples::MISBEHAVE, "misbehave").await;
-    let failing = submit(
-        &grid,
-        "/v1/tasks",
-        json!({"module": "misbehave", "max_attempts": 1, "payload": {"action": "fail", "message": "no quotes"}}),
+    crate::dependencies::failed_dependencies_cancel_down_the_chain(
+        TestGrid::on_queue(Arc::new(host)).await,
     )
     .await;
-    let echo = |after: &str| json!({"module": "misbehave", "payload": {"action": "echo", "value": "ran"}, "after": [after]});
-    let child = submit(&grid, "/v1/tasks", echo(&failing)).await;
-    let grandchild = submit(&grid, "/v1/tasks", echo(&child)).await;
-    let mut anyway = echo(&failing);
-    anyway["on_failure"] = json!("run");
-    let anyway = submit(&grid, "/v1/tasks", anyway).await;
-    // Cancelled by hand while waiting: its own waiter is cancelled too.
-    let cancelled_by_hand = submit(&grid, "/v1/tasks", echo(&anyway)).await;
-    let behind_it = submit(&grid, "/v1/tasks", echo(&cancelled_by_hand)).await;
-    let (status, body) = grid
-        .call(
-            "POST",
-            &format!("/v1/tasks/{cancelled_by_hand}/cancel"),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        grid.wait_task(&cancelled_by_hand).await["state"],
-        "Cancelled"
-    );
-
-    grid.start_workers(2);
-    assert_eq!(grid.wait_task(&failing).await["state"], "Dead");
-    for (waiter, reason) in [
-        (&child, format!("dependency_failed: {failing}")),
-        (&grandchild, format!("dependency_failed: {child}")),
-        (
-            &behind_it,
-            format!("dependency_failed: {cancelled_by_hand}"),
-        ),
-    ] {
-        let ended = grid.wait_task(waiter).await;
-        assert_eq!(
-            (ended["state"].clone(), ended["error_message"].clone()),
-            (json!("Cancelled"), json!(reason)),
-            "{ended}"
-        );
-        assert_eq!(ended["attempts"], 0, "never ran: {ended}");
-    }
-    let ran = grid.wait_task(&anyway).await;
-    assert_eq!(
-        (ran["state"].clone(), ran["result"].clone()),
-        (json!("Completed"), json!("ran"))
-    );
-    grid.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
