@@ -584,3 +584,23 @@ async fn waiters_survive_a_sigkill_of_the_host_holding_them() {
         "{first}"
     );
 }
+
+/// The README's Monte Carlo workflow, `kwq workflow run
+/// examples/mc-price.json`, against a host of a Kafka grid: the host holds
+/// the steps' order where it can, and answers the reduce's `input:
+/// results_of` with 400 `unsupported` (no fan-in on Kafka), so the command
+/// hands it the sweep's results itself; the price is as on one host.
+#[test]
+fn the_monte_carlo_workflow_runs_on_a_kafka_grid() {
+    let tansu = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = host(&tansu, dir.path(), "h1");
+    let run = crate::workflows::workflow_run(&server, "examples/mc-price.json");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the host holds no dependencies: this command orders the steps"),
+        "{stderr}"
+    );
+    crate::workflows::assert_priced_within_three_errors(&run.stdout);
+}

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 /// `kwq workflow run FILE` against `server`, from the repository root (as
 /// the README runs it, with a relative path).
-fn workflow_run(server: &Server, file: &str) -> Output {
+pub(crate) fn workflow_run(server: &Server, file: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kwq"))
         .args(["workflow", "run", file])
         .current_dir(repo_root())
@@ -30,28 +30,7 @@ fn the_monte_carlo_workflow_prices_within_three_standard_errors_of_black_scholes
     let run = workflow_run(&server, "examples/mc-price.json");
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
-    let pooled: Value = serde_json::from_slice(&run.stdout).expect("the result as JSON");
-    assert_eq!(pooled["runs"], 1000, "{pooled}");
-    assert_eq!(pooled["paths"], 100_000_000u64, "{pooled}");
-    let (price, error) = (
-        pooled["price"].as_f64().unwrap(),
-        pooled["std_error"].as_f64().unwrap(),
-    );
-    let exact = mc_math::black_scholes(&mc_math::Contract {
-        spot: 100.0,
-        strike: 100.0,
-        rate: 0.05,
-        vol: 0.2,
-        maturity: 1.0,
-        kind: mc_math::OptionKind::Call,
-    });
-    assert!(
-        (price - exact).abs() < 3.0 * error,
-        "{price} ± {error} against {exact}"
-    );
-    // One run of 100,000 paths has an error of about 0.033 here; 10^8
-    // paths pooled must bring it down by sqrt(1000).
-    assert!(error > 0.0005 && error < 0.002, "{error}");
+    assert_priced_within_three_errors(&run.stdout);
     // The reduce was handed to the host at once, waiting for the sweep
     // (Waiting), and read the sweep's results from the host as its input.
     let submitted = |step: &str| -> String {
@@ -246,4 +225,32 @@ fn the_workflow_rides_out_a_sigkilled_and_restarted_host() {
         String::from_utf8_lossy(&results.stdout)
     );
     assert_eq!(String::from_utf8_lossy(&results.stdout).lines().count(), 20);
+}
+
+/// The Monte Carlo workflow's printed result: 1,000 runs of 100,000 paths
+/// pooled, within 3 standard errors of Black-Scholes, with the error of
+/// 10^8 paths.
+pub(crate) fn assert_priced_within_three_errors(stdout: &[u8]) {
+    let pooled: Value = serde_json::from_slice(stdout).expect("the result as JSON");
+    assert_eq!(pooled["runs"], 1000, "{pooled}");
+    assert_eq!(pooled["paths"], 100_000_000u64, "{pooled}");
+    let (price, error) = (
+        pooled["price"].as_f64().unwrap(),
+        pooled["std_error"].as_f64().unwrap(),
+    );
+    let exact = mc_math::black_scholes(&mc_math::Contract {
+        spot: 100.0,
+        strike: 100.0,
+        rate: 0.05,
+        vol: 0.2,
+        maturity: 1.0,
+        kind: mc_math::OptionKind::Call,
+    });
+    assert!(
+        (price - exact).abs() < 3.0 * error,
+        "{price} ± {error} against {exact}"
+    );
+    // One run of 100,000 paths has an error of about 0.033 here; 10^8
+    // paths pooled must bring it down by sqrt(1000).
+    assert!(error > 0.0005 && error < 0.002, "{error}");
 }

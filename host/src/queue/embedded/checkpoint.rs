@@ -291,9 +291,8 @@ mod tests {
         let conn = store(dir.path());
         fill(&conn, &Checkpointer::detached(), 3 * RESTART_PAGES);
         let wal = file_len(&dir.path().join("s.db-wal"));
-        // A page in the log is 4 KiB plus a 24-byte frame header.
         assert!(
-            wal <= (RESTART_PAGES + 100) * 4_120,
+            wal <= (RESTART_PAGES + 100) * FRAME_BYTES,
             "the log grew to {wal} bytes"
         );
         assert!(file_len(&dir.path().join("s.db")) > 2 * RESTART_PAGES * 4_096);
