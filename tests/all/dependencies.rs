@@ -150,6 +150,13 @@ pub(crate) async fn failed_dependencies_cancel_down_the_chain(mut grid: TestGrid
     // Cancelled by hand while waiting: its own waiter is cancelled too.
     let cancelled_by_hand = submit(&grid, echo(&anyway)).await;
     let behind_it = submit(&grid, echo(&cancelled_by_hand)).await;
+    // A whole job behind a task that will be cancelled: cancelled with it.
+    let sweep_behind = submit_job(
+        &grid,
+        json!({"module": "misbehave", "after": [child],
+               "sweep": {"base": {"action": "echo"}, "params": {"value": {"from": 1, "to": 3}}}}),
+    )
+    .await;
     let (status, body) = grid
         .call(
             "POST",
@@ -186,7 +193,33 @@ pub(crate) async fn failed_dependencies_cancel_down_the_chain(mut grid: TestGrid
         (ran["state"].clone(), ran["result"].clone()),
         (json!("Completed"), json!("ran"))
     );
+    let job = until_job_cancelled(&grid, &sweep_behind).await;
+    assert_eq!(
+        job["cancel_reason"],
+        json!(format!("dependency_failed: {child}")),
+        "{job}"
+    );
+    assert_eq!(job["counts"]["Cancelled"], 3, "{job}");
+    assert_eq!(job["counts"]["Completed"], 0, "{job}");
     grid.stop().await;
+}
+
+/// The job's view once it is Cancelled. Polled: a job cancelled before any
+/// task of it was written has no task event to wait on.
+pub(crate) async fn until_job_cancelled(grid: &TestGrid, job: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, view) = grid.call("GET", &format!("/v1/jobs/{job}"), None).await;
+        assert_eq!(status, 200, "{view}");
+        if view["state"] == "Cancelled" {
+            return view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not cancelled: {view}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,12 +160,7 @@ async fn a_failed_dependency_cancels_its_waiters_down_the_chain_on_kafka() {
     .await;
 }
 
-// Ignored: in 1 CI run of 3 (2026-12-05, ac69d5f) the waiting explicit job
-// stayed Waiting with nothing expanded for 120 s after its dependency
-// completed; it passed in every run here (over 10, some beside a CPU load)
-// and in the other 2 CI runs. Cause not found: run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky in CI (1 run of 3): a waiting explicit job was not released; cause not found"]
 async fn jobs_wait_and_are_waited_for_as_a_whole_on_kafka() {
     let kafka = MockKafka::with_buffer(100);
     let (mut a, mut b) = two_hosts(&kafka).await;
@@ -240,18 +235,13 @@ async fn jobs_wait_and_are_waited_for_as_a_whole_on_kafka() {
                "sweep": {"base": {"action": "echo"}, "params": {"value": {"from": 1, "to": 3}}}}),
     )
     .await;
-    // Polled: a job cancelled before any task of it was written has no
-    // task event to wait on.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let cancelled = loop {
-        let job = get(&a, &format!("/v1/jobs/{never}")).await;
-        if job["state"] == "Cancelled" {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "not cancelled: {job}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let cancelled = crate::dependencies::until_job_cancelled(&a, &never).await;
     assert_eq!(cancelled["cancelled"], true, "{cancelled}");
+    assert_eq!(
+        cancelled["cancel_reason"],
+        json!(format!("dependency_failed: {failing}")),
+        "{cancelled}"
+    );
     assert_eq!(cancelled["counts"]["Completed"], 0, "{cancelled}");
     a.stop().await;
     b.stop().await;

@@ -134,6 +134,7 @@ fn sweep_job(id: &str, total: u64) -> JobRecord {
         expanded: 0,
         paused: false,
         cancelled: false,
+        cancel_reason: None,
         waiting: false,
         created_at: 1,
         sweep: Some(Sweep {

@@ -349,12 +349,6 @@ async fn an_api_host_and_two_worker_hosts_lose_nothing_when_killed() {
     );
 }
 
-// Ignored in the suite: it passed on its own and in a loaded run, but in
-// the clean-clone CI run of 2026-12-03 it ran 14 minutes beside the
-// language tests (tansu's coordinator timed out under that load) and
-// failed. Run it with
-// `cargo test --test all -- --ignored a_sweep_runs_once`.
-#[ignore = "tansu SIGKILL+restart sweep test: outlived its wait under CI load; see issue 16's note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_runs_once_across_a_sigkill_and_restart_of_its_expanding_host() {
     const POINTS: u64 = 200_000;
@@ -410,13 +404,30 @@ async fn a_sweep_runs_once_across_a_sigkill_and_restart_of_its_expanding_host() 
         before["expanded"].as_u64().unwrap() < POINTS,
         "killed after the expansion: {before}"
     );
-    // Restarted at once under its name: it joins as a new member, and the
-    // dead one's partitions (and the sweep) move once its session times
-    // out. Every point ran and is in both views' results once, and
-    // no point was written to a band twice. (Before a host applied its
-    // own events to its view only once they were durable, the restarted
-    // host skipped the tasks its view had recorded Completed from a batch
-    // the kill cut off: 6-65 tasks stayed unfinished in 2 runs of 4.)
+    // The survivor takes the sweep and every task partition over once the
+    // dead host's session has timed out. The victim restarts under its
+    // name only then: a host joining while a dead member was still in the
+    // group left tansu 0.6.0's groups with every partition on the dead
+    // member (see the waiters' test below). Every point ran and is in both
+    // views' results once, and no point was written to a band twice.
+    // (Before a host applied its own events to its view only once they
+    // were durable, the restarted host skipped the tasks its view had
+    // recorded Completed from a batch the kill cut off.)
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let survivor_url = hosts[survivor].as_ref().unwrap().url.clone();
+    loop {
+        let metrics = get_text(&client, format!("{survivor_url}/metrics")).await;
+        if expanding(&metrics)
+            && gauge(&metrics, "kwq_kafka_task_partitions") >= ALL_TASK_PARTITIONS
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sweep and the task partitions were not taken over: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     hosts[victim] = Some(host(&tansu, dirs[victim].path(), ["h1", "h2"][victim]));
     echo_job_completed_once(&client, hosts[survivor].as_ref().unwrap(), &id, POINTS).await;
     echo_job_completed_once(&client, hosts[victim].as_ref().unwrap(), &id, POINTS).await;
@@ -431,6 +442,18 @@ async fn a_sweep_runs_once_across_a_sigkill_and_restart_of_its_expanding_host() 
         "a point written twice: {:?}",
         on_bands.iter().find(|(_, n)| **n != 1)
     );
+}
+
+/// Task partitions of a grid these tests start: 10 bands of the default 4.
+const ALL_TASK_PARTITIONS: u64 = 40;
+
+/// A gauge's value on a host's /metrics text (0 if it is not there).
+fn gauge(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 /// Waiters on a Kafka grid survive a SIGKILL of the host holding them: a
@@ -493,13 +516,6 @@ async fn waiters_survive_a_sigkill_of_the_host_holding_them() {
     // only once both hosts have their share of the task partitions: a
     // host killed while its group was still rebalancing left tansu 0.6.0's
     // groups stuck with every partition on dead members (CI, 2026-12-04).
-    let gauge = |metrics: &str, name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
     let victim = loop {
         let (mut held, mut partitions) = (Vec::new(), Vec::new());

@@ -130,6 +130,7 @@ async fn a_new_expander_carries_on_a_dead_ones_stream_exactly() {
         expanded: 0,
         paused: false,
         cancelled: false,
+        cancel_reason: None,
         waiting: false,
         created_at: 1,
         sweep: None,

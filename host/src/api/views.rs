@@ -85,6 +85,7 @@ pub(super) fn job(job: &JobRecord, stats: &JobStats) -> JobView {
         expanded: job.expanded,
         paused: job.paused,
         cancelled: job.cancelled,
+        cancel_reason: job.cancel_reason.clone(),
         created_at: job.created_at,
         options: job.options.clone(),
         sweep: job.sweep.clone(),

@@ -196,6 +196,10 @@ pub struct JobView {
     pub paused: bool,
     /// Its unfinished tasks were cancelled.
     pub cancelled: bool,
+    /// Why the grid cancelled it (`dependency_failed: <id>`); absent for a
+    /// user's cancel and for jobs not cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
     /// Submitted, ms since the epoch.
     pub created_at: u64,
     /// Options every task got.

@@ -299,6 +299,7 @@ impl NewJob {
             expanded,
             paused: false,
             cancelled: false,
+            cancel_reason: None,
             waiting: !self.options.after.is_empty(),
             created_at: now,
             sweep: self.sweep.clone(),
@@ -362,6 +363,11 @@ pub struct JobRecord {
     pub paused: bool,
     /// Cancelled: its unfinished tasks were cancelled.
     pub cancelled: bool,
+    /// Why it was cancelled when the grid did it, not a user:
+    /// `dependency_failed: <id>` for a job whose `after` named one that
+    /// ended Dead or Cancelled. `None` for a user's cancel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
     /// Waiting for the jobs or tasks in `options.after`: none of its tasks
     /// is leased (nor any sweep point created) until they have ended.
     #[serde(default)]

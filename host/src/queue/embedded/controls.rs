@@ -102,6 +102,7 @@ impl EmbeddedQueue {
                 job: job.clone(),
                 paused: false,
                 cancelled: true,
+                reason: None,
             }];
             let mut unfinished = state.scheduler.ready.remove_job(job);
             unfinished.extend(state.waiting.take_job(job));
@@ -249,6 +250,7 @@ impl EmbeddedQueue {
                 job: job.clone(),
                 paused: flags.paused,
                 cancelled: flags.cancelled,
+                reason: None,
             }])
             .await?;
         self.state().jobs.insert(Arc::from(job.as_str()), flags);

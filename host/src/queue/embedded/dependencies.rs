@@ -393,8 +393,10 @@ impl Waiter {
             .execute(params![seq, to.as_str(), at as i64, reason])?;
             vec![self.id.clone()]
         } else {
-            tx.prepare_cached("UPDATE jobs SET waiting = 0, cancelled = ?2 WHERE id = ?1")?
-                .execute(params![self.id, to == TaskState::Cancelled])?;
+            tx.prepare_cached(
+                "UPDATE jobs SET waiting = 0, cancelled = ?2, cancel_reason = ?3 WHERE id = ?1",
+            )?
+            .execute(params![self.id, to == TaskState::Cancelled, reason])?;
             tx.prepare_cached(&format!(
                 "UPDATE tasks SET state = ?2, {column} = ?3, error_message = ?4
                      WHERE job_id = ?1 AND state = 'Waiting' RETURNING id"

@@ -266,6 +266,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         paused: row.get(6)?,
         cancelled: row.get(7)?,
         waiting: row.get(10)?,
+        cancel_reason: row.get(11)?,
         sweep: row
             .get::<_, Option<String>>(8)?
             .and_then(|s| serde_json::from_str(&s).ok()),
@@ -273,8 +274,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     })
 }
 
-const JOB_COLUMNS: &str =
-    "id, name, module, options, total, expanded, paused, cancelled, sweep, created_at, waiting";
+const JOB_COLUMNS: &str = "id, name, module, options, total, expanded, paused, cancelled, sweep, created_at, waiting, cancel_reason";
 
 pub(super) fn job(conn: &Connection, id: &str) -> Result<JobRecord, QueueError> {
     conn.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))

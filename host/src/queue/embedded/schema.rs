@@ -141,6 +141,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("events", "wait_us", "INTEGER"),
     ("tasks", "waiting_at", "INTEGER"),
     ("jobs", "waiting", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "cancel_reason", "TEXT"),
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -24,6 +24,8 @@ pub(crate) enum ViewChange {
         job: String,
         paused: bool,
         cancelled: bool,
+        /// Why the grid cancelled it (`dependency_failed: <id>`).
+        reason: Option<String>,
     },
     /// A task's priority changed.
     Priority(String, u8),
@@ -60,10 +62,12 @@ impl EmbeddedQueue {
                     job,
                     paused,
                     cancelled,
+                    reason,
                 } => Op::JobFlags {
                     job,
                     paused,
                     cancelled,
+                    reason,
                 },
                 ViewChange::Priority(task, priority) => Op::Priority(task, priority),
                 ViewChange::JobPriority(job, priority) => Op::JobPriority(job, priority),

@@ -2,7 +2,9 @@
 //! event topic: task events, applied only if they move the task forward,
 //! and job announcements, which create the job's Pending rows.
 
-use super::writer::{Carried, Tags, Transition, apply_transition, insert_task_row, log_pending};
+use super::writer::{
+    Carried, Tags, Transition, apply_transition_via, insert_task_row, log_pending, log_transition,
+};
 use crate::model::{JobRecord, Millis, ModuleId, NewTask, TaskState};
 use crate::queue::Committed;
 use rusqlite::{OptionalExtension, params};
@@ -21,6 +23,12 @@ pub(crate) struct RemoteTask {
     pub(crate) carried: Carried,
     /// Module and options of the task (payload not needed by a view).
     pub(crate) spec: Option<(ModuleId, crate::model::TaskOptions)>,
+    /// When the task was Allocated, if this event carries its Allocated
+    /// too (Kafka hosts write none of their own: wire v2 puts it on
+    /// Running, or on the outcome of a task that ended without starting).
+    /// Applied with the event in one update of the row, logged as its own
+    /// event before it.
+    pub(crate) allocated_at: Option<Millis>,
 }
 
 /// Whether an event (`state`, `attempt`) moves a task that is in
@@ -119,9 +127,16 @@ pub(super) fn apply_remote_expanded(
             log_pending(tx, &task, &tags, created_at as Millis, committed)?;
         }
     }
-    // Points are written only once a job that waited is released.
     tx.prepare_cached("UPDATE jobs SET expanded = MAX(expanded, ?2) WHERE id = ?1")?
         .execute(params![job, to as i64])?;
+    job_released(tx, job)
+}
+
+/// A job's points are written only once it is released from waiting: a
+/// view that learns of one (its `expanded` event, or an event of one of its
+/// tasks, which can overtake that event on another partition) marks the
+/// job released and stops watching its dependencies.
+fn job_released(tx: &rusqlite::Transaction<'_>, job: &str) -> rusqlite::Result<()> {
     let released = tx
         .prepare_cached("UPDATE jobs SET waiting = 0 WHERE id = ?1 AND waiting = 1")?
         .execute(params![job])?;
@@ -148,13 +163,10 @@ pub(super) fn apply_remote(
     let (from, module, options) = match current {
         Some((state, attempts, module, options)) => {
             let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
-            if !supersedes(state, attempts, remote.state, remote.attempt) {
-                return Ok(None);
-            }
             let options: crate::model::TaskOptions =
                 serde_json::from_str(&options).unwrap_or_default();
             (
-                Some(state),
+                Some((state, attempts)),
                 ModuleId::read(&module).unwrap_or_else(|| ModuleId::of(b"")),
                 options,
             )
@@ -172,22 +184,54 @@ pub(super) fn apply_remote(
                 options: options.clone(),
             };
             insert_task_row(tx, &task, remote.at)?;
+            if let Some(job) = remote
+                .job_id
+                .as_deref()
+                .filter(|_| remote.state != TaskState::Waiting)
+            {
+                job_released(tx, job)?;
+            }
             (None, module.clone(), options.clone())
         }
     };
+    let moves_on = |from: Option<(TaskState, u32)>, state: TaskState| {
+        from.is_none_or(|(current, attempts)| supersedes(current, attempts, state, remote.attempt))
+    };
+    // The Allocated this event carries, if it moves the task on; the event
+    // itself then moves on from there.
+    let allocated_at = remote
+        .allocated_at
+        .filter(|_| remote.state != TaskState::Allocated && moves_on(from, TaskState::Allocated));
+    let before = match allocated_at {
+        Some(_) => Some((TaskState::Allocated, remote.attempt)),
+        None => from,
+    };
+    if !moves_on(before, remote.state) {
+        return Ok(None);
+    }
     let after = options.after.clone();
     let mut t = Transition::new(
         Arc::from(remote.task_id.as_str()),
         remote.job_id.as_deref().map(Arc::from),
         module,
         Arc::new(options.tags),
-        from,
+        before.map(|(state, _)| state),
         remote.state,
         remote.attempt,
     );
     t.at = remote.at;
     t.carried = remote.carried.clone();
-    apply_transition(tx, &t, committed)?;
+    if let Some(at) = allocated_at {
+        // Its Allocated event (with the wait) first, then this one.
+        let mut allocated = t.clone();
+        allocated.from = from.map(|(state, _)| state);
+        allocated.to = TaskState::Allocated;
+        allocated.at = at;
+        log_transition(tx, &allocated, committed)?;
+        t.carried.wait_us = None;
+    }
+    apply_transition_via(tx, &t, allocated_at, committed)?;
+    let from = from.map(|(state, _)| state);
     if from == Some(TaskState::Waiting) {
         super::dependencies::forget_waiter(tx, &remote.task_id)?;
     }

@@ -40,6 +40,9 @@ pub(super) enum Op {
         job: String,
         paused: bool,
         cancelled: bool,
+        /// Why the grid cancelled it (kept if `None`: a later pause of a
+        /// job does not forget why it was cancelled).
+        reason: Option<String>,
     },
     Transition(Box<Transition>),
     Priority(String, u8),
@@ -93,6 +96,7 @@ pub(super) enum Op {
 pub(super) type Notice = Box<dyn FnOnce() + Send>;
 
 /// A task entering a state.
+#[derive(Clone)]
 pub(super) struct Transition {
     pub(super) task_id: Arc<str>,
     pub(super) job_id: Option<Arc<str>>,
@@ -436,13 +440,15 @@ fn apply_quota(conn: &Connection, bytes: Option<u64>) {
 /// The update of a task entering `state`: one statement per state, made
 /// at compile time (the writer runs it tens of thousands of times a
 /// second; formatting it each time cost an allocation and a hash of 400 bytes).
-fn transition_sql(state: TaskState) -> &'static str {
+fn transition_sql(state: TaskState, via_allocated: bool) -> &'static str {
     macro_rules! update {
-        ($column:literal) => {
+        ($column:literal, $also:literal) => {
             concat!(
                 "UPDATE tasks SET state = ?2, attempts = ?3, worker = COALESCE(?4, worker), ",
                 $column,
-                " = ?5,
+                " = ?5,",
+                $also,
+                "
          error_kind = CASE WHEN ?6 IS NULL THEN error_kind ELSE ?6 END,
          error_message = CASE WHEN ?7 IS NULL THEN error_message ELSE ?7 END,
          result = COALESCE(?8, result), logs = COALESCE(?9, logs),
@@ -452,15 +458,26 @@ fn transition_sql(state: TaskState) -> &'static str {
             )
         };
     }
-    match state {
-        TaskState::Waiting => update!("waiting_at"),
-        TaskState::Pending => update!("pending_at"),
-        TaskState::Allocated => update!("allocated_at"),
-        TaskState::Running => update!("running_at"),
-        TaskState::Completed => update!("completed_at"),
-        TaskState::Error => update!("error_at"),
-        TaskState::Dead => update!("dead_at"),
-        TaskState::Cancelled => update!("cancelled_at"),
+    // Through Allocated: the state's own time and `allocated_at` (?13), in
+    // one update of the row (a Kafka Running event carries its Allocated).
+    macro_rules! states {
+        ($also:literal) => {
+            match state {
+                TaskState::Waiting => update!("waiting_at", $also),
+                TaskState::Pending => update!("pending_at", $also),
+                TaskState::Allocated => update!("allocated_at", ""),
+                TaskState::Running => update!("running_at", $also),
+                TaskState::Completed => update!("completed_at", $also),
+                TaskState::Error => update!("error_at", $also),
+                TaskState::Dead => update!("dead_at", $also),
+                TaskState::Cancelled => update!("cancelled_at", $also),
+            }
+        };
+    }
+    if via_allocated && state != TaskState::Allocated {
+        states!(" allocated_at = ?13,")
+    } else {
+        states!("")
     }
 }
 
@@ -599,9 +616,13 @@ pub(super) fn apply(
                 job,
                 paused,
                 cancelled,
+                reason,
             } => {
-                tx.prepare_cached("UPDATE jobs SET paused = ?2, cancelled = ?3 WHERE id = ?1")?
-                    .execute(params![job, paused, cancelled])?;
+                tx.prepare_cached(
+                    "UPDATE jobs SET paused = ?2, cancelled = ?3,
+                     cancel_reason = COALESCE(?4, cancel_reason) WHERE id = ?1",
+                )?
+                .execute(params![job, paused, cancelled, reason])?;
                 if *cancelled {
                     dependencies::forget_waiter(&tx, job)?;
                     settling.may_have_ended(watched, job);
@@ -820,6 +841,17 @@ pub(super) fn apply_transition(
     t: &Transition,
     committed: &mut Vec<Committed>,
 ) -> rusqlite::Result<()> {
+    apply_transition_via(tx, t, None, committed)
+}
+
+/// Apply a transition; with `allocated_at`, it passed through Allocated
+/// then too (that event is logged by the caller), in the same update.
+pub(super) fn apply_transition_via(
+    tx: &rusqlite::Transaction<'_>,
+    t: &Transition,
+    allocated_at: Option<Millis>,
+    committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
     let (kind, message) = match &t.carried.error {
         Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
         // A cancel's reason (`dependency_failed: <id>`) is the task's
@@ -827,7 +859,14 @@ pub(super) fn apply_transition(
         None if t.to == TaskState::Cancelled => (None, t.carried.message.as_deref()),
         None => (None, None),
     };
-    tx.prepare_cached(transition_sql(t.to))?.execute(params![
+    let logs = t
+        .carried
+        .logs
+        .as_ref()
+        .map(|l| serde_json::to_string(l).unwrap_or_default());
+    let via = allocated_at.filter(|_| t.to != TaskState::Allocated);
+    let mut update = tx.prepare_cached(transition_sql(t.to, via.is_some()))?;
+    let common = params![
         &*t.task_id,
         t.to.as_str(),
         t.attempt,
@@ -836,14 +875,20 @@ pub(super) fn apply_transition(
         kind,
         message,
         t.carried.result,
-        t.carried
-            .logs
-            .as_ref()
-            .map(|l| serde_json::to_string(l).unwrap_or_default()),
+        logs,
         t.carried.progress.map(f64::from),
         t.carried.not_before.map(|n| n as i64),
         t.carried.run_us.map(|us| us as i64)
-    ])?;
+    ];
+    match via {
+        Some(at) => {
+            let mut all: Vec<&dyn rusqlite::ToSql> = common.to_vec();
+            let at = at as i64;
+            all.push(&at);
+            update.execute(all.as_slice())?
+        }
+        None => update.execute(common)?,
+    };
     log_transition(tx, t, committed)
 }
 
@@ -890,8 +935,8 @@ pub(super) fn insert_job(
 ) -> rusqlite::Result<bool> {
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at, waiting)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT(id) DO NOTHING",
+            "INSERT INTO jobs (id, name, module, options, total, expanded, paused, cancelled, sweep, created_at, waiting, cancel_reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT(id) DO NOTHING",
         )?
         .execute(params![
             job.id,
@@ -904,7 +949,8 @@ pub(super) fn insert_job(
             job.cancelled,
             job.sweep.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()),
             job.created_at as i64,
-            job.waiting
+            job.waiting,
+            job.cancel_reason
         ])?;
     Ok(inserted > 0)
 }

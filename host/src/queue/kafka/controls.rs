@@ -93,6 +93,7 @@ impl KafkaQueue {
                 paused: paused.unwrap_or(record.paused),
                 cancelled,
                 priority,
+                reason: None,
             })
             .await?;
         self.shared.view.flush().await
@@ -150,6 +151,7 @@ pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
             paused,
             cancelled,
             priority,
+            reason,
             ..
         } => {
             if shared.config.role.keeps_view() {
@@ -157,6 +159,7 @@ pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
                     job: job.clone(),
                     paused: *paused,
                     cancelled: *cancelled,
+                    reason: reason.clone(),
                 }];
                 changes.extend(priority.map(|p| ViewChange::JobPriority(job.clone(), p)));
                 shared.view.apply_view(changes);

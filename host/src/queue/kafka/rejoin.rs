@@ -34,9 +34,84 @@ impl RejoinGate {
     }
 }
 
+/// Longest wait between two rejoins of a member left without partitions.
+const EMPTY_HANDED_MAX: Duration = Duration::from_secs(300);
+
+/// Notices a member that a group has left without partitions although it
+/// should hold some, and says when to rejoin: seen on tansu 0.6.0 under
+/// load, a lone host's expander was never given an expand partition while
+/// its task consumer held every band's (a sweep then never expands). The
+/// first rejoin comes after [`REJOIN_EVERY`] empty-handed; each one that
+/// does not help doubles the wait (up to [`EMPTY_HANDED_MAX`]), so a host
+/// that is rightly without partitions (more hosts than partitions, if the
+/// caller's test misjudges it) unsettles its group rarely.
+#[derive(Debug)]
+pub(super) struct EmptyHanded {
+    /// Since when it has been empty-handed (none: it holds partitions).
+    since: Option<Instant>,
+    wait: Duration,
+}
+
+impl Default for EmptyHanded {
+    fn default() -> Self {
+        EmptyHanded {
+            since: None,
+            wait: REJOIN_EVERY,
+        }
+    }
+}
+
+impl EmptyHanded {
+    /// Whether to rejoin at `now`, given whether the member holds no
+    /// partition and whether it should hold some.
+    pub(super) fn due(&mut self, now: Instant, holds_none: bool, should_hold: bool) -> bool {
+        if !holds_none {
+            *self = EmptyHanded::default();
+            return false;
+        }
+        if !should_hold {
+            self.since = None;
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) < self.wait {
+            return false;
+        }
+        self.since = None;
+        self.wait = (self.wait * 2).min(EMPTY_HANDED_MAX);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::RejoinGate;
+    use super::{EmptyHanded, REJOIN_EVERY, RejoinGate};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn an_empty_handed_member_rejoins_ever_more_rarely_until_it_holds_partitions() {
+        let mut empty = EmptyHanded::default();
+        let t0 = Instant::now();
+        let after = |d: Duration| t0 + d;
+        assert!(!empty.due(t0, true, true), "not at once");
+        assert!(!empty.due(after(REJOIN_EVERY / 2), true, true));
+        assert!(empty.due(after(REJOIN_EVERY), true, true));
+        // Still empty-handed: the next rejoin waits twice as long.
+        let t1 = after(REJOIN_EVERY);
+        assert!(!empty.due(t1, true, true));
+        assert!(!empty.due(t1 + REJOIN_EVERY, true, true));
+        assert!(empty.due(t1 + 2 * REJOIN_EVERY, true, true));
+        // One that should hold nothing, or holds something, never rejoins.
+        let t2 = t1 + 2 * REJOIN_EVERY;
+        assert!(!empty.due(t2 + Duration::from_secs(3600), true, false));
+        assert!(!empty.due(t2, false, true));
+        assert!(!empty.due(t2 + Duration::from_secs(3600), false, true));
+        // Holding partitions again reset the wait.
+        let t3 = t2 + Duration::from_secs(7200);
+        assert!(!empty.due(t3, true, true));
+        assert!(empty.due(t3 + REJOIN_EVERY, true, true));
+    }
+
     use std::cell::Cell;
 
     #[test]

@@ -24,23 +24,12 @@ use std::time::Duration;
 /// Messages applied per batch at most.
 const BATCH: usize = 5_000;
 
-/// What the view stores for a task event: one change, or two for an event
+/// What the view stores for a task event: one change, which for an event
 /// that carries its Allocated (`allocated_at`, wire v2: on Running, or on
-/// the outcome of a task that ended without starting).
+/// the outcome of a task that ended without starting) logs both events
+/// with one update of the task's row.
 pub(super) fn changes_of(event: &TaskEvent, into: &mut Vec<ViewChange>) {
-    let mut task = remote_task(event);
-    if let Some(at) = event
-        .allocated_at
-        .filter(|_| event.state != TaskState::Allocated)
-    {
-        let mut allocated = task.clone();
-        allocated.state = TaskState::Allocated;
-        allocated.at = at;
-        task.carried.wait_us = None;
-        task.spec = None;
-        into.push(ViewChange::Task(Box::new(allocated)));
-    }
-    into.push(ViewChange::Task(Box::new(task)));
+    into.push(ViewChange::Task(Box::new(remote_task(event))));
 }
 
 /// Start the view thread.
@@ -225,5 +214,8 @@ fn remote_task(event: &TaskEvent) -> RemoteTask {
             (Some(module), Some(options)) => ModuleId::read(module).map(|m| (m, options.clone())),
             _ => None,
         },
+        allocated_at: event
+            .allocated_at
+            .filter(|_| event.state != TaskState::Allocated),
     }
 }

@@ -250,6 +250,10 @@ pub enum EventMessage {
         /// The job's new priority, for its unfinished tasks (absent: unchanged).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         priority: Option<u8>,
+        /// Why the grid cancelled it (`dependency_failed: <id>`); absent
+        /// for a user's cancel and for every other control.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Points `from..to` of a sweep job were written to its band (v3): a
     /// view makes their Pending rows. Written by the job's expander after
@@ -906,7 +910,22 @@ mod tests {
                 read += 1;
             }
         }
-        assert_eq!(read, 16, "examples in docs/wire-format.md");
+        assert_eq!(read, 17, "examples in docs/wire-format.md");
+    }
+
+    #[test]
+    fn a_job_control_carries_its_reason_and_older_ones_read_without() {
+        let with = br#"{"type":"job-control","v":2,"job":"j-1","paused":false,"cancelled":true,"reason":"dependency_failed: t-9"}"#;
+        let Ok(EventMessage::JobControl { reason, .. }) = EventMessage::decode(with) else {
+            panic!("not a job control");
+        };
+        assert_eq!(reason.as_deref(), Some("dependency_failed: t-9"));
+        let without =
+            br#"{"type":"job-control","v":1,"job":"j-1","paused":true,"cancelled":false}"#;
+        let Ok(EventMessage::JobControl { reason, .. }) = EventMessage::decode(without) else {
+            panic!("not a job control");
+        };
+        assert_eq!(reason, None);
     }
 
     #[test]

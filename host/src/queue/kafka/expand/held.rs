@@ -127,6 +127,7 @@ impl Expander {
                     paused: false,
                     cancelled: true,
                     priority: None,
+                    reason: Some(reason),
                 };
                 let publisher = &self.shared.publisher;
                 publisher.runtime().block_on(self.shared.control(control))?;

@@ -37,7 +37,7 @@ pub(super) use flow::positions;
 use super::Member;
 use super::publish::Outgoing;
 use super::reads::TopicKind;
-use super::rejoin::RejoinGate;
+use super::rejoin::{EmptyHanded, RejoinGate};
 use super::wire::{self, EventMessage, ExpandCursor, PayloadsAt, ScanFrom, TaskMessage};
 use crate::model::JobRecord;
 use crate::queue::QueueError;
@@ -157,6 +157,43 @@ struct Expander {
     /// Jobs this host finished, until its own `done` cursor is read back
     /// (so the cursors before it, read back later, do not revive the job).
     finished: HashSet<String>,
+    /// The job the current step acts on, if it acts on one: a failure then
+    /// backs off that job alone.
+    acting_on: Option<String>,
+    /// Jobs whose last step failed, left alone until their retry is due, so
+    /// one job that keeps failing (a payload chunk not readable yet) does
+    /// not hold every other job back.
+    backoffs: HashMap<String, Backoff>,
+}
+
+/// When a job whose step failed is tried again: 200 ms after the first
+/// failure, doubling up to 5 s while it keeps failing.
+struct Backoff {
+    delay: Duration,
+    until: Instant,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Backoff {
+            delay: Duration::ZERO,
+            until: Instant::now(),
+        }
+    }
+
+    /// Another failure: wait longer before the next try.
+    fn failed(&mut self) -> Duration {
+        self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
+        self.until = Instant::now() + self.delay;
+        self.delay
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        now >= self.until
+    }
 }
 
 /// Start the expander thread. It joins the expanders' group once
@@ -204,6 +241,8 @@ pub(super) fn start(
                 tasks_dirty: false,
                 tasks_seen: 0,
                 finished: HashSet::new(),
+                acting_on: None,
+                backoffs: HashMap::new(),
             }
             .run();
         })
@@ -213,12 +252,22 @@ pub(super) fn start(
 impl Expander {
     fn run(mut self) {
         let mut rejoins = RejoinGate::default();
+        let mut empty_handed = EmptyHanded::default();
         while !self.shared.closed() {
             // As the task consumer does (see `rejoin`): with a stale
             // assignment the dead host's sweeps would stay unexpanded.
-            if rejoins.due(|| self.take_unchanged()) {
+            let stale = rejoins.due(|| self.take_unchanged());
+            let holds_none = self.owned.is_empty();
+            let left_out = empty_handed.due(
+                Instant::now(),
+                holds_none,
+                holds_none && self.should_own_partitions(),
+            );
+            if stale || left_out {
                 tracing::warn!(
-                    "the expanders' group rebalanced without changing this host's partitions; rejoining"
+                    stale,
+                    left_out,
+                    "the expanders' group left this host a stale assignment, or none; rejoining"
                 );
                 self.consumer.unsubscribe();
                 let topic = self.shared.topics.expand();
@@ -251,10 +300,9 @@ impl Expander {
             }
             self.follow_rebalances();
             self.note_caught_up();
-            if let Err(e) = self.step() {
-                tracing::warn!(error = %e, "expanding a sweep; trying again");
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            self.acting_on = None;
+            let result = self.step();
+            self.after_step(result);
             self.shared
                 .expanding
                 .store(self.jobs.len() as u64, Ordering::Relaxed);
@@ -265,6 +313,41 @@ impl Expander {
         }
         self.shared.expanding.store(0, Ordering::Relaxed);
         self.shared.held.store(0, Ordering::Relaxed);
+    }
+
+    /// A job whose step succeeded is no longer backed off; one whose step
+    /// failed waits longer each time; a failure of no one job's (the held
+    /// tasks' pass) pauses the loop briefly.
+    fn after_step(&mut self, result: Result<(), QueueError>) {
+        match (result, self.acting_on.take()) {
+            (Ok(()), Some(id)) => {
+                self.backoffs.remove(&id);
+            }
+            (Ok(()), None) => {}
+            (Err(e), Some(id)) => {
+                let retry_in = self
+                    .backoffs
+                    .entry(id.clone())
+                    .or_insert_with(Backoff::new)
+                    .failed();
+                tracing::warn!(job = id, error = %e, ?retry_in, "expanding a job; trying it again later");
+            }
+            (Err(e), None) => {
+                tracing::warn!(error = %e, "deciding waiting tasks; trying again");
+                std::thread::sleep(Backoff::FIRST);
+            }
+        }
+    }
+
+    /// Whether this host should own some expand partition: it holds more
+    /// task partitions than there are bands. The groups have the same
+    /// members and the expand topic as many partitions as a band, so with
+    /// partitions dealt evenly a host that holds more than one partition
+    /// per band shares the grid with fewer hosts than a band has
+    /// partitions, and every host then owns an expand partition.
+    fn should_own_partitions(&self) -> bool {
+        self.shared.task_partitions.load(Ordering::Relaxed)
+            > self.shared.topics.bands().len() as u64
     }
 
     /// Whether a rebalance gave back what it took since this was last asked.
@@ -371,6 +454,8 @@ impl Expander {
             self.jobs.retain(|_, job| job.partition != partition);
             self.tasks.retain(|_, task| task.partition != partition);
         }
+        let jobs = &self.jobs;
+        self.backoffs.retain(|id, _| jobs.contains_key(id));
         let topic = self.shared.topics.expand();
         for partition in assigned {
             let end =
@@ -412,14 +497,17 @@ impl Expander {
         if self.step_tasks()? {
             return Ok(());
         }
+        let now = Instant::now();
         let ready: Vec<String> = self
             .jobs
             .iter()
             .filter(|(_, job)| self.owned.get(&job.partition) == Some(&None))
+            .filter(|(id, _)| self.backoffs.get(*id).is_none_or(|b| b.due(now)))
             .map(|(id, _)| id.clone())
             .collect();
         let mut writable = Vec::new();
         for id in ready {
+            self.acting_on = Some(id.clone());
             let (cancelled, paused, priority) = self.flags(&id);
             let job = &self.jobs[&id];
             if cancelled || (job.waits.is_none() && job.next >= job.job.total) {
@@ -440,9 +528,11 @@ impl Expander {
                 writable.push((job.last_written, id, priority));
             }
         }
+        self.acting_on = None;
         // The job that has waited longest first, if its band has room.
         writable.sort();
         for (_, id, priority) in writable {
+            self.acting_on = Some(id.clone());
             let band = self.shared.topics.band(priority);
             let room = self.flow.room(&band)?;
             let job = &self.jobs[&id];
@@ -452,6 +542,7 @@ impl Expander {
                 return self.write_chunk(&id, &band, priority, n);
             }
         }
+        self.acting_on = None;
         Ok(())
     }
 

@@ -41,6 +41,10 @@ impl PayloadReader {
             )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // A position the broker calls out of range must not skip to the
+            // end, past every chunk not read yet: read from the start, where
+            // the chunks before the one wanted are skipped.
+            .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(|e| QueueError::storage("kafka payload reader", e))?;
