@@ -109,6 +109,15 @@ pub(super) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// Prepared statements kept per connection (see [`open`]).
 const STATEMENT_CACHE: usize = 128;
 
+/// The write connection's page cache, as SQLite's `cache_size` takes it
+/// (negative: KiB): 64 MiB. With SQLite's default of 2 MiB a batch that
+/// touches more pages than that (the release of 100,000 waiters writes
+/// their rows, two indexes and 100,000 events) spilled pages into the log
+/// in the middle of its transaction and wrote some of them again before
+/// the commit. A bound, not an allocation: the cache grows to it with the
+/// pages in use and stays there, whatever the number of tasks.
+const WRITER_CACHE_KIB: i64 = -64 * 1024;
+
 /// Open a connection with the settings every connection needs. WAL lets
 /// readers run beside the one writer; `synchronous = FULL` makes every
 /// commit durable even against power loss (the writer groups many
@@ -126,6 +135,7 @@ pub(super) fn open(path: &std::path::Path, writer: bool) -> rusqlite::Result<Con
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     if writer {
+        conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
     }
