@@ -24,6 +24,7 @@ pub(crate) use super::pressure::{Backlog, StoreHealth};
 pub use super::pressure::{MAX_BACKLOG_BYTES, MAX_BACKLOG_OPS};
 use super::short_life::ShortLife;
 pub(crate) use super::view_apply::RemoteTask;
+use super::view_apply::{PutOff, Successors};
 pub(crate) use crate::queue::scheduler::Tags;
 
 /// One change to the store.
@@ -440,7 +441,7 @@ fn apply_quota(conn: &Connection, bytes: Option<u64>) {
 /// The update of a task entering `state`: one statement per state, made
 /// at compile time (the writer runs it tens of thousands of times a
 /// second; formatting it each time cost an allocation and a hash of 400 bytes).
-fn transition_sql(state: TaskState, via_allocated: bool) -> &'static str {
+fn transition_sql(state: TaskState, passed: bool) -> &'static str {
     macro_rules! update {
         ($column:literal, $also:literal) => {
             concat!(
@@ -458,7 +459,8 @@ fn transition_sql(state: TaskState, via_allocated: bool) -> &'static str {
             )
         };
     }
-    // Through Allocated: the state's own time and `allocated_at` (?13), in
+    // Through states passed on the way (see [`Passed`]): the state's own
+    // time, `allocated_at` (?13) and, past Running, `running_at` (?14), in
     // one update of the row (a Kafka Running event carries its Allocated).
     macro_rules! states {
         ($also:literal) => {
@@ -474,10 +476,12 @@ fn transition_sql(state: TaskState, via_allocated: bool) -> &'static str {
             }
         };
     }
-    if via_allocated && state != TaskState::Allocated {
-        states!(" allocated_at = ?13,")
-    } else {
-        states!("")
+    match (passed, state) {
+        (false, _) | (true, TaskState::Allocated) => states!(""),
+        (true, TaskState::Running) => states!(" allocated_at = COALESCE(?13, allocated_at),"),
+        (true, _) => states!(
+            " allocated_at = COALESCE(?13, allocated_at), running_at = COALESCE(?14, running_at),"
+        ),
     }
 }
 
@@ -509,8 +513,13 @@ pub(super) fn apply(
     // Whether the job of the tasks being inserted waits (asked once per job).
     let mut job_waits: Option<(String, bool)> = None;
     let mut passed = PassedStates::default();
+    let successors = Successors::of(batch.iter().flat_map(|c| c.ops.iter()));
+    let mut put_off = PutOff::default();
     let mut ops = batch.iter().flat_map(|c| c.ops.iter()).peekable();
     while let Some(op) = ops.next() {
+        if !matches!(op, Op::Remote(_) | Op::ViewOffset { .. }) {
+            put_off.flush(&tx)?;
+        }
         match op {
             Op::Quota(_) => {}  // applied before the transaction
             Op::Notify(_) => {} // fired after the commit
@@ -558,7 +567,13 @@ pub(super) fn apply(
                 super::view_apply::apply_remote_expanded(&tx, job, *from, *to, &mut committed)?
             }
             Op::Remote(remote) => {
-                let waits = super::view_apply::apply_remote(&tx, remote, &mut committed)?;
+                let waits = super::view_apply::apply_remote(
+                    &tx,
+                    remote,
+                    &successors,
+                    &mut put_off,
+                    &mut committed,
+                )?;
                 if let Some(after) = waits {
                     dependencies::wait(&tx, watched, &mut settling, &remote.task_id, &after)?;
                 }
@@ -698,6 +713,7 @@ pub(super) fn apply(
             }
         }
     }
+    put_off.flush(&tx)?;
     let mut settled = dependencies::Settled::default();
     if !settling.is_empty() {
         let at = crate::model::now_ms();
@@ -761,13 +777,25 @@ fn insert_row(
     task: &NewTask,
     at: Millis,
 ) -> rusqlite::Result<usize> {
+    let options = serde_json::to_string(&task.options).unwrap_or_default();
+    insert_row_as(insert, task, &options, at)
+}
+
+/// [`insert_row`] with the task's options already stored as JSON: the
+/// points of a job share them, serialized once.
+pub(super) fn insert_row_as(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    task: &NewTask,
+    options: &str,
+    at: Millis,
+) -> rusqlite::Result<usize> {
     insert.execute(params![
         task.id,
         task.job_id,
         task.module.as_str(),
         task.payload,
         task.options.priority,
-        serde_json::to_string(&task.options).unwrap_or_default(),
+        options,
         task.options.not_before.map(|t| t as i64),
         at as i64
     ])
@@ -841,16 +869,48 @@ pub(super) fn apply_transition(
     t: &Transition,
     committed: &mut Vec<Committed>,
 ) -> rusqlite::Result<()> {
-    apply_transition_via(tx, t, None, committed)
+    apply_transition_via(tx, t, &Passed::default(), committed)
 }
 
-/// Apply a transition; with `allocated_at`, it passed through Allocated
-/// then too (that event is logged by the caller), in the same update.
+/// Times (and the worker) of states a task went through on the way to
+/// the transition that updates its row, their own updates skipped: an
+/// Allocated a Kafka event carries, or a Running whose outcome follows in
+/// the same batch (see `view_apply::apply_remote`). The update writes them
+/// with the state reached, so the state indexes move once.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Passed {
+    /// When the task was Allocated.
+    pub(super) allocated_at: Option<Millis>,
+    /// When it started Running.
+    pub(super) running_at: Option<Millis>,
+    /// The worker those states named, kept if the state reached names none.
+    pub(super) worker: Option<String>,
+}
+
+impl Passed {
+    /// Whether nothing was passed.
+    fn is_empty(&self) -> bool {
+        self.allocated_at.is_none() && self.running_at.is_none()
+    }
+}
+
+/// Apply a transition that went through the states of `passed` on the way.
 pub(super) fn apply_transition_via(
     tx: &rusqlite::Transaction<'_>,
     t: &Transition,
-    allocated_at: Option<Millis>,
+    passed: &Passed,
     committed: &mut Vec<Committed>,
+) -> rusqlite::Result<()> {
+    update_task_row(tx, t, passed)?;
+    log_transition(tx, t, committed)
+}
+
+/// The update of a task's row for a transition (its event is logged by
+/// the caller) that went through the states of `passed` on the way.
+pub(super) fn update_task_row(
+    tx: &rusqlite::Transaction<'_>,
+    t: &Transition,
+    passed: &Passed,
 ) -> rusqlite::Result<()> {
     let (kind, message) = match &t.carried.error {
         Some((kind, message)) => (Some(kind.as_str()), Some(message.as_str())),
@@ -864,32 +924,35 @@ pub(super) fn apply_transition_via(
         .logs
         .as_ref()
         .map(|l| serde_json::to_string(l).unwrap_or_default());
-    let via = allocated_at.filter(|_| t.to != TaskState::Allocated);
-    let mut update = tx.prepare_cached(transition_sql(t.to, via.is_some()))?;
-    let common = params![
-        &*t.task_id,
-        t.to.as_str(),
-        t.attempt,
-        t.carried.worker,
-        t.at as i64,
-        kind,
-        message,
-        t.carried.result,
-        logs,
-        t.carried.progress.map(f64::from),
-        t.carried.not_before.map(|n| n as i64),
-        t.carried.run_us.map(|us| us as i64)
+    let mut update = tx.prepare_cached(transition_sql(t.to, !passed.is_empty()))?;
+    let (id, state, at) = (&*t.task_id, t.to.as_str(), t.at as i64);
+    // The transition's own worker, if it names one, stands.
+    let worker = t.carried.worker.as_ref().or(passed.worker.as_ref());
+    let progress = t.carried.progress.map(f64::from);
+    let not_before = t.carried.not_before.map(|n| n as i64);
+    let run_us = t.carried.run_us.map(|us| us as i64);
+    let allocated_at = passed.allocated_at.map(|at| at as i64);
+    let running_at = passed.running_at.map(|at| at as i64);
+    let all: [&dyn rusqlite::ToSql; 14] = [
+        &id,
+        &state,
+        &t.attempt,
+        &worker,
+        &at,
+        &kind,
+        &message,
+        &t.carried.result,
+        &logs,
+        &progress,
+        &not_before,
+        &run_us,
+        &allocated_at,
+        &running_at,
     ];
-    match via {
-        Some(at) => {
-            let mut all: Vec<&dyn rusqlite::ToSql> = common.to_vec();
-            let at = at as i64;
-            all.push(&at);
-            update.execute(all.as_slice())?
-        }
-        None => update.execute(common)?,
-    };
-    log_transition(tx, t, committed)
+    // Each statement names the parameters it uses, in order.
+    let used = update.parameter_count().min(all.len());
+    update.execute(&all[..used])?;
+    Ok(())
 }
 
 /// Log a transition's event (the row is updated by the caller).
@@ -1007,12 +1070,13 @@ pub(super) fn insert_task_row(
     task: &NewTask,
     at: Millis,
 ) -> rusqlite::Result<bool> {
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8) ON CONFLICT(id) DO NOTHING",
-    )?;
+    let mut insert = tx.prepare_cached(INSERT_TASK_ROW)?;
     Ok(insert_row(&mut insert, task, at)? > 0)
 }
+
+/// The statement of [`insert_task_row`], for [`insert_row_as`].
+pub(super) const INSERT_TASK_ROW: &str = "INSERT INTO tasks (id, job_id, module, payload, priority, options, state, not_before, pending_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'Pending', ?7, ?8) ON CONFLICT(id) DO NOTHING";
 
 pub(super) fn insert_event(
     tx: &rusqlite::Transaction<'_>,
