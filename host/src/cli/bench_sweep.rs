@@ -34,6 +34,10 @@ pub struct SweepBench {
 struct Sample {
     at: Duration,
     rss: u64,
+    /// The store's size in pages (main file and log): once it passes the
+    /// writer's page cache bound, that cache is full (every page of a store
+    /// this run created went through it) and RSS must stay flat.
+    store_pages_bytes: u64,
     completed: u64,
     undurable_ops: usize,
 }
@@ -45,6 +49,17 @@ pub(super) fn run(bench: SweepBench) -> Result<(), CliError> {
 /// Resident memory of this process, bytes.
 fn rss_bytes() -> u64 {
     status_bytes("VmRSS:")
+}
+
+/// The store's logical size, as a reader sees it: pages times page size
+/// (0 if it cannot be read).
+fn store_pages_bytes(store: &rusqlite::Connection) -> u64 {
+    let pragma = |name: &str| -> u64 {
+        store
+            .pragma_query_value(None, name, |row| row.get::<_, i64>(0))
+            .map_or(0, |v| u64::try_from(v).unwrap_or(0))
+    };
+    pragma("page_count") * pragma("page_size")
 }
 
 /// Bytes of every file under `dir` (the store, its WAL, its shared memory).
@@ -64,6 +79,11 @@ async fn measure(bench: SweepBench) -> Result<(), CliError> {
     let client = reqwest::Client::new();
     let url = grid.url.clone();
     let idle_rss = rss_bytes();
+    let store = rusqlite::Connection::open_with_flags(
+        grid.dir().join("kwq.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .map_err(failed)?;
     let accept = Instant::now();
     let id = post_job(
         &client,
@@ -99,6 +119,7 @@ async fn measure(bench: SweepBench) -> Result<(), CliError> {
             samples.push(Sample {
                 at: started.elapsed(),
                 rss: rss_bytes(),
+                store_pages_bytes: store_pages_bytes(&store),
                 completed: completed(),
                 undurable_ops: grid.queue.undurable(),
             });
@@ -160,18 +181,19 @@ async fn measure(bench: SweepBench) -> Result<(), CliError> {
     );
     println!("accepted in {:.1} ms", accepted.as_secs_f64() * 1e3);
     println!(
-        "{:>8} {:>12} {:>10} {:>10} {:>14}",
-        "time s", "completed", "tasks/s", "RSS MiB", "undurable ops"
+        "{:>8} {:>12} {:>10} {:>10} {:>10} {:>14}",
+        "time s", "completed", "tasks/s", "RSS MiB", "store MiB", "undurable ops"
     );
     let mut previous = (Duration::ZERO, 0);
     for s in &samples {
         let rate = (s.completed - previous.1) as f64 / (s.at - previous.0).as_secs_f64();
         println!(
-            "{:>8.0} {:>12} {:>10.0} {:>10.0} {:>14}",
+            "{:>8.0} {:>12} {:>10.0} {:>10.0} {:>10.0} {:>14}",
             s.at.as_secs_f64(),
             s.completed,
             rate,
             mib(s.rss),
+            mib(s.store_pages_bytes),
             s.undurable_ops
         );
         previous = (s.at, s.completed);
@@ -189,6 +211,20 @@ async fn measure(bench: SweepBench) -> Result<(), CliError> {
         mib(peak),
         mib(final_rss)
     );
+    let cache = crate::queue::embedded::WRITER_CACHE_BYTES;
+    match samples.iter().position(|s| s.store_pages_bytes >= cache) {
+        Some(full) => println!(
+            "RSS once the store passed the writer's {:.0} MiB page cache (at {:.0} s, the cache full): {:.0} MiB, peak after it {:.0} MiB",
+            mib(cache),
+            samples[full].at.as_secs_f64(),
+            mib(samples[full].rss),
+            mib(samples[full..].iter().map(|s| s.rss).max().unwrap_or(0))
+        ),
+        None => println!(
+            "the store stayed under the writer's {:.0} MiB page cache: that cache may still be filling",
+            mib(cache)
+        ),
+    }
     println!(
         "reads while running: GET /v1/jobs/ID p50 {:.2} ms p99 {:.2} ms; GET /v1/stats p50 {:.2} ms p99 {:.2} ms",
         percentile(&mut job_reads, 0.5),
@@ -219,6 +255,8 @@ async fn measure(bench: SweepBench) -> Result<(), CliError> {
                 "dead": dead,
                 "finished_once": finished_once,
                 "rss_samples": samples.iter().map(|s| s.rss).collect::<Vec<_>>(),
+                "store_bytes_samples": samples.iter().map(|s| s.store_pages_bytes).collect::<Vec<_>>(),
+                "writer_cache_bytes": crate::queue::embedded::WRITER_CACHE_BYTES,
                 "undurable_ops": samples.iter().map(|s| s.undurable_ops).collect::<Vec<_>>(),
                 "cancel_ms": cancel_latency.as_secs_f64() * 1e3,
                 "disk_bytes": disk,

@@ -31,6 +31,7 @@ use crate::model::{
     now_ms, now_us,
 };
 use async_trait::async_trait;
+pub use schema::WRITER_CACHE_BYTES;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -116,7 +116,13 @@ const STATEMENT_CACHE: usize = 128;
 /// in the middle of its transaction and wrote some of them again before
 /// the commit. A bound, not an allocation: the cache grows to it with the
 /// pages in use and stays there, whatever the number of tasks.
-const WRITER_CACHE_KIB: i64 = -64 * 1024;
+const WRITER_CACHE_KIB: i64 = -(WRITER_CACHE_BYTES as i64 / 1024);
+
+/// The write connection's page cache bound in bytes (see
+/// [`WRITER_CACHE_KIB`]): public so that a memory measurement can tell this
+/// fixed cost, reached once the writer has touched that many bytes of
+/// pages, from growth.
+pub const WRITER_CACHE_BYTES: u64 = 64 << 20;
 
 /// Open a connection with the settings every connection needs. WAL lets
 /// readers run beside the one writer; `synchronous = FULL` makes every
