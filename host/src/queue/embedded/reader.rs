@@ -161,6 +161,11 @@ fn tasks_query(filter: &TaskFilter) -> (String, Vec<Box<dyn rusqlite::ToSql>>) {
     if let Some(state) = filter.state {
         args.push(Box::new(state.as_str()));
         sql.push_str(&format!(" AND state = ?{}", args.len()));
+        if state != TaskState::Completed {
+            // The condition of the state index (see `schema`), so that a
+            // rare state (the dead letters) is found through it.
+            sql.push_str(" AND state <> 'Completed'");
+        }
     }
     if let Some((key, value)) = &filter.tag {
         // Through the tag index (kept by a trigger): a rare or absent tag
@@ -432,7 +437,8 @@ pub(super) fn unfinished(
 ) -> Result<Vec<(TaskRecord, bool)>, QueueError> {
     let mut stmt = conn
         .prepare(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('Waiting', 'Pending', 'Allocated', 'Running', 'Error') ORDER BY seq"
+            // `state <> 'Completed'`: the condition of the state index (see `schema`).
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('Waiting', 'Pending', 'Allocated', 'Running', 'Error') AND state <> 'Completed' ORDER BY seq"
         ))
         .map_err(storage)?;
     let mut held = 0u64;
@@ -592,5 +598,47 @@ mod tests {
         conn.execute("DELETE FROM tasks WHERE id = 't-5000'", [])
             .unwrap();
         assert_eq!(steps(&conn, &filter("fx")).0, 3);
+    }
+
+    /// The dead letters among 20,000 completed tasks are listed through
+    /// the state index (which leaves the Completed out), not by a scan;
+    /// a listing of Completed tasks walks the table and finds a page at
+    /// once; the tasks to recover at start-up come through the index too.
+    #[test]
+    fn a_rare_state_is_listed_through_the_index_and_completed_by_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = super::super::schema::open(&dir.path().join("t.db"), true).unwrap();
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)
+             INSERT INTO tasks (id, module, payload, priority, options, state)
+             SELECT 't-' || i, 'm', x'', 5, '{}',
+                    CASE WHEN i % 5000 = 0 THEN 'Dead' WHEN i = 7 THEN 'Pending'
+                         ELSE 'Completed' END FROM n",
+        )
+        .unwrap();
+        let filter = |state| TaskFilter {
+            state: Some(state),
+            limit: 100,
+            ..TaskFilter::default()
+        };
+        let (found, dead) = steps(&conn, &filter(TaskState::Dead));
+        assert_eq!(found, 4);
+        assert!(dead < 500, "{dead} VM steps for the dead letters");
+        let (found, completed) = steps(&conn, &filter(TaskState::Completed));
+        assert_eq!(found, 101, "a page and one more");
+        assert!(completed < 5_000, "{completed} VM steps for a page");
+        let recovered = unfinished(&conn, u64::MAX).unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].0.id.as_str(), "t-7");
+        let plan: String = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('Waiting', 'Pending', 'Allocated', 'Running', 'Error') AND state <> 'Completed' ORDER BY seq"
+            ))
+            .unwrap()
+            .query_map([], |row| row.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(plan.contains("tasks_not_completed_by_state"), "{plan}");
     }
 }

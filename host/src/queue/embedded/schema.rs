@@ -10,6 +10,21 @@ use rusqlite::Connection;
 /// waiting task or job waits for which task or job: a row goes once its
 /// dependency has ended), view_offsets (how far a Kafka host's view has
 /// read each topic partition).
+///
+/// Tasks are found by job through `tasks_of_jobs_by_state`, which holds
+/// only tasks of a job: every query of it names a job (`job_id = ?`), and
+/// a lone task (an invocation, a dependency's waiter) then costs one index
+/// entry fewer on insert and on every change of state. It replaced
+/// `tasks_by_job_state`, which held every task. Likewise tasks are found
+/// by state alone through `tasks_not_completed_by_state`, which leaves out
+/// the Completed ones (nearly all of a store's rows, and never looked up by
+/// state alone: a listing of them walks the table in order): a task that
+/// completes then has its entry deleted instead of moved, and one inserted
+/// already completed (a synchronous invocation) has none. A query that
+/// wants this index says `state <> 'Completed'`, as SQLite uses a partial
+/// index only for queries whose terms imply its condition. A store written
+/// before is given the new indexes when it opens (a scan of its tasks,
+/// once) and loses the old ones (`tasks_by_job_state`, `tasks_by_state`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS modules (
     id TEXT PRIMARY KEY,
@@ -58,8 +73,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     progress REAL NOT NULL DEFAULT 0,
     run_us INTEGER
 );
-CREATE INDEX IF NOT EXISTS tasks_by_job_state ON tasks(job_id, state);
-CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state);
+DROP INDEX IF EXISTS tasks_by_job_state;
+CREATE INDEX IF NOT EXISTS tasks_of_jobs_by_state ON tasks(job_id, state) WHERE job_id IS NOT NULL;
+DROP INDEX IF EXISTS tasks_by_state;
+CREATE INDEX IF NOT EXISTS tasks_not_completed_by_state ON tasks(state) WHERE state <> 'Completed';
 CREATE TABLE IF NOT EXISTS events (
     offset INTEGER PRIMARY KEY,
     task_id TEXT NOT NULL,
@@ -219,5 +236,45 @@ mod tests {
         // Opening again is a no-op.
         drop(conn);
         open(&path, true).unwrap();
+    }
+
+    /// A store with the indexes of an older release (every task in both)
+    /// has them replaced by the partial ones when it opens.
+    #[test]
+    fn a_store_of_an_older_release_gets_the_partial_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(&SCHEMA.replace("DROP INDEX", "SELECT 1; --"))
+            .unwrap();
+        old.execute_batch(
+            "DROP INDEX tasks_of_jobs_by_state; DROP INDEX tasks_not_completed_by_state;
+             CREATE INDEX tasks_by_job_state ON tasks(job_id, state);
+             CREATE INDEX tasks_by_state ON tasks(state);
+             INSERT INTO tasks (id, job_id, module, payload, priority, options, state)
+             VALUES ('a', NULL, 'm', x'', 5, '{}', 'Completed'), ('j.0', 'j', 'm', x'', 5, '{}', 'Pending');",
+        )
+        .unwrap();
+        drop(old);
+        let conn = open(&path, true).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'tasks' AND sql IS NOT NULL ORDER BY name")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            indexes,
+            ["tasks_not_completed_by_state", "tasks_of_jobs_by_state"]
+        );
+        // Each holds only its tasks: the job's Pending one.
+        let in_job_index: i64 = conn
+            .query_row("SELECT COUNT(*) FROM tasks INDEXED BY tasks_of_jobs_by_state WHERE job_id IS NOT NULL", [], |row| row.get(0))
+            .unwrap();
+        let in_state_index: i64 = conn
+            .query_row("SELECT COUNT(*) FROM tasks INDEXED BY tasks_not_completed_by_state WHERE state <> 'Completed'", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!((in_job_index, in_state_index), (1, 1));
     }
 }
