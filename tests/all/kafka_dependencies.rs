@@ -1,7 +1,8 @@
 //! Dependencies on a Kafka grid (librdkafka's mock cluster, hosts in this
 //! process): a waiter submitted on one host is released by a completion on
 //! another; a failed dependency cancels its waiters down the chain unless
-//! they run anyway; jobs wait, and are waited for, as a whole; fan-in is
+//! they run anyway; jobs wait, and are waited for, as a whole; a waiting
+//! task runs at the priority it was given while it waited; fan-in is
 //! refused with `unsupported`. The SIGKILL of the host holding a waiter is
 //! tested with real processes on tansu (`kafka_grid`).
 
@@ -245,4 +246,70 @@ async fn jobs_wait_and_are_waited_for_as_a_whole_on_kafka() {
     assert_eq!(cancelled["counts"]["Completed"], 0, "{cancelled}");
     a.stop().await;
     b.stop().await;
+}
+
+/// A waiting task whose priority a user changes takes it when released:
+/// it is read into the scheduler at the new priority and runs before a
+/// task of the priority it had. (Both wait on a task cancelled with
+/// `"on_failure": "run"`, so no worker runs until they are both ready.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_task_released_on_kafka_runs_at_the_priority_it_was_given_meanwhile() {
+    let kafka = MockKafka::with_buffer(100);
+    let mut host = TestGrid::on_queue(Arc::new(kafka.host_in_role("a", Role::All).await)).await;
+    host.upload(examples::MISBEHAVE, "misbehave").await;
+    let blocker = submit(
+        &host,
+        "/v1/tasks",
+        json!({"module": "misbehave", "payload": {"action": "echo", "value": 0}}),
+    )
+    .await;
+    let waiter = |value: u64, priority: u8| {
+        json!({"module": "misbehave", "payload": {"action": "echo", "value": value},
+               "priority": priority, "after": [blocker], "on_failure": "run"})
+    };
+    let kept = submit(&host, "/v1/tasks", waiter(5, 5)).await;
+    let raised = submit(&host, "/v1/tasks", waiter(3, 3)).await;
+    let (status, answer) = host
+        .call(
+            "POST",
+            &format!("/v1/tasks/{raised}/priority"),
+            Some(json!({"priority": 9})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = host
+        .call("POST", &format!("/v1/tasks/{blocker}/cancel"), None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    // Released and read back: one ready at 9, one at 5, none at 3.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = get(&host, "/v1/stats").await;
+        let depth = &stats["depth"];
+        if depth[9] == json!(1) && depth[5] == json!(1) {
+            assert_eq!(depth[3], json!(0), "{stats}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the released tasks never stood at 9 and 5: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.start_workers(1);
+    let raised = host.wait_task(&raised).await;
+    let kept = host.wait_task(&kept).await;
+    assert_eq!(
+        (
+            raised["result"].clone(),
+            raised["options"]["priority"].clone()
+        ),
+        (json!(3), json!(9)),
+        "{raised}"
+    );
+    assert!(
+        at(&raised, "Running") <= at(&kept, "Running"),
+        "{raised} {kept}"
+    );
+    host.stop().await;
 }

@@ -103,6 +103,11 @@ impl Member {
         {
             entry.priority = priority;
         }
+        // And so may its own, which wins over its job's here (the embedded
+        // store applies the two in the order they were made).
+        if let Some(priority) = state.task_priorities.get(&id).copied() {
+            entry.priority = priority;
+        }
         state.origins.insert(entry.id.clone(), vec![origin]);
         state.scheduler.ready.insert(entry, now);
         drop(state);
@@ -200,6 +205,7 @@ impl Member {
                 self.publish(vec![event], Vec::new(), done);
             }
         } else if let Some(priority) = priority {
+            state.task_priorities.insert(task.to_string(), priority);
             state.scheduler.ready.set_priority(task, priority, now_ms());
             if let Some(leased) = state.scheduler.leased_mut(task) {
                 leased.entry.priority = priority;

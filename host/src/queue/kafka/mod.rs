@@ -93,6 +93,11 @@ struct GridState {
     /// priority change may arrive before some of its tasks are read).
     job_priorities: HashMap<Arc<str>, u8>,
     cancelled_tasks: HashSet<String>,
+    /// Tasks whose priority a user changed (`task/<id>` controls), which
+    /// they take when read from their band or released from waiting: the
+    /// change may come before this host holds the task. One entry per
+    /// change a user made, as `cancelled_tasks` has per cancel.
+    task_priorities: HashMap<String, u8>,
     /// When each leased task not yet started was allocated, and how long
     /// it had waited (µs): its Running event carries both, as Kafka hosts
     /// write no Allocated event of their own.
@@ -171,6 +176,7 @@ impl KafkaQueue {
             cancelled_jobs: HashSet::new(),
             job_priorities: HashMap::new(),
             cancelled_tasks: HashSet::new(),
+            task_priorities: HashMap::new(),
             allocations: HashMap::new(),
             progress: Progress::default(),
             ended: HashMap::new(),

@@ -181,6 +181,7 @@ impl Expander {
         if release.is_empty() {
             return Ok(());
         }
+        self.follow_priority_changes(release);
         let mut ends: HashMap<String, Vec<ScanFrom>> = HashMap::new();
         let mut cursors = Vec::with_capacity(release.len());
         for id in release {
@@ -212,6 +213,27 @@ impl Expander {
         tracing::info!(tasks = release.len(), "released waiting tasks");
         let ids: Vec<&String> = release.iter().collect();
         self.drop_cursors(&ids)
+    }
+
+    /// Give tasks about to be released the priority a user set while they
+    /// waited (their own, else their job's), so that they are written to
+    /// that band and their unheld cursors carry it.
+    fn follow_priority_changes(&mut self, ids: &[String]) {
+        let state = self.shared.state();
+        for id in ids {
+            let Some(task) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            let job = task.message.job_id.as_deref();
+            if let Some(priority) = state
+                .task_priorities
+                .get(id)
+                .copied()
+                .or_else(|| job.and_then(|j| state.job_priorities.get(j).copied()))
+            {
+                task.message.priority = Some(priority);
+            }
+        }
     }
 
     /// Tasks whose release a previous owner began: write those it did not.
