@@ -133,8 +133,11 @@ async fn a_failed_dependency_cancels_its_waiters_down_the_chain_unless_they_run_
 
 /// A failing task, a chain after it, one waiter that runs anyway and one
 /// cancelled by hand while waiting: every store that holds dependencies
-/// must end them alike (the Kafka grid's test runs this too).
-pub(crate) async fn failed_dependencies_cancel_down_the_chain(mut grid: TestGrid) {
+/// must end them alike (the Kafka grid's test runs this too). Returns the
+/// waiting sweep the grid cancelled, with the reason it gave.
+pub(crate) async fn failed_dependencies_cancel_down_the_chain(
+    mut grid: TestGrid,
+) -> (String, String) {
     grid.upload(examples::MISBEHAVE, "misbehave").await;
     let failing = submit(
         &grid,
@@ -194,14 +197,12 @@ pub(crate) async fn failed_dependencies_cancel_down_the_chain(mut grid: TestGrid
         (json!("Completed"), json!("ran"))
     );
     let job = until_job_cancelled(&grid, &sweep_behind).await;
-    assert_eq!(
-        job["cancel_reason"],
-        json!(format!("dependency_failed: {child}")),
-        "{job}"
-    );
+    let reason = format!("dependency_failed: {child}");
+    assert_eq!(job["cancel_reason"], json!(reason), "{job}");
     assert_eq!(job["counts"]["Cancelled"], 3, "{job}");
     assert_eq!(job["counts"]["Completed"], 0, "{job}");
     grid.stop().await;
+    (sweep_behind, reason)
 }
 
 /// The job's view once it is Cancelled. Polled: a job cancelled before any

@@ -155,10 +155,19 @@ async fn a_waiter_on_one_host_is_released_by_a_completion_on_another() {
 async fn a_failed_dependency_cancels_its_waiters_down_the_chain_on_kafka() {
     let kafka = MockKafka::with_buffer(100);
     let host = kafka.host_in_role("a", Role::All).await;
-    crate::dependencies::failed_dependencies_cancel_down_the_chain(
+    let (sweep, reason) = crate::dependencies::failed_dependencies_cancel_down_the_chain(
         TestGrid::on_queue(Arc::new(host)).await,
     )
     .await;
+    // A host that joins later builds its view from the topics (it reads
+    // the controls before the job's announcement, or after): the job is
+    // cancelled there too, and says why.
+    let late = kafka.host_in_role("late", Role::All).await;
+    let late = TestGrid::on_queue(Arc::new(late)).await;
+    known(&late, &format!("/v1/jobs/{sweep}")).await;
+    let job = crate::dependencies::until_job_cancelled(&late, &sweep).await;
+    assert_eq!(job["cancel_reason"], json!(reason), "{job}");
+    late.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,9 @@ impl Member {
         let state = self.state();
         if state.cancelled_jobs.contains(job.id.as_str()) {
             job.cancelled = true;
+            if job.cancel_reason.is_none() {
+                job.cancel_reason = state.cancel_reasons.get(job.id.as_str()).cloned();
+            }
         }
         if state.scheduler.ready.is_paused(&job.id) {
             job.paused = true;
@@ -163,6 +166,12 @@ pub(super) fn apply_control(shared: &Arc<Member>, event: &EventMessage) {
                 }];
                 changes.extend(priority.map(|p| ViewChange::JobPriority(job.clone(), p)));
                 shared.view.apply_view(changes);
+            }
+            if let Some(reason) = reason.as_ref().filter(|_| *cancelled) {
+                shared
+                    .state()
+                    .cancel_reasons
+                    .insert(Arc::from(job.as_str()), reason.clone());
             }
             shared.job_flags(job, *paused, *cancelled);
             if let Some(priority) = priority {

@@ -89,6 +89,11 @@ struct GridState {
     /// The offsets each waiting task was read from.
     origins: HashMap<Arc<str>, Vec<Origin>>,
     cancelled_jobs: HashSet<Arc<str>>,
+    /// Why the grid cancelled a job (a failed dependency), from its
+    /// control: folded into the job's record when its announcement is read
+    /// after the control (see `Member::with_controls`). One entry per job
+    /// the grid itself cancelled.
+    cancel_reasons: HashMap<Arc<str>, String>,
     /// Each known job's priority, which its tasks take when read (a
     /// priority change may arrive before some of its tasks are read).
     job_priorities: HashMap<Arc<str>, u8>,
@@ -174,6 +179,7 @@ impl KafkaQueue {
             scheduler: Scheduler::new(policy, None),
             origins: HashMap::new(),
             cancelled_jobs: HashSet::new(),
+            cancel_reasons: HashMap::new(),
             job_priorities: HashMap::new(),
             cancelled_tasks: HashSet::new(),
             task_priorities: HashMap::new(),
