@@ -31,7 +31,7 @@ for name in h1 h2; do
   ports+=("$port")
   extra=()
   [ "$name" = h1 ] && extra=(--examples)
-  KWQ_LOG=warn "$kwq" serve --store "kafka://127.0.0.1:$broker" --host "$name" \
+  KWQ_LOG=warn "$kwq" serve --store "kafka://127.0.0.1:$broker?rejoin_stale=true" --host "$name" \
     --data-dir "$dir/$name" --listen "127.0.0.1:$port" "${extra[@]}" 2>>"$dir/$name.log" &
   pids+=($!)
   until curl -sf "http://127.0.0.1:$port/healthz" >/dev/null; do sleep 0.2; done

@@ -145,6 +145,7 @@ impl MockKafka {
 
     /// A started host with `config` (from [`MockKafka::config`], changed).
     pub(crate) async fn start_host(config: KafkaConfig) -> KafkaQueue {
+        crate::support::test_logs();
         let queue = KafkaQueue::connect(config, Duration::from_secs(30), AFFINITY_WINDOW)
             .await
             .unwrap();

@@ -79,7 +79,10 @@ impl Tansu {
     /// other member happens to leave (CI of 2026-12-04: a 20,000-task job
     /// stuck for 180 s after its host was killed).
     fn store(&self) -> String {
-        format!("kafka://{}?static_membership=false", self.brokers())
+        format!(
+            "kafka://{}?static_membership=false&rejoin_stale=true",
+            self.brokers()
+        )
     }
 
     /// The broker's address, as `bootstrap.servers` takes it.

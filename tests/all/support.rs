@@ -78,6 +78,30 @@ pub(crate) async fn run_failing(worker: &mut Worker, spec: TaskSpec) -> TaskRepo
     report
 }
 
+/// Log lines of the grid under test, captured with each test's output, so
+/// that a test that fails (in CI above all) shows what its hosts did:
+/// warnings from everything, and the Kafka hosts' info lines (rebalances,
+/// releases of waiting work), which are few; not librdkafka's own lines,
+/// which flood the end of every test that drops its mock cluster before
+/// its hosts. `KWQ_TEST_LOG` (an `EnvFilter`) overrides. Threads a test
+/// starts inherit its capture; a passing test's lines are dropped.
+pub(crate) fn test_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter =
+            tracing_subscriber::EnvFilter::try_from_env("KWQ_TEST_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "warn,kwq::queue::kafka=info,librdkafka=off,rdkafka=off",
+                )
+            });
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
 /// An in-process grid on a temporary embedded store: the API router driven
 /// with `oneshot`, and workers started when a test wants them.
 pub(crate) struct TestGrid {
@@ -116,6 +140,7 @@ impl TestGrid {
     /// A grid (API, tracker, no workers yet) on a queue the test opened,
     /// e.g. a Kafka host on the mock cluster.
     pub(crate) async fn on_queue(queue: std::sync::Arc<dyn kwq::queue::Queue>) -> Self {
+        test_logs();
         let (token, limits, dir) = (
             None::<&str>,
             kwq::api::ApiLimits::default(),

@@ -160,6 +160,8 @@ async fn grid_run(
             host: format!("bench{i}"),
             task_partitions: partitions,
             create_topics: mock.is_none() && i == 0,
+            // A real broker here is most likely tansu (see KafkaConfig).
+            rejoin_stale: mock.is_none(),
             role,
             ..KafkaConfig::default()
         };

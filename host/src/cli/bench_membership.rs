@@ -75,6 +75,8 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
         host: format!("bench{i}"),
         task_partitions: partitions,
         create_topics: mock.is_none() && i == 0,
+        // A real broker here is most likely tansu (see KafkaConfig).
+        rejoin_stale: mock.is_none(),
         role: Role::All,
         assignor: bench
             .assignor

@@ -150,7 +150,7 @@ pub(super) fn settle(
         if !watched.contains(&dependency) {
             continue;
         }
-        let Some(completed) = ended(tx, &dependency)? else {
+        let Some(completed) = ended(tx, &dependency, watched.reports_only)? else {
             continue;
         };
         if watched.reports_only {
@@ -297,9 +297,14 @@ fn log_events(
 const RELEASED: &str = "released: its dependencies ended";
 
 /// Whether `id` has ended and how: `Some(true)` if it Completed (a job:
-/// every task of it), `Some(false)` if it ended otherwise (or does not
-/// exist), `None` if it has not ended yet.
-fn ended(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<bool>> {
+/// every task of it), `Some(false)` if it ended otherwise, `None` if it
+/// has not ended yet. One that does not exist was deleted (`Some(false)`),
+/// except in a Kafka view (`view`): there the waiter's announcement can be
+/// read before its dependency's, which another event partition carries,
+/// and the dependency is then not read yet (`None`). Taking it for deleted
+/// wrote `done/<id>` as failed and cancelled the waiters of a task still
+/// waiting itself (a CI failure of the Kafka waiting-jobs test).
+fn ended(tx: &Transaction<'_>, id: &str, view: bool) -> rusqlite::Result<Option<bool>> {
     let state: Option<String> = tx
         .prepare_cached("SELECT state FROM tasks WHERE id = ?1")?
         .query_row(params![id], |row| row.get(0))
@@ -318,7 +323,7 @@ fn ended(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<bool>> {
         })
         .optional()?;
     let Some((total, expanded, cancelled, waiting)) = job else {
-        return Ok(Some(false)); // deleted
+        return Ok((!view).then_some(false)); // deleted, or not read yet
     };
     // A cancelled job's points never created never will be; anyone else's will.
     if !cancelled && (waiting || expanded < total) {
@@ -531,5 +536,22 @@ impl Waiter {
             module: self.module.clone(),
             tags: self.tags.clone(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ended;
+
+    /// A waiter's dependency that the store has no row of: on the embedded
+    /// store it was deleted (failed); in a Kafka view it is not read yet.
+    #[test]
+    fn a_dependency_a_view_has_not_read_has_not_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::schema::open(&dir.path().join("q.db"), true).unwrap();
+        let tx = conn.transaction().unwrap();
+        assert_eq!(ended(&tx, "t-unread", true).unwrap(), None);
+        assert_eq!(ended(&tx, "j-unread", true).unwrap(), None);
+        assert_eq!(ended(&tx, "t-deleted", false).unwrap(), Some(false));
     }
 }

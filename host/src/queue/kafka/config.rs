@@ -39,6 +39,17 @@ pub struct KafkaConfig {
     /// so a host restarted within the session timeout gets its partitions
     /// back without a rebalance (`?static_membership=false` to turn off).
     pub static_membership: bool,
+    /// Leave and rejoin a consumer group whose rebalance handed this host
+    /// back exactly the partitions it took (`?rejoin_stale=true`; off by
+    /// default). For brokers that keep a dead member's assignment, as
+    /// tansu 0.6.0 does (see [`rejoin`](super::rejoin)). On a broker that
+    /// handles membership right it only does harm: any rebalance that
+    /// leaves the members as they were (a member slow to sync, a rejoin)
+    /// hands every host its old partitions, each rejoin then causes another
+    /// such rebalance, and the hosts take turns rejoining for good, each
+    /// turn a stop of the whole group (seen on librdkafka's mock cluster:
+    /// a waiting job left unreleased for two minutes).
+    pub rejoin_stale: bool,
     /// Create absent topics at start (`?create_topics=false` where an
     /// operator manages topics, or a broker lacks the admin API).
     pub create_topics: bool,
@@ -145,6 +156,11 @@ impl KafkaConfig {
                         "store URL option static_membership must be true or false".to_string()
                     })?
                 }
+                "rejoin_stale" => {
+                    config.rejoin_stale = value.parse().map_err(|_| {
+                        "store URL option rejoin_stale must be true or false".to_string()
+                    })?
+                }
                 "create_topics" => {
                     config.create_topics = value.parse().map_err(|_| {
                         "store URL option create_topics must be true or false".to_string()
@@ -192,6 +208,7 @@ impl Default for KafkaConfig {
             extra: Vec::new(),
             assignor: "roundrobin".into(),
             static_membership: true,
+            rejoin_stale: false,
             create_topics: true,
             role: Role::All,
         }
@@ -229,6 +246,13 @@ mod tests {
         );
         assert_eq!(c.assignor, "roundrobin");
         assert!(c.static_membership);
+        assert!(!c.rejoin_stale);
+        assert!(
+            KafkaConfig::parse("kafka://a:1?rejoin_stale=true")
+                .unwrap()
+                .rejoin_stale
+        );
+        assert!(KafkaConfig::parse("kafka://a:1?rejoin_stale=yes").is_err());
         assert_eq!(Topics::new("kwq.").priority_of("kwq.tasks.p7"), Some(7));
         assert_eq!(Topics::new("kwq.").priority_of("kwq.events"), None);
     }

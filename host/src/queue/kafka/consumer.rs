@@ -144,7 +144,9 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
     let mut rejoins = RejoinGate::default();
     while !shared.closed() {
         // See `rejoin`: a broker that kept a dead member's assignment.
-        if rejoins.due(|| consumer.context().unchanged.swap(false, Ordering::AcqRel)) {
+        if shared.config.rejoin_stale
+            && rejoins.due(|| consumer.context().unchanged.swap(false, Ordering::AcqRel))
+        {
             tracing::warn!(
                 "the group rebalanced without changing this host's partitions; rejoining"
             );

@@ -256,7 +256,7 @@ impl Expander {
         while !self.shared.closed() {
             // As the task consumer does (see `rejoin`): with a stale
             // assignment the dead host's sweeps would stay unexpanded.
-            let stale = rejoins.due(|| self.take_unchanged());
+            let stale = self.shared.config.rejoin_stale && rejoins.due(|| self.take_unchanged());
             let holds_none = self.owned.is_empty();
             let left_out = empty_handed.due(
                 Instant::now(),
