@@ -77,7 +77,9 @@ impl Tansu {
     /// for members without a `group.instance.id`, so a SIGKILLed static
     /// host stays in the group, holding its partitions unread, until some
     /// other member happens to leave (CI of 2026-12-04: a 20,000-task job
-    /// stuck for 180 s after its host was killed).
+    /// stuck for 180 s after its host was killed); and with the rejoin that
+    /// tansu's stale assignments after a member's death need
+    /// (`rejoin_stale`, see the README).
     fn store(&self) -> String {
         format!(
             "kafka://{}?static_membership=false&rejoin_stale=true",

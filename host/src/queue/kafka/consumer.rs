@@ -141,12 +141,10 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
     let buffer = shared.config.band_buffer.max(1) as u64;
     let mut paused: HashSet<Partition> = HashSet::new();
     let mut last_commit = Instant::now();
-    let mut rejoins = RejoinGate::default();
+    let mut rejoins = RejoinGate::new(shared.config.rejoin_stale);
     while !shared.closed() {
         // See `rejoin`: a broker that kept a dead member's assignment.
-        if shared.config.rejoin_stale
-            && rejoins.due(|| consumer.context().unchanged.swap(false, Ordering::AcqRel))
-        {
+        if rejoins.due(|| consumer.context().unchanged.swap(false, Ordering::AcqRel)) {
             tracing::warn!(
                 "the group rebalanced without changing this host's partitions; rejoining"
             );

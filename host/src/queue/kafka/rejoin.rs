@@ -3,21 +3,33 @@
 //! such a broker shows itself after a member died (tansu 0.6.0 does: the
 //! dead member's partitions then stay unread); leaving and rejoining makes
 //! it form a new generation. The task consumer and the expander both
-//! rejoin this way, each for its own group.
+//! rejoin this way, each for its own group, when the store URL asks for it
+//! (`?rejoin_stale=true`: see `KafkaConfig::rejoin_stale` for why it is off
+//! by default).
 
 use std::time::{Duration, Instant};
 
 /// Least time between two rejoins of one group.
 const REJOIN_EVERY: Duration = Duration::from_secs(20);
 
-/// One group's rejoins: at most one per [`REJOIN_EVERY`].
-#[derive(Debug, Default)]
+/// One group's rejoins: none unless enabled, at most one per [`REJOIN_EVERY`].
+#[derive(Debug)]
 pub(super) struct RejoinGate {
+    /// Whether stale assignments are looked for at all.
+    enabled: bool,
     /// When this host last rejoined (never: a rejoin is due).
     last: Option<Instant>,
 }
 
 impl RejoinGate {
+    /// A gate that rejoins only if `enabled` (`KafkaConfig::rejoin_stale`).
+    pub(super) fn new(enabled: bool) -> Self {
+        RejoinGate {
+            enabled,
+            last: None,
+        }
+    }
+
     /// Whether to rejoin now: a rejoin is due and `take_unchanged` (which
     /// takes the "rebalance gave back what it took" flag) says so. The
     /// flag is taken only once a rejoin is due: one raised meanwhile, e.g.
@@ -26,7 +38,10 @@ impl RejoinGate {
     /// nothing asks again and the partitions stay unread for good: seen
     /// under load, a 20,000-task job stuck).
     pub(super) fn due(&mut self, take_unchanged: impl FnOnce() -> bool) -> bool {
-        if self.last.is_some_and(|at| at.elapsed() < REJOIN_EVERY) || !take_unchanged() {
+        if !self.enabled
+            || self.last.is_some_and(|at| at.elapsed() < REJOIN_EVERY)
+            || !take_unchanged()
+        {
             return false;
         }
         self.last = Some(Instant::now());
@@ -116,7 +131,9 @@ mod tests {
 
     #[test]
     fn a_flag_raised_during_the_wait_is_left_for_later() {
-        let mut gate = RejoinGate::default();
+        let mut off = RejoinGate::new(false);
+        assert!(!off.due(|| true), "a gate not enabled never rejoins");
+        let mut gate = RejoinGate::new(true);
         assert!(!gate.due(|| false), "no flag, no rejoin");
         assert!(gate.due(|| true), "the first rejoin is due at once");
         let asked = Cell::new(false);

@@ -251,12 +251,12 @@ pub(super) fn start(
 
 impl Expander {
     fn run(mut self) {
-        let mut rejoins = RejoinGate::default();
+        let mut rejoins = RejoinGate::new(self.shared.config.rejoin_stale);
         let mut empty_handed = EmptyHanded::default();
         while !self.shared.closed() {
             // As the task consumer does (see `rejoin`): with a stale
             // assignment the dead host's sweeps would stay unexpanded.
-            let stale = self.shared.config.rejoin_stale && rejoins.due(|| self.take_unchanged());
+            let stale = rejoins.due(|| self.take_unchanged());
             let holds_none = self.owned.is_empty();
             let left_out = empty_handed.due(
                 Instant::now(),
