@@ -359,3 +359,106 @@ async fn sigkill_fails_the_callers_and_keeps_only_the_durable_invocation() {
         "to run again: {page}"
     );
 }
+
+/// A durable invocation answered from the invocation journal survives a
+/// crash that comes before the store's own commit of it. The store is
+/// made unable to write (its size capped) after the task is leased, so
+/// the commit that follows the answer fails; the files as they are then
+/// (what a `kill -9` at that moment leaves) are copied and opened: the
+/// task is there, Completed with its result. Opened without the journal's
+/// file, the same copy lacks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_invocation_outlives_a_crash_before_the_stores_commit() {
+    use kwq::model::{ModuleId, NewTask, TaskOptions, TaskState};
+    use kwq::queue::embedded::{EmbeddedConfig, EmbeddedQueue};
+    use kwq::queue::{Completion, QueueError, ReadStore, WorkQueue, WorkerView};
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedQueue::open(&dir.path().join("kwq.db"), EmbeddedConfig::default()).unwrap();
+    let worker = WorkerView {
+        id: "w1".into(),
+        warm: Vec::new(),
+        pool: None,
+    };
+    // The store's cap must come after the task's insert is taken by its
+    // lease and before the attempt ends. The insert goes to the store by
+    // itself 2 ms after the submission at the latest; if it went first
+    // (the caller is then not answered at once), try again.
+    let result: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    let mut answered = None;
+    for attempt in 0..20 {
+        let id = format!("t-journalled-{attempt}");
+        let task = NewTask {
+            id: id.clone(),
+            job_id: None,
+            module: ModuleId::of(b"m"),
+            payload: b"{\"x\":1}".to_vec(),
+            options: TaskOptions::default(),
+        };
+        let mut invocation = store.invoke(task, true).await.unwrap();
+        let lease = store.lease(&worker).await.unwrap();
+        store.started(&lease);
+        store.set_max_store_bytes(Some(1));
+        store
+            .complete(
+                &lease,
+                Completion {
+                    // Big enough to need new pages of the capped store.
+                    result: result.clone(),
+                    ..Completion::default()
+                },
+            )
+            .unwrap();
+        // The journal answers within `complete`; the store only later.
+        if let Ok(finished) = invocation.finished.try_recv() {
+            answered = Some((id, finished));
+            break;
+        }
+        store.set_max_store_bytes(None);
+        invocation.finished.await.unwrap();
+    }
+    let (id, finished) = answered.expect("no invocation was answered from the journal");
+    assert_eq!(finished.outcome.state, TaskState::Completed);
+    // The store's commit of it failed: the store says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while WorkQueue::health(&store).is_ok() {
+        assert!(Instant::now() < deadline, "the capped store kept writing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let copy = |to: &std::path::Path, journal: bool| {
+        std::fs::create_dir_all(to).unwrap();
+        for name in ["kwq.db", "kwq.db-wal", "kwq.db-invocations"] {
+            let from = dir.path().join(name);
+            if from.exists() && (journal || name != "kwq.db-invocations") {
+                std::fs::copy(&from, to.join(name)).unwrap();
+            }
+        }
+        to.join("kwq.db")
+    };
+    let crashed = copy(&dir.path().join("crashed"), true);
+    let without = copy(&dir.path().join("without-journal"), false);
+
+    let reopened = EmbeddedQueue::open(&crashed, EmbeddedConfig::default()).unwrap();
+    let stored = reopened.task(&id).await.unwrap();
+    assert_eq!(stored.state, TaskState::Completed, "{stored:?}");
+    assert_eq!(stored.result.as_ref(), Some(&result));
+    assert_eq!(stored.payload, b"{\"x\":1}");
+    reopened.close();
+    reopened.flush().await.unwrap();
+    // And once stored it is not applied twice: a second open holds it once.
+    drop(reopened);
+    let again = EmbeddedQueue::open(&crashed, EmbeddedConfig::default()).unwrap();
+    let page = again.tasks(Default::default()).await.unwrap();
+    assert_eq!(
+        page.items.iter().filter(|t| t.id == id).count(),
+        1,
+        "{page:?}"
+    );
+
+    let lacking = EmbeddedQueue::open(&without, EmbeddedConfig::default()).unwrap();
+    assert!(
+        matches!(lacking.task(&id).await, Err(QueueError::NotFound(_))),
+        "without the journal the task is lost: the test would prove nothing"
+    );
+    store.set_max_store_bytes(None);
+}

@@ -190,7 +190,7 @@ impl Default for TaskOptions {
 }
 
 /// A task as submitted, before the store has it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewTask {
     /// Its id.
     pub id: TaskId,
@@ -199,6 +199,7 @@ pub struct NewTask {
     /// Module to run.
     pub module: ModuleId,
     /// Input bytes.
+    #[serde(with = "crate::model::base64_bytes")]
     pub payload: Vec<u8>,
     /// Priority, tags, limits...
     pub options: TaskOptions,

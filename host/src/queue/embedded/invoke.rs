@@ -14,7 +14,8 @@
 //! A crash loses held tasks exactly as it loses requests in flight: their
 //! callers' connections drop, nobody was told they were accepted.
 
-use super::writer::Op;
+use super::journal::Journal;
+use super::writer::{Notice, Op};
 use super::{DEFER_MS, EmbeddedQueue, Store, entry_from_new};
 use crate::model::{Millis, NewTask, TaskState, now_ms, now_us};
 use crate::queue::QueueError;
@@ -25,6 +26,32 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use tokio::sync::oneshot;
+
+/// Who waits for an ended attempt's operations, as
+/// [`Invoked::hand_over`] left it.
+pub(super) enum Answer {
+    /// Nobody (no caller waits, or it has its answer already).
+    Nobody,
+    /// The caller, answered by the store's commit of the operations.
+    AfterCommit,
+    /// The caller, to be answered as soon as the operations are sent to
+    /// the store (they are durable in the journal).
+    Now(Notice),
+}
+
+impl Answer {
+    /// Whether the caller waits for the store's commit.
+    pub(super) fn waits_for_commit(&self) -> bool {
+        matches!(self, Answer::AfterCommit)
+    }
+
+    /// Answer the caller now if it is to be.
+    pub(super) fn give(self) {
+        if let Answer::Now(answer) = self {
+            answer();
+        }
+    }
+}
 
 /// An invoked task whose caller waits, from its submission until its
 /// first attempt ends (or its caller stops waiting).
@@ -42,24 +69,38 @@ pub(super) struct Invoked {
 
 impl Invoked {
     /// The attempt ended as `outcome`: hand it to the caller, at once if
-    /// the invocation is not durable, else by an [`Op::Notify`] added to
-    /// `ops` (after the outcome's transition) that fires once the outcome
-    /// is durable. Whether a caller now waits for `ops` to commit.
-    pub(super) fn hand_over(mut self, mut outcome: Outcome, at: Millis, ops: &mut Vec<Op>) -> bool {
+    /// the invocation is not durable; if it is, once `ops` (its insert
+    /// and transitions, with the outcome's last) are durable: in the
+    /// `journal` if it takes them (the answer is then to be given once
+    /// `ops` are sent on), else by an [`Op::Notify`] added to `ops` that
+    /// fires once the store has committed them.
+    pub(super) fn hand_over(
+        mut self,
+        mut outcome: Outcome,
+        at: Millis,
+        ops: &mut Vec<Op>,
+        journal: Option<&Journal>,
+    ) -> Answer {
         let Some(finished) = self.finished.take() else {
-            return false;
+            return Answer::Nobody;
         };
         self.timestamps.insert(outcome.state, at);
         outcome.timestamps = std::mem::take(&mut self.timestamps);
         let finished = move || {
             let _ = finished.send(Finished { outcome });
         };
-        if self.durable {
-            ops.push(Op::Notify(Box::new(finished)));
-        } else {
+        if !self.durable {
             finished();
+            return Answer::Nobody;
         }
-        self.durable
+        if let Some(journal) = journal
+            && let Some(seq) = journal.append(ops)
+        {
+            ops.push(Op::Notify(journal.confirmation(seq)));
+            return Answer::Now(Box::new(finished));
+        }
+        ops.push(Op::Notify(Box::new(finished)));
+        Answer::AfterCommit
     }
 
     /// Its caller is no longer to be handed an attempt (the task ends

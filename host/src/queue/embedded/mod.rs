@@ -7,6 +7,7 @@ mod checkpoint;
 mod controls;
 mod dependencies;
 mod invoke;
+mod journal;
 mod pressure;
 mod reader;
 mod recover;
@@ -111,6 +112,9 @@ struct Store {
     health: Arc<writer::StoreHealth>,
     /// The thread that sends deferred operations.
     flusher: Flusher,
+    /// Where short synchronous invocations are made durable (none in a
+    /// Kafka host's view, which takes no invocations).
+    journal: Option<journal::Journal>,
 }
 
 impl Drop for Store {
@@ -277,6 +281,19 @@ impl EmbeddedQueue {
                 .map_err(|e| QueueError::storage("setting --durability process", e))?;
         }
         checkpoint::preallocate_log(&conn, path)?;
+        // The journal is read before the writer takes the connection: a
+        // record whose task the store already holds is not applied again.
+        let journal = if recover {
+            let stored = |id: &str| {
+                conn.prepare_cached("SELECT 1 FROM tasks WHERE id = ?1")
+                    .and_then(|mut s| s.exists(rusqlite::params![id]))
+                    .map_err(|e| QueueError::storage("reading the store for the journal", e))
+            };
+            let sync = config.durability == Durability::Power;
+            Some(journal::Journal::open(path, sync, stored)?)
+        } else {
+            None
+        };
         let (events, _) = broadcast::channel(65_536);
         let observers: Arc<RwLock<Vec<Arc<dyn CommitObserver>>>> = Arc::default();
         let health = Arc::new(writer::StoreHealth::default());
@@ -291,6 +308,20 @@ impl EmbeddedQueue {
             // the dependencies that ended: the grid's expanders release.
             !recover,
         );
+        let journal = match journal {
+            Some((journal, replay)) => {
+                if !replay.is_empty() {
+                    tracing::info!(
+                        operations = replay.len(),
+                        "storing the invocations the journal held"
+                    );
+                    futures::executor::block_on(writer.write(replay))?;
+                }
+                journal.start_over()?;
+                Some(journal)
+            }
+            None => None,
+        };
         let reader = reader::Reader::new(PathBuf::from(path));
         let (handover, handed) = std::sync::mpsc::channel();
         let flusher = std::thread::Builder::new()
@@ -323,6 +354,7 @@ impl EmbeddedQueue {
                     deferring: AtomicBool::new(false),
                     touched: AtomicBool::new(false),
                 },
+                journal,
             }),
         };
         let _ = handover.send(Arc::downgrade(&queue.inner));
@@ -409,11 +441,20 @@ impl EmbeddedQueue {
     /// Send an attempt's outcome to the writer; commit it on this thread
     /// if a caller waits for exactly this commit and the writer is idle
     /// (see [`writer::Writer::send_now`]).
-    fn send_outcome(&self, ops: Vec<Op>, waited_for: bool) {
-        if waited_for {
-            self.inner.writer.send_now(ops);
-        } else {
-            self.inner.writer.send(ops);
+    /// Send an ended attempt's operations to the writer. Those a caller
+    /// waits for are committed on this thread if the writer is idle. A
+    /// caller whose invocation the journal made durable is answered first,
+    /// and the commit then follows on this thread too, off its path.
+    fn send_outcome(&self, ops: Vec<Op>, answer: invoke::Answer) {
+        match answer {
+            invoke::Answer::Nobody => self.inner.writer.send(ops),
+            answer => {
+                let waits = answer.waits_for_commit();
+                if !waits {
+                    answer.give();
+                }
+                self.inner.writer.send_now(ops);
+            }
         }
     }
 
@@ -736,9 +777,10 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.progress = Some(completion.progress);
         t.carried.run_us = Some(completion.run_us);
         ops.push(Op::Transition(Box::new(t)));
-        let waited_for =
-            handed.is_some_and(|(invoked, outcome, at)| invoked.hand_over(outcome, at, &mut ops));
-        self.send_outcome(ops, waited_for);
+        let answer = handed.map_or(invoke::Answer::Nobody, |(invoked, outcome, at)| {
+            invoked.hand_over(outcome, at, &mut ops, self.inner.journal.as_ref())
+        });
+        self.send_outcome(ops, answer);
         Ok(())
     }
 
@@ -770,9 +812,10 @@ impl WorkQueue for EmbeddedQueue {
         t.carried.run_us = Some(failure.run_us);
         t.carried.not_before = failure.retry_at;
         ops.push(Op::Transition(Box::new(t)));
-        let waited_for =
-            handed.is_some_and(|(invoked, outcome, at)| invoked.hand_over(outcome, at, &mut ops));
-        self.send_outcome(ops, waited_for);
+        let answer = handed.map_or(invoke::Answer::Nobody, |(invoked, outcome, at)| {
+            invoked.hand_over(outcome, at, &mut ops, self.inner.journal.as_ref())
+        });
+        self.send_outcome(ops, answer);
         if let Some(retry_at) = failure.retry_at {
             let now = now_ms();
             self.state().scheduler.ready.insert(
@@ -873,8 +916,20 @@ impl ReadStore for EmbeddedQueue {
     }
 
     async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError> {
-        let id = id.clone();
-        self.inner.reader.read(move |c| reader::task(c, &id)).await
+        let read = |id: TaskId| self.inner.reader.read(move |c| reader::task(c, &id));
+        match read(id.clone()).await {
+            // A caller answered from the journal may ask a moment before
+            // the store's commit of its task.
+            Err(QueueError::NotFound(_))
+                if self.inner.journal.as_ref().is_some_and(|j| j.unconfirmed()) =>
+            {
+                if let Some(journal) = &self.inner.journal {
+                    journal.settled().await;
+                }
+                read(id.clone()).await
+            }
+            read => read,
+        }
     }
 
     async fn timeline(&self, id: &TaskId) -> Result<Vec<Event>, QueueError> {

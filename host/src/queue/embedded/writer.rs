@@ -96,8 +96,8 @@ pub(super) enum Op {
 /// its answer (a short, non-blocking send).
 pub(super) type Notice = Box<dyn FnOnce() + Send>;
 
-/// A task entering a state.
-#[derive(Clone)]
+/// A task entering a state (serialisable for the invocation journal).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct Transition {
     pub(super) task_id: Arc<str>,
     pub(super) job_id: Option<Arc<str>>,
@@ -112,11 +112,12 @@ pub(super) struct Transition {
 
 /// What a transition carries besides the state it enters: set by whoever
 /// makes it (a local lease or completion, or an event read from Kafka).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Carried {
     pub(crate) worker: Option<String>,
     pub(crate) error: Option<(ErrorKind, String)>,
     pub(crate) message: Option<String>,
+    #[serde(with = "crate::model::base64_bytes::option")]
     pub(crate) result: Option<Vec<u8>>,
     pub(crate) logs: Option<Vec<LogLine>>,
     pub(crate) progress: Option<f32>,

@@ -12,13 +12,24 @@ use std::time::{Duration, Instant};
 /// Least time between two rejoins of one group.
 const REJOIN_EVERY: Duration = Duration::from_secs(20);
 
+/// Longest wait between two rejoins of one group in a streak.
+const STREAK_MAX: Duration = Duration::from_secs(320);
+
 /// One group's rejoins: none unless enabled, at most one per [`REJOIN_EVERY`].
+/// Rejoins in a streak (each due as soon as the last one's wait ran out)
+/// wait twice as long each time, up to [`STREAK_MAX`]: a rejoin whose own
+/// rebalance raises the flag again (members that take turns rejoining, as
+/// seen on tansu under load) then stops its group ever more rarely. A
+/// rejoin that comes after a quiet spell of twice its wait starts over at
+/// [`REJOIN_EVERY`].
 #[derive(Debug)]
 pub(super) struct RejoinGate {
     /// Whether stale assignments are looked for at all.
     enabled: bool,
     /// When this host last rejoined (never: a rejoin is due).
     last: Option<Instant>,
+    /// How long after `last` the next rejoin may come.
+    wait: Duration,
 }
 
 impl RejoinGate {
@@ -27,6 +38,7 @@ impl RejoinGate {
         RejoinGate {
             enabled,
             last: None,
+            wait: REJOIN_EVERY,
         }
     }
 
@@ -38,13 +50,23 @@ impl RejoinGate {
     /// nothing asks again and the partitions stay unread for good: seen
     /// under load, a 20,000-task job stuck).
     pub(super) fn due(&mut self, take_unchanged: impl FnOnce() -> bool) -> bool {
-        if !self.enabled
-            || self.last.is_some_and(|at| at.elapsed() < REJOIN_EVERY)
-            || !take_unchanged()
-        {
+        self.due_at(Instant::now(), take_unchanged)
+    }
+
+    /// [`RejoinGate::due`] at `now`.
+    fn due_at(&mut self, now: Instant, take_unchanged: impl FnOnce() -> bool) -> bool {
+        if !self.enabled {
             return false;
         }
-        self.last = Some(Instant::now());
+        let since = self.last.map(|at| now.saturating_duration_since(at));
+        if since.is_some_and(|since| since < self.wait) || !take_unchanged() {
+            return false;
+        }
+        self.wait = match since {
+            Some(since) if since < self.wait * 2 => (self.wait * 2).min(STREAK_MAX),
+            _ => REJOIN_EVERY,
+        };
+        self.last = Some(now);
         true
     }
 }
@@ -100,7 +122,7 @@ impl EmptyHanded {
 
 #[cfg(test)]
 mod tests {
-    use super::{EmptyHanded, REJOIN_EVERY, RejoinGate};
+    use super::{EmptyHanded, REJOIN_EVERY, RejoinGate, STREAK_MAX};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -145,5 +167,29 @@ mod tests {
             !asked.get(),
             "the flag must not be taken before a rejoin is due"
         );
+    }
+
+    #[test]
+    fn rejoins_in_a_streak_wait_ever_longer_and_a_quiet_spell_starts_over() {
+        let mut gate = RejoinGate::new(true);
+        let mut now = Instant::now();
+        assert!(gate.due_at(now, || true), "the first rejoin is due at once");
+        // Each rejoin's rebalance raises the flag again at once: a streak.
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let mut waited = Duration::ZERO;
+            while !gate.due_at(now + waited, || true) {
+                waited += Duration::from_secs(1);
+            }
+            now += waited;
+            waits.push(waited.as_secs());
+        }
+        assert_eq!(waits, [20, 40, 80, 160, 320, 320]);
+        assert_eq!(gate.wait, STREAK_MAX);
+        // A quiet spell of twice the wait: the next rejoin starts over.
+        now += STREAK_MAX * 2;
+        assert!(gate.due_at(now, || true));
+        assert!(!gate.due_at(now + REJOIN_EVERY - Duration::from_secs(1), || true));
+        assert!(gate.due_at(now + REJOIN_EVERY, || true));
     }
 }
