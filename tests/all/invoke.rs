@@ -462,3 +462,51 @@ async fn an_answered_invocation_outlives_a_crash_before_the_stores_commit() {
     );
     store.set_max_store_bytes(None);
 }
+
+/// Many callers at once: some invocations go through the journal, those
+/// that find it busy through the store's group commit. Each is answered
+/// with its own result, and each caller reads its task back at once,
+/// stored once with that result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_durable_invocations_are_each_answered_and_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, url) = host(dir.path()).await;
+    let http = reqwest::Client::new();
+    let callers = (0..8).map(|caller| {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for call in 0..40 {
+                let value = format!("{caller}-{call}");
+                let body =
+                    json!({"module": "misbehave", "payload": {"action": "echo", "value": value}});
+                let (status, done) = invoke(&http, &url, "?wait=30s", body).await;
+                assert_eq!(status, 200, "{done}");
+                assert_eq!(done["result"], value.as_str(), "{done}");
+                let id = done["id"].as_str().unwrap().to_string();
+                let (status, stored) = get(&http, format!("{url}/v1/tasks/{id}")).await;
+                assert_eq!(status, 200, "read back at once: {stored}");
+                assert_eq!(stored["state"], "Completed", "{stored}");
+                assert_eq!(stored["result"], value.as_str(), "{stored}");
+                ids.push(id);
+            }
+            ids
+        })
+    });
+    let mut ids = Vec::new();
+    for caller in callers {
+        ids.extend(caller.await.unwrap());
+    }
+    let (_, page) = get(&http, format!("{url}/v1/tasks?limit=1000")).await;
+    let stored: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(stored.len(), ids.len(), "each stored once");
+    for id in &ids {
+        assert!(stored.contains(&id.as_str()), "{id} missing");
+    }
+    host.stop().await.unwrap();
+}

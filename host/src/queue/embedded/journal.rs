@@ -30,13 +30,17 @@
 //! ends them. Each record whose task the store does not hold is applied
 //! again, then the file is zeroed. A record is synced before its caller
 //! is answered, so a crash can lose only invocations nobody was told
-//! about.
+//! about. Confirmed records stay in the file until overwritten; they are
+//! recognised by their task being in the store, which holds because an
+//! invoked task belongs to no job and only jobs' tasks are ever deleted
+//! (whoever adds deletion of lone tasks must zero confirmed records).
 
 use super::writer::{Notice, Op, Transition};
 use crate::model::{Millis, NewTask};
 use crate::queue::QueueError;
 use crate::queue::scheduler::Tags;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -81,16 +85,27 @@ pub(super) struct Journal {
     sync: bool,
     /// Sequence number of the last record written.
     appended: AtomicU64,
-    /// Sequence number of the last record the store has made durable
-    /// (shared with the writer's notices that raise it).
-    confirmed: Arc<Confirmed>,
+    /// Records not yet confirmed (shared with the writer's notices that
+    /// confirm them).
+    unconfirmed: Arc<Unconfirmed>,
 }
 
-/// How far the store has confirmed the journal, and who waits for it.
+/// The records the store has not yet made durable, by sequence number,
+/// and who waits for them. A set, not a high-water mark: two workers'
+/// invocations can reach the store in the other order than their records
+/// (one commits on its own thread while the other's is still on its way
+/// to the writer), and a record may be overwritten, or a read answered
+/// "not found", only once it is itself confirmed.
 #[derive(Default)]
-struct Confirmed {
-    seq: AtomicU64,
-    raised: tokio::sync::Notify,
+struct Unconfirmed {
+    records: Mutex<BTreeSet<u64>>,
+    confirmed: tokio::sync::Notify,
+}
+
+impl Unconfirmed {
+    fn records(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Journal {
@@ -140,7 +155,7 @@ impl Journal {
             }),
             sync,
             appended: AtomicU64::new(0),
-            confirmed: Arc::default(),
+            unconfirmed: Arc::default(),
         };
         Ok((journal, replay))
     }
@@ -172,7 +187,7 @@ impl Journal {
         }
         let mut tail = self.tail.try_lock().ok()?;
         let appended = self.appended.load(Ordering::Acquire);
-        if self.confirmed.seq.load(Ordering::Acquire) >= appended {
+        if self.unconfirmed.records().is_empty() {
             tail.position = 0;
             tail.epoch += 1;
         }
@@ -195,24 +210,24 @@ impl Journal {
             return None;
         }
         tail.position += record.len() as u64;
+        self.unconfirmed.records().insert(appended + 1);
         self.appended.store(appended + 1, Ordering::Release);
         Some(appended + 1)
     }
 
     /// The notice to send with record `seq`'s operations: once they are
-    /// durable in the store, the record (and every earlier one) is
-    /// confirmed and need not be kept.
+    /// durable in the store, the record is confirmed and need not be kept.
     pub(super) fn confirmation(&self, seq: u64) -> Notice {
-        let confirmed = Arc::clone(&self.confirmed);
+        let unconfirmed = Arc::clone(&self.unconfirmed);
         Box::new(move || {
-            confirmed.seq.fetch_max(seq, Ordering::AcqRel);
-            confirmed.raised.notify_waiters();
+            unconfirmed.records().remove(&seq);
+            unconfirmed.confirmed.notify_waiters();
         })
     }
 
     /// Whether some answered invocation is not yet in the store.
     pub(super) fn unconfirmed(&self) -> bool {
-        self.confirmed.seq.load(Ordering::Acquire) < self.appended.load(Ordering::Acquire)
+        !self.unconfirmed.records().is_empty()
     }
 
     /// Wait until every invocation answered so far is in the store: a
@@ -221,13 +236,18 @@ impl Journal {
     pub(super) async fn settled(&self) {
         let target = self.appended.load(Ordering::Acquire);
         loop {
-            let raised = self.confirmed.raised.notified();
-            tokio::pin!(raised);
-            raised.as_mut().enable();
-            if self.confirmed.seq.load(Ordering::Acquire) >= target {
+            let confirmed = self.unconfirmed.confirmed.notified();
+            tokio::pin!(confirmed);
+            confirmed.as_mut().enable();
+            if self
+                .unconfirmed
+                .records()
+                .first()
+                .is_none_or(|&oldest| oldest > target)
+            {
                 return;
             }
-            raised.await;
+            confirmed.await;
         }
     }
 }
@@ -402,8 +422,20 @@ mod tests {
         journal.start_over().unwrap();
         assert_eq!(journal.append(&invocation("t-long-name-1")), Some(1));
         assert_eq!(journal.append(&invocation("t-long-name-2")), Some(2));
+        // Confirmed out of order: the first record is still needed.
         (journal.confirmation(2))();
+        assert!(journal.unconfirmed());
+        assert_eq!(
+            futures::FutureExt::now_or_never(journal.settled()),
+            None,
+            "record 1 is not in the store yet"
+        );
+        (journal.confirmation(1))();
         assert!(!journal.unconfirmed());
+        assert_eq!(
+            futures::FutureExt::now_or_never(journal.settled()),
+            Some(())
+        );
         // Written at the start under a new epoch: t-long-name-2's record,
         // still in the file after it, is of the old epoch.
         assert_eq!(journal.append(&invocation("t-3")), Some(3));

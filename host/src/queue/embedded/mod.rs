@@ -917,12 +917,12 @@ impl ReadStore for EmbeddedQueue {
 
     async fn task(&self, id: &TaskId) -> Result<TaskRecord, QueueError> {
         let read = |id: TaskId| self.inner.reader.read(move |c| reader::task(c, &id));
+        // A caller answered from the journal may ask a moment before the
+        // store's commit of its task. Looked at before the read: a commit
+        // between the read and the look would hide the task.
+        let unconfirmed = self.inner.journal.as_ref().is_some_and(|j| j.unconfirmed());
         match read(id.clone()).await {
-            // A caller answered from the journal may ask a moment before
-            // the store's commit of its task.
-            Err(QueueError::NotFound(_))
-                if self.inner.journal.as_ref().is_some_and(|j| j.unconfirmed()) =>
-            {
+            Err(QueueError::NotFound(_)) if unconfirmed => {
                 if let Some(journal) = &self.inner.journal {
                     journal.settled().await;
                 }
