@@ -40,12 +40,8 @@ pub(super) enum Answer {
 }
 
 impl Answer {
-    /// Whether the caller waits for the store's commit.
-    pub(super) fn waits_for_commit(&self) -> bool {
-        matches!(self, Answer::AfterCommit)
-    }
-
-    /// Answer the caller now if it is to be.
+    /// Answer the caller now if it is to be (one answered by the commit
+    /// is answered by its notice among the operations).
     pub(super) fn give(self) {
         if let Answer::Now(answer) = self {
             answer();

@@ -438,9 +438,6 @@ impl EmbeddedQueue {
         Ok((leased, ops, invoked))
     }
 
-    /// Send an attempt's outcome to the writer; commit it on this thread
-    /// if a caller waits for exactly this commit and the writer is idle
-    /// (see [`writer::Writer::send_now`]).
     /// Send an ended attempt's operations to the writer. Those a caller
     /// waits for are committed on this thread if the writer is idle. A
     /// caller whose invocation the journal made durable is answered first,
@@ -449,10 +446,7 @@ impl EmbeddedQueue {
         match answer {
             invoke::Answer::Nobody => self.inner.writer.send(ops),
             answer => {
-                let waits = answer.waits_for_commit();
-                if !waits {
-                    answer.give();
-                }
+                answer.give();
                 self.inner.writer.send_now(ops);
             }
         }
@@ -920,15 +914,13 @@ impl ReadStore for EmbeddedQueue {
         // A caller answered from the journal may ask a moment before the
         // store's commit of its task. Looked at before the read: a commit
         // between the read and the look would hide the task.
-        let unconfirmed = self.inner.journal.as_ref().is_some_and(|j| j.unconfirmed());
-        match read(id.clone()).await {
-            Err(QueueError::NotFound(_)) if unconfirmed => {
-                if let Some(journal) = &self.inner.journal {
-                    journal.settled().await;
-                }
+        let unconfirmed = self.inner.journal.as_ref().filter(|j| j.unconfirmed());
+        match (read(id.clone()).await, unconfirmed) {
+            (Err(QueueError::NotFound(_)), Some(journal)) => {
+                journal.settled().await;
                 read(id.clone()).await
             }
-            read => read,
+            (read, _) => read,
         }
     }
 
