@@ -60,6 +60,9 @@ pub enum BenchCommand {
         /// hosts (`--role worker`).
         #[arg(long)]
         api_host: bool,
+        /// The hosts' fetch wait in ms (the store URL's `fetch_wait_ms`).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=5000))]
+        fetch_wait_ms: u32,
     },
     /// Kafka membership changes (a host joins, leaves, restarts under its
     /// name) while a grid runs flat out: the longest gap in which no task
@@ -115,6 +118,7 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
             hosts,
             workers,
             api_host,
+            fetch_wait_ms,
         } => super::bench_kafka::run(
             brokers,
             super::bench_kafka::Shape {
@@ -123,6 +127,7 @@ pub(super) fn run(command: BenchCommand, perf_map: bool) -> Result<(), CliError>
                 hosts,
                 workers,
                 api_host,
+                fetch_wait_ms,
             },
         ),
         BenchCommand::Sweep(bench) => super::bench_sweep::run(bench),

@@ -7,7 +7,7 @@
 use super::CliError;
 use super::local_grid::{LocalGrid, failed, submit_noop_jobs};
 use crate::model::TaskState;
-use crate::queue::kafka::{HostTraffic, KafkaConfig, Role, TopicKind, Topics, written};
+use crate::queue::kafka::{Fetched, HostTraffic, KafkaConfig, Role, TopicKind, Topics, written};
 use futures::future::join_all;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -29,6 +29,8 @@ pub(super) struct Shape {
     pub(super) workers: Option<usize>,
     /// One API-only host beside worker-only hosts.
     pub(super) api_host: bool,
+    /// The hosts' `fetch_wait_ms`.
+    pub(super) fetch_wait_ms: u32,
 }
 
 pub(super) fn run(brokers: String, shape: Shape) -> Result<(), CliError> {
@@ -48,8 +50,16 @@ async fn bench(brokers: String, shape: Shape) -> Result<(), CliError> {
         }
     );
     println!(
-        "{:<28} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>12}",
-        "run", "tasks", "seconds", "tasks/s", "msgs/task", "bytes/task", "runner rd/t", "view rd/t"
+        "{:<28} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "run",
+        "tasks",
+        "seconds",
+        "tasks/s",
+        "msgs/task",
+        "bytes/task",
+        "runner rd/t",
+        "view rd/t",
+        "fetched/t"
     );
     for &count in shape.hosts.iter().filter(|h| **h > 0) {
         let run = grid_run(&brokers, mock.as_ref(), count, &shape).await?;
@@ -59,7 +69,7 @@ async fn bench(brokers: String, shape: Shape) -> Result<(), CliError> {
             format!("{count} host(s)")
         };
         println!(
-            "{:<28} {:>10} {:>10.2} {:>12.0} {:>10.3} {:>10.0} {:>12.0} {:>12.0}",
+            "{:<28} {:>10} {:>10.2} {:>12.0} {:>10.3} {:>10.0} {:>12.0} {:>12.0} {:>12.2}",
             name,
             tasks,
             run.seconds,
@@ -68,13 +78,16 @@ async fn bench(brokers: String, shape: Shape) -> Result<(), CliError> {
             run.bytes as f64 / tasks as f64,
             run.runner_read_per_task,
             run.view_read as f64 / tasks as f64,
+            run.fetched_per_task,
         );
     }
     println!(
         "(msgs/task and bytes/task: everything the hosts wrote to the broker during the timed run, \
          tasks and events, keys and values before lz4; runner rd/t: bytes a host that runs tasks \
          read per task run there, every topic, mean over those hosts; view rd/t: bytes the host \
-         submitted to read from the event topic per task)"
+         submitted to read from the event topic per task; fetched/t: task messages the broker \
+         sent the hosts' task consumers per task, refetches included, from librdkafka's \
+         statistics)"
     );
     if mock.is_some() {
         // The mock cluster shares this process's cores; its own rate says
@@ -124,6 +137,8 @@ struct GridRun {
     runner_read_per_task: f64,
     /// Bytes the first host (the one submitted to) read from the event topic.
     view_read: u64,
+    /// Task messages fetched from the broker per task (1.0: each once).
+    fetched_per_task: f64,
 }
 
 /// One run: `hosts` hosts on fresh topics (worker-only, after an API-only
@@ -163,6 +178,7 @@ async fn grid_run(
             // A real broker here is most likely tansu (see KafkaConfig).
             rejoin_stale: mock.is_none(),
             role,
+            fetch_wait_ms: shape.fetch_wait_ms,
             ..KafkaConfig::default()
         };
         grids.push(LocalGrid::start_on(shape.workers, Some(config)).await?);
@@ -194,6 +210,7 @@ async fn grid_run(
     wait_completed(&completed, warmup + tasks).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (messages, bytes) = written();
+    let fetched_after = fresh_fetch_reports(&grids, &traffic()).await;
     let during: Vec<HostTraffic> = traffic()
         .iter()
         .zip(&traffic_before)
@@ -205,11 +222,17 @@ async fn grid_run(
             expanded: now.expanded - before.expanded,
             task_partitions: now.task_partitions,
             resent_records: now.resent_records - before.resent_records,
+            task_fetched: now.task_fetched,
         })
         .collect();
     for grid in grids {
         grid.stop().await;
     }
+    let fetched: u64 = fetched_after
+        .iter()
+        .zip(&traffic_before)
+        .map(|(after, before)| after.messages - before.task_fetched.messages)
+        .sum();
     let runners: Vec<f64> = during
         .iter()
         .filter(|t| t.finished > 0)
@@ -221,7 +244,30 @@ async fn grid_run(
         bytes: bytes - bytes_before,
         runner_read_per_task: runners.iter().sum::<f64>() / runners.len().max(1) as f64,
         view_read: during[0].reads.bytes_of(TopicKind::Events),
+        fetched_per_task: fetched as f64 / tasks as f64,
     })
+}
+
+/// Each host's task-consumer fetch totals from a statistics report taken
+/// after `now` was read (librdkafka reports once a second), so they cover
+/// the whole run; a host that reports no more within 5 s (an API-only host
+/// has no task consumer) keeps what it had.
+async fn fresh_fetch_reports(grids: &[LocalGrid], now: &[HostTraffic]) -> Vec<Fetched> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let latest: Vec<Fetched> = grids
+            .iter()
+            .map(|g| g.queue.kafka_traffic().unwrap_or_default().task_fetched)
+            .collect();
+        let fresh = latest
+            .iter()
+            .zip(now)
+            .all(|(l, n)| l.reports > n.task_fetched.reports);
+        if fresh || Instant::now() >= deadline {
+            return latest;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Wait until `completed()` reaches `target`; fails if it stops moving.

@@ -4,6 +4,10 @@
 use rdkafka::ClientConfig;
 use std::path::PathBuf;
 
+/// The longest fetch wait a store URL may ask for: a host's readers must
+/// still notice that it is closing.
+const MAX_FETCH_WAIT_MS: u32 = 5_000;
+
 /// How a host joins a Kafka grid: `kafka://host:port[,host:port...][?prefix=kwq.&partitions=8&replication=3]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KafkaConfig {
@@ -55,6 +59,17 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     /// What this host does in the grid (`kwq serve --role`).
     pub role: Role,
+    /// How long a broker may hold a fetch that finds nothing new
+    /// (`?fetch_wait_ms=`, librdkafka's `fetch.wait.max.ms`; default 10).
+    /// Every reader of a host (task consumer, view, controls, expander)
+    /// sends one fetch per broker per wait while idle, so a grid's idle
+    /// fetch rate is hosts × readers × 1000 / this. Apache Kafka answers a
+    /// waiting fetch as soon as data arrives, so there a longer wait (100 to
+    /// 500) costs no latency and cuts that rate; librdkafka's mock cluster
+    /// and tansu 0.6.0 hold a fetch for its whole wait (tansu even when it
+    /// has data), so there the wait is added to every hop, hence the short
+    /// default.
+    pub fetch_wait_ms: u32,
 }
 
 /// What a host of a Kafka grid does. Reading every event into a view is
@@ -161,6 +176,17 @@ impl KafkaConfig {
                         "store URL option rejoin_stale must be true or false".to_string()
                     })?
                 }
+                "fetch_wait_ms" => {
+                    config.fetch_wait_ms = number(value)?
+                        .try_into()
+                        .ok()
+                        .filter(|ms| *ms <= MAX_FETCH_WAIT_MS)
+                        .ok_or_else(|| {
+                            format!(
+                                "store URL option fetch_wait_ms must be at most {MAX_FETCH_WAIT_MS}"
+                            )
+                        })?
+                }
                 "create_topics" => {
                     config.create_topics = value.parse().map_err(|_| {
                         "store URL option create_topics must be true or false".to_string()
@@ -188,6 +214,11 @@ impl KafkaConfig {
         config
     }
 
+    /// `fetch.wait.max.ms` for every consumer of this host.
+    pub(crate) fn fetch_wait(&self) -> String {
+        self.fetch_wait_ms.to_string()
+    }
+
     /// The consumer group every host of the grid joins.
     pub fn group(&self) -> String {
         format!("{}workers", self.prefix)
@@ -211,6 +242,7 @@ impl Default for KafkaConfig {
             rejoin_stale: false,
             create_topics: true,
             role: Role::All,
+            fetch_wait_ms: 10,
         }
     }
 }
@@ -253,6 +285,15 @@ mod tests {
                 .rejoin_stale
         );
         assert!(KafkaConfig::parse("kafka://a:1?rejoin_stale=yes").is_err());
+        assert_eq!(c.fetch_wait_ms, 10);
+        assert_eq!(
+            KafkaConfig::parse("kafka://a:1?fetch_wait_ms=500")
+                .unwrap()
+                .fetch_wait_ms,
+            500
+        );
+        assert!(KafkaConfig::parse("kafka://a:1?fetch_wait_ms=0").is_err());
+        assert!(KafkaConfig::parse("kafka://a:1?fetch_wait_ms=60000").is_err());
         assert_eq!(Topics::new("kwq.").priority_of("kwq.tasks.p7"), Some(7));
         assert_eq!(Topics::new("kwq.").priority_of("kwq.events"), None);
     }

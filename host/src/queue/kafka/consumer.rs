@@ -22,6 +22,28 @@ use std::time::{Duration, Instant};
 /// How often progress is committed.
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
 
+/// librdkafka's read-ahead of one task partition (KiB; its default is 64
+/// MiB). Pausing a band's partitions (when the band has `band_buffer` tasks
+/// waiting here) drops what librdkafka had read ahead of them, and resuming
+/// fetches it again, so every task message was fetched 2.8-2.9 times on
+/// the mock broker with the default against 1.35-1.47 with this (`kwq
+/// bench kafka`, fetched/t). It also bounds the memory the read-ahead can
+/// take: 40 partitions × 64 MiB before. tansu 0.6.0 ignores both per-
+/// partition limits and answers with everything up to the request's
+/// `fetch.max.bytes`, so there a task message is still fetched 2.5-6.7
+/// times; reading per-partition queues instead of pausing would end the
+/// refetches on every broker.
+const READ_AHEAD_KIB: &str = "256";
+
+/// Most bytes one fetch asks of a task partition (librdkafka's default 1
+/// MiB is about 3,400 no-op task messages, most of them dropped again at
+/// the next pause). A larger first message is still returned whole.
+const PARTITION_FETCH_BYTES: &str = "65536";
+
+/// How long librdkafka waits before fetching again for a partition whose
+/// read-ahead is full (its default of 1 s would idle a small read-ahead).
+const READ_AHEAD_BACKOFF_MS: &str = "10";
+
 /// Rebalance hooks: commit and drop what is revoked, note new assignments.
 struct GroupContext {
     shared: Arc<Member>,
@@ -32,7 +54,11 @@ struct GroupContext {
     unchanged: AtomicBool,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.shared.task_fetched.record(&statistics);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -113,8 +139,13 @@ pub(super) fn start(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
-        .set("fetch.wait.max.ms", "10")
+        .set("fetch.wait.max.ms", shared.config.fetch_wait())
         .set("topic.metadata.refresh.interval.ms", "10000")
+        // What the brokers sent, refetches included (`kwq bench kafka`).
+        .set("statistics.interval.ms", "1000")
+        .set("queued.max.messages.kbytes", READ_AHEAD_KIB)
+        .set("max.partition.fetch.bytes", PARTITION_FETCH_BYTES)
+        .set("fetch.queue.backoff.ms", READ_AHEAD_BACKOFF_MS)
         .create_with_context(context)
         .map_err(|e| QueueError::storage("kafka consumer", e))?;
     std::thread::Builder::new()

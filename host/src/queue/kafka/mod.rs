@@ -44,7 +44,7 @@ pub mod wire;
 
 pub use config::{KafkaConfig, Role};
 pub use publish::written;
-pub use reads::{HostTraffic, ReadTotals, TopicKind};
+pub use reads::{Fetched, HostTraffic, ReadTotals, TopicKind};
 pub use topics::Topics;
 
 use super::embedded::EmbeddedQueue;
@@ -130,6 +130,8 @@ struct Member {
     closed: AtomicBool,
     /// What this host has read, per kind of topic.
     reads: reads::ReadCounters,
+    /// What the brokers sent the task consumer (librdkafka's statistics).
+    task_fetched: reads::FetchCounters,
     /// Tasks whose run ended here (completed or failed).
     finished_here: AtomicU64,
     /// Sweep jobs this host's expander is expanding now.
@@ -212,6 +214,7 @@ impl KafkaQueue {
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             reads: reads::ReadCounters::default(),
+            task_fetched: reads::FetchCounters::default(),
             finished_here: AtomicU64::new(0),
             expanding: AtomicU64::new(0),
             held: AtomicU64::new(0),
@@ -801,6 +804,7 @@ impl WorkQueue for KafkaQueue {
             expanded: self.shared.expanded_here.load(Ordering::Relaxed),
             task_partitions: self.shared.task_partitions.load(Ordering::Relaxed),
             resent_records: self.shared.resent_records.load(Ordering::Relaxed),
+            task_fetched: self.shared.task_fetched.totals(),
         })
     }
 }

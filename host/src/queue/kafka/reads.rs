@@ -104,6 +104,52 @@ impl ReadTotals {
     }
 }
 
+/// What the brokers sent one host's task consumer, from librdkafka's
+/// statistics (`statistics.interval.ms`). Unlike [`ReadCounters`], which
+/// count what the consumer handed over once, these count every message a
+/// fetch brought, so messages fetched again are counted again: a paused
+/// partition's read-ahead is dropped by librdkafka and fetched anew when it
+/// resumes, which only these show.
+#[derive(Debug, Default)]
+pub(super) struct FetchCounters {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    reports: AtomicU64,
+}
+
+impl FetchCounters {
+    /// Take one statistics report (its figures are totals since the
+    /// consumer was created).
+    pub(super) fn record(&self, stats: &rdkafka::Statistics) {
+        let partitions = stats.topics.values().flat_map(|t| t.partitions.values());
+        let (messages, bytes) = partitions.fold((0, 0), |(m, b), p| (m + p.rxmsgs, b + p.rxbytes));
+        self.messages.store(messages, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.reports.fetch_add(1, Ordering::Release);
+    }
+
+    /// The latest report's totals.
+    pub(super) fn totals(&self) -> Fetched {
+        Fetched {
+            reports: self.reports.load(Ordering::Acquire),
+            messages: self.messages.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A snapshot of a host's [`FetchCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// Statistics reports taken so far (one a second): a report taken after
+    /// a moment covers every fetch before it.
+    pub reports: u64,
+    /// Task messages the brokers sent, each time they were sent.
+    pub messages: u64,
+    /// Their bytes, as fetched (compressed).
+    pub bytes: u64,
+}
+
 /// What one host of a Kafka grid has read, and how many task runs ended on
 /// it: bytes read per task run is the figure that says whether a host's
 /// reading grows with the grid.
@@ -126,6 +172,8 @@ pub struct HostTraffic {
     /// Records whose delivery finally failed and were sent again (a
     /// broker unreachable for longer than `message.timeout.ms`).
     pub resent_records: u64,
+    /// What the brokers sent the task consumer, refetches included.
+    pub task_fetched: Fetched,
 }
 
 #[cfg(test)]
@@ -145,5 +193,55 @@ mod tests {
         assert_eq!(now.messages_of(TopicKind::Events), 0);
         let delta = now.since(&before);
         assert_eq!(delta.total_bytes(), 163);
+    }
+
+    #[test]
+    fn fetch_totals_sum_every_partition_of_the_latest_report() {
+        let partition = |rxmsgs, rxbytes| rdkafka::statistics::Partition {
+            rxmsgs,
+            rxbytes,
+            ..Default::default()
+        };
+        let topic =
+            |parts: Vec<(i32, rdkafka::statistics::Partition)>| rdkafka::statistics::Topic {
+                partitions: parts.into_iter().collect(),
+                ..Default::default()
+            };
+        let report = |a, b| rdkafka::Statistics {
+            topics: [
+                (
+                    "kwq.tasks.p0".to_string(),
+                    topic(vec![(0, partition(a, 10 * a)), (1, partition(b, 10 * b))]),
+                ),
+                (
+                    "kwq.tasks.p9".to_string(),
+                    topic(vec![(0, partition(1, 5))]),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let counters = FetchCounters::default();
+        assert_eq!(counters.totals(), Fetched::default());
+        counters.record(&report(3, 4));
+        assert_eq!(
+            counters.totals(),
+            Fetched {
+                reports: 1,
+                messages: 8,
+                bytes: 75
+            }
+        );
+        // Totals since the consumer started: a later report replaces them.
+        counters.record(&report(30, 4));
+        assert_eq!(
+            counters.totals(),
+            Fetched {
+                reports: 2,
+                messages: 35,
+                bytes: 345
+            }
+        );
     }
 }

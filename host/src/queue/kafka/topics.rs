@@ -94,7 +94,7 @@ pub(super) fn reader(config: &KafkaConfig, purpose: &str) -> Result<BaseConsumer
         )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "10")
+        .set("fetch.wait.max.ms", config.fetch_wait())
         .create()
         .map_err(|e| QueueError::storage(format!("kafka {purpose} consumer"), e))
 }

@@ -216,7 +216,7 @@ pub(super) fn start(
         .set("partition.assignment.strategy", "roundrobin")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", "10")
+        .set("fetch.wait.max.ms", shared.config.fetch_wait())
         .create_with_context(OwnerContext {
             changes: Mutex::default(),
         })

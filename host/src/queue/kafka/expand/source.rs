@@ -45,7 +45,7 @@ impl PayloadReader {
             // end, past every chunk not read yet: read from the start, where
             // the chunks before the one wanted are skipped.
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", shared.config.fetch_wait())
             .create()
             .map_err(|e| QueueError::storage("kafka payload reader", e))?;
         let mut reader = PayloadReader {
