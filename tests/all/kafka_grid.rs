@@ -3,7 +3,7 @@
 //! `scripts/install-tansu.sh`), all on 127.0.0.1 and stopped by the test.
 
 use crate::process::{
-    Server, echo_job_completed_once, get, get_text, post, submit_echo_job, wait_for,
+    Server, echo_job_completed_once, get, get_text, post, submit_paced_echo_job, wait_for,
 };
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -148,7 +148,9 @@ async fn two_hosts_share_a_job_and_a_killed_host_loses_nothing() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let client = reqwest::Client::new();
     let first = host(&tansu, d1.path(), "h1");
-    let id = submit_echo_job(&client, &first, TASKS, "kafka").await;
+    // Each task sleeps 1 ms: about 2,000 tasks/s a host, so the job is still
+    // running when the second host has joined and when the first is killed.
+    let id = submit_paced_echo_job(&client, &first, TASKS, "kafka", Some(1)).await;
 
     // h1 takes the job and leads the consumer group; h2 joins once h1 works.
     wait_for(&client, &first, &id, |j| {
@@ -308,7 +310,8 @@ async fn an_api_host_and_two_worker_hosts_lose_nothing_when_killed() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let id = submit_echo_job(&client, &api, TASKS, "roles").await;
+    // Paced (1 ms a task) so the job is still running when hosts are killed.
+    let id = submit_paced_echo_job(&client, &api, TASKS, "roles", Some(1)).await;
     // Both worker hosts run the job's tasks (the API host runs none).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

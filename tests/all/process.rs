@@ -153,8 +153,24 @@ pub(crate) async fn submit_echo_job(
     tasks: u64,
     book: &str,
 ) -> String {
+    submit_paced_echo_job(client, server, tasks, book, None).await
+}
+
+/// [`submit_echo_job`] whose tasks each sleep `ms` first: a test that must
+/// act while the job runs (start a host, kill one) then does not race a
+/// grid that runs no-op tasks faster than it can act.
+pub(crate) async fn submit_paced_echo_job(
+    client: &reqwest::Client,
+    server: &Server,
+    tasks: u64,
+    book: &str,
+    ms: Option<u64>,
+) -> String {
     let payloads: Vec<Value> = (0..tasks)
-        .map(|i| json!({"action": "echo", "value": i}))
+        .map(|i| match ms {
+            Some(ms) => json!({"action": "echo", "value": i, "ms": ms}),
+            None => json!({"action": "echo", "value": i}),
+        })
         .collect();
     let response = client
         .post(format!("{}/v1/jobs", server.url))

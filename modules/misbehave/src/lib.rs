@@ -9,8 +9,13 @@ use std::io::Write;
 #[derive(Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 enum Action {
-    /// Return the payload's `value` (or null).
-    Echo { value: Option<Value> },
+    /// Return the payload's `value` (or null), after sleeping `ms` if given
+    /// (so a test can pace a job: a no-op runs faster than some tests can
+    /// act while it runs).
+    Echo {
+        value: Option<Value>,
+        ms: Option<u64>,
+    },
     /// Sleep through WASI clocks (a host call, not a busy loop).
     Sleep { ms: u64 },
     /// Return an error message (a graceful failure).
@@ -49,7 +54,12 @@ enum Action {
 
 fn run(action: Action) -> Result<Value, String> {
     match action {
-        Action::Echo { value } => Ok(value.unwrap_or(Value::Null)),
+        Action::Echo { value, ms } => {
+            if let Some(ms) = ms {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            Ok(value.unwrap_or(Value::Null))
+        }
         Action::Sleep { ms } => {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(json!({ "slept_ms": ms }))

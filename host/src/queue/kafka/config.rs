@@ -26,7 +26,7 @@ pub struct KafkaConfig {
     pub view_path: PathBuf,
     /// This host's name in worker ids and the consumer group.
     pub host: String,
-    /// Tasks read ahead per priority band before its partitions are paused.
+    /// Tasks read ahead per priority band before its partitions are left unread.
     pub band_buffer: usize,
     /// Extra librdkafka settings (`?kafka.<name>=<value>` in the URL).
     pub extra: Vec<(String, String)>,

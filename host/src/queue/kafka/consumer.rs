@@ -1,19 +1,19 @@
 //! Reading the priority topics: one thread per host owns a consumer in the
-//! grid's group, hands tasks to the ready index, pauses a band's partitions
-//! while that band has `band_buffer` tasks waiting here (and re-applies the
-//! pauses after a rebalance, which clears them), and commits each
-//! partition up to its lowest unfinished task.
+//! grid's group, hands tasks to the ready index, leaves a band's partition
+//! queues unread while that band has `band_buffer` tasks waiting here (see
+//! [`band_queues`](super::band_queues)), and commits each partition up to
+//! its lowest unfinished task.
 
 use super::Member;
+use super::band_queues::{BandQueues, Doorbell};
 use super::offsets::Partition;
 use super::reads::TopicKind;
 use super::rejoin::RejoinGate;
 use crate::queue::QueueError;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -23,31 +23,34 @@ use std::time::{Duration, Instant};
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
 
 /// librdkafka's read-ahead of one task partition (KiB; its default is 64
-/// MiB). Pausing a band's partitions (when the band has `band_buffer` tasks
-/// waiting here) drops what librdkafka had read ahead of them, and resuming
-/// fetches it again, so every task message was fetched 2.8-2.9 times on
-/// the mock broker with the default against 1.35-1.47 with this (`kwq
-/// bench kafka`, fetched/t). It also bounds the memory the read-ahead can
-/// take: 40 partitions × 64 MiB before. tansu 0.6.0 ignores both per-
-/// partition limits and answers with everything up to the request's
-/// `fetch.max.bytes`, so there a task message is still fetched 2.5-6.7
-/// times; reading per-partition queues instead of pausing would end the
-/// refetches on every broker.
-const READ_AHEAD_KIB: &str = "256";
+/// MiB): what a partition's queue holds, unread, while its band is full
+/// here. It bounds the memory the read-ahead can take (40 partitions × 64
+/// MiB before). tansu 0.6.0 answers with everything up to the request's
+/// `fetch.max.bytes` whatever the per-partition limits, so there a queue
+/// can hold one such answer more. 1 MiB against 256 KiB (with 64 KiB
+/// fetches) measured 24,949-28,543 against 22,479-25,236 no-op tasks/s on
+/// the mock broker: fewer, larger fetches.
+const READ_AHEAD_KIB: &str = "1024";
 
-/// Most bytes one fetch asks of a task partition (librdkafka's default 1
-/// MiB is about 3,400 no-op task messages, most of them dropped again at
-/// the next pause). A larger first message is still returned whole.
-const PARTITION_FETCH_BYTES: &str = "65536";
+/// Most bytes one fetch asks of a task partition (librdkafka's default; about
+/// 3,400 no-op task messages). A larger first message is still returned
+/// whole.
+const PARTITION_FETCH_BYTES: &str = "1048576";
 
 /// How long librdkafka waits before fetching again for a partition whose
 /// read-ahead is full (its default of 1 s would idle a small read-ahead).
 const READ_AHEAD_BACKOFF_MS: &str = "10";
 
+/// Longest sleep of the reading thread with nothing to read: how soon it
+/// notices a drained band, a due commit or the host closing.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+
 /// Rebalance hooks: commit and drop what is revoked, note new assignments.
-struct GroupContext {
+pub(super) struct GroupContext {
     shared: Arc<Member>,
-    reassigned: AtomicBool,
+    /// Partitions were revoked or assigned: the partition queues must be
+    /// made again.
+    rebalanced: AtomicBool,
     /// The partitions revoked by the rebalance in progress.
     revoked: Mutex<Vec<Partition>>,
     /// The rebalance gave back exactly what it took (see [`run`]).
@@ -76,6 +79,7 @@ impl ConsumerContext for GroupContext {
             );
             self.shared.revoke(&partitions);
             *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = partitions.clone();
+            self.rebalanced.store(true, Ordering::Release);
             tracing::info!(partitions = partitions.len(), "task partitions revoked");
         }
     }
@@ -110,7 +114,7 @@ impl ConsumerContext for GroupContext {
             if !assigned.is_empty() && assigned == revoked {
                 self.unchanged.store(true, Ordering::Release);
             }
-            self.reassigned.store(true, Ordering::Release);
+            self.rebalanced.store(true, Ordering::Release);
         }
     }
 }
@@ -123,7 +127,7 @@ pub(super) fn start(
 ) -> Result<std::thread::JoinHandle<()>, QueueError> {
     let context = GroupContext {
         shared: shared.clone(),
-        reassigned: AtomicBool::new(false),
+        rebalanced: AtomicBool::new(false),
         revoked: Mutex::default(),
         unchanged: AtomicBool::new(false),
     };
@@ -168,9 +172,15 @@ fn subscribe(consumer: &BaseConsumer<GroupContext>, shared: &Member) -> Result<(
         .map_err(|e| QueueError::storage("subscribing to the task topics", e))
 }
 
-fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
+fn run(mut consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
     let buffer = shared.config.band_buffer.max(1) as u64;
-    let mut paused: HashSet<Partition> = HashSet::new();
+    let bell = Doorbell::default();
+    {
+        let bell = bell.clone();
+        consumer.set_nonempty_callback(move || bell.ring());
+    }
+    let consumer = Arc::new(consumer);
+    let mut queues = BandQueues::default();
     let mut last_commit = Instant::now();
     let mut rejoins = RejoinGate::new(shared.config.rejoin_stale);
     while !shared.closed() {
@@ -184,52 +194,27 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
                 tracing::error!(error = %e, "rejoining the group");
             }
         }
-        if let Some(result) = consumer.poll(Duration::from_millis(20)) {
-            match result {
-                Ok(message) => {
-                    shared.reads.add(
-                        TopicKind::Tasks,
-                        message.key().map_or(0, <[u8]>::len),
-                        message.payload().map_or(0, <[u8]>::len),
-                    );
-                    let band = shared.accept(
-                        message.topic(),
-                        message.partition(),
-                        message.offset(),
-                        message.payload().unwrap_or_default(),
-                    );
-                    if shared.depth()[band as usize] >= buffer {
-                        pause_band(&consumer, &shared, band, &mut paused);
-                    }
-                }
-                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) => {
-                    // Static membership: another process joined as this
-                    // host's name, and the group keeps only one of them.
-                    tracing::error!(
-                        host = %shared.config.host,
-                        "another host joined the grid under this host's name (--host); this one reads no more tasks"
-                    );
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                Err(e) => tracing::warn!(error = %e, "reading the task topics"),
-            }
+        bell.clear();
+        // The consumer's own queue: rebalances, statistics, commit results,
+        // and messages fetched before their partition had a queue.
+        let mut took = false;
+        while let Some(result) = consumer.poll(Duration::ZERO) {
+            take(&shared, result);
+            took = true;
         }
-        if consumer.context().reassigned.swap(false, Ordering::AcqRel) {
-            // A rebalance resumes everything it assigns: pause again what is full.
-            paused.clear();
-            let depth = shared.depth();
-            for band in 0..=9u8 {
-                if depth[band as usize] >= buffer {
-                    pause_band(&consumer, &shared, band, &mut paused);
-                }
-            }
+        if consumer.context().rebalanced.swap(false, Ordering::AcqRel) {
+            queues.rebuild(&consumer, |topic| shared.topics.priority_of(topic), &bell);
         }
-        resume_drained(&consumer, &shared, buffer, &mut paused);
+        took |= queues.drain(shared.depth(), buffer, |result| take(&shared, result));
         if last_commit.elapsed() >= COMMIT_EVERY {
             commit(&consumer, &shared, CommitMode::Async, None);
             last_commit = Instant::now();
         }
+        if !took {
+            bell.wait(IDLE_WAIT);
+        }
     }
+    drop(queues);
     // Stopping: wait for the outcomes of finished tasks to be delivered, so
     // the last commit covers them, then leave the group.
     shared.publisher.flush(Duration::from_secs(10));
@@ -239,78 +224,33 @@ fn run(consumer: BaseConsumer<GroupContext>, shared: Arc<Member>) {
     consumer.unsubscribe();
 }
 
-fn assigned_of_band(
-    consumer: &BaseConsumer<GroupContext>,
-    shared: &Member,
-    band: u8,
-) -> Vec<Partition> {
-    let topic = shared.topics.band(band);
-    consumer
-        .assignment()
-        .map(|list| {
-            list.elements()
-                .iter()
-                .filter(|e| e.topic() == topic)
-                .map(|e| (e.topic().to_string(), e.partition()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn pause_band(
-    consumer: &BaseConsumer<GroupContext>,
-    shared: &Member,
-    band: u8,
-    paused: &mut HashSet<Partition>,
-) {
-    let partitions: Vec<Partition> = assigned_of_band(consumer, shared, band)
-        .into_iter()
-        .filter(|p| !paused.contains(p))
-        .collect();
-    if partitions.is_empty() {
-        return;
-    }
-    if consumer.pause(&list_of(&partitions)).is_ok() {
-        paused.extend(partitions);
-    }
-}
-
-fn resume_drained(
-    consumer: &BaseConsumer<GroupContext>,
-    shared: &Member,
-    buffer: u64,
-    paused: &mut HashSet<Partition>,
-) {
-    if paused.is_empty() {
-        return;
-    }
-    let depth = shared.depth();
-    let drained: Vec<Partition> = paused
-        .iter()
-        .filter(|(topic, _)| {
-            shared
-                .topics
-                .priority_of(topic)
-                .is_none_or(|band| depth[band as usize] <= buffer / 2)
-        })
-        .cloned()
-        .collect();
-    if drained.is_empty() {
-        return;
-    }
-    if consumer.resume(&list_of(&drained)).is_ok() {
-        for p in &drained {
-            paused.remove(p);
+/// Hand one message of a task topic to the ready index.
+fn take(shared: &Arc<Member>, result: KafkaResult<BorrowedMessage<'_>>) {
+    match result {
+        Ok(message) => {
+            shared.reads.add(
+                TopicKind::Tasks,
+                message.key().map_or(0, <[u8]>::len),
+                message.payload().map_or(0, <[u8]>::len),
+            );
+            shared.accept(
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                message.payload().unwrap_or_default(),
+            );
         }
+        Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId) => {
+            // Static membership: another process joined as this
+            // host's name, and the group keeps only one of them.
+            tracing::error!(
+                host = %shared.config.host,
+                "another host joined the grid under this host's name (--host); this one reads no more tasks"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the task topics"),
     }
-}
-
-fn list_of(partitions: &[Partition]) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    for (topic, partition) in partitions {
-        list.add_partition(topic, *partition);
-    }
-    list
 }
 
 /// Commit every partition's progress (or only `only`'s).

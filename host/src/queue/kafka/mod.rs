@@ -4,7 +4,7 @@
 //!   hosts read them in one consumer group into a local ready index (the
 //!   embedded backend's), so each host picks by priority, aging and affinity
 //!   among what it holds; each band is read ahead at most `band_buffer`
-//!   tasks (its partitions are paused beyond that), so a flood of low
+//!   tasks (its partition queues are left unread beyond that), so a flood of low
 //!   priority work never keeps a high band from being read.
 //! - Offsets are committed only up to the lowest unfinished task of each
 //!   partition ([`offsets`]): a host killed mid-task loses nothing, and the
@@ -26,6 +26,7 @@
 //!   not-before time; exhausted tasks go to `<prefix>dead`.
 
 mod arrivals;
+mod band_queues;
 mod batch;
 mod config;
 mod consumer;

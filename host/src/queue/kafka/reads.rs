@@ -107,9 +107,9 @@ impl ReadTotals {
 /// What the brokers sent one host's task consumer, from librdkafka's
 /// statistics (`statistics.interval.ms`). Unlike [`ReadCounters`], which
 /// count what the consumer handed over once, these count every message a
-/// fetch brought, so messages fetched again are counted again: a paused
-/// partition's read-ahead is dropped by librdkafka and fetched anew when it
-/// resumes, which only these show.
+/// fetch brought, so messages fetched again are counted again (as a paused
+/// partition's read-ahead was, dropped by librdkafka and fetched anew on
+/// resume, before each task partition was read from a queue of its own).
 #[derive(Debug, Default)]
 pub(super) struct FetchCounters {
     messages: AtomicU64,
