@@ -167,6 +167,7 @@ async fn grid_run(
         },
         hosts,
     ));
+    let runs_tasks: Vec<bool> = roles.iter().map(|role| role.runs_tasks()).collect();
     let mut grids = Vec::with_capacity(roles.len());
     for (i, role) in roles.into_iter().enumerate() {
         let config = KafkaConfig {
@@ -210,7 +211,7 @@ async fn grid_run(
     wait_completed(&completed, warmup + tasks).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (messages, bytes) = written();
-    let fetched_after = fresh_fetch_reports(&grids, &traffic()).await;
+    let fetched_after = fresh_fetch_reports(&grids, &runs_tasks, &traffic()).await;
     let during: Vec<HostTraffic> = traffic()
         .iter()
         .zip(&traffic_before)
@@ -250,9 +251,14 @@ async fn grid_run(
 
 /// Each host's task-consumer fetch totals from a statistics report taken
 /// after `now` was read (librdkafka reports once a second), so they cover
-/// the whole run; a host that reports no more within 5 s (an API-only host
-/// has no task consumer) keeps what it had.
-async fn fresh_fetch_reports(grids: &[LocalGrid], now: &[HostTraffic]) -> Vec<Fetched> {
+/// the whole run. Hosts that run no tasks (`runs_tasks` false: an API-only
+/// host has no task consumer) are not waited for, and a host that reports
+/// no more within 5 s keeps what it had.
+async fn fresh_fetch_reports(
+    grids: &[LocalGrid],
+    runs_tasks: &[bool],
+    now: &[HostTraffic],
+) -> Vec<Fetched> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let latest: Vec<Fetched> = grids
@@ -262,7 +268,8 @@ async fn fresh_fetch_reports(grids: &[LocalGrid], now: &[HostTraffic]) -> Vec<Fe
         let fresh = latest
             .iter()
             .zip(now)
-            .all(|(l, n)| l.reports > n.task_fetched.reports);
+            .zip(runs_tasks)
+            .all(|((l, n), runs)| !runs || l.reports > n.task_fetched.reports);
         if fresh || Instant::now() >= deadline {
             return latest;
         }

@@ -27,15 +27,10 @@ const COMMIT_EVERY: Duration = Duration::from_millis(50);
 /// here. It bounds the memory the read-ahead can take (40 partitions × 64
 /// MiB before). tansu 0.6.0 answers with everything up to the request's
 /// `fetch.max.bytes` whatever the per-partition limits, so there a queue
-/// can hold one such answer more. 1 MiB against 256 KiB (with 64 KiB
-/// fetches) measured 24,949-28,543 against 22,479-25,236 no-op tasks/s on
+/// can hold one such answer more. 1 MiB (with librdkafka's 1 MiB fetches)
+/// against 256 KiB (with 64 KiB fetches) measured 24,949-28,543 against 22,479-25,236 no-op tasks/s on
 /// the mock broker: fewer, larger fetches.
 const READ_AHEAD_KIB: &str = "1024";
-
-/// Most bytes one fetch asks of a task partition (librdkafka's default; about
-/// 3,400 no-op task messages). A larger first message is still returned
-/// whole.
-const PARTITION_FETCH_BYTES: &str = "1048576";
 
 /// How long librdkafka waits before fetching again for a partition whose
 /// read-ahead is full (its default of 1 s would idle a small read-ahead).
@@ -148,7 +143,6 @@ pub(super) fn start(
         // What the brokers sent, refetches included (`kwq bench kafka`).
         .set("statistics.interval.ms", "1000")
         .set("queued.max.messages.kbytes", READ_AHEAD_KIB)
-        .set("max.partition.fetch.bytes", PARTITION_FETCH_BYTES)
         .set("fetch.queue.backoff.ms", READ_AHEAD_BACKOFF_MS)
         .create_with_context(context)
         .map_err(|e| QueueError::storage("kafka consumer", e))?;

@@ -14,13 +14,7 @@ use std::sync::Arc;
 
 impl Member {
     /// Take a task read from a band topic into the ready index.
-    pub(super) fn accept(
-        self: &Arc<Self>,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        value: &[u8],
-    ) -> u8 {
+    pub(super) fn accept(self: &Arc<Self>, topic: &str, partition: i32, offset: i64, value: &[u8]) {
         let band = self.topics.priority_of(topic).unwrap_or(5);
         let origin = Origin {
             partition: (topic.to_string(), partition),
@@ -38,7 +32,7 @@ impl Member {
                     value: value.to_vec(),
                 };
                 self.publish(Vec::new(), vec![record], vec![origin]);
-                return band;
+                return;
             }
         };
         let id = message
@@ -65,24 +59,24 @@ impl Member {
                 message.attempts,
             );
             self.publish(vec![event], Vec::new(), vec![origin]);
-            return band;
+            return;
         }
         // Replayed after another host finished it (it died or lost the
         // partition before committing): nothing to run.
         if self.view.is_finished(&id) {
             drop(state);
             self.state().progress.finished(&origin.partition, offset);
-            return band;
+            return;
         }
         // The same task read again (a replay after a rebalance) while this host
         // still holds it: one run, both offsets finish with it.
         if let Some(leased) = state.scheduler.leased_mut(&id) {
             leased.extra.push(origin);
-            return band;
+            return;
         }
         if let Some(origins) = state.origins.get_mut(id.as_str()) {
             origins.push(origin);
-            return band;
+            return;
         }
         let submitted_at = message.submitted_at.unwrap_or(now).min(now);
         let mut entry = Entry::new(
@@ -112,7 +106,6 @@ impl Member {
         state.scheduler.ready.insert(entry, now);
         drop(state);
         self.wake.notify_waiters();
-        band
     }
 
     /// Tasks waiting per band on this host.
