@@ -58,6 +58,9 @@ pub(crate) struct MockKafka {
     pub(crate) brokers: String,
     pub(crate) prefix: String,
     pub(crate) band_buffer: usize,
+    /// The hosts' `write_ahead_ms` (the default unless a test bounds what
+    /// a sweep's expander writes ahead by `band_buffer` alone).
+    pub(crate) write_ahead_ms: u32,
     dir: tempfile::TempDir,
 }
 
@@ -97,6 +100,7 @@ impl MockKafka {
             brokers: brokers.recv().unwrap(),
             prefix,
             band_buffer,
+            write_ahead_ms: KafkaConfig::default().write_ahead_ms,
             dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -108,6 +112,7 @@ impl MockKafka {
             view_path: self.dir.path().join(format!("{name}.db")),
             host: name.to_string(),
             band_buffer: self.band_buffer,
+            write_ahead_ms: self.write_ahead_ms,
             create_topics: false,
             ..KafkaConfig::default()
         }

@@ -7,7 +7,11 @@
 //! 50 ms; each change is reported as the longest time in which no task
 //! completed, the rate before and after, and its cost in seconds of the
 //! whole grid stopped (the tasks the window after lacked against the rate
-//! before, over that rate).
+//! before, over that rate). A restarted host keeps its directory, as a
+//! `kwq serve` restarted with the same `--data-dir` does. With `--api-host`
+//! the changes are made to worker-only hosts beside an API host that holds
+//! the view and runs nothing, so what is measured is dispatch alone, not a
+//! newcomer's view reading the event topic on the same cores.
 
 use super::CliError;
 use super::bench_kafka::MockBroker;
@@ -43,6 +47,11 @@ pub struct MembershipBench {
     /// host then leaves the group at once, and a restarted one joins anew.
     #[arg(long)]
     dynamic: bool,
+    /// Run an API-only host (`--role api`, sampled, running nothing)
+    /// beside `--hosts` worker-only hosts (`--role worker`), which are the
+    /// ones that join, leave and restart.
+    #[arg(long)]
+    api_host: bool,
 }
 
 /// How often the completed count is read.
@@ -69,6 +78,13 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
     if let Some(mock) = &mock {
         mock.create_grid_topics(&prefix, partitions)?;
     }
+    // With an API host it is host 0, and the workers are 1..=hosts (+1).
+    let first_worker = usize::from(bench.api_host);
+    let role = |i: usize| match (bench.api_host, i) {
+        (false, _) => Role::All,
+        (true, 0) => Role::Api,
+        (true, _) => Role::Worker,
+    };
     let config = |i: usize| KafkaConfig {
         brokers: brokers.clone(),
         prefix: prefix.clone(),
@@ -77,7 +93,7 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
         create_topics: mock.is_none() && i == 0,
         // A real broker here is most likely tansu (see KafkaConfig).
         rejoin_stale: mock.is_none(),
-        role: Role::All,
+        role: role(i),
         assignor: bench
             .assignor
             .clone()
@@ -86,14 +102,19 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
         ..KafkaConfig::default()
     };
     let mut grids = Vec::new();
-    for i in 0..bench.hosts {
+    for i in 0..first_worker + bench.hosts {
         grids.push(Some(
             LocalGrid::start_on(bench.workers, Some(config(i))).await?,
         ));
     }
     println!(
-        "Kafka membership changes, {} hosts ({} members, {} assignor), brokers {brokers}",
+        "Kafka membership changes, {} {} ({} members, {} assignor), brokers {brokers}",
         bench.hosts,
+        if bench.api_host {
+            "worker-only hosts beside an API host"
+        } else {
+            "hosts"
+        },
         if bench.dynamic { "dynamic" } else { "static" },
         config(0).assignor
     );
@@ -127,24 +148,27 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
     tokio::time::sleep(settle * 2).await;
     let mut changes = Vec::new();
 
+    let joiner = first_worker + bench.hosts;
     changes.push(("a host joins", Instant::now()));
+    tracing::info!(change = "a host joins", "membership change");
     grids.push(Some(
-        LocalGrid::start_on(bench.workers, Some(config(bench.hosts))).await?,
+        LocalGrid::start_on(bench.workers, Some(config(joiner))).await?,
     ));
     tokio::time::sleep(settle).await;
 
     changes.push(("that host leaves (stopped)", Instant::now()));
-    if let Some(grid) = grids[bench.hosts].take() {
+    tracing::info!(change = "that host leaves (stopped)", "membership change");
+    if let Some(grid) = grids[joiner].take() {
         grid.stop().await;
     }
     tokio::time::sleep(settle).await;
 
-    let restarted = bench.hosts - 1;
+    let restarted = joiner - 1;
     changes.push(("a host restarts (same name)", Instant::now()));
+    tracing::info!(change = "a host restarts (same name)", "membership change");
     if let Some(grid) = grids[restarted].take() {
-        grid.stop().await;
+        grids[restarted] = Some(grid.restart(bench.workers, Some(config(restarted))).await?);
     }
-    grids[restarted] = Some(LocalGrid::start_on(bench.workers, Some(config(restarted))).await?);
     tokio::time::sleep(settle).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -154,15 +178,21 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
     }
     let samples = samples.lock().map_err(failed)?.clone();
     println!(
-        "{:<30} {:>16} {:>14} {:>14} {:>14}",
-        "change", "longest gap (ms)", "tasks/s before", "tasks/s after", "stall (s)"
+        "{:<30} {:>16} {:>12} {:>14} {:>14} {:>10}",
+        "change",
+        "longest gap (ms)",
+        "gap from (s)",
+        "tasks/s before",
+        "tasks/s after",
+        "stall (s)"
     );
     for (name, at) in changes {
         let effect = effect_of(&samples, at, settle);
         println!(
-            "{:<30} {:>16.0} {:>14.0} {:>14.0} {:>14.2}",
+            "{:<30} {:>16.0} {:>12.2} {:>14.0} {:>14.0} {:>10.2}",
             name,
             effect.longest_gap.as_secs_f64() * 1000.0,
+            effect.gap_starts.as_secs_f64(),
             effect.before,
             effect.after,
             effect.stall_seconds
@@ -170,7 +200,7 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
     }
     println!(
         "(longest gap: the longest time, in the {} s after the change, in which no task completed, \
-         to the {} ms sampling; stall: the tasks the {} s after lacked against the rate before, \
+         to the {} ms sampling; gap from: when it began, after the change; stall: the tasks the {} s after lacked against the rate before, \
          in seconds of that rate)",
         bench.settle,
         SAMPLE_EVERY.as_millis(),
@@ -183,6 +213,10 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
 #[derive(Debug, PartialEq)]
 struct Effect {
     longest_gap: Duration,
+    /// How long after the change the longest gap began: a gap at once is
+    /// the change's own; a late one may be a later effect (a rebalance
+    /// the change set off, a slow start).
+    gap_starts: Duration,
     /// Tasks/s over the window before the change.
     before: f64,
     /// Tasks/s over the window after it.
@@ -206,6 +240,7 @@ fn effect_of(samples: &[(Instant, u64)], at: Instant, window: Duration) -> Effec
     let done_after = (count_at(at + window) - count_at(at)) as f64;
     let after = done_after / seconds;
     let mut longest_gap = Duration::ZERO;
+    let mut gap_starts = Duration::ZERO;
     let mut since: Option<(Instant, u64)> = None;
     for &(when, n) in samples
         .iter()
@@ -213,7 +248,10 @@ fn effect_of(samples: &[(Instant, u64)], at: Instant, window: Duration) -> Effec
     {
         match since {
             Some((start, count)) if n == count => {
-                longest_gap = longest_gap.max(when - start);
+                if when - start > longest_gap {
+                    longest_gap = when - start;
+                    gap_starts = start - at;
+                }
             }
             _ => since = Some((when, n)),
         }
@@ -225,6 +263,7 @@ fn effect_of(samples: &[(Instant, u64)], at: Instant, window: Duration) -> Effec
     };
     Effect {
         longest_gap,
+        gap_starts,
         before,
         after,
         stall_seconds,
@@ -254,5 +293,6 @@ mod tests {
         assert_eq!(effect.after, 80.0);
         assert!((effect.stall_seconds - 2.0).abs() < 1e-9, "{effect:?}");
         assert_eq!(effect.longest_gap, Duration::from_millis(2_000));
+        assert_eq!(effect.gap_starts, Duration::ZERO);
     }
 }

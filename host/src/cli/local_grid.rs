@@ -49,6 +49,29 @@ impl LocalGrid {
     ) -> Result<Self, CliError> {
         let dir = std::env::temp_dir().join(format!("kwq-local-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).map_err(failed)?;
+        Self::start_in(dir, workers, kafka, queue).await
+    }
+
+    /// Stop this host and start it again on the same directory, as a
+    /// restarted `kwq serve` with the same `--data-dir` would: a Kafka
+    /// host's view then goes on from where it was, rather than reading
+    /// the event topic again from its start.
+    pub(super) async fn restart(
+        self,
+        workers: Option<usize>,
+        kafka: Option<KafkaConfig>,
+    ) -> Result<Self, CliError> {
+        let dir = self.dir.clone();
+        let _ = self.host.stop().await;
+        Self::start_in(dir, workers, kafka, Default::default()).await
+    }
+
+    async fn start_in(
+        dir: PathBuf,
+        workers: Option<usize>,
+        kafka: Option<KafkaConfig>,
+        queue: crate::queue::embedded::EmbeddedConfig,
+    ) -> Result<Self, CliError> {
         let host = kafka
             .as_ref()
             .map_or("local".to_string(), |k| k.host.clone());

@@ -170,6 +170,7 @@ impl Member {
             .into_iter()
             .map(|value| Outgoing {
                 topic: self.topics.events(),
+                partition: None,
                 key: source.clone(),
                 value,
             })

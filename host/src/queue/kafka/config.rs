@@ -8,6 +8,10 @@ use std::path::PathBuf;
 /// still notice that it is closing.
 const MAX_FETCH_WAIT_MS: u32 = 5_000;
 
+/// The most work a store URL may ask expanders to keep written ahead: an
+/// hour's.
+const MAX_WRITE_AHEAD_MS: u32 = 3_600_000;
+
 /// How a host joins a Kafka grid: `kafka://host:port[,host:port...][?prefix=kwq.&partitions=8&replication=3]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KafkaConfig {
@@ -70,6 +74,17 @@ pub struct KafkaConfig {
     /// has data), so there the wait is added to every hop, hence the short
     /// default.
     pub fetch_wait_ms: u32,
+    /// How many seconds of work (in ms, `?write_ahead_ms=`; default 5000)
+    /// a sweep's expander keeps written ahead of the hosts, at the rate
+    /// they have been finishing its band, when that is more than twice
+    /// `band_buffer` per host. A membership change stops the expanders'
+    /// group for a rebalance (2-4 s on tansu 0.6.0): the hosts run on
+    /// what was written ahead meanwhile, and `band_buffer` alone lasted
+    /// under a second at 6,000 tasks/s, so the whole grid stopped. More
+    /// ahead costs broker storage, not host memory, and a job submitted
+    /// later at the same priority queues behind it (up to this long).
+    /// 0 keeps only the `band_buffer` part.
+    pub write_ahead_ms: u32,
 }
 
 /// What a host of a Kafka grid does. Reading every event into a view is
@@ -187,6 +202,17 @@ impl KafkaConfig {
                             )
                         })?
                 }
+                "write_ahead_ms" => {
+                    config.write_ahead_ms = value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|ms| *ms <= MAX_WRITE_AHEAD_MS)
+                        .ok_or_else(|| {
+                            format!(
+                                "store URL option write_ahead_ms must be a number of ms up to {MAX_WRITE_AHEAD_MS}"
+                            )
+                        })?
+                }
                 "create_topics" => {
                     config.create_topics = value.parse().map_err(|_| {
                         "store URL option create_topics must be true or false".to_string()
@@ -243,6 +269,7 @@ impl Default for KafkaConfig {
             create_topics: true,
             role: Role::All,
             fetch_wait_ms: 10,
+            write_ahead_ms: 5_000,
         }
     }
 }
@@ -294,6 +321,15 @@ mod tests {
         );
         assert!(KafkaConfig::parse("kafka://a:1?fetch_wait_ms=0").is_err());
         assert!(KafkaConfig::parse("kafka://a:1?fetch_wait_ms=60000").is_err());
+        assert_eq!(c.write_ahead_ms, 5_000);
+        assert_eq!(
+            KafkaConfig::parse("kafka://a:1?write_ahead_ms=0")
+                .unwrap()
+                .write_ahead_ms,
+            0
+        );
+        assert!(KafkaConfig::parse("kafka://a:1?write_ahead_ms=-1").is_err());
+        assert!(KafkaConfig::parse("kafka://a:1?write_ahead_ms=99999999").is_err());
         assert_eq!(Topics::new("kwq.").priority_of("kwq.tasks.p7"), Some(7));
         assert_eq!(Topics::new("kwq.").priority_of("kwq.events"), None);
     }

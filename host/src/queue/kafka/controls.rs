@@ -114,6 +114,7 @@ impl Member {
         };
         let record = super::publish::Outgoing {
             topic: self.topics.control(),
+            partition: None,
             key,
             value: event.encode(),
         };

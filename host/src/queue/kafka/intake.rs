@@ -28,6 +28,7 @@ impl Member {
                 tracing::warn!(topic, partition, offset, error = %e, "unreadable task message sent to the dead-letter topic");
                 let record = Outgoing {
                     topic: self.topics.dead(),
+                    partition: None,
                     key: format!("{topic}/{partition}/{offset}"),
                     value: value.to_vec(),
                 };

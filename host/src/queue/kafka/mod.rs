@@ -308,6 +308,7 @@ impl KafkaQueue {
             }),
             Outgoing {
                 topic: self.shared.topics.expand(),
+                partition: None,
                 key: record.id.clone(),
                 value: cursor.encode(),
             },
@@ -358,6 +359,7 @@ impl Member {
     fn event_record(&self, event: EventMessage) -> Outgoing {
         Outgoing {
             topic: self.topics.events(),
+            partition: None,
             key: event.key().to_string(),
             value: event.encode(),
         }
@@ -366,6 +368,7 @@ impl Member {
     fn task_record(&self, message: &TaskMessage, topic: String) -> Outgoing {
         Outgoing {
             topic,
+            partition: None,
             key: message.key().unwrap_or_default().to_string(),
             value: serde_json::to_vec(message).unwrap_or_default(),
         }
@@ -424,6 +427,7 @@ impl WorkQueue for KafkaQueue {
             .iter()
             .map(|chunk| Outgoing {
                 topic: self.shared.topics.modules(),
+                partition: None,
                 key: chunk.key(),
                 value: serde_json::to_vec(chunk).unwrap_or_default(),
             })

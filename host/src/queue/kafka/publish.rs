@@ -30,8 +30,14 @@ pub fn written() -> (u64, u64) {
 pub(crate) struct Outgoing {
     /// Topic.
     pub(crate) topic: String,
-    /// Message key (decides the partition: murmur2, as Java clients do).
+    /// Message key (decides the partition: murmur2, as Java clients do,
+    /// unless `partition` is given).
     pub(crate) key: String,
+    /// The partition to write to, where the writer chose it: a sweep's
+    /// points go to the band's least-loaded partitions
+    /// ([`Flow::place`](super::expand)), so none pile up in a partition no
+    /// host is reading.
+    pub(crate) partition: Option<i32>,
     /// Message value; empty is written as no value at all: a tombstone,
     /// which makes compaction drop the key's earlier messages.
     pub(crate) value: Vec<u8>,
@@ -90,6 +96,9 @@ impl Publisher {
     fn send_placed(&self, record: &Outgoing) -> BoxFuture<'static, Result<(i32, i64), String>> {
         let mut future_record: FutureRecord<'_, str, [u8]> =
             FutureRecord::to(&record.topic).key(record.key.as_str());
+        if let Some(partition) = record.partition {
+            future_record = future_record.partition(partition);
+        }
         if !record.value.is_empty() {
             future_record = future_record.payload(record.value.as_slice());
         }

@@ -76,6 +76,7 @@ impl ChunkWriter {
         self.open_bytes = 0;
         self.ready.push(Outgoing {
             topic: topic.to_string(),
+            partition: None,
             key: self.job.clone(),
             value: chunk.encode(),
         });

@@ -89,6 +89,7 @@ impl KafkaQueue {
             );
             records.push(Outgoing {
                 topic: shared.topics.expand(),
+                partition: None,
                 key: task.id.clone(),
                 value: cursor.encode(),
             });
@@ -156,6 +157,7 @@ impl CommitObserver for EndedReporter {
             .iter()
             .map(|(id, completed)| Outgoing {
                 topic: member.topics.control(),
+                partition: None,
                 key: format!("done/{id}"),
                 value: EventMessage::Ended {
                     v: wire::EVENT_VERSION,

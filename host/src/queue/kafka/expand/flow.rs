@@ -5,13 +5,21 @@
 //! topic, in hosts' read-ahead buffers, or running. An expander writes
 //! more points only while that lag is under its target, so a 50M-point job
 //! occupies the brokers and the hosts' memory no more than a small job does.
+//!
+//! Lags are kept partition by partition, and points go to the band's
+//! least-lagged partitions ([`Flow::place`]). Placed by key hash instead,
+//! a partition no host reads (its host stopped, the group not yet
+//! rebalanced) kept its share of every chunk until the whole band's lag sat
+//! there and the other hosts ran dry; a slow host's partitions now get
+//! fewer points, too.
 
 use super::super::KafkaConfig;
 use super::super::wire::ScanFrom;
 use crate::queue::QueueError;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 /// How long a measured lag is trusted before it is measured again.
@@ -41,7 +49,86 @@ pub(super) struct Flow {
     hosts_at: Option<Instant>,
     /// False once the broker failed to describe the group.
     describes_groups: bool,
-    lags: HashMap<String, (u64, Instant)>,
+    lags: HashMap<String, (BandLag, Instant)>,
+    /// How fast each band's points are being finished.
+    rates: HashMap<String, DrainRate>,
+    /// Seconds of work to keep written ahead, at that rate.
+    write_ahead: Duration,
+    /// Partitions of each band, and when they were counted.
+    partitions: HashMap<String, (i32, Instant)>,
+}
+
+/// How often a band's partitions are counted again (an operator may add
+/// some).
+const PARTITIONS_EVERY: Duration = Duration::from_secs(10);
+
+/// The window a band's finishing rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// How fast a band's committed offsets (the workers' group's) advance:
+/// points finished per second, over the last whole [`RATE_WINDOW`].
+#[derive(Debug, Default)]
+struct DrainRate {
+    since: Option<(Instant, u64)>,
+    per_second: f64,
+}
+
+impl DrainRate {
+    /// The band's committed offsets added up to `done` at `at`.
+    fn observe(&mut self, at: Instant, done: u64) {
+        match self.since {
+            Some((start, before)) if at.duration_since(start) >= RATE_WINDOW => {
+                let seconds = at.duration_since(start).as_secs_f64();
+                self.per_second = done.saturating_sub(before) as f64 / seconds;
+                self.since = Some((at, done));
+            }
+            Some(_) => {}
+            None => self.since = Some((at, done)),
+        }
+    }
+
+    /// The points finished in `span` at this rate.
+    fn over(&self, span: Duration) -> u64 {
+        (self.per_second * span.as_secs_f64()) as u64
+    }
+}
+
+/// A band's lag, partition by partition: (partition, written and not
+/// committed).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct BandLag(Vec<(i32, u64)>);
+
+impl BandLag {
+    fn total(&self) -> u64 {
+        self.0.iter().map(|(_, lag)| lag).sum()
+    }
+
+    /// Partitions for `n` points: each to the partition with the least lag
+    /// counting the points placed before it (ties to the lower partition).
+    fn place(&self, n: u64) -> Vec<i32> {
+        let mut least: BinaryHeap<Reverse<(u64, i32)>> = self
+            .0
+            .iter()
+            .map(|&(partition, lag)| Reverse((lag, partition)))
+            .collect();
+        let mut placed = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let Some(Reverse((lag, partition))) = least.pop() else {
+                break;
+            };
+            placed.push(partition);
+            least.push(Reverse((lag + 1, partition)));
+        }
+        placed
+    }
+
+    /// One more point was written to `partition`.
+    fn wrote(&mut self, partition: i32) {
+        match self.0.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, lag)) => *lag += 1,
+            None => self.0.push((partition, 1)),
+        }
+    }
 }
 
 impl Flow {
@@ -62,34 +149,62 @@ impl Flow {
             hosts_at: None,
             describes_groups: true,
             lags: HashMap::new(),
+            rates: HashMap::new(),
+            write_ahead: Duration::from_millis(config.write_ahead_ms.into()),
+            partitions: HashMap::new(),
         })
     }
 
     /// How many more points may go to `band` now: twice `band_buffer` per
     /// host reading the bands (each host reads ahead `band_buffer` per
     /// band, and the second helping covers the time to write the next
-    /// chunk), less the band's lag.
+    /// chunk), or `write_ahead_ms` of work at the rate the band is being
+    /// finished if that is more (see [`KafkaConfig::write_ahead_ms`]),
+    /// less the band's lag.
     pub(super) fn room(&mut self, band: &str) -> Result<u64, QueueError> {
-        let target = 2 * self.band_buffer * self.hosts();
-        let lag = match self.lags.get(band) {
-            Some((lag, at)) if at.elapsed() < LAG_FRESH_FOR => *lag,
-            _ => {
-                let lag = self.lag(band)?;
-                self.lags.insert(band.to_string(), (lag, Instant::now()));
-                lag
-            }
-        };
+        let lag = self.band_lag(band)?.total();
+        let ahead = self
+            .rates
+            .get(band)
+            .map_or(0, |rate| rate.over(self.write_ahead));
+        let target = (2 * self.band_buffer * self.hosts()).max(ahead);
         if lag >= target {
             tracing::debug!(band, lag, target, "no room on the band");
         }
         Ok(target.saturating_sub(lag))
     }
 
-    /// Points were just written to `band`: its lag has grown by `n`.
-    pub(super) fn wrote(&mut self, band: &str, n: u64) {
+    /// The partitions of `band` for `n` points, the least-lagged first
+    /// (see the module's doc).
+    pub(super) fn place(&mut self, band: &str, n: u64) -> Result<Vec<i32>, QueueError> {
+        Ok(self.band_lag(band)?.place(n))
+    }
+
+    /// Points were just written to `band`, to these partitions.
+    pub(super) fn wrote(&mut self, band: &str, partitions: impl IntoIterator<Item = i32>) {
         if let Some((lag, _)) = self.lags.get_mut(band) {
-            *lag += n;
+            for partition in partitions {
+                lag.wrote(partition);
+            }
         }
+    }
+
+    /// `band`'s lag, measured again once [`LAG_FRESH_FOR`] has passed.
+    fn band_lag(&mut self, band: &str) -> Result<&BandLag, QueueError> {
+        let stale = self
+            .lags
+            .get(band)
+            .is_none_or(|(_, at)| at.elapsed() >= LAG_FRESH_FOR);
+        if stale {
+            let (lag, done) = self.lag(band)?;
+            let now = Instant::now();
+            self.rates
+                .entry(band.to_string())
+                .or_default()
+                .observe(now, done);
+            self.lags.insert(band.to_string(), (lag, now));
+        }
+        Ok(&self.lags[band].0)
     }
 
     /// Hosts in the workers' group (looked up every few seconds). A broker
@@ -124,9 +239,53 @@ impl Flow {
         self.hosts
     }
 
-    /// Written and not committed, over the band's partitions.
-    fn lag(&self, band: &str) -> Result<u64, QueueError> {
-        let ends = positions(self.probe.client(), band)?;
+    /// The end of every partition of `band`, asked of the brokers in one
+    /// request per broker (a watermark query per partition, one after
+    /// another, made the lag a dozen round trips, which the expander paid
+    /// before every chunk).
+    fn ends(&mut self, band: &str) -> Result<Vec<ScanFrom>, QueueError> {
+        let partitions = match self.partitions.get(band) {
+            Some((n, at)) if at.elapsed() < PARTITIONS_EVERY => *n,
+            _ => {
+                let n = positions(self.probe.client(), band)?.len() as i32;
+                self.partitions
+                    .insert(band.to_string(), (n, Instant::now()));
+                n
+            }
+        };
+        let mut latest = TopicPartitionList::new();
+        for partition in 0..partitions {
+            latest
+                .add_partition_offset(band, partition, Offset::End)
+                .map_err(|e| QueueError::storage(format!("the end of {band}"), e))?;
+        }
+        let ends = self
+            .probe
+            .offsets_for_times(latest, TIMEOUT)
+            .map_err(|e| QueueError::storage(format!("the end of {band}"), e))?;
+        (0..partitions)
+            .map(|partition| {
+                match ends
+                    .find_partition(band, partition)
+                    .map(|e| (e.offset(), e.error()))
+                {
+                    Some((Offset::Offset(offset), Ok(()))) => Ok(ScanFrom {
+                        topic: band.to_string(),
+                        partition,
+                        offset,
+                    }),
+                    other => Err(QueueError::storage_message(format!(
+                        "the end of {band} partition {partition}: {other:?}"
+                    ))),
+                }
+            })
+            .collect()
+    }
+
+    /// Written and not committed, partition by partition, and the
+    /// committed offsets added up (what the band's rate is measured by).
+    fn lag(&mut self, band: &str) -> Result<(BandLag, u64), QueueError> {
+        let ends = self.ends(band)?;
         let mut list = TopicPartitionList::new();
         for end in &ends {
             list.add_partition(band, end.partition);
@@ -135,7 +294,8 @@ impl Flow {
             .probe
             .committed_offsets(list, TIMEOUT)
             .map_err(|e| QueueError::storage(format!("the workers' offsets on {band}"), e))?;
-        let mut lag = 0;
+        let mut lag = BandLag::default();
+        let mut done_total = 0;
         for end in &ends {
             let committed_at = committed
                 .find_partition(band, end.partition)
@@ -160,9 +320,11 @@ impl Flow {
                 done,
                 "band lag"
             );
-            lag += (end.offset - done).max(0) as u64;
+            lag.0
+                .push((end.partition, (end.offset - done).max(0) as u64));
+            done_total += done.max(0) as u64;
         }
-        Ok(lag)
+        Ok((lag, done_total))
     }
 }
 
@@ -191,4 +353,63 @@ pub(in crate::queue::kafka) fn positions<C: rdkafka::client::ClientContext>(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(placed: &[i32], partition: i32) -> usize {
+        placed.iter().filter(|p| **p == partition).count()
+    }
+
+    #[test]
+    fn points_spread_evenly_over_equal_partitions() {
+        let lag = BandLag(vec![(0, 10), (1, 10), (2, 10), (3, 10)]);
+        let placed = lag.place(400);
+        assert_eq!(placed.len(), 400);
+        for partition in 0..4 {
+            assert_eq!(count(&placed, partition), 100);
+        }
+    }
+
+    #[test]
+    fn a_partition_nobody_reads_gets_no_more_points() {
+        // Partition 2's host stopped: its lag stays while the others drain.
+        let lag = BandLag(vec![(0, 5), (1, 0), (2, 4_000), (3, 20)]);
+        let placed = lag.place(3_000);
+        assert_eq!(count(&placed, 2), 0);
+        // The others are filled to the same level: 5 + 20 + 0 + 3000 over 3.
+        let level = |p: i32, before: u64| before + count(&placed, p) as u64;
+        let levels = [level(0, 5), level(1, 0), level(3, 20)];
+        assert!(
+            levels.iter().max().unwrap() - levels.iter().min().unwrap() <= 1,
+            "{levels:?}"
+        );
+    }
+
+    #[test]
+    fn the_rate_is_measured_over_whole_windows() {
+        let t0 = Instant::now();
+        let mut rate = DrainRate::default();
+        rate.observe(t0, 1_000);
+        rate.observe(t0 + Duration::from_millis(500), 3_000);
+        // Not a whole window yet.
+        assert_eq!(rate.over(Duration::from_secs(5)), 0);
+        rate.observe(t0 + Duration::from_secs(2), 9_000);
+        // 8,000 in 2 s: 4,000/s, so 5 s of work is 20,000 points.
+        assert_eq!(rate.over(Duration::from_secs(5)), 20_000);
+        // Offsets that went back (a topic made again) read as no progress.
+        rate.observe(t0 + Duration::from_secs(3), 10);
+        assert_eq!(rate.over(Duration::from_secs(5)), 0);
+    }
+
+    #[test]
+    fn writes_count_towards_their_partition() {
+        let mut lag = BandLag(vec![(0, 1), (1, 2)]);
+        lag.wrote(1);
+        lag.wrote(7);
+        assert_eq!(lag, BandLag(vec![(0, 1), (1, 3), (7, 1)]));
+        assert_eq!(lag.total(), 5);
+    }
 }

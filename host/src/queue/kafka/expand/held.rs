@@ -284,6 +284,7 @@ impl Expander {
             .iter()
             .map(|id| Outgoing {
                 topic: self.shared.topics.expand(),
+                partition: None,
                 key: id.to_string(),
                 value: Vec::new(),
             })
