@@ -52,6 +52,50 @@ pub struct MembershipBench {
     /// ones that join, leave and restart.
     #[arg(long)]
     api_host: bool,
+    /// Print every host's tasks finished, task partitions and sweeps
+    /// being expanded every 250 ms (to standard error), to see where a
+    /// gap comes from.
+    #[arg(long)]
+    timeline: bool,
+}
+
+/// The hosts running now, for `--timeline`: (host index, its queue).
+type LiveHosts = Arc<std::sync::Mutex<Vec<(usize, Arc<dyn crate::queue::Queue>)>>>;
+
+/// Note which hosts are running now.
+fn note_live(live: &LiveHosts, grids: &[Option<LocalGrid>]) {
+    *live.lock().unwrap_or_else(|p| p.into_inner()) = grids
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| g.as_ref().map(|g| (i, g.queue.clone())))
+        .collect();
+}
+
+/// `--timeline`: every 250 ms, one line of each running host's
+/// `finished +since last line / task partitions / sweeps expanding`.
+fn print_timeline(live: LiveHosts, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut last: std::collections::HashMap<usize, u64> = Default::default();
+        while !stop.load(Ordering::Relaxed) {
+            let hosts = live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut line = format!("{:>7.2}s", started.elapsed().as_secs_f64());
+            for (i, queue) in hosts {
+                let Some(t) = queue.kafka_traffic() else {
+                    continue;
+                };
+                let before = last.insert(i, t.finished).unwrap_or(t.finished);
+                line.push_str(&format!(
+                    "  bench{i}: +{}/{}p/{}x",
+                    t.finished.saturating_sub(before),
+                    t.task_partitions,
+                    t.expanding
+                ));
+            }
+            eprintln!("{line}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
 }
 
 /// How often the completed count is read.
@@ -143,6 +187,11 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
             }
         })
     };
+    let live = LiveHosts::default();
+    note_live(&live, &grids);
+    let timeline = bench
+        .timeline
+        .then(|| print_timeline(live.clone(), stop.clone()));
     let settle = Duration::from_secs(bench.settle);
     // The first settle also covers joining and compiling the module.
     tokio::time::sleep(settle * 2).await;
@@ -150,29 +199,42 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
 
     let joiner = first_worker + bench.hosts;
     changes.push(("a host joins", Instant::now()));
-    tracing::info!(change = "a host joins", "membership change");
+    if bench.timeline {
+        eprintln!("-- a host joins");
+    }
     grids.push(Some(
         LocalGrid::start_on(bench.workers, Some(config(joiner))).await?,
     ));
+    note_live(&live, &grids);
     tokio::time::sleep(settle).await;
 
     changes.push(("that host leaves (stopped)", Instant::now()));
-    tracing::info!(change = "that host leaves (stopped)", "membership change");
+    if bench.timeline {
+        eprintln!("-- that host leaves (stopped)");
+    }
     if let Some(grid) = grids[joiner].take() {
+        note_live(&live, &grids);
         grid.stop().await;
     }
     tokio::time::sleep(settle).await;
 
     let restarted = joiner - 1;
     changes.push(("a host restarts (same name)", Instant::now()));
-    tracing::info!(change = "a host restarts (same name)", "membership change");
+    if bench.timeline {
+        eprintln!("-- a host restarts (same name)");
+    }
     if let Some(grid) = grids[restarted].take() {
+        note_live(&live, &grids);
         grids[restarted] = Some(grid.restart(bench.workers, Some(config(restarted))).await?);
+        note_live(&live, &grids);
     }
     tokio::time::sleep(settle).await;
 
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.await;
+    if let Some(timeline) = timeline {
+        let _ = timeline.await;
+    }
     for grid in grids.into_iter().flatten() {
         grid.stop().await;
     }
