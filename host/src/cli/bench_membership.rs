@@ -3,8 +3,8 @@
 //! sweep flat out; once the rate has settled, a host joins, then that host
 //! leaves, then another host restarts under its own name (a static member
 //! back within the session timeout), each after the grid has settled
-//! again. The tasks Completed on the first host's view are sampled every
-//! 50 ms; each change is reported as the longest time in which no task
+//! again. The tasks the hosts have finished (their own counts, not a
+//! view's) are sampled every 50 ms; each change is reported as the longest time in which no task
 //! completed, the rate before and after, and its cost in seconds of the
 //! whole grid stopped (the tasks the window after lacked against the rate
 //! before, over that rate). A restarted host keeps its directory, as a
@@ -16,7 +16,6 @@
 use super::CliError;
 use super::bench_kafka::MockBroker;
 use super::local_grid::{LocalGrid, failed, post_job};
-use crate::model::TaskState;
 use crate::queue::kafka::{KafkaConfig, Role};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +68,38 @@ fn note_live(live: &LiveHosts, grids: &[Option<LocalGrid>]) {
         .enumerate()
         .filter_map(|(i, g)| g.as_ref().map(|g| (i, g.queue.clone())))
         .collect();
+}
+
+/// Tasks the hosts have finished, over every host that has run: each
+/// host's own count (its workers', not a view's, which can lag behind
+/// and hide a stop), kept per running instance so a stopped host's tasks
+/// still count and a restarted one starts from nothing.
+#[derive(Default)]
+struct FinishedTotal {
+    /// Each instance's count when last read, by its queue's address.
+    last: std::collections::HashMap<usize, u64>,
+    total: u64,
+}
+
+impl FinishedTotal {
+    /// Read the running hosts' counts and return the total so far.
+    fn sample(&mut self, live: &LiveHosts) -> u64 {
+        let hosts = live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let instance =
+            |queue: &Arc<dyn crate::queue::Queue>| Arc::as_ptr(queue) as *const () as usize;
+        // A stopped instance's address may be reused by its successor.
+        let running: Vec<usize> = hosts.iter().map(|(_, queue)| instance(queue)).collect();
+        self.last.retain(|at, _| running.contains(at));
+        for (_, queue) in hosts {
+            let Some(traffic) = queue.kafka_traffic() else {
+                continue;
+            };
+            let instance = instance(&queue);
+            let before = self.last.insert(instance, traffic.finished).unwrap_or(0);
+            self.total += traffic.finished.saturating_sub(before);
+        }
+        self.total
+    }
 }
 
 /// `--timeline`: every 250 ms, one line of each running host's
@@ -164,7 +195,6 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
     );
     let first = grids[0].as_ref().expect("first host");
     let url = first.url.clone();
-    let tracker = first.tracker.clone();
     // A sweep far larger than the run: the grid never runs out of work.
     post_job(
         &reqwest::Client::new(),
@@ -174,11 +204,14 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
     .await?;
     let samples = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
+    let live = LiveHosts::default();
+    note_live(&live, &grids);
     let sampler = {
-        let (samples, stop) = (samples.clone(), stop.clone());
+        let (samples, stop, live) = (samples.clone(), stop.clone(), live.clone());
         tokio::spawn(async move {
+            let mut finished = FinishedTotal::default();
             while !stop.load(Ordering::Relaxed) {
-                let done = tracker.overview([0; 10]).counts.get(TaskState::Completed);
+                let done = finished.sample(&live);
                 samples
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -187,8 +220,6 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
             }
         })
     };
-    let live = LiveHosts::default();
-    note_live(&live, &grids);
     let timeline = bench
         .timeline
         .then(|| print_timeline(live.clone(), stop.clone()));
