@@ -16,7 +16,7 @@
 use super::CliError;
 use super::bench_kafka::MockBroker;
 use super::local_grid::{LocalGrid, failed, post_job};
-use crate::queue::kafka::{KafkaConfig, Role};
+use crate::queue::kafka::{HostTraffic, KafkaConfig, Role};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -58,7 +58,8 @@ pub struct MembershipBench {
     timeline: bool,
 }
 
-/// The hosts running now, for `--timeline`: (host index, its queue).
+/// The hosts running now, for the sampler and `--timeline`: (host index,
+/// its queue).
 type LiveHosts = Arc<std::sync::Mutex<Vec<(usize, Arc<dyn crate::queue::Queue>)>>>;
 
 /// Note which hosts are running now.
@@ -70,35 +71,37 @@ fn note_live(live: &LiveHosts, grids: &[Option<LocalGrid>]) {
         .collect();
 }
 
-/// Tasks the hosts have finished, over every host that has run: each
-/// host's own count (its workers', not a view's, which can lag behind
-/// and hide a stop), kept per running instance so a stopped host's tasks
-/// still count and a restarted one starts from nothing.
+/// Tasks each host has finished since it was last read: its own count
+/// (its workers', not a view's, which can lag behind and hide a stop),
+/// kept per running instance, so a restarted host starts from nothing.
 #[derive(Default)]
-struct FinishedTotal {
+struct FinishedSince {
     /// Each instance's count when last read, by its queue's address.
     last: std::collections::HashMap<usize, u64>,
-    total: u64,
 }
 
-impl FinishedTotal {
-    /// Read the running hosts' counts and return the total so far.
-    fn sample(&mut self, live: &LiveHosts) -> u64 {
+impl FinishedSince {
+    /// The running hosts' index, traffic, and tasks finished since the
+    /// last read.
+    fn read(&mut self, live: &LiveHosts) -> Vec<(usize, HostTraffic, u64)> {
         let hosts = live.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let instance =
             |queue: &Arc<dyn crate::queue::Queue>| Arc::as_ptr(queue) as *const () as usize;
         // A stopped instance's address may be reused by its successor.
         let running: Vec<usize> = hosts.iter().map(|(_, queue)| instance(queue)).collect();
         self.last.retain(|at, _| running.contains(at));
-        for (_, queue) in hosts {
-            let Some(traffic) = queue.kafka_traffic() else {
-                continue;
-            };
-            let instance = instance(&queue);
-            let before = self.last.insert(instance, traffic.finished).unwrap_or(0);
-            self.total += traffic.finished.saturating_sub(before);
-        }
-        self.total
+        hosts
+            .into_iter()
+            .filter_map(|(i, queue)| {
+                let traffic = queue.kafka_traffic()?;
+                let before = self
+                    .last
+                    .insert(instance(&queue), traffic.finished)
+                    .unwrap_or(0);
+                let since = traffic.finished.saturating_sub(before);
+                Some((i, traffic, since))
+            })
+            .collect()
     }
 }
 
@@ -107,20 +110,13 @@ impl FinishedTotal {
 fn print_timeline(live: LiveHosts, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let started = Instant::now();
-        let mut last: std::collections::HashMap<usize, u64> = Default::default();
+        let mut finished = FinishedSince::default();
         while !stop.load(Ordering::Relaxed) {
-            let hosts = live.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let mut line = format!("{:>7.2}s", started.elapsed().as_secs_f64());
-            for (i, queue) in hosts {
-                let Some(t) = queue.kafka_traffic() else {
-                    continue;
-                };
-                let before = last.insert(i, t.finished).unwrap_or(t.finished);
+            for (i, t, since) in finished.read(&live) {
                 line.push_str(&format!(
-                    "  bench{i}: +{}/{}p/{}x",
-                    t.finished.saturating_sub(before),
-                    t.task_partitions,
-                    t.expanding
+                    "  bench{i}: +{since}/{}p/{}x",
+                    t.task_partitions, t.expanding
                 ));
             }
             eprintln!("{line}");
@@ -209,9 +205,14 @@ async fn measure(bench: MembershipBench) -> Result<(), CliError> {
     let sampler = {
         let (samples, stop, live) = (samples.clone(), stop.clone(), live.clone());
         tokio::spawn(async move {
-            let mut finished = FinishedTotal::default();
+            let mut finished = FinishedSince::default();
+            let mut done = 0;
             while !stop.load(Ordering::Relaxed) {
-                let done = finished.sample(&live);
+                done += finished
+                    .read(&live)
+                    .iter()
+                    .map(|(_, _, since)| since)
+                    .sum::<u64>();
                 samples
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

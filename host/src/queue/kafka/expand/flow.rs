@@ -247,7 +247,7 @@ impl Flow {
         let partitions = match self.partitions.get(band) {
             Some((n, at)) if at.elapsed() < PARTITIONS_EVERY => *n,
             _ => {
-                let n = positions(self.probe.client(), band)?.len() as i32;
+                let n = partition_count(self.probe.client(), band)?;
                 self.partitions
                     .insert(band.to_string(), (n, Instant::now()));
                 n
@@ -334,14 +334,7 @@ pub(in crate::queue::kafka) fn positions<C: rdkafka::client::ClientContext>(
     client: &rdkafka::client::Client<C>,
     topic: &str,
 ) -> Result<Vec<ScanFrom>, QueueError> {
-    let metadata = client
-        .fetch_metadata(Some(topic), TIMEOUT)
-        .map_err(|e| QueueError::storage(format!("metadata of {topic}"), e))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map_or(0, |t| t.partitions().len() as i32);
-    (0..partitions)
+    (0..partition_count(client, topic)?)
         .map(|partition| {
             let (_, high) = client
                 .fetch_watermarks(topic, partition, TIMEOUT)
@@ -353,6 +346,20 @@ pub(in crate::queue::kafka) fn positions<C: rdkafka::client::ClientContext>(
             })
         })
         .collect()
+}
+
+/// How many partitions `topic` has (one metadata request).
+fn partition_count<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Result<i32, QueueError> {
+    let metadata = client
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .map_err(|e| QueueError::storage(format!("metadata of {topic}"), e))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32))
 }
 
 #[cfg(test)]

@@ -55,9 +55,10 @@ use std::time::{Duration, Instant};
 /// Points written per chunk at most (each chunk is then one `expanded`
 /// event and one cursor). A chunk waits for its points to be durable,
 /// then for its cursor, so the chunk size sets how fast one expander can
-/// write: on tansu 0.6.0 with three worker hosts, 2,048 a chunk wrote
-/// 6,000-9,000 points/s, fewer than the hosts ran, so they went idle
-/// between chunks; 8,192 wrote 12,000-14,000.
+/// write. On tansu 0.6.0 with three worker hosts (`kwq bench membership
+/// --api-host`, fresh broker store) 2,048 a chunk ran 12,672 tasks/s in
+/// the first window and 6,287-8,006 later; 8,192 ran 12,969-14,023, then
+/// 8,403-12,142. Either way the expander, not the hosts, set the pace.
 const CHUNK: u64 = 8192;
 
 /// A chunk smaller than this waits for more room, unless it is the job's last.
