@@ -78,12 +78,15 @@ pub struct KafkaConfig {
     /// a sweep's expander keeps written ahead of the hosts, at the rate
     /// they have been finishing its band, when that is more than twice
     /// `band_buffer` per host. A membership change stops the expanders'
-    /// group for a rebalance (2-4 s on tansu 0.6.0): the hosts run on
-    /// what was written ahead meanwhile, and `band_buffer` alone lasted
-    /// under a second at 6,000 tasks/s, so the whole grid stopped. More
-    /// ahead costs broker storage, not host memory, and a job submitted
-    /// later at the same priority queues behind it (up to this long).
-    /// 0 keeps only the `band_buffer` part.
+    /// group for a rebalance (2-4 s on tansu 0.6.0), and the hosts can run
+    /// on only what was written ahead meanwhile: 2 × `band_buffer` × hosts
+    /// is a fixed count, a few seconds' work at most at 6,000 tasks/s and
+    /// less the faster the grid. On a broker that takes writes faster than
+    /// the hosts run them (Apache Kafka) this keeps the lead in time; on
+    /// tansu 0.6.0 the expander never gets that far ahead (see the README).
+    /// More ahead costs broker storage, not host memory, and a job
+    /// submitted later at the same priority queues behind it (up to this
+    /// long). 0 keeps only the `band_buffer` part.
     pub write_ahead_ms: u32,
 }
 
